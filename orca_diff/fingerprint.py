@@ -1,0 +1,75 @@
+"""Fingerprints of a base: per-tensor sha256 and one short digest over all of them.
+
+A base is identified by its tensors in HF canonical form (HF names, row-major little-endian
+bytes, dtype and shape as stored), never by file names or container bytes: the same weights held
+as safetensors, HF ``.bin`` or Meta ``.pth`` get the same fingerprint, while a different
+conversion (dtype, q/k permutation, vocab) gets a different one.
+
+Definition (normative, docs/bases.md repeats it)::
+
+    lines  = sorted("{name}\\t{dtype}\\t{shape}\\t{sha256}\\n" for every tensor)
+    digest = sha256("".join(lines).encode("utf-8")).hexdigest()
+    short  = digest[:16]
+
+where ``dtype`` is the safetensors dtype string ("F16", "BF16", "F32", ...), ``shape`` is the
+dimensions joined by "x" ("4096x4096"; "" for a 0-d tensor), ``sha256`` is the lowercase hex
+sha256 of the tensor's bytes, and ``sorted`` is Python's default order on the complete lines
+(which, names being unique, is the order of names by code point).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Mapping
+
+from .tensors import ModelReader
+
+#: How many hex characters of the full digest are shown as "the" fingerprint.
+SHORT_DIGEST_CHARS = 16
+
+#: Bytes hashed per update: bounds the temporary copy some readers make of a slice.
+_HASH_STEP = 64 * 1024 * 1024
+
+
+def tensor_sha256(reader: ModelReader, name: str) -> str:
+    """sha256 (lowercase hex) of one tensor's canonical bytes, as ``reader.read`` gives them."""
+    data = reader.read(name)
+    h = hashlib.sha256()
+    view = memoryview(data).cast("B") if data.size else memoryview(b"")
+    for start in range(0, len(view), _HASH_STEP):
+        h.update(view[start:start + _HASH_STEP])
+    return h.hexdigest()
+
+
+def shape_text(shape: Iterable[int]) -> str:
+    """The shape as written in a fingerprint line: dimensions joined by "x"."""
+    return "x".join(str(int(d)) for d in shape)
+
+
+def fingerprint_lines(hashes: Mapping[str, tuple[str, tuple[int, ...] | list[int], str]]) -> list[str]:
+    """The sorted lines the digest is taken over (exposed so tools can show what differs)."""
+    return sorted(f"{name}\t{dtype}\t{shape_text(shape)}\t{sha}\n" for name, (dtype, shape, sha) in hashes.items())
+
+
+def base_fingerprint_full(hashes: Mapping[str, tuple[str, tuple[int, ...] | list[int], str]]) -> str:
+    """The full 64-hex digest over ``{name: (dtype, shape, sha256)}``."""
+    return hashlib.sha256("".join(fingerprint_lines(hashes)).encode("utf-8")).hexdigest()
+
+
+def base_fingerprint(hashes: Mapping[str, tuple[str, tuple[int, ...] | list[int], str]]) -> str:
+    """The short fingerprint of a base: the first 16 hex of :func:`base_fingerprint_full`."""
+    return base_fingerprint_full(hashes)[:SHORT_DIGEST_CHARS]
+
+
+def hash_model(reader: ModelReader, progress=None) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """``{name: (dtype, shape, sha256)}`` for every tensor, read one at a time (bounded memory)."""
+    out: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for name, info in reader.tensors.items():
+        out[name] = (info.dtype, tuple(info.shape), tensor_sha256(reader, name))
+        if progress is not None:
+            progress(info.nbytes)
+    return out
+
+
+__all__ = ["tensor_sha256", "base_fingerprint", "base_fingerprint_full", "fingerprint_lines",
+           "hash_model", "shape_text", "SHORT_DIGEST_CHARS"]
