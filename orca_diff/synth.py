@@ -106,6 +106,11 @@ class FineTune:
 
     lr: float = 2e-5
     steps: int = 2000
+    #: typical |m_hat / sqrt(v_hat)| of Adam when gradient noise dominates: the per-step move is
+    #: this fraction of lr. 0.1 gives a median relative change of ~5e-3 per tensor at the
+    #: defaults, the order measured on a real AdamW pair (shared/research/perf-anchors.md).
+    adam_ratio: float = 0.1
+    drift: float = 0.002  # fraction of steps whose moves share one direction (persistent gradient)
     weight_decay: float = 0.0
     unseen_row_fraction: float = 0.3   # embedding/lm_head rows of tokens never seen: untouched
     frozen: tuple[str, ...] = ("model.layers.0.input_layernorm.weight",)  # tensors left untouched
@@ -119,10 +124,11 @@ def finetune_weights(name: str, w: np.ndarray, ft: FineTune) -> np.ndarray:
     if name in ft.frozen:
         return w
     rng = _rng_for(ft.seed, name)
-    # Adam's normalised update is ~lr per step; over n noisy steps the walk spreads as
-    # lr * sqrt(n) around a persistent drift of lr * n * bias.
-    drift = rng.standard_normal(w.shape, dtype=np.float32) * np.float32(0.05 * ft.lr * ft.steps)
-    walk = rng.standard_normal(w.shape, dtype=np.float32) * np.float32(ft.lr * np.sqrt(ft.steps))
+    # Adam moves each element by ~adam_ratio * lr per step; over n noisy steps the walk spreads
+    # as sqrt(n) steps around a persistent drift.
+    step = ft.lr * ft.adam_ratio
+    drift = rng.standard_normal(w.shape, dtype=np.float32) * np.float32(step * ft.drift * ft.steps)
+    walk = rng.standard_normal(w.shape, dtype=np.float32) * np.float32(step * np.sqrt(ft.steps))
     out = w * np.float32(1.0 - ft.lr * ft.weight_decay * ft.steps) + drift + walk
     if name in ("model.embed_tokens.weight", "lm_head.weight") and ft.unseen_row_fraction > 0:
         unseen = _rng_for(ft.seed + 7, "rows").random(w.shape[0]) < ft.unseen_row_fraction

@@ -10,7 +10,6 @@ The core never needs torch: bf16 and friends are handled as plain bit patterns.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -189,7 +188,7 @@ class SafetensorsModel:
         self.tensors: dict[str, TensorInfo] = {}
         self.headers: dict[str, SafetensorsHeader] = {}  # relative file name -> header
         self._where: dict[str, tuple[Path, int, int]] = {}  # tensor -> (file, abs begin, abs end)
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         for file in files:
             header = read_safetensors_header(file)
             rel = file.name if path.is_file() else file.relative_to(path).as_posix()
@@ -200,29 +199,74 @@ class SafetensorsModel:
                 self.tensors[e.info.name] = e.info
                 self._where[e.info.name] = (file, header.data_start + e.begin, header.data_start + e.end)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, start: int = 0, length: int | None = None) -> np.ndarray:
+        """Bytes ``[start, start+length)`` of tensor ``name``, read with pread into a fresh
+        buffer: memory is exactly what the caller holds (no mapped pages piling up in RSS)."""
         file, begin, end = self._where[name]
-        if begin == end:
-            return np.zeros(0, dtype=np.uint8)
-        m = self._maps.get(file)
-        if m is None:
-            with open(file, "rb") as f:
-                m = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return np.frombuffer(m, dtype=np.uint8, count=end - begin, offset=begin)
+        size = end - begin
+        if length is None:
+            length = size - start
+        if start < 0 or length < 0 or start + length > size:
+            raise ValueError(f"range [{start}, {start + length}) outside tensor {name!r} of {size} bytes")
+        buf = np.empty(length, dtype=np.uint8)
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        read_exact(fd, buf, begin + start, str(file))
+        return buf
 
     def close(self) -> None:
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:  # a caller still holds a view; the map is freed with it
-                pass
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> "SafetensorsModel":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_exact(fd: int, buf: np.ndarray, offset: int, where: str) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``; a short file is a FormatError naming ``where``."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise FormatError(f"{where}: file ended early at byte {offset + done} (truncated?)")
+        done += n
+
+
+def read_range(reader: "ModelReader", name: str, start: int, length: int) -> np.ndarray:
+    """A byte range of a tensor from any reader (readers without ranged reads are sliced)."""
+    try:
+        return reader.read(name, start, length)  # type: ignore[call-arg]
+    except TypeError:
+        return reader.read(name)[start:start + length]
+
+
+def tensor_sha256(reader: "ModelReader", name: str, block: int = 16 << 20) -> str:
+    """sha256 of a tensor's bytes, read ``block`` bytes at a time (bounded memory)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    size = reader.tensors[name].nbytes
+    for start in range(0, size, block):
+        h.update(read_range(reader, name, start, min(block, size - start)))
+    return h.hexdigest()
+
+
+def file_sha256(path: Path, block: int = 16 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- discovery

@@ -1,0 +1,263 @@
+"""base + diff -> the fine-tuned model, byte-identical to the publisher's files.
+
+Order of events, each a promise:
+1. the manifest is validated and the payload files are checked for presence and size;
+2. every base tensor and file the diff needs is hashed and compared (``check_base``) — a wrong
+   base is refused before any output exists;
+3. files are rebuilt into a hidden staging folder beside ``out`` (decode in worker threads,
+   write and sha256 in order), each fsynced, checked against its sha256 and only then given its
+   final name; the staging folder records finished files so an interrupted run resumes;
+4. the staging folder is renamed to ``out``.
+Memory is bounded by ``threads + 2`` chunks in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .codec import base_prediction, decode_chunk
+from .errors import CorruptDiffError, InterruptedError_, OrcaDiffError, OutputError, VerificationError
+from .format import Chunk, FileEntry, Manifest, load_manifest
+from .outdir import check_output, describe_os_error, publish, staging_dir
+from .pipeline import default_threads, ordered_map
+from .progress import byte_bar
+from .tensors import DTYPE_SIZES, ModelReader, file_sha256, open_model, parse_safetensors_header, read_exact, read_range
+from .verify import check_base, check_payload_presence, describe_file_mismatch
+
+STATE_NAME = ".orca-diff-state.json"
+INCOMPLETE = ".incomplete"
+
+
+@dataclass
+class ApplyReport:
+    out: Path
+    files: int
+    bytes_written: int
+    resumed_files: int
+    seconds: float
+    base_fingerprint: str
+    target_fingerprint: str
+
+
+@dataclass(frozen=True)
+class _Job:
+    file: FileEntry
+    chunk: Chunk | None       # None: a base file copy step
+    tensor: str | None = None
+    first: bool = False       # first job of its file
+    last: bool = False        # last job of its file
+
+
+class _Payloads:
+    """Thread-safe positional reads of payload chunks, sha256-checked before decoding."""
+
+    def __init__(self, diff_dir: Path):
+        self.diff_dir = diff_dir
+        self._fds: dict[str, int] = {}
+
+    def read(self, c: Chunk, owner: str) -> np.ndarray:
+        fd = self._fds.get(c.payload)
+        if fd is None:
+            fd = self._fds.setdefault(c.payload, os.open(self.diff_dir / c.payload, os.O_RDONLY))
+        buf = np.empty(c.length, dtype=np.uint8)
+        try:
+            read_exact(fd, buf, c.offset, str(self.diff_dir / c.payload))
+        except OrcaDiffError as exc:
+            raise CorruptDiffError(f"{exc}; download the diff again") from None
+        if hashlib.sha256(buf).hexdigest() != c.sha256:
+            raise CorruptDiffError(f"{self.diff_dir / c.payload}: chunk at offset {c.offset} ({owner}) fails its "
+                                   "sha256 check; the diff is corrupt, download it again")
+        return buf
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+def _jobs(manifest: Manifest, files: list[FileEntry]) -> Iterator[_Job]:
+    for f in files:
+        steps: list[_Job] = []
+        if f.kind == "safetensors":
+            header = parse_safetensors_header((f.header or "").encode("utf-8"), f.path, f.size)
+            for e in header.entries:
+                for c in manifest.tensors[e.info.name].chunks:
+                    steps.append(_Job(f, c, e.info.name))
+        elif f.source == "diff":
+            steps = [_Job(f, c) for c in f.chunks]
+        else:
+            steps = [_Job(f, None)]
+        if not steps:  # a header-only safetensors file or an empty blob
+            steps = [_Job(f, None)]
+        for i, s in enumerate(steps):
+            yield _Job(s.file, s.chunk, s.tensor, first=i == 0, last=i == len(steps) - 1)
+
+
+def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payloads) -> bytes | np.ndarray:
+    f, c = job.file, job.chunk
+    if c is None:
+        if f.kind == "blob" and f.source == "base":
+            return base.extra_files[f.path].read_bytes()
+        return b""
+    if job.tensor is None:
+        return decode_chunk(payloads.read(c, f"file {f.path!r}"), None, 1, "raw", c.size, planes=False,
+                            where=f"{f.path} chunk {c.start}")
+    t = manifest.tensors[job.tensor]
+    enc = t.encoding
+    owner = f"tensor {t.name!r}"
+    payload = payloads.read(c, owner)
+    itemsize = t.info.itemsize
+    if c.mode == "delta":
+        bt = manifest.base.tensors[enc.base_tensor]  # type: ignore[index]
+        b_item = DTYPE_SIZES[bt.dtype]
+        b_raw = read_range(base, enc.base_tensor, c.start // itemsize * b_item, c.size // itemsize * b_item)  # type: ignore[arg-type]
+        pred = base_prediction(b_raw, bt.dtype, t.dtype)
+        return decode_chunk(payload, pred, itemsize, enc.transform, c.size, enc.planes, where=owner)
+    return decode_chunk(payload, None, itemsize, "raw", c.size, enc.planes, where=owner)
+
+
+class _State:
+    """The staging folder's record of finished files: {path: [size, mtime_ns]} for one manifest."""
+
+    def __init__(self, staging: Path, manifest_id: str):
+        self.path = staging / STATE_NAME
+        self.manifest_id = manifest_id
+        self.done: dict[str, list[int]] = {}
+
+    def load(self) -> bool:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(doc, dict) or doc.get("manifest") != self.manifest_id or not isinstance(doc.get("done"), dict):
+            return False
+        self.done = {k: v for k, v in doc["done"].items() if isinstance(v, list) and len(v) == 2}
+        return True
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"manifest": self.manifest_id, "done": self.done}))
+        os.replace(tmp, self.path)
+
+
+def _open_new(staging: Path, rel: str) -> int:
+    """Create ``staging/rel.incomplete`` for writing, never following a symlink."""
+    parent = staging
+    for part in rel.split("/")[:-1]:
+        parent = parent / part
+        if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+            raise OutputError(f"{parent}: unexpected non-folder in the output; remove it and rerun")
+        parent.mkdir(exist_ok=True)
+    path = staging / (rel + INCOMPLETE)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
+
+def _finished(staging: Path, state: _State, f: FileEntry) -> bool:
+    rec = state.done.get(f.path)
+    p = staging / f.path
+    if rec is None or p.is_symlink() or not p.is_file():
+        return False
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns] == rec and st.st_size == f.size
+
+
+def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+               threads: int | None = None, progress: bool | None = None) -> ApplyReport:
+    """Rebuild the target model of ``diff`` from ``base`` into the folder ``out``."""
+    t0 = time.perf_counter()
+    diff_dir, out = Path(diff), Path(out)
+    manifest = load_manifest(diff_dir)
+    check_output(out, force)
+    check_payload_presence(diff_dir, manifest)
+    threads = threads or default_threads()
+    base_model = open_model(base)
+    try:
+        check_base(base_model, manifest, threads, progress)
+        return _rebuild(base_model, manifest, diff_dir, out, force, threads, progress, t0)
+    finally:
+        base_model.close()
+
+
+def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, force: bool, threads: int,
+             progress: bool | None, t0: float) -> ApplyReport:
+    staging = staging_dir(out)
+    state = _State(staging, hashlib.sha256(manifest.to_bytes()).hexdigest())
+    if staging.is_symlink():
+        raise OutputError(f"{staging}: is a symbolic link; remove it and rerun")
+    if staging.exists() and not state.load():
+        shutil.rmtree(staging)  # our own hidden folder, from another diff or an unreadable state
+    staging.mkdir(exist_ok=True)
+    todo = [f for f in manifest.files if not _finished(staging, state, f)]
+    resumed = len(manifest.files) - len(todo)
+    remaining = sum(f.size for f in todo)
+    free = shutil.disk_usage(staging).free
+    if free < remaining:
+        raise OutputError(f"{out.parent}: needs {remaining / 2**30:.2f} GiB free to rebuild, has {free / 2**30:.2f} GiB; "
+                          "free space and rerun (finished files are kept)")
+    resume_hint = f"rerun the same command to resume (finished files are kept in {staging})"
+    payloads = _Payloads(diff_dir)
+    fd, h, path = -1, hashlib.sha256(), staging
+    written = 0
+    try:
+        with byte_bar(remaining, "rebuilding", progress) as bar:
+            for job, data in ordered_map(lambda j: (j, _decode(j, manifest, base, payloads)), _jobs(manifest, todo), threads):
+                f = job.file
+                if job.first:
+                    path = staging / (f.path + INCOMPLETE)
+                    fd = _open_new(staging, f.path)
+                    h = hashlib.sha256()
+                    if f.kind == "safetensors":
+                        head = (f.header or "").encode("utf-8")
+                        data_head = struct.pack("<Q", len(head)) + head
+                        h.update(data_head)
+                        _write_all(fd, data_head)
+                if len(data):
+                    h.update(data)
+                    _write_all(fd, data)
+                    bar.update(len(data))
+                    written += len(data)
+                if job.last:
+                    os.fsync(fd)
+                    os.close(fd)
+                    fd = -1
+                    if h.hexdigest() != f.sha256:
+                        raise VerificationError(f"{path}: {describe_file_mismatch(path, f, manifest)} after rebuilding; "
+                                                "the diff or base changed while applying; rerun")
+                    final = staging / f.path
+                    os.replace(path, final)
+                    st = final.stat()
+                    state.done[f.path] = [st.st_size, st.st_mtime_ns]
+                    state.save()
+    except KeyboardInterrupt:
+        raise InterruptedError_(f"interrupted; {resume_hint}") from None
+    except OSError as exc:
+        raise describe_os_error(exc, path, resume_hint) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        payloads.close()
+    (staging / STATE_NAME).unlink(missing_ok=True)
+    publish(staging, out, force)
+    return ApplyReport(out, len(manifest.files), written, resumed, time.perf_counter() - t0,
+                       manifest.base.fingerprint, manifest.target_fingerprint)
+
+
+def _write_all(fd: int, data: bytes | np.ndarray) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+__all__ = ["apply_diff", "ApplyReport", "file_sha256"]

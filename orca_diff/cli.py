@@ -1,0 +1,269 @@
+"""The ``orca-diff`` command line: parse, call the library, map errors to exit codes.
+
+Every expected failure is an OrcaDiffError, printed as one line ``orca-diff: error: ...`` with
+the exit code of its class (see README.md). Commands of optional parts of the tool live in
+``orca_diff/cli_<topic>.py`` modules listed in PLUGIN_MODULES.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import InterruptedError_, OrcaDiffError
+
+PLUGIN_MODULES: tuple[str, ...] = ("cli_hub", "cli_fingerprint", "cli_train", "cli_legacy")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+class _Group(click.Group):
+    """Turns OrcaDiffError and Ctrl-C into one line and an exit code (no traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OrcaDiffError as exc:
+            click.echo(f"orca-diff: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("orca-diff: interrupted; rerun the same command to resume", err=True)
+            ctx.exit(InterruptedError_.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="orca-diff")
+def cli() -> None:
+    """Publish fine-tuned LLaMA-family models as exact weight diffs, and rebuild them bit-exactly.
+
+    \b
+    Quick start (no download needed):
+      orca-diff demo
+    Rebuild a model:
+      orca-diff apply --base llama-13b --diff orca --out orca-13b
+    """
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+threads_option = click.option("--threads", type=click.IntRange(1, 512), default=None,
+                              help="Worker threads (default: all cores, or $ORCA_DIFF_THREADS).")
+
+
+@cli.command()
+@click.option("--base", "base", required=True, help="The base model folder (safetensors, .bin or Meta .pth).")
+@click.option("--target", required=True, type=click.Path(exists=True, file_okay=False), help="The fine-tuned model folder (safetensors).")
+@click.option("--out", required=True, type=click.Path(), help="The diff folder to create.")
+@click.option("--base-name", default=None, help="Catalog name of the base, recorded in the manifest (e.g. llama-13b).")
+@click.option("--base-repo", default=None, help="Hub repo id of the base, recorded in the manifest.")
+@click.option("--base-revision", default=None, help="Hub revision (commit sha) of the base.")
+@click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level (default 3).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@threads_option
+@quiet_option
+def make(base: str, target: str, out: str, base_name: str | None, base_repo: str | None, base_revision: str | None,
+         level: int | None, force: bool, threads: int | None, quiet: bool) -> None:
+    """Make a diff that rebuilds TARGET from BASE. The diff never contains base weights.
+
+    \b
+    Example:
+      orca-diff make --base llama-13b-hf --target orca-13b --out orca-13b-diff --base-name llama-13b
+    """
+    from .make import make_diff
+    from .codec import DEFAULT_LEVEL
+
+    t0 = time.perf_counter()
+    m = make_diff(base, target, out, base_name=base_name, base_repo=base_repo, base_revision=base_revision,
+                  level=level or DEFAULT_LEVEL, threads=threads, progress=False if quiet else None, force=force)
+    dt = time.perf_counter() - t0
+    click.echo(f"wrote {out}: {len(m.tensors)} tensors, {_human(m.payload_bytes)} of payload for "
+               f"{_human(m.target_bytes)} of model ({100 * m.payload_bytes / max(1, m.target_bytes):.1f}%) in {dt:.1f}s; "
+               f"base fingerprint {m.base.fingerprint}")
+
+
+def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
+    """Resolve --diff then --base (local path, catalog name or Hub repo id)."""
+    from .format import load_manifest
+    from .resolve import resolve_base, resolve_diff
+
+    diff_dir = resolve_diff(diff, progress=not quiet)
+    manifest = load_manifest(diff_dir)
+    return diff_dir, resolve_base(base, manifest, progress=not quiet)
+
+
+@cli.command()
+@click.option("--base", default=None, help="Base: a folder, a catalog name (llama-13b) or a Hub repo id[@rev]. "
+              "Default: the base named in the diff.")
+@click.option("--diff", "diff", required=True, help="Diff: a folder, a catalog name (orca) or a Hub repo id[@rev].")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write the rebuilt model to.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@threads_option
+@quiet_option
+def apply(base: str | None, diff: str, out: str, force: bool, threads: int | None, quiet: bool) -> None:
+    """Rebuild the fine-tuned model from a base and a diff, byte-identical to the publisher's files.
+
+    The base is checked tensor by tensor BEFORE anything is written; an interrupted run resumes
+    where it stopped when rerun.
+
+    \b
+    Example:
+      orca-diff apply --base llama-13b --diff orca --out orca-13b
+    """
+    from .apply import apply_diff
+
+    diff_dir, base_dir = _resolve(diff, base, quiet)
+    r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None)
+    resumed = f" ({r.resumed_files} already done)" if r.resumed_files else ""
+    click.echo(f"rebuilt {r.out}: {r.files} files{resumed}, {_human(r.bytes_written)} written in {r.seconds:.1f}s; "
+               f"every file matches its sha256 (model fingerprint {r.target_fingerprint})")
+
+
+@cli.command()
+@click.option("--diff", "diff", required=True, type=click.Path(exists=True), help="The diff folder.")
+@click.option("--base", default=None, type=click.Path(exists=True), help="Also check this base against the diff.")
+@click.option("--model", default=None, type=click.Path(exists=True), help="Also check this rebuilt model: byte-identical files.")
+@threads_option
+@quiet_option
+def verify(diff: str, base: str | None, model: str | None, threads: int | None, quiet: bool) -> None:
+    """Check a diff's integrity, and optionally a base or a rebuilt model against it.
+
+    \b
+    Examples:
+      orca-diff verify --diff orca-13b-diff
+      orca-diff verify --diff orca-13b-diff --base llama-13b-hf --model orca-13b
+    """
+    from .verify import verify_base, verify_diff, verify_model
+
+    progress = False if quiet else None
+    m = verify_diff(diff, progress=progress)
+    click.echo(f"diff OK: {len(m.payloads)} payload files, {len(m.tensors)} tensors, checksums match")
+    if base:
+        verify_base(base, diff, threads=threads, progress=progress)
+        click.echo(f"base OK: every tensor the diff needs matches (fingerprint {m.base.fingerprint})")
+    if model:
+        report = verify_model(model, m, progress=progress)
+        click.echo(f"model OK: {len(report.ok)} files byte-identical to the publisher's")
+        for extra in report.extra:
+            click.echo(f"note: {extra} is not part of the diff's model (left alone)")
+
+
+@cli.command()
+@click.argument("diff", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(diff: str, as_json: bool) -> None:
+    """Describe a diff: its base, tensors, dtypes, sizes and compression ratio."""
+    from .format import load_manifest
+
+    m = load_manifest(diff)
+    dtypes: dict[str, int] = {}
+    encodings: dict[str, int] = {}
+    for t in m.tensors.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+        encodings[t.encoding.transform] = encodings.get(t.encoding.transform, 0) + 1
+    summary = {
+        "format_version": m.format_version, "tool": m.tool,
+        "base": {"name": m.base.name, "repo": m.base.repo, "revision": m.base.revision,
+                 "fingerprint": m.base.fingerprint, "tensors_needed": len(m.needed_base_tensors()),
+                 "files_copied": sorted(m.base.files)},
+        "target": {"fingerprint": m.target_fingerprint, "files": [f.path for f in m.files], "bytes": m.target_bytes,
+                   "tensors": len(m.tensors), "dtypes": dtypes},
+        "encodings": encodings, "dropped": m.dropped,
+        "payload_bytes": m.payload_bytes, "ratio": m.payload_bytes / max(1, m.target_bytes),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"orca-diff format v{m.format_version}, made by {m.tool}")
+    click.echo(f"base:    {m.base.name or '?'} repo={m.base.repo or '-'} revision={m.base.revision or '-'} "
+               f"fingerprint={m.base.fingerprint} ({len(m.needed_base_tensors())} tensors needed)")
+    click.echo(f"target:  {len(m.files)} files, {len(m.tensors)} tensors {dtypes}, {_human(m.target_bytes)}; "
+               f"fingerprint={m.target_fingerprint}")
+    click.echo(f"encoding: {encodings}; dropped base tensors: {len(m.dropped)}")
+    click.echo(f"payload: {_human(m.payload_bytes)} = {100 * summary['ratio']:.2f}% of the model")
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Keep the demo's models and diff here (default: a temporary folder, removed afterwards).")
+@click.option("--dtype", type=click.Choice(["F16", "BF16", "F32"]), default="BF16", show_default=True)
+@click.option("--hidden", type=click.IntRange(32, 8192), default=512, show_default=True, help="Hidden size of the demo model.")
+@click.option("--layers", type=click.IntRange(1, 80), default=4, show_default=True)
+@quiet_option
+def demo(workdir: str | None, dtype: str, hidden: int, layers: int, quiet: bool) -> None:
+    """Run the whole job on an embedded, generated LLaMA-shaped model: make -> apply -> verify.
+
+    Builds a random base and a fine-tune of it (AdamW-like updates, a pad row added: vocab
+    32000 -> 32001), makes the diff, rebuilds the model from base + diff, and proves the rebuilt
+    files are byte-identical. No download needed.
+    """
+    from .apply import apply_diff
+    from .make import make_diff
+    from .synth import FineTune, LlamaShape, write_finetune, write_llama
+    from .verify import verify_model
+
+    progress = False if quiet else None
+    ctx = tempfile.TemporaryDirectory(prefix="orca-diff-demo-") if workdir is None else None
+    root = Path(ctx.name if ctx else workdir)  # type: ignore[union-attr]
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        shape = LlamaShape(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,
+                           num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                           num_key_value_heads=max(1, hidden // 64))
+        t = time.perf_counter()
+        base, target, diff, out = root / "base", root / "finetuned", root / "diff", root / "rebuilt"
+        for p in (base, target, diff, out):
+            if p.exists():
+                raise click.UsageError(f"{p} exists; give an empty --workdir")
+        write_llama(base, shape, dtype, seed=0, max_shard_bytes=32 << 20)
+        write_finetune(target, shape, base_seed=0, dtype=dtype, ft=FineTune(add_pad_row=True), max_shard_bytes=32 << 20)
+        click.echo(f"generated a LLaMA-shaped {dtype} base and fine-tune ({sum(f.stat().st_size for f in target.iterdir()) / 2**20:.1f} MiB) "
+                   f"in {time.perf_counter() - t:.1f}s")
+        t = time.perf_counter()
+        m = make_diff(base, target, diff, base_name="demo-base", progress=progress)
+        click.echo(f"make:   diff is {_human(m.payload_bytes)} = {100 * m.payload_bytes / m.target_bytes:.1f}% of the model "
+                   f"({time.perf_counter() - t:.2f}s)")
+        t = time.perf_counter()
+        r = apply_diff(base, diff, out, progress=progress)
+        click.echo(f"apply:  rebuilt {r.files} files, {_human(r.bytes_written)} ({time.perf_counter() - t:.2f}s)")
+        t = time.perf_counter()
+        report = verify_model(out, diff, progress=progress)
+        click.echo(f"verify: {len(report.ok)} files byte-identical to the fine-tune ({time.perf_counter() - t:.2f}s)")
+        click.echo(f"demo OK{'' if ctx else f'; files kept in {root}'}")
+    finally:
+        if ctx:
+            ctx.cleanup()
+
+
+def _register_plugins() -> None:
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__package__}.{name}":
+                continue  # that part of the tool is not present in this build
+            raise
+        for command in getattr(module, "COMMANDS", []):
+            cli.add_command(command)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    cli(prog_name="orca-diff")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""The diff manifest (``orca-diff.json``): dataclasses, strict parsing, canonical serialisation.
+
+docs/format.md is the normative description; this module is its executable form. Parsing treats
+the manifest as hostile input: every field is type- and range-checked, every path must be a safe
+relative path, and the whole document carries a sha256 of its canonical form so that a flipped
+bit is reported as a corrupt manifest rather than as a mysterious payload mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptDiffError, FormatError, InputNotFoundError
+from .tensors import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, parse_safetensors_header
+
+MANIFEST_NAME = "orca-diff.json"
+FORMAT_NAME = "orca-diff"
+FORMAT_VERSION = 1
+#: Manifests larger than this are refused before parsing (a 405B model's is a few MB).
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_INT = 2**62
+
+TRANSFORMS = ("ulp", "xor", "raw")
+CHUNK_MODES = ("delta", "raw")
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+\-]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def safe_relpath(p: object, what: str) -> str:
+    """Accept only plain relative POSIX paths made of ordinary names (no '..', no absolute path,
+    no drive letter, no backslash, no hidden component), so no manifest can point outside the
+    folder it is applied into."""
+    if not isinstance(p, str) or not p or len(p) > 512:
+        raise FormatError(f"manifest: {what}: path must be a non-empty string")
+    parts = p.split("/")
+    if len(parts) > 8 or not all(_SAFE_COMPONENT.match(c) for c in parts) or any(c in (".", "..") for c in parts):
+        raise FormatError(f"manifest: {what}: unsafe path {p!r} (only plain relative names are allowed)")
+    return p
+
+
+def _int(v: object, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise FormatError(f"manifest: {what}: expected an integer in [{lo}, {hi}], found {v!r}")
+    return v
+
+
+def _str(v: object, what: str, optional: bool = False) -> str | None:
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or len(v) > 4096:
+        raise FormatError(f"manifest: {what}: expected a string, found {type(v).__name__}")
+    return v
+
+
+def _hex(v: object, what: str) -> str:
+    if not isinstance(v, str) or not _HEX64.match(v):
+        raise FormatError(f"manifest: {what}: expected a sha256 hex digest")
+    return v
+
+
+def _dict(v: object, what: str) -> dict:
+    if not isinstance(v, dict):
+        raise FormatError(f"manifest: {what}: expected an object")
+    return v
+
+
+def _list(v: object, what: str) -> list:
+    if not isinstance(v, list):
+        raise FormatError(f"manifest: {what}: expected a list")
+    return v
+
+
+def _dtype(v: object, what: str) -> str:
+    if v not in DTYPE_SIZES:
+        raise FormatError(f"manifest: {what}: unsupported dtype {v!r}")
+    return v  # type: ignore[return-value]
+
+
+def _shape(v: object, what: str) -> tuple[int, ...]:
+    items = _list(v, what)
+    if len(items) > 16:
+        raise FormatError(f"manifest: {what}: too many dimensions")
+    return tuple(_int(d, what) for d in items)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of ``size`` bytes of an object starting at ``start``, stored as ``length`` compressed
+    bytes at ``offset`` in payload file ``payload``; ``sha256`` is of those compressed bytes."""
+
+    start: int
+    size: int
+    mode: str  # "delta" (needs the base) or "raw"
+    payload: str
+    offset: int
+    length: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"start": self.start, "size": self.size, "mode": self.mode, "payload": self.payload,
+                "offset": self.offset, "length": self.length, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, d: object, what: str) -> "Chunk":
+        d = _dict(d, what)
+        mode = d.get("mode")
+        if mode not in CHUNK_MODES:
+            raise FormatError(f"manifest: {what}: unknown chunk mode {mode!r}")
+        return cls(_int(d.get("start"), what), _int(d.get("size"), what), mode,
+                   safe_relpath(d.get("payload"), what), _int(d.get("offset"), what),
+                   _int(d.get("length"), what), _hex(d.get("sha256"), what))
+
+
+def _chunks(v: object, what: str, total: int) -> list[Chunk]:
+    chunks = [Chunk.from_json(c, f"{what} chunk {i}") for i, c in enumerate(_list(v, what))]
+    cursor = 0
+    for i, c in enumerate(chunks):
+        if c.start != cursor or c.size == 0:
+            raise FormatError(f"manifest: {what} chunk {i}: chunks must tile the object (expected start {cursor})")
+        cursor += c.size
+    if cursor != total:
+        raise FormatError(f"manifest: {what}: chunks cover {cursor} bytes, object has {total}")
+    return chunks
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a target tensor is rebuilt. ``transform`` is applied to the first ``shared_bytes``
+    bytes against ``base_tensor`` cast to the target dtype; the remaining bytes are stored raw."""
+
+    transform: str  # "ulp", "xor" or "raw"
+    base_tensor: str | None = None
+    base_dtype: str | None = None
+    shared_bytes: int = 0
+    planes: bool = True
+    codec: str = "zstd"
+
+    def to_json(self) -> dict:
+        return {"transform": self.transform, "base_tensor": self.base_tensor, "base_dtype": self.base_dtype,
+                "shared_bytes": self.shared_bytes, "planes": self.planes, "codec": self.codec}
+
+    @classmethod
+    def from_json(cls, d: object, what: str) -> "Encoding":
+        d = _dict(d, what)
+        t = d.get("transform")
+        if t not in TRANSFORMS:
+            raise FormatError(f"manifest: {what}: unknown transform {t!r} (made by a newer orca-diff?)")
+        if d.get("codec") != "zstd":
+            raise FormatError(f"manifest: {what}: unknown codec {d.get('codec')!r}")
+        planes = d.get("planes")
+        if not isinstance(planes, bool):
+            raise FormatError(f"manifest: {what}: planes must be true or false")
+        base_tensor = _str(d.get("base_tensor"), what, optional=True)
+        base_dtype = None if d.get("base_dtype") is None else _dtype(d.get("base_dtype"), what)
+        shared = _int(d.get("shared_bytes"), what)
+        if t != "raw" and (base_tensor is None or base_dtype is None):
+            raise FormatError(f"manifest: {what}: a {t} encoding needs base_tensor and base_dtype")
+        return cls(t, base_tensor, base_dtype, shared, planes, "zstd")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+    encoding: Encoding
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.name, self.dtype, self.shape)
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256,
+                "encoding": self.encoding.to_json(), "chunks": [c.to_json() for c in self.chunks]}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the rebuilt model. ``kind`` is "safetensors" (``header`` verbatim, data from
+    tensors) or "blob" (``source`` "diff": bytes in ``chunks``; "base": copied from the base)."""
+
+    path: str
+    size: int
+    sha256: str
+    kind: str
+    header: str | None = None
+    source: str | None = None
+    chunks: tuple[Chunk, ...] = ()
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
+        if self.kind == "safetensors":
+            d["header"] = self.header
+        else:
+            d["source"] = self.source
+            d["chunks"] = [c.to_json() for c in self.chunks]
+        return d
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+    needed: bool
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256, "needed": self.needed}
+
+
+@dataclass(frozen=True)
+class BaseFile:
+    size: int
+    sha256: str
+
+
+@dataclass
+class BaseIdentity:
+    name: str | None
+    repo: str | None
+    revision: str | None
+    fingerprint: str
+    tensors: dict[str, BaseTensor]
+    files: dict[str, BaseFile] = field(default_factory=dict)  # base files the diff copies
+
+
+@dataclass(frozen=True)
+class PayloadFile:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    tool: str
+    chunk_bytes: int
+    base: BaseIdentity
+    target_fingerprint: str
+    files: list[FileEntry]
+    tensors: dict[str, TensorEntry]
+    dropped: list[str]
+    payloads: list[PayloadFile]
+    format_version: int = FORMAT_VERSION
+
+    # ---------------------------------------------------------------- derived views
+    @property
+    def target_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(p.size for p in self.payloads)
+
+    def needed_base_tensors(self) -> dict[str, BaseTensor]:
+        return {n: t for n, t in self.base.tensors.items() if t.needed}
+
+    # ---------------------------------------------------------------- serialisation
+    def body(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "tool": self.tool,
+            "chunk_bytes": self.chunk_bytes,
+            "base": {
+                "name": self.base.name, "repo": self.base.repo, "revision": self.base.revision,
+                "fingerprint": self.base.fingerprint,
+                "tensors": {n: t.to_json() for n, t in self.base.tensors.items()},
+                "files": {n: {"size": f.size, "sha256": f.sha256} for n, f in self.base.files.items()},
+            },
+            "target": {"fingerprint": self.target_fingerprint, "files": [f.to_json() for f in self.files]},
+            "tensors": {n: t.to_json() for n, t in self.tensors.items()},
+            "dropped": list(self.dropped),
+            "payloads": [{"path": p.path, "size": p.size, "sha256": p.sha256} for p in self.payloads],
+        }
+
+    def to_bytes(self) -> bytes:
+        body = self.body()
+        body["manifest_sha256"] = canonical_sha256(body)
+        return (json.dumps(body, indent=1, ensure_ascii=True) + "\n").encode()
+
+
+def canonical_sha256(body: dict) -> str:
+    """sha256 of the canonical JSON form (sorted keys, no whitespace, ASCII) of ``body``."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
+    """Parse and fully validate manifest bytes. Raises FormatError / CorruptDiffError."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{where}: manifest is {len(data)} bytes, larger than any real diff needs")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptDiffError(f"{where}: manifest is not valid JSON ({exc}); download the diff again") from None
+    doc = _dict(doc, "top level")
+    if doc.get("format") != FORMAT_NAME:
+        raise FormatError(f"{where}: not an orca-diff manifest (format={doc.get('format')!r})")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FormatError(
+            f"{where}: diff format version {version!r}; this orca-diff reads version {FORMAT_VERSION}"
+            " (upgrade orca-diff: pip install -U orca-diff)"
+        )
+    claimed = doc.pop("manifest_sha256", None)
+    if claimed != canonical_sha256(doc):
+        raise CorruptDiffError(
+            f"{where}: manifest checksum mismatch (the file was modified or damaged); download the diff again"
+        )
+    try:
+        return _manifest_from_doc(doc)
+    except (KeyError, TypeError, AttributeError) as exc:  # shapes we did not foresee: still a format error
+        raise FormatError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
+
+
+def _manifest_from_doc(doc: dict) -> Manifest:
+    base_d = _dict(doc.get("base"), "base")
+    base_tensors = {}
+    for name, t in _dict(base_d.get("tensors"), "base.tensors").items():
+        w = f"base tensor {name!r}"
+        t = _dict(t, w)
+        needed = t.get("needed")
+        if not isinstance(needed, bool):
+            raise FormatError(f"manifest: {w}: needed must be true or false")
+        base_tensors[name] = BaseTensor(_dtype(t.get("dtype"), w), _shape(t.get("shape"), w), _hex(t.get("sha256"), w), needed)
+    base_files = {}
+    for name, f in _dict(base_d.get("files", {}), "base.files").items():
+        safe_relpath(name, "base file")
+        f = _dict(f, f"base file {name!r}")
+        base_files[name] = BaseFile(_int(f.get("size"), name), _hex(f.get("sha256"), name))
+    base = BaseIdentity(_str(base_d.get("name"), "base.name", True), _str(base_d.get("repo"), "base.repo", True),
+                        _str(base_d.get("revision"), "base.revision", True), _str(base_d.get("fingerprint"), "base.fingerprint") or "",
+                        base_tensors, base_files)
+
+    tensors: dict[str, TensorEntry] = {}
+    for name, t in _dict(doc.get("tensors"), "tensors").items():
+        w = f"tensor {name!r}"
+        t = _dict(t, w)
+        info = TensorInfo(name, _dtype(t.get("dtype"), w), _shape(t.get("shape"), w))
+        if info.nbytes > MAX_INT:
+            raise FormatError(f"manifest: {w}: impossible size")
+        enc = Encoding.from_json(t.get("encoding"), w)
+        if enc.transform != "raw":
+            bt = base_tensors.get(enc.base_tensor or "")
+            if bt is None or not bt.needed or bt.dtype != enc.base_dtype:
+                raise FormatError(f"manifest: {w}: refers to base tensor {enc.base_tensor!r} not listed as needed")
+            if enc.transform == "ulp" and not (info.dtype in FLOAT_DTYPES and enc.base_dtype in FLOAT_DTYPES):
+                raise FormatError(f"manifest: {w}: ulp transform needs float dtypes")
+            if enc.transform == "xor" and enc.base_dtype != info.dtype:
+                raise FormatError(f"manifest: {w}: xor transform needs equal dtypes")
+            base_elems = TensorInfo("", bt.dtype, bt.shape).numel
+            if enc.shared_bytes > info.nbytes or enc.shared_bytes % info.itemsize or enc.shared_bytes // info.itemsize > base_elems:
+                raise FormatError(f"manifest: {w}: shared_bytes {enc.shared_bytes} is inconsistent with the shapes")
+        elif enc.shared_bytes:
+            raise FormatError(f"manifest: {w}: a raw tensor cannot share bytes with the base")
+        chunks = _chunks(t.get("chunks"), w, info.nbytes)
+        for c in chunks:
+            if c.mode == "delta" and (c.start + c.size > enc.shared_bytes or enc.transform == "raw"):
+                raise FormatError(f"manifest: {w}: delta chunk outside the shared region")
+            if c.mode == "raw" and c.start < enc.shared_bytes:
+                raise FormatError(f"manifest: {w}: raw chunk inside the shared region")
+            if (c.start % info.itemsize) or (c.size % info.itemsize):
+                raise FormatError(f"manifest: {w}: chunk not aligned to elements")
+        tensors[name] = TensorEntry(name, info.dtype, info.shape, _hex(t.get("sha256"), w), enc, tuple(chunks))
+
+    target_d = _dict(doc.get("target"), "target")
+    files: list[FileEntry] = []
+    seen_paths: set[str] = set()
+    placed: set[str] = set()
+    for i, f in enumerate(_list(target_d.get("files"), "target.files")):
+        f = _dict(f, f"target file {i}")
+        path = safe_relpath(f.get("path"), f"target file {i}")
+        if path.lower() in seen_paths or path == MANIFEST_NAME:
+            raise FormatError(f"manifest: target file {path!r} is listed twice")
+        seen_paths.add(path.lower())
+        size, sha = _int(f.get("size"), path), _hex(f.get("sha256"), path)
+        kind = f.get("kind")
+        if kind == "safetensors":
+            header = _str(f.get("header"), f"{path} header")
+            raw = header.encode("utf-8")  # type: ignore[union-attr]
+            parsed = parse_safetensors_header(raw, f"manifest header of {path}", size)
+            for e in parsed.entries:
+                t = tensors.get(e.info.name)
+                if t is None or t.info != e.info:
+                    raise FormatError(f"manifest: {path}: header tensor {e.info.name!r} does not match the tensor table")
+                if e.info.name in placed:
+                    raise FormatError(f"manifest: tensor {e.info.name!r} is placed in two files")
+                placed.add(e.info.name)
+            files.append(FileEntry(path, size, sha, "safetensors", header=header))
+        elif kind == "blob":
+            source = f.get("source")
+            if source == "diff":
+                files.append(FileEntry(path, size, sha, "blob", source="diff", chunks=tuple(_chunks(f.get("chunks"), path, size))))
+                if any(c.mode != "raw" for c in files[-1].chunks):
+                    raise FormatError(f"manifest: {path}: blob chunks must be raw")
+            elif source == "base":
+                bf = base_files.get(path)
+                if bf is None or bf.size != size or bf.sha256 != sha:
+                    raise FormatError(f"manifest: {path}: copied from the base but not listed in base.files")
+                files.append(FileEntry(path, size, sha, "blob", source="base"))
+            else:
+                raise FormatError(f"manifest: {path}: unknown blob source {source!r}")
+        else:
+            raise FormatError(f"manifest: {path}: unknown file kind {kind!r}")
+    unplaced = set(tensors) - placed
+    if unplaced:
+        raise FormatError(f"manifest: tensor {sorted(unplaced)[0]!r} is in no target file")
+
+    payloads = []
+    for i, p in enumerate(_list(doc.get("payloads"), "payloads")):
+        p = _dict(p, f"payload {i}")
+        payloads.append(PayloadFile(safe_relpath(p.get("path"), f"payload {i}"), _int(p.get("size"), f"payload {i}"),
+                                    _hex(p.get("sha256"), f"payload {i}")))
+    sizes = {p.path: p.size for p in payloads}
+    if len(sizes) != len(payloads) or MANIFEST_NAME in sizes:
+        raise FormatError("manifest: a payload file is listed twice")
+    for obj in [*(t.chunks for t in tensors.values()), *(f.chunks for f in files)]:
+        for c in obj:
+            if c.payload not in sizes or c.offset + c.length > sizes[c.payload]:
+                raise FormatError(f"manifest: a chunk points outside payload {c.payload!r}")
+    dropped = [_str(d, "dropped") for d in _list(doc.get("dropped", []), "dropped")]
+    return Manifest(
+        tool=_str(doc.get("tool"), "tool") or "",
+        chunk_bytes=_int(doc.get("chunk_bytes"), "chunk_bytes", 1),
+        base=base, target_fingerprint=_str(target_d.get("fingerprint"), "target.fingerprint") or "",
+        files=files, tensors=tensors, dropped=dropped, payloads=payloads,  # type: ignore[arg-type]
+    )
+
+
+def load_manifest(diff_dir: str | Path) -> Manifest:
+    """Read and validate ``<diff_dir>/orca-diff.json``. A model folder given by mistake gets a
+    message that says so."""
+    d = Path(diff_dir)
+    path = d / MANIFEST_NAME if d.is_dir() else d
+    if not path.is_file():
+        hint = ""
+        if d.is_dir() and (any(d.glob("*.safetensors")) or any(d.glob("*.bin"))):
+            hint = " (this folder holds model weights: is it a model rather than a diff?)"
+        raise InputNotFoundError(f"{d}: no {MANIFEST_NAME} found; not an orca-diff diff{hint}")
+    with open(path, "rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    return parse_manifest(data, str(path))

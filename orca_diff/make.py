@@ -1,0 +1,260 @@
+"""base + fine-tuned target -> a diff folder (manifest + payload files + model card).
+
+The data path reads in one direction: target/base chunk reader -> codec (worker threads) ->
+payload writer, with sha256 of every target tensor and file computed on the way. Memory is
+bounded by ``threads + 2`` chunks in flight (``chunk_bytes`` each, 16 MiB by default, times a
+small constant for the codec's temporaries), whatever the model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import __version__
+from .codec import DEFAULT_LEVEL, base_prediction, encode_chunk
+from .errors import OrcaDiffError, UsageError
+from .fingerprint import base_fingerprint
+from .format import (
+    MANIFEST_NAME, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
+    TensorEntry,
+)
+from .outdir import check_output, describe_os_error, fsync_path, publish, staging_dir
+from .pipeline import default_threads, ordered_map
+from .progress import byte_bar
+from .tensors import FLOAT_DTYPES, ModelReader, SafetensorsModel, TensorInfo, file_sha256, open_model, read_range, tensor_sha256
+
+CHUNK_BYTES = 16 << 20
+#: Payload files are cut at about this size so uploads/downloads retry per file, not per model.
+PAYLOAD_FILE_BYTES = 1 << 30
+
+
+def plan_encoding(t: TensorInfo, b: TensorInfo | None) -> Encoding:
+    """Choose how a target tensor is encoded given the base tensor of the same name (pure).
+
+    Same shape, or the same trailing dims with rows added or removed along dim 0 (a pad token):
+    a delta over the shared rows (ulp for floats, after casting the base to the target dtype;
+    xor for equal non-float dtypes), the rest raw. Anything else is stored raw: it is target data.
+    """
+    if b is None:
+        return Encoding("raw")
+    same_rows_layout = len(t.shape) == len(b.shape) and (len(t.shape) == 0 or t.shape[1:] == b.shape[1:])
+    if not same_rows_layout:
+        return Encoding("raw")
+    shared_elems = min(t.numel, b.numel)
+    if t.dtype in FLOAT_DTYPES and b.dtype in FLOAT_DTYPES:
+        transform = "ulp"
+    elif t.dtype == b.dtype:
+        transform = "xor"
+    else:
+        return Encoding("raw")
+    if shared_elems == 0:
+        return Encoding("raw")
+    return Encoding(transform, base_tensor=b.name, base_dtype=b.dtype, shared_bytes=shared_elems * t.itemsize)
+
+
+@dataclass(frozen=True)
+class _Job:
+    kind: str  # "tensor" or "blob"
+    name: str  # tensor name or blob path
+    start: int
+    size: int
+    mode: str  # "delta" | "raw"
+
+
+def _chunk_ranges(begin: int, end: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    for s in range(begin, end, chunk_bytes):
+        yield s, min(chunk_bytes, end - s)
+
+
+class _PayloadWriter:
+    """Appends compressed chunks to payload-NNNNN.odz files, cutting at PAYLOAD_FILE_BYTES."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.done: list[PayloadFile] = []
+        self._f = None
+        self._name = ""
+        self._size = 0
+        self._hash = hashlib.sha256()
+
+    def append(self, data: bytes) -> tuple[str, int]:
+        if self._f is None or self._size >= self.limit:
+            self._close()
+            self._name = f"payload-{len(self.done) + 1:05d}.odz"
+            self._f = open(self.folder / self._name, "xb")
+            self._size, self._hash = 0, hashlib.sha256()
+        offset = self._size
+        self._f.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+        return self._name, offset
+
+    def _close(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self.done.append(PayloadFile(self._name, self._size, self._hash.hexdigest()))
+            self._f = None
+
+    def close(self) -> list[PayloadFile]:
+        self._close()
+        return self.done
+
+
+def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.PathLike, *,
+              base_name: str | None = None, base_repo: str | None = None, base_revision: str | None = None,
+              level: int = DEFAULT_LEVEL, chunk_bytes: int = CHUNK_BYTES, threads: int | None = None,
+              progress: bool | None = None, force: bool = False,
+              payload_file_bytes: int = PAYLOAD_FILE_BYTES) -> Manifest:
+    """Write the diff that turns ``base`` into ``target`` to the folder ``out`` and return its manifest.
+
+    ``target`` must be safetensors (its files are rebuilt byte for byte); ``base`` may be any form
+    :func:`orca_diff.tensors.open_model` reads. ``out`` appears only when complete.
+    """
+    out = Path(out)
+    if chunk_bytes <= 0 or chunk_bytes % 8:
+        raise UsageError("chunk size must be a positive multiple of 8 bytes")
+    check_output(out, force)
+    threads = threads or default_threads()
+    base_model = open_model(base)
+    target_model = open_model(target)
+    staging = staging_dir(out)
+    try:
+        if not isinstance(target_model, SafetensorsModel):
+            raise UsageError(f"{target}: the fine-tuned model must be in safetensors form "
+                             "(save it with save_pretrained(..., safe_serialization=True))")
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        manifest = _make_into(base_model, target_model, staging, base_name or Path(base).name, base_repo,
+                              base_revision, level, chunk_bytes, threads, progress, payload_file_bytes)
+        from .card import render_card
+
+        (staging / "README.md").write_text(render_card(manifest), encoding="utf-8")
+        (staging / MANIFEST_NAME).write_bytes(manifest.to_bytes())
+        for p in staging.iterdir():
+            fsync_path(p)
+        publish(staging, out, force)
+        return manifest
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise describe_os_error(exc, out, "run make again") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        base_model.close()
+        target_model.close()
+
+
+def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_name: str, base_repo: str | None,
+               base_revision: str | None, level: int, chunk_bytes: int, threads: int, progress: bool | None,
+               payload_file_bytes: int) -> Manifest:
+    plans = {n: plan_encoding(info, base.tensors.get(n)) for n, info in target.tensors.items()}
+    needed = {p.base_tensor for p in plans.values() if p.base_tensor}
+
+    # 1. Hash the base (all tensors: the fingerprint identifies the whole base).
+    with byte_bar(sum(i.nbytes for i in base.tensors.values()), "hashing base", progress) as bar:
+        def hash_base(name: str) -> str:
+            h = tensor_sha256(base, name)
+            bar.update(base.tensors[name].nbytes)
+            return h
+        base_hashes = dict(zip(base.tensors, ordered_map(hash_base, list(base.tensors), threads)))
+    base_tensors = {n: BaseTensor(i.dtype, i.shape, base_hashes[n], n in needed) for n, i in base.tensors.items()}
+
+    # 2. The files of the target: safetensors shards (headers verbatim), then other files.
+    shard_names = sorted(target.headers)
+    jobs: list[_Job] = []
+    for rel in shard_names:
+        for e in target.headers[rel].entries:
+            info, enc = e.info, plans[e.info.name]
+            for s, n in _chunk_ranges(0, enc.shared_bytes, chunk_bytes):
+                jobs.append(_Job("tensor", info.name, s, n, "delta"))
+            for s, n in _chunk_ranges(enc.shared_bytes, info.nbytes, chunk_bytes):
+                jobs.append(_Job("tensor", info.name, s, n, "raw"))
+    base_files: dict[str, BaseFile] = {}
+    blob_sources: dict[str, str] = {}
+    blob_meta: dict[str, tuple[int, str]] = {}
+    for rel, path in target.extra_files.items():
+        size, sha = path.stat().st_size, file_sha256(path)
+        blob_meta[rel] = (size, sha)
+        bpath = base.extra_files.get(rel)
+        if bpath is not None and bpath.stat().st_size == size and file_sha256(bpath) == sha:
+            blob_sources[rel] = "base"
+            base_files[rel] = BaseFile(size, sha)
+        else:
+            blob_sources[rel] = "diff"
+            jobs.extend(_Job("blob", rel, s, n, "raw") for s, n in _chunk_ranges(0, size, chunk_bytes))
+
+    def encode(job: _Job) -> tuple[_Job, bytes, str, np.ndarray]:
+        if job.kind == "blob":
+            with open(target.extra_files[job.name], "rb") as f:
+                f.seek(job.start)
+                raw = np.frombuffer(f.read(job.size), dtype=np.uint8)
+            payload = encode_chunk(raw, None, 1, "raw", planes=False, level=level)
+            return job, payload, hashlib.sha256(payload).hexdigest(), raw
+        info, enc = target.tensors[job.name], plans[job.name]
+        raw = read_range(target, job.name, job.start, job.size)
+        if job.mode == "delta":
+            b_info = base.tensors[enc.base_tensor]  # type: ignore[index]
+            b_start = job.start // info.itemsize * b_info.itemsize
+            b_raw = read_range(base, b_info.name, b_start, job.size // info.itemsize * b_info.itemsize)
+            pred = base_prediction(b_raw, b_info.dtype, info.dtype)
+            payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.planes, level)
+        else:
+            payload = encode_chunk(raw, None, info.itemsize, "raw", enc.planes, level)
+        return job, payload, hashlib.sha256(payload).hexdigest(), raw
+
+    writer = _PayloadWriter(folder, payload_file_bytes)
+    chunks: dict[str, list[Chunk]] = {}
+    tensor_hash: dict[str, "hashlib._Hash"] = {n: hashlib.sha256() for n in target.tensors}
+    file_hash: dict[str, "hashlib._Hash"] = {}
+    for rel in shard_names:
+        h = file_hash[rel] = hashlib.sha256()
+        h.update(struct.pack("<Q", len(target.headers[rel].raw)) + target.headers[rel].raw)
+    shard_of = {e.info.name: rel for rel in shard_names for e in target.headers[rel].entries}
+    total = sum(j.size for j in jobs)
+    with byte_bar(total, "encoding", progress) as bar:
+        for job, payload, sha, raw in ordered_map(encode, jobs, threads):
+            name, offset = writer.append(payload)
+            chunks.setdefault(f"{job.kind}:{job.name}", []).append(
+                Chunk(job.start, job.size, job.mode, name, offset, len(payload), sha))
+            if job.kind == "tensor":
+                tensor_hash[job.name].update(raw)
+                file_hash[shard_of[job.name]].update(raw)
+            bar.update(job.size)
+    payloads = writer.close()
+
+    tensors = {}
+    for n, info in target.tensors.items():
+        tensors[n] = TensorEntry(n, info.dtype, info.shape, tensor_hash[n].hexdigest(), plans[n],
+                                 tuple(chunks.get(f"tensor:{n}", ())))
+    files = []
+    for rel in shard_names:
+        header = target.headers[rel]
+        size = header.data_start + header.data_size
+        files.append(FileEntry(rel, size, file_hash[rel].hexdigest(), "safetensors", header=header.raw.decode("utf-8")))
+    for rel in sorted(blob_meta):
+        size, sha = blob_meta[rel]
+        files.append(FileEntry(rel, size, sha, "blob", source=blob_sources[rel],
+                               chunks=tuple(chunks.get(f"blob:{rel}", ())) if blob_sources[rel] == "diff" else ()))
+
+    base_id = BaseIdentity(base_name, base_repo, base_revision,
+                           base_fingerprint({n: (t.dtype, t.shape, t.sha256) for n, t in base_tensors.items()}),
+                           base_tensors, base_files)
+    target_fp = base_fingerprint({n: (t.dtype, t.shape, t.sha256) for n, t in tensors.items()})
+    dropped = sorted(set(base.tensors) - set(target.tensors))
+    return Manifest(tool=f"orca-diff {__version__}", chunk_bytes=chunk_bytes, base=base_id,
+                    target_fingerprint=target_fp, files=files, tensors=tensors, dropped=dropped, payloads=payloads)
+
+
+__all__ = ["make_diff", "plan_encoding", "CHUNK_BYTES", "OrcaDiffError"]
