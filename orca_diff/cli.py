@@ -108,10 +108,13 @@ def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
               "Default: the base named in the diff.")
 @click.option("--diff", "diff", required=True, help="Diff: a folder, a catalog name (orca) or a Hub repo id[@rev].")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the rebuilt model to.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "orca", "fastchat", "alpaca", "oa-xor"]), default="auto",
+              show_default=True, help="Diff format: orca-diff, or a legacy release (FastChat/Vicuna delta, "
+              "Alpaca/WizardLM weight diff, OpenAssistant XOR). auto: orca-diff when the diff has a manifest.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
 @quiet_option
-def apply(base: str | None, diff: str, out: str, force: bool, threads: int | None, quiet: bool) -> None:
+def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads: int | None, quiet: bool) -> None:
     """Rebuild the fine-tuned model from a base and a diff, byte-identical to the publisher's files.
 
     The base is checked tensor by tensor BEFORE anything is written; an interrupted run resumes
@@ -123,6 +126,11 @@ def apply(base: str | None, diff: str, out: str, force: bool, threads: int | Non
     """
     from .apply import apply_diff
 
+    if fmt not in ("auto", "orca"):
+        from .legacy import apply_legacy  # legacy releases: see docs/legacy.md
+
+        apply_legacy(fmt, base, diff, out, force=force, threads=threads, progress=False if quiet else None)
+        return
     diff_dir, base_dir = _resolve(diff, base, quiet)
     r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None)
     resumed = f" ({r.resumed_files} already done)" if r.resumed_files else ""
