@@ -137,6 +137,15 @@ def _as_views_of_one_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {n: out[n] for n in sd}
 
 
+def multiple_of_for(dim: int, intermediate: int) -> int:
+    """A ``multiple_of`` for params.json from which Meta's (and the converter's) formula
+    ``multiple_of * ceil(int(8 * dim / 3) / multiple_of)`` gives back ``intermediate``."""
+    for m in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if m * ((int(8 * dim / 3) + m - 1) // m) == intermediate:
+            return m
+    return 256  # not derivable: the converter's config would disagree, the tensors do not care
+
+
 def write_meta(src: Path, out: Path, n_shards: int = 2, shared_storage: bool = True,
                embed_split_dim: int = 1) -> Path:
     """Write the HF safetensors model ``src`` as Meta's original release of it."""
@@ -157,7 +166,7 @@ def write_meta(src: Path, out: Path, n_shards: int = 2, shared_storage: bool = T
         fname = f"consolidated.{i:02d}.pth"
         torch.save(shard, out / fname)
         checklist.append(f"{hashlib.md5((out / fname).read_bytes()).hexdigest()}  {fname}")
-    params = {"dim": cfg["hidden_size"], "multiple_of": 256, "n_heads": n_heads, "n_layers": cfg["num_hidden_layers"],
+    params = {"dim": cfg["hidden_size"], "multiple_of": multiple_of_for(cfg["hidden_size"], cfg["intermediate_size"]), "n_heads": n_heads, "n_layers": cfg["num_hidden_layers"],
               "norm_eps": cfg["rms_norm_eps"], "vocab_size": -1}
     if n_kv != n_heads:
         params["n_kv_heads"] = n_kv
