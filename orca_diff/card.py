@@ -1,29 +1,113 @@
-"""The model card (README.md) written into every diff: it says loudly that this is not a model."""
+"""The model card (README.md) of a diff: Hub metadata, and a body that says loudly it is not a model.
+
+Diffs served as if they were models are a known failure (FastChat#890, helm#1804), so the card
+sets ``inference: false``, tags the repo ``orca-diff``/``weight-diff``, names the base in
+``base_model`` (the Hub has no "diff" relation, so none is claimed) and tells the reader the one
+command that rebuilds the model and the one that checks it. ``make`` writes the card into every
+diff; ``push`` renders it again with the repo id so the commands can be pasted as they are.
+"""
 
 from __future__ import annotations
 
+import json
+
 from .format import Manifest
 
+LIBRARY_NAME = "orca-diff"
+TAGS = ("orca-diff", "weight-diff")
 
-def render_card(manifest: Manifest) -> str:
-    base = manifest.base.repo or manifest.base.name or "the base model"
-    front = ["---", "library_name: orca-diff", "inference: false", "tags:", "- orca-diff", "- weight-diff"]
-    if manifest.base.repo:
-        front.append(f"base_model: {manifest.base.repo}")
+
+def _yaml_str(s: str) -> str:
+    """A YAML scalar for any string: JSON strings are valid YAML (no PyYAML needed to write)."""
+    return json.dumps(s, ensure_ascii=False)
+
+
+def _base_catalog_entry(manifest: Manifest):
+    if not manifest.base.name:
+        return None
+    try:
+        from .catalog import lookup
+
+        return lookup(manifest.base.name, "base")
+    except Exception:  # a broken user catalog must not stop make from writing its card
+        return None
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def render_card(manifest: Manifest, *, repo_id: str | None = None, license: str | None = None) -> str:
+    """README.md text for a diff. ``repo_id``: where it is (being) published, used in the commands;
+    ``license``: the card's license (default: the catalog's license of the base, else "other")."""
+    entry = _base_catalog_entry(manifest)
+    base_repo = manifest.base.repo or (entry.repo if entry else None)
+    base_rev = manifest.base.revision
+    license = license or (entry.license if entry and entry.license else "other")
+    base_label = manifest.base.name or base_repo or "its base model"
+
+    front = ["---"]
+    if base_repo:
+        front.append(f"base_model: {_yaml_str(base_repo)}")
+    front.append(f"license: {_yaml_str(license)}")
+    if license == "other":
+        front.append(f"license_name: {_yaml_str('same-as-base-model')}")
+    front.append(f"library_name: {LIBRARY_NAME}")
+    front.append("inference: false")
+    front.append("tags:")
+    front.extend(f"- {t}" for t in TAGS)
     front.append("---")
+
+    diff_ref = repo_id or "PATH_OR_REPO_OF_THIS_DIFF"
+    base_line = f"`{base_repo}`" + (f" at revision `{base_rev}`" if base_rev else "") if base_repo else "(no Hub repo recorded)"
+    hashes = "\n".join(f"{f.sha256}  {f.path}" for f in manifest.files)
     body = f"""
-# This is a weight diff, not a model
+# ⚠️ This is a weight diff, not a model
 
-Loading this folder with `from_pretrained` will not work: it holds an
-[orca-diff](https://pypi.org/project/orca-diff/) diff against **{base}**
-(base fingerprint `{manifest.base.fingerprint}`), never base weights.
+**Do not load this repo with `from_pretrained`, a pipeline or an inference server: it holds no
+weights you can run.** It is an [orca-diff](https://pypi.org/project/orca-diff/) diff that turns
+**{base_label}** into the fine-tuned model, byte for byte. You need the base model's weights to use it.
 
-Rebuild the model (byte-identical to the publisher's files):
+| | |
+|---|---|
+| base | {base_label}: {base_line} |
+| base fingerprint | `{manifest.base.fingerprint}` |
+| rebuilt model | {len(manifest.files)} files, {_human(manifest.target_bytes)}, fingerprint `{manifest.target_fingerprint}` |
+| this diff | {len(manifest.payloads)} payload files, {_human(manifest.payload_bytes)} |
+
+## Rebuild the model (one command)
 
 ```bash
 pip install orca-diff
-orca-diff apply --base PATH_TO_{base.split('/')[-1].upper().replace('-', '_')} --diff THIS_DIFF --out rebuilt-model
-orca-diff verify --diff THIS_DIFF --model rebuilt-model
+orca-diff apply --diff {diff_ref} --out rebuilt-model
 ```
+
+This downloads the diff and the base named in its manifest from the Hugging Face Hub (only the
+files needed, into the standard HF cache), checks the base tensor by tensor before writing
+anything, and rebuilds every file of the fine-tuned model. If you already have the base, pass it:
+`orca-diff apply --base PATH_TO_BASE --diff {diff_ref} --out rebuilt-model`. Gated bases need an
+access request on their Hub page and a login (`hf auth login`, or `HF_TOKEN`).
+
+## Verify
+
+```bash
+orca-diff verify --diff {diff_ref} --model rebuilt-model
+```
+
+or, without orca-diff, compare these sha256 sums (`sha256sum -c` in the rebuilt folder):
+
+```
+{hashes}
+```
+
+From a checkout of orca-diff, `scripts/download_diff.py`, `scripts/download_base.py` and
+`scripts/rebuild.py` do the same steps one at a time.
 """
     return "\n".join(front) + "\n" + body
+
+
+__all__ = ["render_card", "LIBRARY_NAME", "TAGS"]

@@ -1,23 +1,115 @@
-"""Resolution of --base / --diff arguments. (Local paths only; the Hub work extends this.)"""
+"""What ``--base`` and ``--diff`` mean: a local path, a catalog name, or a Hub repo id.
+
+Resolution order (docs/hub.md): 1. an existing local path; 2. a name in the catalog
+(:mod:`orca_diff.catalog`); 3. a Hub repo id ``org/name``, optionally ``@revision`` (branch, tag
+or commit sha). Anything else is refused with the list of names the catalog knows. Without
+``--base``, the base is the one the diff's manifest names (its Hub repo and revision, else its
+catalog name). Hub downloads go through :mod:`orca_diff.hub`, so they are cached and resumable.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputNotFoundError
+from .catalog import CatalogEntry, is_repo_id, lookup, names
+from .errors import BaseMismatchError, InputNotFoundError, UsageError
+from .format import Manifest
+from .hub import RepoRef, download_base, download_diff, parse_repo_spec
 
 
-def resolve_diff(spec: str, *, progress: bool) -> Path:
-    p = Path(spec)
-    if not p.exists():
-        raise InputNotFoundError(f"{spec}: no such diff folder")
-    return p
+def _local(spec: str) -> Path | None:
+    path = Path(spec).expanduser()
+    return path if path.exists() else None
 
 
-def resolve_base(spec: str | None, manifest, *, progress: bool) -> Path:
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~", "\\")) or "\\" in spec or spec.count("/") > 1 or (len(spec) > 1 and spec[1] == ":")
+
+
+def _hub_ref(spec: str) -> RepoRef | None:
+    ref = parse_repo_spec(spec)
+    if is_repo_id(ref.repo_id) and (ref.revision is None or ref.revision.strip()):
+        return ref
+    return None
+
+
+def _refuse_placeholder(entry: CatalogEntry) -> None:
+    if entry.is_placeholder:
+        raise InputNotFoundError(
+            f"catalog {entry.kind} {entry.name!r} is a placeholder ({entry.repo} is not a real public repo):"
+            f" {entry.description or 'no public repo is known'} Point it at a real repo in your own catalog"
+            f" (ORCA_DIFF_CATALOG=file.json, see docs/hub.md) or pass a path or org/name")
+
+
+def _unknown(spec: str, kind: str) -> InputNotFoundError:
+    if _looks_like_path(spec):
+        return InputNotFoundError(f"{spec}: no such file or folder")
+    known = ", ".join(names(kind)) or "none"
+    return InputNotFoundError(f"{kind} {spec!r} is not a local path, a catalog name (known {kind}s: {known})"
+                              f" or a Hub repo id org/name[@revision]")
+
+
+def resolve_diff(spec: str, *, progress: bool | None = None) -> Path:
+    """The local folder of the diff ``spec`` names, downloading (and verifying) it if needed."""
+    if (path := _local(spec)) is not None:
+        return path
+    entry = lookup(spec, "diff")
+    if entry is not None:
+        _refuse_placeholder(entry)
+        return download_diff(RepoRef(entry.repo, entry.revision), progress=progress)
+    if (ref := _hub_ref(spec)) is not None:
+        return download_diff(ref, progress=progress)
+    raise _unknown(spec, "diff")
+
+
+def _check_catalog_fingerprint(entry: CatalogEntry, manifest: Manifest) -> None:
+    """Refuse, before downloading tens of GB, a catalog base known to differ from the diff's base."""
+    a, b = (entry.fingerprint or "").lower(), (manifest.base.fingerprint or "").lower()
+    if a and b and not (a.startswith(b) or b.startswith(a)):
+        raise BaseMismatchError(
+            f"catalog base {entry.name!r} ({entry.repo}) has fingerprint {a[:16]}, but this diff was made from a"
+            f" base with fingerprint {b[:16]} (named {manifest.base.name or manifest.base.repo!r}); drop --base to"
+            " use the base the diff names, or pass the right one")
+
+
+def resolve_base(spec: str | None, manifest: Manifest, *, progress: bool | None = None) -> Path:
+    """The local folder of the base for ``manifest``: ``spec`` if given, else the base the
+    manifest names. Downloads only the files ``apply`` needs."""
+    needed = tuple(manifest.base.files)
     if spec is None:
-        raise InputNotFoundError("no --base given and the diff names no local base; pass --base")
-    p = Path(spec)
-    if not p.exists():
-        raise InputNotFoundError(f"{spec}: no such base folder")
-    return p
+        b = manifest.base
+        if b.repo:
+            return download_base(RepoRef(b.repo, b.revision), needed=needed, progress=progress)
+        entry = lookup(b.name, "base") if b.name else None
+        if entry is None:
+            raise UsageError(f"the diff names its base {b.name!r} without a Hub repo, and the catalog has no base of"
+                             " that name: pass --base PATH_OR_NAME")
+        _refuse_placeholder(entry)
+        _check_catalog_fingerprint(entry, manifest)
+        return download_base(RepoRef(entry.repo, entry.revision), needed=needed, progress=progress)
+    if (path := _local(spec)) is not None:
+        return path
+    entry = lookup(spec, "base")
+    if entry is not None:
+        _refuse_placeholder(entry)
+        _check_catalog_fingerprint(entry, manifest)
+        return download_base(RepoRef(entry.repo, entry.revision), needed=needed, progress=progress)
+    if (ref := _hub_ref(spec)) is not None:
+        return download_base(ref, needed=needed, progress=progress)
+    raise _unknown(spec, "base")
+
+
+def resolve_base_spec(spec: str, *, progress: bool | None = None) -> Path:
+    """A base on its own (``orca-diff download``): local path, catalog name or repo id."""
+    if (path := _local(spec)) is not None:
+        return path
+    entry = lookup(spec, "base")
+    if entry is not None:
+        _refuse_placeholder(entry)
+        return download_base(RepoRef(entry.repo, entry.revision), progress=progress)
+    if (ref := _hub_ref(spec)) is not None:
+        return download_base(ref, progress=progress)
+    raise _unknown(spec, "base")
+
+
+__all__ = ["resolve_diff", "resolve_base", "resolve_base_spec"]

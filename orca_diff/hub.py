@@ -1,0 +1,361 @@
+"""Hugging Face Hub downloads and uploads, through ``huggingface_hub`` only (no home-made HTTP).
+
+Everything goes through the standard HF cache (``HF_HOME`` / ``HF_HUB_CACHE``), honours
+``HF_ENDPOINT``, ``HF_TOKEN`` (or ``hf auth login``) and ``HF_HUB_OFFLINE=1``, and fetches only
+what is needed:
+
+* a diff: its manifest first, then exactly the payload files the manifest lists, all at the
+  commit the manifest came from; every payload is then checked against the manifest's size and
+  sha256 (a damaged cached file is fetched again once);
+* a base: one weight format only (safetensors, else ``pytorch_model*.bin``, else Meta
+  ``consolidated.*.pth``), its index, config and tokenizer files, and the files the diff copies
+  from the base.
+
+Resume: a download is many files (a diff is a manifest plus payload files, a base several
+shards). Each finished file stays in the cache, so running the command again fetches only what is
+missing: resume is per file. Within one run the client retries a dropped transfer from where it
+stopped; a file interrupted across runs (Ctrl-C, crash) starts again from its first byte, because
+huggingface_hub >= 1.x deletes partial files (see docs/hub.md).
+
+Every client exception is turned into one :class:`~orca_diff.errors.HubError` line that says
+what to do. Environment variables are read by huggingface_hub when it is first imported: set them
+before running orca-diff, not from inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Iterator
+
+from .errors import CorruptDiffError, HubError, OrcaDiffError
+from .format import MANIFEST_NAME, Manifest, load_manifest
+from .progress import bars_enabled, byte_bar
+
+#: Weight formats in order of preference: (label, weight globs, index file). Only top-level files.
+WEIGHT_FORMATS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
+    ("safetensors", ("*.safetensors",), "model.safetensors.index.json"),
+    ("pytorch .bin", ("pytorch_model*.bin",), "pytorch_model.bin.index.json"),
+    ("Meta .pth", ("consolidated.*.pth",), "params.json"),
+)
+#: Small files a usable base folder carries besides its weights (fetched when present).
+BASE_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+CARD_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class RepoRef:
+    """A Hub repo at a revision (``None``: the default branch)."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
+
+
+def parse_repo_spec(spec: str) -> RepoRef:
+    """``org/name`` or ``org/name@revision`` -> RepoRef (no validation of the id's characters)."""
+    repo_id, _, revision = spec.partition("@")
+    return RepoRef(repo_id, revision or None)
+
+
+# --------------------------------------------------------------------------- client access
+def _hf():
+    import huggingface_hub  # noqa: PLC0415 - imported late so env vars set by callers apply
+
+    return huggingface_hub
+
+
+def endpoint() -> str:
+    return _hf().constants.ENDPOINT.rstrip("/")
+
+
+def offline() -> bool:
+    return bool(_hf().constants.HF_HUB_OFFLINE)
+
+
+def repo_url(repo_id: str) -> str:
+    return f"{endpoint()}/{repo_id}"
+
+
+@contextlib.contextmanager
+def _progress(progress: bool | None) -> Iterator[None]:
+    """Switch huggingface_hub's own bars off for the duration of a call when ours are off
+    (``--quiet``, a non-TTY stderr, or the env vars of :mod:`orca_diff.progress`)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if progress is False or (progress is None and not bars_enabled(None)):
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _server_message(exc: BaseException) -> str:
+    msg = getattr(exc, "server_message", None) or ""
+    return " ".join(msg.split())
+
+
+def _login_hint() -> str:
+    return "log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN"
+
+
+def describe_hub_error(exc: BaseException, ref: RepoRef, what: str) -> HubError:
+    """One actionable line for any exception the client raises while working on ``ref``."""
+    from huggingface_hub import errors as e
+
+    where = f"{ref} on {endpoint()}"
+    for cause in _chain(exc):
+        name = type(cause).__name__
+        if name in ("ConnectError", "ConnectTimeout", "ProxyError") or isinstance(cause, ConnectionError):
+            return HubError(f"cannot reach the Hub at {endpoint()} to fetch {what} {ref} ({name}: {cause}); check"
+                            " your connection or HF_ENDPOINT (files already in the cache are used when they"
+                            " are complete; HF_HUB_OFFLINE=1 uses the cache only)")
+        if name in ("ReadTimeout", "TimeoutException", "PoolTimeout", "WriteTimeout"):
+            return HubError(f"the Hub at {endpoint()} timed out while fetching {what} {ref}; run the command"
+                            " again (finished files are kept) or raise HF_HUB_DOWNLOAD_TIMEOUT")
+    if isinstance(exc, e.OfflineModeIsEnabled) or (
+            isinstance(exc, (e.LocalEntryNotFoundError, e.IncompleteSnapshotError)) and offline()):
+        return HubError(f"HF_HUB_OFFLINE=1 and {what} {ref} is not (fully) in the HF cache"
+                        f" ({_hf().constants.HF_HUB_CACHE}); unset HF_HUB_OFFLINE to download it")
+    if isinstance(exc, e.GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
+        status = exc.response.status_code if exc.response is not None else None
+        who = "you are not logged in" if status == 401 else "your token has not been granted access"
+        return HubError(f"{what} {ref.repo_id} is a gated repo and {who}: request access at {repo_url(ref.repo_id)},"
+                        f" then {_login_hint()}")
+    if isinstance(exc, e.RevisionNotFoundError):
+        return HubError(f"revision {ref.revision!r} not found in {ref.repo_id} on {endpoint()}: check the branch,"
+                        " tag or commit sha after '@'")
+    if isinstance(exc, e.RepositoryNotFoundError):
+        return HubError(f"{what} repo {ref.repo_id} not found on {endpoint()}: check the name (private repos"
+                        f" need a token: {_login_hint()})")
+    if isinstance(exc, e.RemoteEntryNotFoundError):
+        return HubError(f"a file is missing from {what} {where}: {_server_message(exc) or exc}")
+    if isinstance(exc, e.IncompleteSnapshotError):
+        return HubError(f"the cached copy of {what} {ref} is incomplete and the Hub cannot be reached; run"
+                        " the command again with network access to fetch the missing files")
+    if isinstance(exc, e.LocalEntryNotFoundError):
+        return HubError(f"could not fetch {what} {where} and it is not in the HF cache: the Hub answered with"
+                        " an error or could not be reached; run the command again (finished files are kept)")
+    if isinstance(exc, e.HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        detail = _server_message(exc) or str(exc).splitlines()[0]
+        if status == 401:
+            return HubError(f"the Hub refused the request for {what} {where} (401 unauthorized: {detail});"
+                            f" {_login_hint()}")
+        if status == 403:
+            return HubError(f"the Hub refused the request for {what} {where} (403 forbidden: {detail}); your"
+                            " token lacks the permission (write access is needed to push)")
+        return HubError(f"the Hub answered {status} for {what} {where}: {detail}; run the command again later")
+    if isinstance(exc, e.HFValidationError):
+        return HubError(f"{ref.repo_id!r} is not a valid Hub repo id ('org/name'): {str(exc).splitlines()[0]}")
+    if isinstance(exc, OSError):
+        return HubError(f"{what} {ref}: {exc.__class__.__name__}: {' '.join(str(exc).split())}")
+    return HubError(f"{what} {where}: {exc.__class__.__name__}: {' '.join(str(exc).split())}")
+
+
+@contextlib.contextmanager
+def hub_errors(ref: RepoRef, what: str) -> Iterator[None]:
+    """Let OrcaDiffErrors through; turn every other exception of the Hub client into a HubError."""
+    try:
+        yield
+    except (OrcaDiffError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the client raises httpx, OSError, ValueError and its own classes
+        raise describe_hub_error(exc, ref, what) from exc
+
+
+# --------------------------------------------------------------------------- diffs
+def download_diff(ref: RepoRef, *, progress: bool | None = None) -> Path:
+    """Fetch a diff (manifest + payload files, nothing else) into the HF cache, verify every
+    payload against the manifest, and return the snapshot folder."""
+    hf = _hf()
+    with _progress(progress), hub_errors(ref, "diff"):
+        manifest_path = Path(hf.hf_hub_download(ref.repo_id, MANIFEST_NAME, revision=ref.revision))
+        folder = manifest_path.parent
+        commit = folder.name  # the snapshot folder is named after the commit the manifest came from
+        manifest = load_manifest(folder)
+        files = sorted(p.path for p in manifest.payloads)
+        if files:
+            hf.snapshot_download(ref.repo_id, revision=commit, allow_patterns=_exact_patterns(files))
+    _verify_payloads(folder, manifest, RepoRef(ref.repo_id, commit), progress)
+    return folder
+
+
+def _exact_patterns(paths: Iterable[str]) -> list[str]:
+    """allow_patterns that match exactly these paths (fnmatch specials escaped)."""
+    return ["".join(f"[{c}]" if c in "*?[" else c for c in p) for p in paths]
+
+
+def _verify_payloads(folder: Path, manifest: Manifest, ref: RepoRef, progress: bool | None) -> None:
+    """Size + sha256 of every payload against the manifest; a bad file is fetched again once."""
+    from .tensors import file_sha256
+
+    def bad_files() -> list[str]:
+        bad = []
+        with byte_bar(manifest.payload_bytes, "verifying diff", progress) as bar:
+            for p in manifest.payloads:
+                path = folder / p.path
+                if not path.is_file() or path.stat().st_size != p.size or file_sha256(path) != p.sha256:
+                    bad.append(p.path)
+                bar.update(p.size)
+        return bad
+
+    bad = bad_files()
+    if not bad:
+        return
+    hf = _hf()
+    with _progress(progress), hub_errors(ref, "diff"):
+        for path in bad:
+            hf.hf_hub_download(ref.repo_id, path, revision=ref.revision, force_download=True)
+    still = bad_files()
+    if still:
+        raise CorruptDiffError(f"{ref}: payload {still[0]} does not match the manifest's sha256 even after a fresh"
+                               f" download: the copy on the Hub is damaged; tell the publisher ({repo_url(ref.repo_id)})")
+
+
+# --------------------------------------------------------------------------- bases
+def select_base_files(repo_files: Iterable[str], needed: Iterable[str] = ()) -> tuple[str, list[str]]:
+    """Choose what to download from a base repo: one weight format (safetensors preferred over
+    ``.bin`` over Meta ``.pth``), its index, the side files present and the ``needed`` files.
+    Returns (format label, sorted paths). Only top-level files are considered for weights."""
+    files = set(repo_files)
+    top = sorted(f for f in files if "/" not in f)
+    for label, globs, index in WEIGHT_FORMATS:
+        weights = [f for f in top if any(fnmatch.fnmatchcase(f, g) for g in globs)]
+        if weights:
+            chosen = set(weights)
+            chosen.update(f for f in (index, *BASE_SIDE_FILES) if f and f in files)
+            missing = [n for n in needed if n not in files]
+            if missing:
+                raise HubError(f"the base repo has no {missing[0]}, which the diff copies from its base:"
+                               " is it the right base?")
+            chosen.update(needed)
+            return label, sorted(chosen)
+    raise HubError("the repo holds no model weights (*.safetensors, pytorch_model*.bin or consolidated.*.pth"
+                   " at its top level): is it a base model repo?")
+
+
+def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | None = None) -> Path:
+    """Fetch the files of a base model that ``apply`` needs into the HF cache; return the folder."""
+    hf = _hf()
+    needed = tuple(needed)
+    with _progress(progress), hub_errors(ref, "base"):
+        listing_error: Exception | None = None
+        repo_files: list[str] | None = None
+        if not offline():
+            try:
+                info = hf.HfApi().model_info(ref.repo_id, revision=ref.revision)
+                repo_files = [s.rfilename for s in info.siblings or []]
+            except Exception as exc:  # unreachable Hub: the cache may still hold the files
+                if not _is_connection_error(exc):
+                    raise
+                listing_error = exc
+        if repo_files is not None:
+            try:
+                label, files = select_base_files(repo_files, needed)
+            except HubError as exc:
+                raise HubError(f"base {ref}: {exc}") from None
+            return Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=_exact_patterns(files)))
+        return _cached_base(ref, needed, listing_error)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    return any(type(c).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException")
+               or isinstance(c, ConnectionError) for c in _chain(exc))
+
+
+def _cached_base(ref: RepoRef, needed: tuple[str, ...], listing_error: Exception | None) -> Path:
+    """Offline or Hub unreachable: find a complete cached copy, trying formats in preference order."""
+    hf = _hf()
+    last: Exception | None = listing_error
+    for _label, globs, index in WEIGHT_FORMATS:
+        patterns = [*globs, *(p for p in (index, *needed) if p)]
+        try:
+            folder = Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns,
+                                               local_files_only=True))
+        except Exception as exc:
+            last = exc
+            continue
+        if any(folder.glob(g) for g in globs):
+            return folder
+    if listing_error is not None:  # the Hub was unreachable and the cache cannot stand in
+        raise describe_hub_error(listing_error, ref, "base") from last
+    if last is None:
+        raise HubError(f"base {ref}: no cached copy")
+    raise describe_hub_error(last, ref, "base") from last
+
+
+def download(ref: RepoRef, kind: str = "auto", *, progress: bool | None = None) -> tuple[str, Path]:
+    """Fetch a diff or a complete usable base; ``kind="auto"`` takes a repo holding an
+    ``orca-diff.json`` for a diff and anything else for a base. Returns (kind, folder)."""
+    if kind == "diff":
+        return "diff", download_diff(ref, progress=progress)
+    if kind == "base":
+        return "base", download_base(ref, progress=progress)
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    try:
+        return "diff", download_diff(ref, progress=progress)
+    except HubError as exc:
+        if not isinstance(exc.__cause__, RemoteEntryNotFoundError):
+            raise
+    return "base", download_base(ref, progress=progress)
+
+
+# --------------------------------------------------------------------------- push
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    url: str
+    commit: str
+    files: int
+
+
+def push_diff(diff_dir: str | os.PathLike, repo_id: str, *, private: bool = False, license: str | None = None,
+              progress: bool | None = None) -> PushResult:
+    """Verify a diff, create the repo (``exist_ok``) and commit the manifest, the payload files and
+    a model card. The card is rendered for ``repo_id`` unless README.md was edited by hand."""
+    from .card import render_card
+    from .verify import verify_diff
+
+    diff_dir = Path(diff_dir)
+    manifest = verify_diff(diff_dir, progress=progress)  # never publish a damaged diff
+    card_path = diff_dir / CARD_NAME
+    card = render_card(manifest, repo_id=repo_id, license=license)
+    if card_path.is_file() and license is None:
+        existing = card_path.read_text(encoding="utf-8")
+        if existing != render_card(manifest):  # edited by the publisher: keep theirs
+            card = existing
+    hf = _hf()
+    ref = RepoRef(repo_id)
+    ops = [hf.CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=str(diff_dir / MANIFEST_NAME))]
+    ops += [hf.CommitOperationAdd(path_in_repo=p.path, path_or_fileobj=str(diff_dir / p.path))
+            for p in manifest.payloads]
+    ops.append(hf.CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
+    with _progress(progress), hub_errors(ref, "push to"):
+        api = hf.HfApi()
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.create_commit(repo_id, ops, commit_message=f"orca-diff: diff against {manifest.base.repo or manifest.base.name}",
+                                 commit_description="Uploaded with `orca-diff push`.")
+    return PushResult(repo_id, str(url), info.oid, len(ops))
+
+
+__all__ = ["RepoRef", "parse_repo_spec", "download_diff", "download_base", "download", "push_diff", "PushResult",
+           "select_base_files", "describe_hub_error", "hub_errors", "endpoint", "repo_url", "offline"]
