@@ -1,0 +1,82 @@
+"""The CLI: one actionable line per expected failure, documented exit codes, human output."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from orca_diff.cli import cli
+from orca_diff.errors import BaseMismatchError, OutputError, UsageError
+
+from conftest import file_hashes
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_make_apply_verify_info_through_the_cli(make_pair, tmp_path):
+    base, target = make_pair("BF16", add_pad_row=True)
+    diff, out = tmp_path / "diff", tmp_path / "out"
+    r = run("make", "--base", str(base), "--target", str(target), "--out", str(diff), "--base-name", "tiny", "-q")
+    assert r.exit_code == 0, r.output
+    assert "base fingerprint" in r.output
+    r = run("apply", "--base", str(base), "--diff", str(diff), "--out", str(out), "-q")
+    assert r.exit_code == 0, r.output
+    assert "every file matches its sha256" in r.output
+    assert file_hashes(out) == file_hashes(target)
+    r = run("verify", "--diff", str(diff), "--base", str(base), "--model", str(out), "-q")
+    assert r.exit_code == 0, r.output
+    assert "model OK" in r.output and "base OK" in r.output
+    r = run("info", str(diff), "--json")
+    doc = json.loads(r.output)
+    assert doc["base"]["name"] == "tiny" and doc["target"]["tensors"] == 21 and 0 < doc["ratio"] < 1
+    r = run("info", str(diff))
+    assert "payload:" in r.output and "tiny" in r.output
+
+
+def test_wrong_base_exits_with_its_code_one_line_and_no_output(make_pair, tmp_path):
+    base, target = make_pair("F16")
+    other_base, _ = make_pair("F32")
+    diff, out = tmp_path / "diff", tmp_path / "out"
+    run("make", "--base", str(base), "--target", str(target), "--out", str(diff), "-q")
+    r = CliRunner().invoke(cli, ["apply", "--base", str(other_base), "--diff", str(diff), "--out", str(out), "-q"])
+    assert r.exit_code == BaseMismatchError.exit_code
+    assert r.output.count("\n") == 1 and r.output.startswith("orca-diff: error:")
+    assert "F32" in r.output and "F16" in r.output
+    assert "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_existing_output_is_refused_with_a_hint(make_pair, tmp_path):
+    base, target = make_pair("BF16")
+    out = tmp_path / "diff"
+    out.mkdir()
+    (out / "keep").write_text("1")
+    r = CliRunner().invoke(cli, ["make", "--base", str(base), "--target", str(target), "--out", str(out)])
+    assert r.exit_code == OutputError.exit_code and "--force" in r.output
+    assert (out / "keep").read_text() == "1"
+
+
+def test_target_in_bin_form_is_a_usage_error(make_pair, tmp_path):
+    base, _ = make_pair("BF16")
+    t = tmp_path / "bin-target"
+    t.mkdir()
+    (t / "pytorch_model.bin").write_bytes(b"not really")
+    r = CliRunner().invoke(cli, ["make", "--base", str(base), "--target", str(t), "--out", str(tmp_path / "d")])
+    assert r.exit_code != 0 and "orca-diff: error:" in r.output and "Traceback" not in r.output
+
+
+def test_demo_runs_the_whole_job_without_download(tmp_path):
+    r = run("demo", "--hidden", "64", "--layers", "1", "-q", "--workdir", str(tmp_path / "w"))
+    assert r.exit_code == 0, r.output
+    assert "byte-identical" in r.output and "demo OK" in r.output
+    assert (tmp_path / "w" / "rebuilt" / "config.json").exists()
+
+
+def test_help_texts_have_examples():
+    for cmd in ("make", "apply", "verify"):
+        r = run(cmd, "--help")
+        assert "Example" in r.output, cmd
+    assert UsageError.exit_code == 2

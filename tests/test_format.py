@@ -1,0 +1,72 @@
+"""The manifest: canonical serialisation round-trips; versions, checksums and paths are enforced."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orca_diff.errors import CorruptDiffError, FormatError
+from orca_diff.format import MANIFEST_NAME, canonical_sha256, load_manifest, parse_manifest, safe_relpath
+from orca_diff.make import make_diff
+
+
+@pytest.fixture
+def diff(make_pair, tmp_path):
+    base, target = make_pair("BF16", add_pad_row=True, shard=40_000)
+    out = tmp_path / "diff"
+    make_diff(base, target, out, chunk_bytes=4096)
+    return out
+
+
+def rewrite(diff, edit):
+    doc = json.loads((diff / MANIFEST_NAME).read_text())
+    doc.pop("manifest_sha256")
+    edit(doc)
+    doc["manifest_sha256"] = canonical_sha256(doc)
+    return json.dumps(doc).encode()
+
+
+def test_manifest_round_trips_exactly(diff):
+    data = (diff / MANIFEST_NAME).read_bytes()
+    assert parse_manifest(data).to_bytes() == data
+
+
+def test_newer_format_version_asks_to_upgrade(diff):
+    with pytest.raises(FormatError, match="upgrade orca-diff"):
+        parse_manifest(rewrite(diff, lambda d: d.update(format_version=2)))
+
+
+def test_a_flipped_byte_is_reported_as_a_damaged_manifest(diff):
+    data = bytearray((diff / MANIFEST_NAME).read_bytes())
+    i = data.index(b'"sha256": "') + 15
+    data[i] = ord("0") if data[i] != ord("0") else ord("1")
+    with pytest.raises(CorruptDiffError, match="checksum mismatch"):
+        parse_manifest(bytes(data))
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "C:\\x", "a\\b", ".hidden", "a/../b", "", "a//b"])
+def test_unsafe_paths_are_refused(bad):
+    with pytest.raises(FormatError, match="path"):
+        safe_relpath(bad, "test")
+
+
+def test_unknown_transform_is_refused_by_name(diff):
+    def edit(d):
+        next(iter(d["tensors"].values()))["encoding"]["transform"] = "magic"
+    with pytest.raises(FormatError, match="magic"):
+        parse_manifest(rewrite(diff, edit))
+
+
+def test_chunks_that_do_not_tile_the_tensor_are_refused(diff):
+    def edit(d):
+        t = d["tensors"]["model.embed_tokens.weight"]
+        t["chunks"][1]["start"] += 2
+    with pytest.raises(FormatError, match="tile"):
+        parse_manifest(rewrite(diff, edit))
+
+
+def test_not_a_diff_folder(tmp_path):
+    from orca_diff.errors import InputNotFoundError
+    with pytest.raises(InputNotFoundError, match="not an orca-diff diff"):
+        load_manifest(tmp_path)
