@@ -23,22 +23,14 @@ import hashlib
 from typing import Iterable, Mapping
 
 from .tensors import ModelReader
+from .tensors import tensor_sha256 as _ranged_tensor_sha256
 
 #: How many hex characters of the full digest are shown as "the" fingerprint.
 SHORT_DIGEST_CHARS = 16
 
-#: Bytes hashed per update: bounds the temporary copy some readers make of a slice.
-_HASH_STEP = 64 * 1024 * 1024
-
-
 def tensor_sha256(reader: ModelReader, name: str) -> str:
-    """sha256 (lowercase hex) of one tensor's canonical bytes, as ``reader.read`` gives them."""
-    data = reader.read(name)
-    h = hashlib.sha256()
-    view = memoryview(data).cast("B") if data.size else memoryview(b"")
-    for start in range(0, len(view), _HASH_STEP):
-        h.update(view[start:start + _HASH_STEP])
-    return h.hexdigest()
+    """sha256 (lowercase hex) of one tensor's canonical bytes, read in bounded blocks."""
+    return _ranged_tensor_sha256(reader, name)
 
 
 def shape_text(shape: Iterable[int]) -> str:

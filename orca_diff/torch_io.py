@@ -13,8 +13,9 @@ from shard 0, and ``rope.freqs`` is dropped. The difference from that script, on
 saves everything as bf16 (a lossy cast of LLaMA-1's fp16); orca-diff keeps the stored dtype.
 See docs/bases.md.
 
-Memory: a tensor is built only when asked for (one tensor, about 2x its size while merging and
-permuting, plus what the caller holds). Checkpoints are memory-mapped; to keep the mapped pages
+Memory: a tensor is built only when asked for (about 2x its size while merging and permuting);
+the last two built are kept so that ranged reads of the same tensor by several threads build it
+once; plus what the caller holds. Checkpoints are memory-mapped; to keep the mapped pages
 from accumulating in the resident set, loaded files are dropped (unmapped) after
 ``MAP_RELEASE_BYTES`` of tensors have been served from them and re-opened on demand (that costs
 one unpickle of the small metadata, not a read of the data).
@@ -25,7 +26,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +38,12 @@ import numpy as np
 from .errors import FormatError, InputNotFoundError, UsageError, require_extra
 from .tensors import TensorInfo, list_extra_files
 
-#: Tensors served from memory-mapped files before the maps are dropped (bounds the file-backed
-#: part of the resident set; anonymous memory is bounded by one merged tensor).
-MAP_RELEASE_BYTES = 256 * 1024 * 1024
+#: Tensors served from memory-mapped files before the maps are dropped. This bounds the
+#: file-backed part of the resident set (clean page-cache pages the kernel can reclaim anyway);
+#: each drop costs one re-unpickle of every open file's metadata when next needed (measured
+#: ~0.12 s for a 724-tensor 65B shard), hence not smaller. Anonymous memory is bounded separately
+#: (two cached tensors plus one being merged).
+MAP_RELEASE_BYTES = 512 * 1024 * 1024
 
 INDEX_NAME = "pytorch_model.bin.index.json"
 SINGLE_BIN_NAME = "pytorch_model.bin"
@@ -149,7 +155,7 @@ class _Files:
         self._served += nbytes
         if self._served >= MAP_RELEASE_BYTES:
             for path in [p for p in self._loaded if p not in self._unmapped]:
-                del self._loaded[path]
+                self._loaded.pop(path, None)
             self._served = 0
 
     def release(self) -> None:
@@ -158,10 +164,60 @@ class _Files:
         self._served = 0
 
 
+class _CachedReader:
+    """Ranged reads over whole-tensor builds: ``read(name, start, length)`` slices the last
+    ``CACHED_TENSORS`` tensors built, so the chunked, multi-threaded reads of apply/make build
+    each tensor once. Builds are serialised by a lock (they are memory copies, not compute).
+    Cached tensors are private copies, never views of a memory map (a view would keep the map,
+    and every page touched in it, alive). Memory: at most CACHED_TENSORS whole tensors plus the
+    slices callers still hold."""
+
+    CACHED_TENSORS = 2
+    tensors: dict[str, TensorInfo]
+    _files: _Files
+
+    def _init_cache(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def _build_bytes(self, name: str) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self, name: str, start: int = 0, length: int | None = None) -> np.ndarray:
+        """Bytes ``[start, start+length)`` of tensor ``name`` (the whole tensor by default)."""
+        size = self.tensors[name].nbytes
+        if length is None:
+            length = size - start
+        if start < 0 or length < 0 or start + length > size:
+            raise ValueError(f"range [{start}, {start + length}) outside tensor {name!r} of {size} bytes")
+        with self._lock:
+            data = self._cache.get(name)
+            if data is None:
+                data = self._build_bytes(name)
+                self._files.served(data.nbytes)
+                self._cache[name] = data
+                while len(self._cache) > self.CACHED_TENSORS:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(name)
+        return data[start:start + length]
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._files.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- HF .bin
 
 
-class TorchBinModel:
+class TorchBinModel(_CachedReader):
     """An HF folder of ``pytorch_model*.bin`` shards (``save_pretrained(safe_serialization=False)``)."""
 
     def __init__(self, path: Path, files: list[Path]):
@@ -172,6 +228,7 @@ class TorchBinModel:
         self.tensors: dict[str, TensorInfo] = {}
         self._file_of: dict[str, Path] = {}
         self._files = _Files(one_unmapped=True)
+        self._init_cache()
         for file in files:
             sd = self._files.get(file)
             for name, t in sd.items():
@@ -185,19 +242,9 @@ class TorchBinModel:
                 self._file_of[name] = file
             self._files.release()
 
-    def read(self, name: str) -> np.ndarray:
-        data = tensor_bytes(self._files.get(self._file_of[name])[name])
-        self._files.served(data.nbytes)
-        return data
-
-    def close(self) -> None:
-        self._files.release()
-
-    def __enter__(self) -> "TorchBinModel":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _build_bytes(self, name: str) -> np.ndarray:
+        # A copy, so that the cache never pins a file's memory map past its release.
+        return np.array(tensor_bytes(self._files.get(self._file_of[name])[name]))
 
 
 def _bin_files(folder: Path) -> list[Path]:
@@ -260,7 +307,7 @@ def permute_rotary(w: Any, n_heads: int, dim1: int, dim2: int) -> Any:
     return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
 
 
-class MetaCheckpoint:
+class MetaCheckpoint(_CachedReader):
     """Meta's original release (``params.json`` + ``consolidated.NN.pth``) seen as an HF model."""
 
     def __init__(self, path: Path, shards: list[Path]):
@@ -272,6 +319,7 @@ class MetaCheckpoint:
             self.extra_files["tokenizer.model"] = path.parent / "tokenizer.model"  # Meta's download layout
         self._shards = shards
         self._files = _Files(one_unmapped=False)
+        self._init_cache()
         params_path = path / "params.json"
         try:
             params = json.loads(params_path.read_text())
@@ -363,19 +411,12 @@ class MetaCheckpoint:
             w = permute_rotary(w, self.n_kv_heads, self.kv_dim, self.dim)
         return w
 
-    def read(self, name: str) -> np.ndarray:
+    def _build_bytes(self, name: str) -> np.ndarray:
+        rule, _ = self._plan[name]
         data = tensor_bytes(self._build(name))
-        self._files.served(data.nbytes)
+        if rule.permute_heads is None and (rule.cat_dim is None or len(self._shards) == 1):
+            data = np.array(data)  # a view of a memory map: copy it so the cache does not pin the map
         return data
-
-    def close(self) -> None:
-        self._files.release()
-
-    def __enter__(self) -> "MetaCheckpoint":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _meta_shards(folder: Path) -> list[Path]:
