@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptDiffError, FormatError, InputNotFoundError
-from .tensors import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo, parse_safetensors_header
+from .tensors import DTYPE_SIZES, FLOAT_DTYPES, DuplicateKeyError, TensorInfo, parse_safetensors_header, unique_keys
 
 MANIFEST_NAME = "orca-diff.json"
 FORMAT_NAME = "orca-diff"
@@ -298,9 +298,12 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError(f"{where}: manifest is {len(data)} bytes, larger than any real diff needs")
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CorruptDiffError(f"{where}: manifest is not valid JSON ({exc}); download the diff again") from None
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKeyError as exc:
+        raise FormatError(f"{where}: the key {exc.args[0]!r} is written twice in one object (ambiguous); "
+                          "refusing this manifest") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or an integer of > 4300 digits
+        raise CorruptDiffError(f"{where}: manifest is not valid JSON ({str(exc)[:200]}); download the diff again") from None
     doc = _dict(doc, "top level")
     if doc.get("format") != FORMAT_NAME:
         raise FormatError(f"{where}: not an orca-diff manifest (format={doc.get('format')!r})")

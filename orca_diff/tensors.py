@@ -107,6 +107,21 @@ class SafetensorsHeader:
         return self.entries[-1].end if self.entries else 0
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (parsers disagree on which one wins)."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` for json.loads that refuses duplicate keys instead of keeping the
+    last one, so no two tools can read one header or manifest two ways."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(k)
+        out[k] = v
+    return out
+
+
 def parse_safetensors_header(raw: bytes, where: str, file_size: int | None = None) -> SafetensorsHeader:
     """Validate and parse a safetensors header (the JSON bytes after the 8-byte length).
 
@@ -115,9 +130,11 @@ def parse_safetensors_header(raw: bytes, where: str, file_size: int | None = Non
     that fails any of this raises FormatError naming ``where``.
     """
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"{where}: safetensors header is not valid JSON ({exc})") from None
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKeyError as exc:
+        raise FormatError(f"{where}: safetensors header names {exc.args[0]!r} twice") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or an integer of > 4300 digits
+        raise FormatError(f"{where}: safetensors header is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{where}: safetensors header is not a JSON object")
     metadata = doc.pop("__metadata__", None)
