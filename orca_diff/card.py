@@ -9,12 +9,15 @@ diff; ``push`` renders it again with the repo id so the commands can be pasted a
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from .format import Manifest
 
 LIBRARY_NAME = "orca-diff"
 TAGS = ("orca-diff", "weight-diff")
+#: Closes every generated card, with a hash of the text above it (so edits can be detected).
+CARD_MARK = "<!-- orca-diff generated card "
 
 
 def _yaml_str(s: str) -> str:
@@ -45,7 +48,10 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None, license: str 
     """README.md text for a diff. ``repo_id``: where it is (being) published, used in the commands;
     ``license``: the card's license (default: the catalog's license of the base, else "other")."""
     entry = _base_catalog_entry(manifest)
-    base_repo = manifest.base.repo or (entry.repo if entry else None)
+    base_repo = manifest.base.repo
+    if base_repo is None and entry is not None and entry.fingerprint and manifest.base.fingerprint and (
+            entry.fingerprint.startswith(manifest.base.fingerprint) or manifest.base.fingerprint.startswith(entry.fingerprint)):
+        base_repo = entry.repo  # a name alone is not proof: only a matching fingerprint is
     base_rev = manifest.base.revision
     license = license or (entry.license if entry and entry.license else "other")
     base_label = manifest.base.name or base_repo or "its base model"
@@ -107,7 +113,17 @@ or, without orca-diff, compare these sha256 sums (`sha256sum -c` in the rebuilt 
 From a checkout of orca-diff, `scripts/download_diff.py`, `scripts/download_base.py` and
 `scripts/rebuild.py` do the same steps one at a time.
 """
-    return "\n".join(front) + "\n" + body
+    text = "\n".join(front) + "\n" + body
+    return text + f"\n{CARD_MARK}{hashlib.sha256(text.encode()).hexdigest()[:16]} -->\n"
 
 
-__all__ = ["render_card", "LIBRARY_NAME", "TAGS"]
+def is_generated_card(text: str) -> bool:
+    """True for a card written by render_card and not edited since (its closing mark still
+    matches its text), which ``push`` may replace by a fresh rendering."""
+    head, sep, tail = text.rpartition("\n" + CARD_MARK)
+    if not sep or not tail.endswith(" -->\n"):
+        return False
+    return hashlib.sha256(head.encode()).hexdigest()[:16] == tail[: -len(" -->\n")]
+
+
+__all__ = ["render_card", "is_generated_card", "LIBRARY_NAME", "TAGS"]

@@ -127,6 +127,9 @@ def describe_hub_error(exc: BaseException, ref: RepoRef, what: str) -> HubError:
             return HubError(f"cannot reach the Hub at {endpoint()} to fetch {what} {ref} ({name}: {cause}); check"
                             " your connection or HF_ENDPOINT (files already in the cache are used when they"
                             " are complete; HF_HUB_OFFLINE=1 uses the cache only)")
+        if name in ("RemoteProtocolError", "ReadError", "WriteError", "NetworkError"):
+            return HubError(f"the connection to {endpoint()} broke while fetching {what} {ref} ({name}); run the"
+                            " command again: finished files are kept and only the missing ones are fetched")
         if name in ("ReadTimeout", "TimeoutException", "PoolTimeout", "WriteTimeout"):
             return HubError(f"the Hub at {endpoint()} timed out while fetching {what} {ref}; run the command"
                             " again (finished files are kept) or raise HF_HUB_DOWNLOAD_TIMEOUT")
@@ -182,13 +185,21 @@ def hub_errors(ref: RepoRef, what: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- diffs
+class NotADiffError(HubError):
+    """The repo exists but holds no orca-diff.json."""
+
+
 def download_diff(ref: RepoRef, *, progress: bool | None = None) -> Path:
     """Fetch a diff (manifest + payload files, nothing else) into the HF cache, verify every
     payload against the manifest, and return the snapshot folder."""
     hf = _hf()
     with _progress(progress), hub_errors(ref, "diff"):
-        manifest_path = Path(hf.hf_hub_download(ref.repo_id, MANIFEST_NAME, revision=ref.revision))
-        folder = manifest_path.parent
+        # snapshot_download rather than hf_hub_download for the manifest: when the Hub is down it
+        # falls back to the cache at once, where hf_hub_download retries for ~20 s first.
+        folder = Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=[MANIFEST_NAME]))
+        if not (folder / MANIFEST_NAME).is_file():
+            raise NotADiffError(f"{ref} on {endpoint()} has no {MANIFEST_NAME}: it is not an orca-diff diff"
+                                " (a model repo? pass it as --base)")
         commit = folder.name  # the snapshot folder is named after the commit the manifest came from
         manifest = load_manifest(folder)
         files = sorted(p.path for p in manifest.payloads)
@@ -309,14 +320,10 @@ def download(ref: RepoRef, kind: str = "auto", *, progress: bool | None = None) 
         return "diff", download_diff(ref, progress=progress)
     if kind == "base":
         return "base", download_base(ref, progress=progress)
-    from huggingface_hub.errors import RemoteEntryNotFoundError
-
     try:
         return "diff", download_diff(ref, progress=progress)
-    except HubError as exc:
-        if not isinstance(exc.__cause__, RemoteEntryNotFoundError):
-            raise
-    return "base", download_base(ref, progress=progress)
+    except NotADiffError:
+        return "base", download_base(ref, progress=progress)
 
 
 # --------------------------------------------------------------------------- push
@@ -332,7 +339,7 @@ def push_diff(diff_dir: str | os.PathLike, repo_id: str, *, private: bool = Fals
               progress: bool | None = None) -> PushResult:
     """Verify a diff, create the repo (``exist_ok``) and commit the manifest, the payload files and
     a model card. The card is rendered for ``repo_id`` unless README.md was edited by hand."""
-    from .card import render_card
+    from .card import is_generated_card, render_card
     from .verify import verify_diff
 
     diff_dir = Path(diff_dir)
@@ -341,7 +348,7 @@ def push_diff(diff_dir: str | os.PathLike, repo_id: str, *, private: bool = Fals
     card = render_card(manifest, repo_id=repo_id, license=license)
     if card_path.is_file() and license is None:
         existing = card_path.read_text(encoding="utf-8")
-        if existing != render_card(manifest):  # edited by the publisher: keep theirs
+        if not is_generated_card(existing):  # written or edited by the publisher: keep theirs
             card = existing
     hf = _hf()
     ref = RepoRef(repo_id)
@@ -358,4 +365,4 @@ def push_diff(diff_dir: str | os.PathLike, repo_id: str, *, private: bool = Fals
 
 
 __all__ = ["RepoRef", "parse_repo_spec", "download_diff", "download_base", "download", "push_diff", "PushResult",
-           "select_base_files", "describe_hub_error", "hub_errors", "endpoint", "repo_url", "offline"]
+           "select_base_files", "describe_hub_error", "NotADiffError", "hub_errors", "endpoint", "repo_url", "offline"]

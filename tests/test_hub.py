@@ -1,0 +1,451 @@
+"""The Hub side: catalog names, downloads, errors, push, and apply by name, end to end.
+
+These tests drive the real huggingface_hub client (written against 2.4.0) against the small
+Hub-compatible server in tests/hubserver.py on 127.0.0.1. huggingface_hub reads HF_ENDPOINT,
+HF_HOME and HF_HUB_OFFLINE when it is imported, so every Hub command runs in a subprocess
+(``python -m orca_diff.cli``) with its own environment and a fresh HF cache per test unless a
+test says otherwise. No test touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from hubserver import CLIENT_VERSION, FakeHub, free_port
+
+import huggingface_hub
+from orca_diff.catalog import load_catalog, lookup
+from orca_diff.card import is_generated_card, render_card
+from orca_diff.cli import cli
+from orca_diff.errors import FormatError, HubError, InputNotFoundError
+from orca_diff.format import load_manifest
+from orca_diff.hub import parse_repo_spec, select_base_files
+from orca_diff.make import make_diff
+from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama
+
+BASE_REPO = "test-org/llama-13b-tiny"
+DIFF_REPO = "test-org/orca-tiny-diff"
+PINNED_DIFF_REPO = "test-org/orca-tiny-diff-pinned"
+GATED_REPO = "gated-org/llama-gated"
+SHAPE = LlamaShape(vocab_size=256, hidden_size=32, intermediate_size=86, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4)
+
+
+def test_written_against_the_installed_client_version():
+    """If this fails, re-check tests/hubserver.py against the new client before trusting the rest."""
+    assert huggingface_hub.__version__ == CLIENT_VERSION
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base (safetensors shards, plus files a download must skip), its fine-tune, diffs
+    of it, and a running hub serving them."""
+    root = tmp_path_factory.mktemp("hubworld")
+    base, target = root / "base", root / "target"
+    write_llama(base, SHAPE, "F16", seed=0, max_shard_bytes=40_000)
+    write_finetune(target, SHAPE, base_seed=0, dtype="F16", ft=FineTune(add_pad_row=True), max_shard_bytes=40_000)
+    # Small payload files so a diff is several files (resume is per file).
+    diff = root / "diff"
+    make_diff(base, target, diff, base_name="llama-13b", chunk_bytes=8192, payload_file_bytes=12_000)
+    hub = FakeHub().start()
+    base_files = {p.name: p.read_bytes() for p in base.iterdir()}
+    skipped = {"pytorch_model.bin": os.urandom(2000), "README.md": b"# llama\n",
+               "original/consolidated.00.pth": os.urandom(2000)}
+    base_sha = hub.add_repo(BASE_REPO, {**base_files, **skipped})
+    hub.add_repo(GATED_REPO, base_files, gated=True, readers=("hf_granted",))
+    diff_files = {p.name: p.read_bytes() for p in diff.iterdir()}
+    diff_sha = hub.add_repo(DIFF_REPO, {**diff_files, "notes/extra.bin": os.urandom(3000)})
+    pinned = root / "diff-pinned"
+    make_diff(base, target, pinned, base_name="llama-13b", base_repo=BASE_REPO, base_revision=base_sha,
+              chunk_bytes=8192, payload_file_bytes=12_000)
+    hub.add_folder(PINNED_DIFF_REPO, pinned)
+    catalog = root / "catalog.json"
+    catalog.write_text(json.dumps({
+        "bases": {"llama-13b": {"repo": BASE_REPO, "revision": "main", "status": "public"}},
+        "diffs": {"orca": {"repo": DIFF_REPO, "revision": "main", "base": "llama-13b", "status": "public"}},
+    }))
+    yield {"root": root, "base": base, "target": target, "diff": diff, "hub": hub, "catalog": catalog,
+           "base_sha": base_sha, "diff_sha": diff_sha, "skipped": skipped}
+    hub.stop()
+
+
+@pytest.fixture
+def hub(world) -> FakeHub:
+    world["hub"].clear_log()
+    world["hub"].clear_failures()
+    return world["hub"]
+
+
+class Runner:
+    """Runs ``orca-diff`` in a subprocess pointed at the test hub, with its own HF cache."""
+
+    def __init__(self, world, tmp_path: Path):
+        self.world = world
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "ORCA_DIFF_"))}
+        self.env.update(HF_ENDPOINT=world["hub"].url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1",
+                        HF_HUB_DISABLE_TELEMETRY="1", ORCA_DIFF_CATALOG=str(world["catalog"]),
+                        XDG_CONFIG_HOME=str(tmp_path / "config"), HOME=str(tmp_path / "home"))
+
+    def __call__(self, *args: str, **env: str | None) -> subprocess.CompletedProcess:
+        full = dict(self.env)
+        for k, v in env.items():
+            if v is None:
+                full.pop(k, None)
+            else:
+                full[k] = v
+        return subprocess.run([sys.executable, "-m", "orca_diff.cli", *args], env=full, capture_output=True,
+                              text=True, timeout=180)
+
+
+@pytest.fixture
+def orca(world, hub, tmp_path) -> Runner:
+    return Runner(world, tmp_path)
+
+
+def assert_same_files(model: Path, expected: Path) -> None:
+    names = sorted(p.name for p in expected.iterdir())
+    assert sorted(p.name for p in model.iterdir()) == names
+    for name in names:
+        assert (model / name).read_bytes() == (expected / name).read_bytes(), name
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("orca-diff: error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- the headline
+def test_apply_by_catalog_names_rebuilds_byte_identical_model(world, hub, orca, tmp_path):
+    r = orca("apply", "--base", "llama-13b", "--diff", "orca", "--out", str(tmp_path / "out"), "-q")
+    assert r.returncode == 0, r.stderr
+    assert_same_files(tmp_path / "out", world["target"])
+
+
+def test_apply_without_base_fetches_the_base_named_in_the_manifest(world, hub, orca, tmp_path):
+    assert load_manifest(world["diff"]).base.name == "llama-13b"
+    r = orca("apply", "--diff", "orca", "--out", str(tmp_path / "out"), "-q")
+    assert r.returncode == 0, r.stderr
+    assert_same_files(tmp_path / "out", world["target"])
+    assert any(path.startswith(f"/api/models/{BASE_REPO}") for _, path in hub.requests)
+
+
+def test_apply_by_repo_ids_at_pinned_revisions(world, hub, orca, tmp_path):
+    r = orca("apply", "--base", f"{BASE_REPO}@{world['base_sha']}", "--diff", f"{DIFF_REPO}@{world['diff_sha']}",
+             "--out", str(tmp_path / "out"), "-q")
+    assert r.returncode == 0, r.stderr
+    assert_same_files(tmp_path / "out", world["target"])
+    # A pinned sha needs no branch look-up.
+    assert not any("/revision/main" in path for _, path in hub.requests)
+
+
+def test_apply_uses_the_repo_and_revision_recorded_in_the_manifest(world, hub, orca, tmp_path):
+    r = orca("apply", "--diff", PINNED_DIFF_REPO, "--out", str(tmp_path / "out"), "-q",
+             ORCA_DIFF_CATALOG=None)  # no catalog entry needed: the manifest says where its base is
+    assert r.returncode == 0, r.stderr
+    assert_same_files(tmp_path / "out", world["target"])
+    assert f"/{BASE_REPO}/resolve/{world['base_sha']}/config.json" in [p for _, p in hub.requests]
+
+
+# --------------------------------------------------------------------------- only what is needed
+def test_download_fetches_only_the_files_a_base_needs(world, hub, orca):
+    r = orca("download", "llama-13b", "-q")
+    assert r.returncode == 0, r.stderr
+    folder = Path(r.stdout.strip())
+    gets = hub.file_gets(BASE_REPO)
+    assert sorted(gets) == sorted(p.name for p in world["base"].iterdir())  # each once, safetensors only
+    for skipped in world["skipped"]:
+        assert skipped not in gets
+    assert sorted(p.name for p in folder.iterdir()) == sorted(gets)
+    assert str(folder).startswith(orca.env["HF_HOME"])  # the standard HF cache
+
+
+def test_download_fetches_only_the_manifest_and_payload_files_of_a_diff(world, hub, orca):
+    r = orca("download", "orca", "-q")
+    assert r.returncode == 0, r.stderr
+    manifest = load_manifest(world["diff"])
+    assert len(manifest.payloads) >= 3
+    assert sorted(hub.file_gets(DIFF_REPO)) == sorted(["orca-diff.json", *(p.path for p in manifest.payloads)])
+    assert "notes/extra.bin" not in hub.file_gets() and "README.md" not in hub.file_gets()
+    assert f"at commit {world['diff_sha']}" in r.stderr
+
+
+def test_a_second_download_is_served_from_the_cache(world, hub, orca):
+    assert orca("download", "orca", "-q").returncode == 0
+    hub.clear_log()
+    r = orca("download", "orca", "-q")
+    assert r.returncode == 0, r.stderr
+    assert hub.file_gets() == []
+
+
+def test_offline_mode_uses_the_cache_and_refuses_a_cache_miss(world, hub, orca, tmp_path):
+    assert orca("apply", "--diff", "orca", "--out", str(tmp_path / "online"), "-q").returncode == 0
+    hub.clear_log()
+    r = orca("apply", "--diff", "orca", "--out", str(tmp_path / "offline"), "-q", HF_HUB_OFFLINE="1")
+    assert r.returncode == 0, r.stderr
+    assert_same_files(tmp_path / "offline", world["target"])
+    assert [p for p in hub.requests if p[1] != "/api/agent-harnesses"] == []
+    miss = orca("download", "orca", "-q", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-cache"))
+    assert miss.returncode == 9
+    assert "HF_HUB_OFFLINE=1" in one_error_line(miss)
+
+
+# --------------------------------------------------------------------------- resume
+def test_an_interrupted_download_resumes_fetching_only_the_missing_files(world, hub, orca):
+    manifest = load_manifest(world["diff"])
+    victim = manifest.payloads[-1].path
+    failure = hub.fail_downloads(DIFF_REPO, victim, "drop")  # every transfer of it is cut halfway
+    first = orca("download", "orca", "-q")
+    assert first.returncode == 9
+    errors = [line for line in first.stderr.splitlines() if line.startswith("orca-diff: error: ")]
+    assert errors == [first.stderr.splitlines()[-1]]  # above it: the client's own retry warnings
+    assert "broke while fetching diff" in errors[0] and "run the command again" in errors[0]
+    assert failure.count >= 1
+    done_first = hub.file_gets(DIFF_REPO)
+    assert set(done_first) == {"orca-diff.json", *(p.path for p in manifest.payloads)}
+
+    hub.clear_failures()
+    hub.clear_log()
+    second = orca("download", "orca", "-q")
+    assert second.returncode == 0, second.stderr
+    assert hub.file_gets(DIFF_REPO) == [victim]  # finished files were kept
+    folder = Path(second.stdout.strip())
+    assert (folder / victim).read_bytes() == (world["diff"] / victim).read_bytes()
+
+
+def test_a_damaged_cached_payload_is_fetched_again_and_checked(world, hub, orca):
+    first = orca("download", "orca", "-q")
+    folder = Path(first.stdout.strip())
+    payload = load_manifest(world["diff"]).payloads[0].path
+    blob = (folder / payload).resolve()
+    data = bytearray(blob.read_bytes())
+    data[10] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    hub.clear_log()
+    r = orca("download", "orca", "-q")
+    assert r.returncode == 0, r.stderr
+    assert hub.file_gets(DIFF_REPO) == [payload]
+    assert (folder / payload).read_bytes() == (world["diff"] / payload).read_bytes()
+
+
+# --------------------------------------------------------------------------- errors read well
+def test_an_unknown_repo_is_one_clear_line(orca):
+    r = orca("download", "nobody/nothing-here")
+    assert r.returncode == 9
+    line = one_error_line(r)
+    assert "nobody/nothing-here not found" in line
+
+
+def test_an_unknown_revision_is_one_clear_line(orca):
+    r = orca("download", f"{BASE_REPO}@no-such-branch")
+    assert r.returncode == 9
+    assert "revision 'no-such-branch' not found" in one_error_line(r)
+
+
+def test_a_gated_repo_without_a_token_says_request_access_and_log_in(world, orca):
+    r = orca("download", GATED_REPO, "--kind", "base", HF_TOKEN=None)
+    assert r.returncode == 9
+    line = one_error_line(r)
+    assert f"request access at {world['hub'].url}/{GATED_REPO}" in line
+    assert "not logged in" in line and "login" in line
+
+
+def test_a_gated_repo_with_a_token_lacking_access_says_request_access(world, orca):
+    r = orca("download", GATED_REPO, "--kind", "base", HF_TOKEN="hf_someone_else")
+    assert r.returncode == 9
+    line = one_error_line(r)
+    assert f"request access at {world['hub'].url}/{GATED_REPO}" in line
+    assert "not been granted access" in line
+
+
+def test_a_gated_repo_downloads_with_a_granted_hf_token(world, hub, orca):
+    r = orca("download", GATED_REPO, "--kind", "base", "-q", HF_TOKEN="hf_granted")
+    assert r.returncode == 0, r.stderr
+    assert "config.json" in hub.file_gets(GATED_REPO)
+
+
+def test_a_hub_that_is_down_is_one_clear_line(orca):
+    down = f"http://127.0.0.1:{free_port()}"
+    r = orca("apply", "--diff", "orca", "--out", "never-written", HF_ENDPOINT=down)
+    assert r.returncode == 9
+    line = one_error_line(r)
+    assert f"cannot reach the Hub at {down}" in line
+    assert not Path("never-written").exists()
+
+
+def test_a_placeholder_catalog_entry_is_refused_with_the_reason(orca, tmp_path):
+    r = orca("apply", "--diff", "orca", "--out", str(tmp_path / "out"), ORCA_DIFF_CATALOG=None)
+    assert r.returncode == 3
+    line = one_error_line(r)
+    assert "placeholder" in line and "ORCA_DIFF_CATALOG" in line
+
+
+# --------------------------------------------------------------------------- push
+def test_push_then_apply_from_the_pushed_repo_round_trips(world, hub, orca, tmp_path):
+    r = orca("push", str(world["diff"]), "--repo", "pusher/orca-pushed", "-q", HF_TOKEN="hf_writer")
+    assert r.returncode == 0, r.stderr
+    files = hub.files_at("pusher/orca-pushed")
+    manifest = load_manifest(world["diff"])
+    assert set(files) == {".gitattributes", "README.md", "orca-diff.json", *(p.path for p in manifest.payloads)}
+    assert any(path.endswith("/lfs/objects/batch") for _, path in hub.requests)  # payloads went through LFS
+    card = files["README.md"].decode()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "orca-diff" and meta["inference"] is False
+    assert {"orca-diff", "weight-diff"} <= set(meta["tags"])
+    assert "orca-diff apply --diff pusher/orca-pushed --out" in card
+
+    out = tmp_path / "out"
+    r = orca("apply", "--base", "llama-13b", "--diff", "pusher/orca-pushed", "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    assert_same_files(out, world["target"])
+
+
+def test_push_without_a_token_says_how_to_log_in(world, orca):
+    r = orca("push", str(world["diff"]), "--repo", "pusher/no-token", HF_TOKEN=None)
+    assert r.returncode == 9
+    assert "hf auth login" in one_error_line(r)
+    assert "pusher/no-token" not in world["hub"].repos
+
+
+def test_push_keeps_a_card_the_publisher_edited(world, hub, orca, tmp_path):
+    import shutil
+
+    diff = tmp_path / "diff"
+    shutil.copytree(world["diff"], diff)
+    (diff / "README.md").write_text("---\nlicense: other\nlibrary_name: orca-diff\n---\nMy own words.\n")
+    r = orca("push", str(diff), "--repo", "pusher/edited-card", "-q", HF_TOKEN="hf_writer")
+    assert r.returncode == 0, r.stderr
+    assert hub.files_at("pusher/edited-card")["README.md"].endswith(b"My own words.\n")
+
+
+# --------------------------------------------------------------------------- in-process units
+def test_base_file_selection_prefers_safetensors_then_bin_then_pth():
+    both = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+            "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json", "config.json", "README.md",
+            "original/consolidated.00.pth", "tokenizer.model"]
+    label, files = select_base_files(both)
+    assert label == "safetensors"
+    assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     "model.safetensors.index.json", "tokenizer.model"]
+    label, files = select_base_files([f for f in both if "safetensors" not in f])
+    assert label == "pytorch .bin" and "pytorch_model-00001-of-00002.bin" in files and "README.md" not in files
+    label, files = select_base_files(["consolidated.00.pth", "params.json", "tokenizer.model", "checklist.chk"])
+    assert label == "Meta .pth" and files == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+
+
+def test_base_file_selection_adds_files_the_diff_copies_and_refuses_missing_ones():
+    _, files = select_base_files(["model.safetensors", "tokenizer.model", "added_tokens.json", "extra.txt"],
+                                 needed=["extra.txt"])
+    assert "extra.txt" in files
+    with pytest.raises(HubError, match="no special.txt"):
+        select_base_files(["model.safetensors"], needed=["special.txt"])
+    with pytest.raises(HubError, match="no model weights"):
+        select_base_files(["README.md", "config.json"])
+
+
+def test_repo_specs_split_at_the_revision():
+    assert parse_repo_spec("org/name@v1.0") == parse_repo_spec("org/name@v1.0")
+    ref = parse_repo_spec("org/name@0123abc")
+    assert (ref.repo_id, ref.revision) == ("org/name", "0123abc")
+    assert parse_repo_spec("org/name").revision is None
+
+
+def test_shipped_catalog_names_llama_13b_and_orca_and_is_honest_about_placeholders(monkeypatch, tmp_path):
+    monkeypatch.delenv("ORCA_DIFF_CATALOG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    cat = load_catalog()
+    for name in ("llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama-2-7b", "llama-2-13b", "llama-2-70b"):
+        assert name in cat["bases"]
+    assert cat["bases"]["llama-13b"].repo == "huggyllama/llama-13b"
+    assert cat["bases"]["llama-2-70b"].status == "gated"
+    orca = cat["diffs"]["orca"]
+    assert orca.is_placeholder and "placeholder" in orca.repo and orca.base == "llama-13b"
+
+
+def test_user_catalogs_override_in_order_config_file_then_env(monkeypatch, tmp_path):
+    config = tmp_path / "cfg" / "orca-diff" / "catalog.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"bases": {"llama-13b": {"repo": "cfg-org/llama-13b"},
+                                            "mine": {"repo": "cfg-org/mine", "revision": "v2"}}}))
+    env_file = tmp_path / "env.json"
+    env_file.write_text(json.dumps({"bases": {"llama-13b": {"repo": "env-org/llama-13b"}}}))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.delenv("ORCA_DIFF_CATALOG", raising=False)
+    assert lookup("llama-13b", "base").repo == "cfg-org/llama-13b"
+    assert lookup("mine", "base").spec == "cfg-org/mine@v2"
+    monkeypatch.setenv("ORCA_DIFF_CATALOG", str(env_file))
+    assert lookup("LLaMA-13B", "base").repo == "env-org/llama-13b"
+    assert lookup("llama-7b", "base").repo == "huggyllama/llama-7b"  # shipped entries stay
+
+
+def test_a_broken_user_catalog_is_reported_with_its_path(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"bases": {"x": {"repo": "not a repo id"}}}))
+    monkeypatch.setenv("ORCA_DIFF_CATALOG", str(bad))
+    with pytest.raises(FormatError, match="bad.json.*'repo' must be a Hub repo id"):
+        load_catalog()
+    monkeypatch.setenv("ORCA_DIFF_CATALOG", str(tmp_path / "missing.json"))
+    with pytest.raises(InputNotFoundError, match="ORCA_DIFF_CATALOG"):
+        load_catalog()
+
+
+def test_catalog_command_lists_the_names(monkeypatch, tmp_path):
+    monkeypatch.delenv("ORCA_DIFF_CATALOG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    r = CliRunner().invoke(cli, ["catalog"])
+    assert r.exit_code == 0, r.output
+    assert "llama-13b" in r.output and "huggyllama/llama-13b@main" in r.output
+    assert "orca" in r.output and "[placeholder]" in r.output
+    data = json.loads(CliRunner().invoke(cli, ["catalog", "--json"]).output)
+    assert data["diffs"]["orca"]["base"] == "llama-13b"
+
+
+def test_an_unknown_name_lists_what_the_catalog_knows(monkeypatch, tmp_path):
+    monkeypatch.delenv("ORCA_DIFF_CATALOG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    r = CliRunner().invoke(cli, ["apply", "--base", "llama-13", "--diff", str(tmp_path / "nope"), "--out", "x"])
+    assert r.exit_code == 3
+    assert "no such file or folder" in r.output
+    r = CliRunner().invoke(cli, ["download", "not_a_name"])
+    assert r.exit_code == 2 and "orca-diff catalog" in r.output
+
+
+def test_the_card_is_hub_metadata_plus_a_loud_warning_and_the_commands(world):
+    manifest = load_manifest(world["root"] / "diff-pinned")
+    card = render_card(manifest, repo_id="me/orca-13b-diff")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta == {"base_model": BASE_REPO, "license": "other", "license_name": "same-as-base-model",
+                    "library_name": "orca-diff", "inference": False, "tags": ["orca-diff", "weight-diff"]}
+    assert huggingface_hub.ModelCard(card).data.base_model == BASE_REPO  # the client parses it too
+    assert "This is a weight diff, not a model" in card
+    assert "orca-diff apply --diff me/orca-13b-diff --out rebuilt-model" in card
+    assert "orca-diff verify" in card
+    for f in manifest.files:
+        assert f"{f.sha256}  {f.path}" in card
+    assert render_card(manifest, license="llama2").count("license: \"llama2\"") == 1
+
+
+def test_the_card_claims_a_base_model_only_when_the_diff_records_its_repo(world, monkeypatch, tmp_path):
+    monkeypatch.delenv("ORCA_DIFF_CATALOG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    unpinned = load_manifest(world["diff"])  # names "llama-13b" but records no repo
+    meta = yaml.safe_load(render_card(unpinned).split("---\n")[1])
+    assert "base_model" not in meta  # a catalog name alone (no fingerprint) is not proof
+
+
+def test_push_can_tell_a_generated_card_from_an_edited_one(world):
+    card = render_card(load_manifest(world["diff"]))
+    assert is_generated_card(card)
+    assert not is_generated_card(card.replace("Rebuild the model", "Rebuild my model"))
+    assert not is_generated_card("---\nlicense: mit\n---\nhand written\n")
