@@ -96,14 +96,16 @@ class Runner:
                         XDG_CONFIG_HOME=str(tmp_path / "config"), HOME=str(tmp_path / "home"))
 
     def __call__(self, *args: str, **env: str | None) -> subprocess.CompletedProcess:
+        return self.run_python("-m", "orca_diff.cli", *args, **env)
+
+    def run_python(self, *args: str, **env: str | None) -> subprocess.CompletedProcess:
         full = dict(self.env)
         for k, v in env.items():
             if v is None:
                 full.pop(k, None)
             else:
                 full[k] = v
-        return subprocess.run([sys.executable, "-m", "orca_diff.cli", *args], env=full, capture_output=True,
-                              text=True, timeout=180)
+        return subprocess.run([sys.executable, *args], env=full, capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture
@@ -327,6 +329,27 @@ def test_push_keeps_a_card_the_publisher_edited(world, hub, orca, tmp_path):
     r = orca("push", str(diff), "--repo", "pusher/edited-card", "-q", HF_TOKEN="hf_writer")
     assert r.returncode == 0, r.stderr
     assert hub.files_at("pusher/edited-card")["README.md"].endswith(b"My own words.\n")
+
+
+# --------------------------------------------------------------------------- scripts/
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def test_the_download_and_rebuild_scripts_do_what_the_card_says(world, hub, orca, tmp_path):
+    base = orca.run_python(str(SCRIPTS / "download_base.py"), "--for-diff", "orca", "-q")
+    assert base.returncode == 0, base.stderr
+    assert sorted(p.name for p in Path(base.stdout.strip()).iterdir()) == sorted(p.name for p in world["base"].iterdir())
+    diff = orca.run_python(str(SCRIPTS / "download_diff.py"), "orca", "-q")
+    assert diff.returncode == 0, diff.stderr
+    assert (Path(diff.stdout.strip()) / "orca-diff.json").is_file()
+    hub.clear_log()
+    out = tmp_path / "out"
+    r = orca.run_python(str(SCRIPTS / "rebuild.py"), "--diff", "orca", "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    assert_same_files(out, world["target"])
+    assert hub.file_gets() == []  # everything came from the cache the two downloads filled
+    bad = orca.run_python(str(SCRIPTS / "download_base.py"), "nobody/nothing")
+    assert bad.returncode == 9 and bad.stderr.startswith("download_base: error: ")
 
 
 # --------------------------------------------------------------------------- in-process units
