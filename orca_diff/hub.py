@@ -15,7 +15,7 @@ Resume: a download is many files (a diff is a manifest plus payload files, a bas
 shards). Each finished file stays in the cache, so running the command again fetches only what is
 missing: resume is per file. Within one run the client retries a dropped transfer from where it
 stopped; a file interrupted across runs (Ctrl-C, crash) starts again from its first byte, because
-huggingface_hub >= 1.x deletes partial files (see docs/hub.md).
+huggingface_hub (2.4.0, as tested) deletes partial files (see docs/hub.md).
 
 Every client exception is turned into one :class:`~orca_diff.errors.HubError` line that says
 what to do. Environment variables are read by huggingface_hub when it is first imported: set them

@@ -286,6 +286,14 @@ def test_a_hub_that_is_down_is_one_clear_line(orca):
     assert not Path("never-written").exists()
 
 
+def test_a_hub_that_is_down_is_not_needed_when_the_cache_is_complete(world, orca, tmp_path):
+    assert orca("apply", "--diff", "orca", "--out", str(tmp_path / "first"), "-q").returncode == 0
+    r = orca("apply", "--diff", "orca", "--out", str(tmp_path / "second"), "-q",
+             HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 0, r.stderr
+    assert_same_files(tmp_path / "second", world["target"])
+
+
 def test_a_placeholder_catalog_entry_is_refused_with_the_reason(orca, tmp_path):
     r = orca("apply", "--diff", "orca", "--out", str(tmp_path / "out"), ORCA_DIFF_CATALOG=None)
     assert r.returncode == 3
