@@ -280,9 +280,10 @@ def test_meta_memory_stays_bounded_by_one_tensor_and_the_map_budget(tmp_path):
     print(f"\nmeta form, {r['model_bytes'] / 2**20:.0f} MiB model, largest tensor "
           f"{r['largest_tensor'] / 2**20:.1f} MiB, map budget {budget >> 20} MiB: peak RSS growth "
           f"{growth / 2**20:.1f} MiB (peak {r['after']['VmHWM'] / 2**20:.0f} MiB, reset={r['reset']})")
-    # Holding the model would grow by model_bytes; streaming by the budget plus a few tensors.
+    # Holding the model would grow by model_bytes; streaming grows by the map budget plus a few
+    # tensors (two cached, one being merged, its parts) and allocator slack, whatever the model size.
     assert growth < budget + 6 * r["largest_tensor"] + 24 * 2**20
-    assert growth < r["model_bytes"] / 3
+    assert growth < r["model_bytes"] / 2
 
 
 # --------------------------------------------------------------------------- transformers' own converter
@@ -364,3 +365,84 @@ def test_converter_final_output_is_our_bytes_cast_to_bf16(tmp_path, monkeypatch)
             assert final.tensors[name].dtype == "BF16"
             mine = cast_bits(np.asarray(ours.read(name)).view(np.uint16), "F16", "BF16")
             assert np.array_equal(np.asarray(final.read(name)).view(np.uint16), mine.reshape(-1)), name
+
+
+# --------------------------------------------------------------------------- apply from every form
+
+
+def _diff_from_safetensors(tmp_path: Path, dtype: str = "F16", shape: LlamaShape = TINY,
+                           add_pad_row: bool = True) -> tuple[dict, Path, Path]:
+    from orca_diff.make import make_diff
+    from orca_diff.synth import FineTune, write_finetune
+
+    forms = write_all_forms(tmp_path / "forms", shape, dtype, seed=0)
+    target = write_finetune(tmp_path / "target", shape, base_seed=0, dtype=dtype,
+                            ft=FineTune(add_pad_row=add_pad_row))
+    make_diff(forms["safetensors"], target, tmp_path / "diff", chunk_bytes=4096, progress=False)
+    return forms, target, tmp_path / "diff"
+
+
+@pytest.mark.parametrize("add_pad_row", [
+    True,  # the Orca/Alpaca case: vocab + 1, so config/tokenizer json files differ and travel in the diff
+    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
+        "make_diff takes files identical to the base's (config.json...) from the base, and a Meta folder has"
+        " no config.json: needs make to take only tokenizer.model from the base (requested, issue-4 note)"))),
+], ids=["pad-row-added", "same-config"])
+def test_apply_from_every_base_form_rebuilds_identical_files(tmp_path, add_pad_row):
+    from conftest import file_hashes
+    from orca_diff.apply import apply_diff
+
+    forms, target, diff = _diff_from_safetensors(tmp_path, add_pad_row=add_pad_row)
+    want = file_hashes(target)
+    for form, base in forms.items():
+        out = tmp_path / f"out-{form}"
+        apply_diff(base, diff, out, progress=False)
+        assert file_hashes(out) == want, form
+
+
+def _refuses_before_writing(base: Path, diff: Path, out: Path) -> str:
+    from orca_diff.apply import apply_diff
+    from orca_diff.errors import BaseMismatchError
+
+    with pytest.raises(BaseMismatchError) as err:
+        apply_diff(base, diff, out, progress=False)
+    assert not out.exists(), "apply wrote output before refusing the base"
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir() if p.name.startswith(f".{out.name}"))
+    return str(err.value)
+
+
+@pytest.mark.parametrize("form", ["safetensors", "bin", "meta"])
+def test_fp32_base_for_an_fp16_diff_fails_before_writing_and_says_fp32(tmp_path, form):
+    _, _, diff = _diff_from_safetensors(tmp_path)
+    wrong = write_all_forms(tmp_path / "fp32", TINY, "F32", seed=0)[form]
+    msg = _refuses_before_writing(wrong, diff, tmp_path / "out")
+    assert "fp32" in msg and "fp16" in msg
+
+
+@pytest.mark.parametrize("form", ["safetensors", "bin", "meta"])
+def test_llama2_gqa_base_for_a_llama1_diff_fails_before_writing_and_says_so(tmp_path, form):
+    _, _, diff = _diff_from_safetensors(tmp_path)
+    wrong = write_all_forms(tmp_path / "gqa", GQA, "F16", seed=0)[form]
+    msg = _refuses_before_writing(wrong, diff, tmp_path / "out")
+    assert "k_proj" in msg and "grouped-query attention" in msg
+
+
+@pytest.mark.xfail(strict=True, reason="verify._hint must pass reader=base to explain_base_mismatch (requested)")
+def test_base_converted_without_the_qk_permutation_is_diagnosed_by_apply(tmp_path):
+    """A conversion that forgot the rotary permutation: names/dtypes/shapes match, q_proj does not."""
+    from orca_diff.synth import write_shards
+
+    _, _, diff = _diff_from_safetensors(tmp_path)
+    good = write_all_forms(tmp_path / "good", TINY, "F16", seed=0)["safetensors"]
+    sd = hf_state_dict(good)
+    for name in list(sd):
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            sd[name] = unpermute(sd[name], TINY.num_attention_heads)
+    bad = tmp_path / "no-permute"
+    items = ((n, "F16", t.view(torch.int16).numpy().view(np.uint16)) for n, t in sd.items())
+    write_shards(bad, items, None, sum(t.numel() * 2 for t in sd.values()))
+    for extra in ("config.json", "generation_config.json", "special_tokens_map.json", "tokenizer_config.json",
+                  "tokenizer.model"):
+        (bad / extra).write_bytes((good / extra).read_bytes())
+    msg = _refuses_before_writing(bad, diff, tmp_path / "out")
+    assert "rotary q/k permutation" in msg
