@@ -126,10 +126,15 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
     """
     from .apply import apply_diff
 
+    if fmt == "auto":  # legacy: a catalog entry with a legacy format, or an XOR payload folder (docs/legacy.md)
+        from .legacy import detect_format
+
+        fmt = detect_format(diff) or fmt
     if fmt not in ("auto", "orca"):
         from .legacy import apply_legacy  # legacy releases: see docs/legacy.md
 
-        apply_legacy(fmt, base, diff, out, force=force, threads=threads, progress=False if quiet else None)
+        click.echo(apply_legacy(fmt, base, diff, out, force=force, threads=threads,
+                                progress=False if quiet else None).summary())
         return
     diff_dir, base_dir = _resolve(diff, base, quiet)
     r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None)
