@@ -1,0 +1,379 @@
+"""Specification of the Orca training entrypoint (orca_diff.train, orca_data, cli_train).
+
+Everything runs on the CPU in seconds: a word-level tokenizer built in the test from the
+project's synthetic sample (examples/orca_sample.jsonl), and a 2-layer LLaMA with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # the `train` extra; CI installs it (see .ci/run)
+transformers = pytest.importorskip("transformers")
+from click.testing import CliRunner  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
+
+from orca_diff import orca_data  # noqa: E402
+from orca_diff.errors import FormatError, MissingExtraError, OutputError, UsageError  # noqa: E402
+from orca_diff.train import (MODEL_DIRNAME, Stage, TrainConfig, load_config, lr_at,  # noqa: E402
+                             response_loss, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "orca_sample.jsonl"
+STAGES_YAML = ROOT / "examples" / "train_stages.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a tokenizer and a base model made here, no download
+# ---------------------------------------------------------------------------------------------
+
+def make_tokenizer(rows: list[dict[str, str]]) -> "transformers.PreTrainedTokenizerFast":
+    """A word-level tokenizer over the sample's words, with bos/eos/unk but (like LLaMA) no pad."""
+    texts = [orca_data.render_prompt(r["system_prompt"], r["question"]) + r["response"] for r in rows]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> "transformers.LlamaForCausalLM":
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict[str, str]]:
+    return orca_data.read_orca_rows(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(rows):
+    return make_tokenizer(rows)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer) -> Path:
+    """A BF16 base folder (safetensors + tokenizer), as a LLaMA release converted to HF would be."""
+    folder = tmp_path_factory.mktemp("base")
+    tiny_llama(len(tokenizer)).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def quick_config(base_dir: Path, out: Path, **kw) -> TrainConfig:
+    values = dict(model=str(base_dir), out=str(out), stages=[Stage(data=[str(SAMPLE)], max_steps=6, lr=3e-3)],
+                  max_seq_len=128, micro_batch_size=2, grad_accum=2, quiet=True)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: template, mask, packing
+# ---------------------------------------------------------------------------------------------
+
+def test_sample_file_has_orca_columns(rows):
+    assert len(rows) >= 30
+    assert all(set(r) == {"system_prompt", "question", "response"} for r in rows)
+    assert any(r["system_prompt"] == "" for r in rows) and any(r["system_prompt"] for r in rows)
+
+
+def test_template_puts_system_message_first_and_omits_an_empty_one():
+    assert orca_data.render_prompt("Be brief.", "Why?") == "### System:\nBe brief.\n\n### User:\nWhy?\n\n### Response:\n"
+    assert orca_data.render_prompt("", "Why?") == "### User:\nWhy?\n\n### Response:\n"
+
+
+def test_labels_are_minus_100_on_prompt_and_response_tokens_elsewhere(rows, tokenizer):
+    (ex,), dropped = orca_data.encode_examples(rows[:1], tokenizer, 512)
+    assert dropped == 0
+    response = tokenizer(rows[0]["response"], add_special_tokens=False)["input_ids"]
+    assert ex.input_ids[0] == tokenizer.bos_token_id and ex.input_ids[-1] == tokenizer.eos_token_id
+    assert (ex.labels[: ex.prompt_len] == -100).all()
+    assert ex.labels[ex.prompt_len:].tolist() == response + [tokenizer.eos_token_id]
+    assert ex.n_targets == len(response) + 1
+
+
+def test_too_long_examples_are_truncated_and_prompt_only_ones_dropped(rows, tokenizer):
+    (ex,), _ = orca_data.encode_examples(rows[:1], tokenizer, 512)
+    kept, dropped = orca_data.encode_examples(rows[:1], tokenizer, ex.prompt_len + 3)
+    assert dropped == 0 and len(kept[0]) == ex.prompt_len + 3 and kept[0].n_targets == 3
+    assert orca_data.encode_examples(rows[:1], tokenizer, ex.prompt_len) == ([], 1)
+
+
+def test_pack_greedy_keeps_order_and_never_exceeds_max_len():
+    packed = orca_data.pack_greedy([5, 4, 3, 9, 1, 10], 10)
+    assert packed == [[0, 1], [2], [3, 4], [5]]
+    with pytest.raises(UsageError, match="max_seq_len"):
+        orca_data.pack_greedy([11], 10)
+
+
+def test_collate_restarts_positions_per_example_and_for_padding(rows, tokenizer):
+    examples, _ = orca_data.encode_examples(rows[:3], tokenizer, 512)
+    a, b, c = (len(e) for e in examples)
+    batch = orca_data.collate(examples, [[0, 1], [2]], pad_token_id=99)
+    width = a + b
+    assert batch["input_ids"].shape == (2, width)
+    pos = batch["position_ids"]
+    assert pos[0].tolist() == list(range(a)) + list(range(b))
+    assert pos[1].tolist() == list(range(c)) + list(range(width - c))
+    assert (batch["input_ids"][1, c:] == 99).all() and (batch["labels"][1, c:] == -100).all()
+    assert batch["labels"][0, a] == -100  # the next example's first token is never a target
+    assert batch["n_targets"] == sum(e.n_targets for e in examples)
+    assert int((batch["labels"] != -100).sum()) == batch["n_targets"]
+
+
+def test_reading_rejects_rows_without_response(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"system_prompt": "", "question": "q"}) + "\n")
+    with pytest.raises(FormatError, match=r"bad.jsonl:1: missing column\(s\) response"):
+        orca_data.read_orca_rows(bad)
+
+
+def test_parquet_rows_read_like_jsonl(tmp_path, rows):
+    pa = pytest.importorskip("pyarrow")  # optional: parquet input needs pyarrow (the train extra)
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "sample.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "id": str(i)} for i, r in enumerate(rows)]), path)
+    assert orca_data.read_orca_rows(path) == rows
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "x.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(MissingExtraError, match=r"orca-diff\[train\]"):
+        orca_data.read_orca_rows(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: masking, packing equivalence
+# ---------------------------------------------------------------------------------------------
+
+def test_prompt_tokens_are_never_targets_so_changing_them_leaves_the_loss_unchanged(rows, tokenizer):
+    """With the model's outputs fixed, rewriting every prompt token does not move the loss, and no
+    gradient reaches the logits that predict prompt tokens. (Through attention the prompt is of
+    course still context for the response; that is the point of conditioning on it.)"""
+    examples, _ = orca_data.encode_examples(rows[:4], tokenizer, 512)
+    batch = orca_data.collate(examples, [[0], [1], [2], [3]], pad_token_id=0)
+    model = tiny_llama(len(tokenizer))
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.detach().requires_grad_()
+    loss = orca_data.response_loss_sum(logits, batch["labels"])
+
+    rng = np.random.default_rng(0)
+    changed = [orca_data.Example(np.concatenate([rng.integers(3, len(tokenizer), e.prompt_len).astype(e.input_ids.dtype),
+                                                 e.input_ids[e.prompt_len:]]), e.prompt_len) for e in examples]
+    changed_batch = orca_data.collate(changed, [[0], [1], [2], [3]], pad_token_id=0)
+    assert not torch.equal(changed_batch["input_ids"], batch["input_ids"])
+    assert torch.equal(orca_data.response_loss_sum(logits, changed_batch["labels"]), loss)
+
+    loss.backward()
+    predicts_target = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    predicts_target[:, :-1] = batch["labels"][:, 1:] != -100
+    grad_rows = logits.grad.abs().sum(-1)
+    assert (grad_rows[~predicts_target] == 0).all()
+    assert (grad_rows[predicts_target] > 0).all()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_and_unpacked_batches_give_the_same_loss(rows, tokenizer, attn):
+    """Packing must not let an example see another: same summed loss as one example per row
+    (float32, relative tolerance 1e-5), and numbering positions straight through would differ."""
+    examples, _ = orca_data.encode_examples(rows[:8], tokenizer, 512)
+    model = tiny_llama(len(tokenizer))
+    model.config._attn_implementation = attn
+
+    def loss_of(layout, restart=True):
+        batch = orca_data.collate(examples, layout, pad_token_id=0, restart_positions=restart)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return orca_data.response_loss_sum(logits, batch["labels"]), batch["n_targets"]
+
+    packed_rows = orca_data.pack_greedy([len(e) for e in examples], 4 * max(len(e) for e in examples))
+    assert any(len(r) > 1 for r in packed_rows)
+    unpacked, n1 = loss_of(orca_data.one_per_row(len(examples)))
+    packed, n2 = loss_of(packed_rows)
+    assert n1 == n2
+    torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-4)
+    leaky, _ = loss_of(packed_rows, restart=False)
+    agreement, leak = abs(float(packed) - float(unpacked)), abs(float(leaky) - float(unpacked))
+    print(f"{attn}: |packed - unpacked| = {agreement:.2e}, without position restart {leak:.2e} (sum {float(unpacked):.2f})")
+    assert leak > 1e-2 and leak > 100 * agreement
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    lrs = [lr_at(s, 10, 1.0, 2, 0.1) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+
+def test_training_lowers_the_response_loss(base_dir, tmp_path):
+    cfg = quick_config(base_dir, tmp_path / "run", stages=[Stage(data=[str(SAMPLE)], max_steps=24, lr=1e-2)],
+                       warmup_steps=3, grad_accum=1)
+    before = response_loss(base_dir, [str(SAMPLE)], max_seq_len=128)
+    model_dir = train(cfg)
+    after = response_loss(model_dir, [str(SAMPLE)], max_seq_len=128)
+    log = losses(tmp_path / "run")
+    print(f"response loss before {before:.4f} after {after:.4f}; first step {log[0]:.4f} last step {log[-1]:.4f}")
+    assert len(log) == 24
+    assert after < 0.7 * before
+    assert np.mean(log[-5:]) < 0.8 * np.mean(log[:5])
+
+
+def test_missing_pad_token_is_added_and_embeddings_grow_by_one_row(base_dir, tmp_path, tokenizer):
+    model_dir = train(quick_config(base_dir, tmp_path / "run", stages=[Stage(data=[str(SAMPLE)], max_steps=1)]))
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["vocab_size"] == len(tokenizer) + 1
+    assert config["pad_token_id"] == len(tokenizer)
+    saved_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    assert saved_tok.pad_token == "[PAD]" and saved_tok.pad_token_id == len(tokenizer)
+    from safetensors import safe_open
+
+    (shard,) = model_dir.glob("*.safetensors")
+    with safe_open(shard, "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+        assert embed.shape[0] == len(tokenizer) + 1 and f.get_tensor("lm_head.weight").shape[0] == len(tokenizer) + 1
+        assert embed.dtype == torch.bfloat16  # the base's dtype
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_progressive_stages_run_in_order_with_their_own_learning_rates(base_dir, tmp_path):
+    cfg = quick_config(base_dir, tmp_path / "run", stages=[Stage(data=[str(SAMPLE)], max_steps=3, lr=1e-3),
+                                                           Stage(data=[str(SAMPLE)], max_steps=2, lr=5e-4)])
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in log] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]
+    assert log[0]["lr"] == 1e-3 and log[3]["lr"] == 5e-4
+    assert all(r["tokens_per_s"] > 0 and r["tokens"] >= r["targets"] > 0 for r in log)
+
+
+def test_gradient_accumulation_matches_one_big_batch(base_dir, tmp_path):
+    """4 rows as 1 micro-batch of 4, or 4 micro-batches of 1: the same step (token-mean loss).
+
+    Same logged loss to float32 rounding; same weights to 1e-5 absolute, i.e. 1% of what one
+    lr=1e-3 Adam step moves an element (Adam divides by sqrt(v), which magnifies the rounding
+    differences of near-zero gradients)."""
+    one = train(quick_config(base_dir, tmp_path / "a", micro_batch_size=4, grad_accum=1,
+                             stages=[Stage(data=[str(SAMPLE)], max_steps=2, lr=1e-3)], save_dtype="F32"))
+    acc = train(quick_config(base_dir, tmp_path / "b", micro_batch_size=1, grad_accum=4,
+                             stages=[Stage(data=[str(SAMPLE)], max_steps=2, lr=1e-3)], save_dtype="F32"))
+    from safetensors.torch import load_file
+
+    a, b = load_file(next(one.glob("*.safetensors"))), load_file(next(acc.glob("*.safetensors")))
+    np.testing.assert_allclose(losses(tmp_path / "a"), losses(tmp_path / "b"), rtol=1e-6)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(base_dir, tmp_path):
+    stages = [Stage(data=[str(SAMPLE)], max_steps=2, lr=1e-3)]
+    train(quick_config(base_dir, tmp_path / "a", stages=stages))
+    train(quick_config(base_dir, tmp_path / "b", stages=stages, gradient_checkpointing=True))
+    np.testing.assert_allclose(losses(tmp_path / "a"), losses(tmp_path / "b"), rtol=1e-5)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(base_dir, tmp_path):
+    """Stopped mid-stage (optimizer state restored) and resumed: the same losses and bit-identical weights."""
+    stages = [Stage(data=[str(SAMPLE)], max_steps=3, lr=2e-3), Stage(data=[str(SAMPLE)], max_steps=2, lr=1e-3)]
+    small = dict(stages=stages, save_dtype="F32", micro_batch_size=1, grad_accum=2)
+    straight = train(quick_config(base_dir, tmp_path / "straight", **small))
+    out = tmp_path / "interrupted"
+    ckpt = train(quick_config(base_dir, out, save_every=2, stop_after_steps=2, **small))
+    assert ckpt.name == "step-00000002" and not (out / MODEL_DIRNAME).exists()
+    with pytest.raises(OutputError, match="--resume"):
+        train(quick_config(base_dir, out, **small))
+    with pytest.raises(UsageError, match="different stages"):
+        train(quick_config(base_dir, out, resume=True, **{**small, "stages": stages[:1]}))
+    resumed = train(quick_config(base_dir, out, save_every=2, resume=True, **small))
+    assert losses(out) == losses(tmp_path / "straight")
+    from safetensors.torch import load_file
+
+    a, b = load_file(next(straight.glob("*.safetensors"))), load_file(next(resumed.glob("*.safetensors")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((out / "checkpoints").glob("step-*"))) <= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Config file and CLI
+# ---------------------------------------------------------------------------------------------
+
+def test_example_stage_file_loads_with_paths_relative_to_it(tmp_path):
+    cfg = load_config(STAGES_YAML, model="m", out=str(tmp_path))
+    assert [s.name for s in cfg.stages] == ["chatgpt", "gpt4"]
+    assert all(Path(d) == SAMPLE for s in cfg.stages for d in s.data)
+    assert cfg.stages[0].lr > cfg.stages[1].lr
+
+
+def test_config_rejects_unknown_settings(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": "m", "out": "o", "stages": [{"data": "x.jsonl"}], "learning_rate": 1}))
+    with pytest.raises(UsageError, match="unknown setting.*learning_rate"):
+        load_config(path)
+
+
+def _cli():
+    from orca_diff.cli_train import COMMANDS
+
+    (command,) = COMMANDS
+    return command
+
+
+def test_cli_help_documents_a_progressive_run():
+    result = CliRunner().invoke(_cli(), ["--help"])
+    assert result.exit_code == 0
+    assert "--data flan5m-chatgpt.parquet --data flan1m-gpt4.parquet" in result.output
+    assert "torchrun --nproc_per_node 8" in result.output and "--resume" in result.output
+
+
+def test_cli_runs_the_example_stage_file(base_dir, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(_cli(), ["--config", str(STAGES_YAML), "--model", str(base_dir), "--out", str(out),
+                                         "--save-every", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model" / "config.json").is_file()
+    assert {json.loads(line)["stage"] for line in (out / "train_log.jsonl").read_text().splitlines()} == {1, 2}
+
+
+def test_cli_refuses_stage_flags_without_data(tmp_path):
+    result = CliRunner().invoke(_cli(), ["--config", str(STAGES_YAML), "--model", "m", "--out", str(tmp_path),
+                                         "--lr", "1e-5"])
+    assert result.exit_code != 0 and "per stage" in str(result.exception)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: train -> make -> apply -> verify
+# ---------------------------------------------------------------------------------------------
+
+def test_train_then_make_apply_verify_rebuilds_the_trained_folder_byte_for_byte(base_dir, tmp_path):
+    from orca_diff.apply import apply_diff
+    from orca_diff.verify import verify_model
+
+    out = tmp_path / "run"
+    model_dir = train(quick_config(base_dir, out, stages=[Stage(data=[str(SAMPLE)], max_steps=3, lr=1e-3)],
+                                   make_diff_against=str(base_dir)))
+    diff = out / "diff"
+    assert (diff / "orca-diff.json").is_file()
+    rebuilt = tmp_path / "rebuilt"
+    apply_diff(base_dir, diff, rebuilt, progress=False)
+    verify_model(rebuilt, diff, progress=False)
+    trained = sorted(p.relative_to(model_dir) for p in model_dir.rglob("*") if p.is_file())
+    for rel in trained:
+        assert (rebuilt / rel).read_bytes() == (model_dir / rel).read_bytes(), rel
