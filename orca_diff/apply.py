@@ -109,7 +109,7 @@ def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payload
             return base.extra_files[f.path].read_bytes()
         return b""
     if job.tensor is None:
-        return decode_chunk(payloads.read(c, f"file {f.path!r}"), None, 1, "raw", c.size, planes=False,
+        return decode_chunk(payloads.read(c, f"file {f.path!r}"), None, 1, "raw", c.size, "bytes",
                             where=f"{f.path} chunk {c.start}")
     t = manifest.tensors[job.tensor]
     enc = t.encoding
@@ -121,8 +121,8 @@ def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payload
         b_item = DTYPE_SIZES[bt.dtype]
         b_raw = read_range(base, enc.base_tensor, c.start // itemsize * b_item, c.size // itemsize * b_item)  # type: ignore[arg-type]
         pred = base_prediction(b_raw, bt.dtype, t.dtype)
-        return decode_chunk(payload, pred, itemsize, enc.transform, c.size, enc.planes, where=owner)
-    return decode_chunk(payload, None, itemsize, "raw", c.size, enc.planes, where=owner)
+        return decode_chunk(payload, pred, itemsize, enc.transform, c.size, enc.layout, where=owner)
+    return decode_chunk(payload, None, itemsize, "raw", c.size, "planes", where=owner)
 
 
 class _State:
@@ -164,12 +164,15 @@ def _open_new(staging: Path, rel: str) -> int:
 
 
 def _finished(staging: Path, state: _State, f: FileEntry) -> bool:
+    """A file of an interrupted run is kept only if the state records it AND it still hashes to
+    the manifest's sha256: size and mtime alone would trust a file damaged between the runs
+    (hashing is far cheaper than rebuilding, and keeps "every file matches" true on resume)."""
     rec = state.done.get(f.path)
     p = staging / f.path
     if rec is None or p.is_symlink() or not p.is_file():
         return False
     st = p.stat()
-    return [st.st_size, st.st_mtime_ns] == rec and st.st_size == f.size
+    return [st.st_size, st.st_mtime_ns] == rec and st.st_size == f.size and file_sha256(p) == f.sha256
 
 
 def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
