@@ -88,21 +88,48 @@ def cast_bits(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
 
 def _ordered(u: np.ndarray) -> np.ndarray:
     """Map sign-magnitude float bits to two's-complement order (an involution), in place-safe form."""
-    w = u.dtype.itemsize * 8
-    signed = u.view(INT_FOR_SIZE[u.dtype.itemsize])
-    mask = (signed >> (w - 1)).view(u.dtype) & u.dtype.type((1 << (w - 1)) - 1)
-    return u ^ mask
+    mask = _order_mask(u)
+    np.bitwise_xor(u, mask, out=mask)
+    return mask
+
+
+def _order_mask(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(all ones if negative else 0) & 0x7f..f, as unsigned: what ``_ordered`` XORs in."""
+    size = u.dtype.itemsize
+    signed = u.view(INT_FOR_SIZE[size])
+    if out is None:
+        out = np.empty_like(u)
+    np.right_shift(signed, size * 8 - 1, out=out.view(INT_FOR_SIZE[size]))
+    np.bitwise_and(out, u.dtype.type((1 << (size * 8 - 1)) - 1), out=out)
+    return out
 
 
 def ulp_delta(target: np.ndarray, base: np.ndarray) -> np.ndarray:
     """zigzag(ordered(target) - ordered(base)) as unsigned ints of the same width."""
-    w = target.dtype.itemsize * 8
-    d = (_ordered(target) - _ordered(base)).view(INT_FOR_SIZE[target.dtype.itemsize])
-    return ((d << 1) ^ (d >> (w - 1))).view(target.dtype)
+    size = target.dtype.itemsize
+    d = _ordered(target)
+    tmp = _ordered(base)
+    np.subtract(d, tmp, out=d)
+    sd = d.view(INT_FOR_SIZE[size])
+    np.right_shift(sd, size * 8 - 1, out=tmp.view(INT_FOR_SIZE[size]))
+    np.left_shift(d, 1, out=d)
+    np.bitwise_xor(d, tmp, out=d)
+    return d
 
 
 def ulp_undelta(delta: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`ulp_delta`: the target bits from the delta and the base bits."""
+    """Inverse of :func:`ulp_delta`: the target bits from the delta and the base bits.
+
+    Works with two temporaries of the chunk's size (apply's hot path): unzigzag, add to the
+    ordered base, map back."""
     one = delta.dtype.type(1)
-    d = (delta >> one) ^ (delta.dtype.type(0) - (delta & one))
-    return _ordered(_ordered(base) + d)
+    d = np.bitwise_and(delta, one)
+    np.negative(d, out=d)                        # 0 - (z & 1): all ones for odd z
+    tmp = np.right_shift(delta, one)
+    np.bitwise_xor(d, tmp, out=d)                # unzigzag(z)
+    _order_mask(base, out=tmp)
+    np.bitwise_xor(tmp, base, out=tmp)           # ordered(base)
+    np.add(d, tmp, out=d)                        # ordered(target)
+    _order_mask(d, out=tmp)
+    np.bitwise_xor(d, tmp, out=d)                # target
+    return d

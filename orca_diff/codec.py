@@ -3,12 +3,25 @@
 A chunk of a target tensor is rebuilt from its payload and, for delta chunks, the matching
 elements of the base tensor cast to the target dtype (:func:`base_prediction`):
 
-    encode: transform(target, base) -> byte planes -> zstd frame
-    decode: zstd frame (size-checked) -> un-plane -> inverse transform(., base)
+    encode: transform(target, base) -> symbols -> layout -> one zstd frame
+    decode: zstd frame (size-checked) -> un-layout -> inverse transform(., base)
 
-Byte planes put the k-th byte of every element together: the high bytes of small deltas are
-almost all zero and compress to nearly nothing, the low bytes carry the entropy. The decoder
-refuses a frame that would expand beyond the declared size (a decompression bomb).
+Layouts (docs/format.md, "Layouts"; measurements in docs/performance.md):
+
+* ``planes``: byte ``k`` of every symbol stored together. The high bytes of small deltas are
+  almost all zero and compress to nearly nothing. Used for raw data, xor and 32/64-bit deltas.
+* ``escape``: for 16-bit ulp deltas, whose symbols are almost all below 255. Each symbol becomes
+  one byte ``min(s, 255)``; the symbols >= 255 follow, in order, as byte planes. One byte stream
+  then carries the joint 16-bit distribution, so zstd's Huffman literals reach the order-0
+  entropy of the 16-bit symbols, which byte planes cannot (a 97 %-zero high plane costs zstd
+  about twice its entropy, and splitting the bytes loses their correlation).
+* ``bytes``: stored as they are (blobs, 1-byte elements).
+
+Compression uses fast zstd parameters tuned for these streams: they are literal-dominated, and
+zstd's default match finder at levels 1-3 spends bits on short spurious matches (level 3 is
+10 % larger than level 1 with min_match 7 on bf16 deltas). Decoding refuses a frame whose
+declared size is not the one the manifest implies, and never produces more (decompression
+bombs).
 """
 
 from __future__ import annotations
@@ -21,8 +34,24 @@ import zstandard
 from .bits import UINT_FOR_SIZE, cast_bits, ulp_delta, ulp_undelta
 from .errors import CorruptDiffError
 
-DEFAULT_LEVEL = 3
+#: zstd level used unless the caller asks for another. Levels <= 3 use the tuned fast
+#: parameters below; higher levels are zstd's own (slow to encode, rarely smaller here).
+DEFAULT_LEVEL = 1
+LAYOUTS = ("planes", "escape", "bytes")
+ESCAPE = 255
 _local = threading.local()
+
+
+def compression_params(level: int) -> zstandard.ZstdCompressionParameters:
+    """zstd parameters for ``level``: for fast levels, a 128 KiB window (one Huffman table per
+    block either way), a small hash and min_match 7, so literals are Huffman-coded instead of
+    being cut into short matches that cost more than they save."""
+    if level <= 3:
+        return zstandard.ZstdCompressionParameters(
+            window_log=17, hash_log=8 + 2 * (level - 1), chain_log=6 + 2 * (level - 1), search_log=1,
+            min_match=7, strategy=1 if level == 1 else 2, target_length=0, write_content_size=True,
+            write_checksum=False)
+    return zstandard.ZstdCompressionParameters.from_level(level, write_content_size=True, write_checksum=False)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -31,7 +60,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
         cache = _local.cctx = {}
     c = cache.get(level)
     if c is None:
-        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+        c = cache[level] = zstandard.ZstdCompressor(compression_params=compression_params(level))
     return c
 
 
@@ -52,16 +81,67 @@ def base_prediction(base_raw: np.ndarray, base_dtype: str, target_dtype: str) ->
     return cast_bits(bits, base_dtype, target_dtype).view(np.uint8)
 
 
-def _to_planes(raw: np.ndarray, itemsize: int) -> np.ndarray:
+# --------------------------------------------------------------------------- layouts
+
+
+def to_planes(raw: np.ndarray, itemsize: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``raw`` (n*w bytes) -> w planes of n bytes, plane 0 = least significant bytes."""
     if itemsize == 1:
         return raw
-    return np.ascontiguousarray(raw.reshape(-1, itemsize).T).reshape(-1)
+    n = raw.size // itemsize
+    planes = np.empty((itemsize, n), dtype=np.uint8) if out is None else out.reshape(itemsize, n)
+    elems = raw.reshape(n, itemsize)
+    for k in range(itemsize):  # strided copies: 5-10x faster than a transposed copy
+        planes[k] = elems[:, k]
+    return planes.reshape(-1)
 
 
-def _from_planes(planes: np.ndarray, itemsize: int) -> np.ndarray:
+def from_planes(planes: np.ndarray, itemsize: int) -> np.ndarray:
+    """Inverse of :func:`to_planes`."""
     if itemsize == 1:
         return planes
-    return np.ascontiguousarray(planes.reshape(itemsize, -1).T).reshape(-1)
+    n = planes.size // itemsize
+    out = np.empty((n, itemsize), dtype=np.uint8)
+    p = planes.reshape(itemsize, n)
+    for k in range(itemsize):
+        out[:, k] = p[k]
+    return out.reshape(-1)
+
+
+def _escape_split(sym: np.ndarray, itemsize: int) -> np.ndarray:
+    """symbols (uint of ``itemsize``) -> min(s, 255) bytes followed by the planes of s >= 255."""
+    s = sym.view(UINT_FOR_SIZE[itemsize])
+    n = s.size
+    big = s[s >= ESCAPE]
+    frame = np.empty(n + big.size * itemsize, dtype=np.uint8)
+    np.minimum(s, ESCAPE, out=frame[:n], casting="unsafe")
+    to_planes(big.view(np.uint8), itemsize, out=frame[n:])
+    return frame
+
+
+def _escape_join(frame: np.ndarray, itemsize: int, n: int, where: str) -> np.ndarray:
+    head = frame[:n]
+    sym = head.astype(UINT_FOR_SIZE[itemsize])
+    pos = np.flatnonzero(head == ESCAPE)
+    if pos.size * itemsize != frame.size - n:
+        raise CorruptDiffError(f"{where}: escape stream holds {(frame.size - n) // itemsize} symbols but "
+                               f"{pos.size} are announced; the diff is corrupt, download it again")
+    big = from_planes(frame[n:], itemsize).view(UINT_FOR_SIZE[itemsize])
+    if big.size and int(big.min()) < ESCAPE:
+        raise CorruptDiffError(f"{where}: escaped symbol below {ESCAPE}; the diff is corrupt, download it again")
+    sym[pos] = big
+    return sym.view(np.uint8)
+
+
+def layout_size_range(layout: str, size: int, itemsize: int) -> tuple[int, int]:
+    """The smallest and largest frame content size a chunk of ``size`` bytes can have."""
+    if layout == "escape":
+        n = size // itemsize
+        return n, n + size
+    return size, size
+
+
+# --------------------------------------------------------------------------- transforms
 
 
 def forward(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str) -> np.ndarray:
@@ -85,31 +165,57 @@ def inverse(delta: np.ndarray, base: np.ndarray | None, itemsize: int, transform
     return ulp_undelta(d, b).view(np.uint8)
 
 
+def _check_layout(layout: str, itemsize: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
+    if layout == "escape" and itemsize < 2:
+        raise ValueError("the escape layout needs elements of 2 bytes or more")
+
+
 def encode_chunk(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,
-                 planes: bool = True, level: int = DEFAULT_LEVEL) -> bytes:
+                 layout: str = "planes", level: int = DEFAULT_LEVEL) -> bytes:
     """Compress one chunk. ``target`` and ``base`` are uint8 arrays of equal length (``base`` is
     the prediction already cast to the target dtype, or None for raw chunks)."""
+    _check_layout(layout, itemsize)
     sym = forward(target, base, itemsize, transform)
-    if planes:
-        sym = _to_planes(sym, itemsize)
-    return _compressor(level).compress(sym.data if sym.flags.c_contiguous else sym.tobytes())
+    if layout == "planes":
+        sym = to_planes(sym, itemsize)
+    elif layout == "escape":
+        sym = _escape_split(sym, itemsize)
+    if not sym.flags.c_contiguous:
+        sym = np.ascontiguousarray(sym)
+    return _compressor(level).compress(sym.data)
 
 
-def decode_chunk(payload: bytes | memoryview, base: np.ndarray | None, itemsize: int, transform: str,
-                 size: int, planes: bool = True, where: str = "chunk") -> np.ndarray:
+def decode_chunk(payload: bytes | memoryview | np.ndarray, base: np.ndarray | None, itemsize: int,
+                 transform: str, size: int, layout: str = "planes", where: str = "chunk") -> np.ndarray:
     """Decompress and invert one chunk into exactly ``size`` target bytes (uint8 array)."""
+    _check_layout(layout, itemsize)
+    lo, hi = layout_size_range(layout, size, itemsize)
     try:
-        params = zstandard.get_frame_parameters(payload)
-        if params.content_size != size:
-            raise CorruptDiffError(
-                f"{where}: frame declares {params.content_size} bytes, manifest says {size}; the diff is corrupt"
-            )
-        out = _decompressor().decompress(payload, max_output_size=size)
+        declared = zstandard.get_frame_parameters(payload).content_size
+        if not lo <= declared <= hi or (declared - lo) % itemsize:
+            expect = f"{lo}" if lo == hi else f"{lo} + a multiple of {itemsize} up to {hi}"
+            raise CorruptDiffError(f"{where}: frame declares {declared} bytes, the manifest implies {expect}; "
+                                   "the diff is corrupt, download it again")
+        out = _decompressor().decompress(payload, max_output_size=declared)
     except zstandard.ZstdError as exc:
         raise CorruptDiffError(f"{where}: cannot decompress ({exc}); the diff is corrupt, download it again") from None
-    if len(out) != size:
-        raise CorruptDiffError(f"{where}: decompressed to {len(out)} bytes, expected {size}; the diff is corrupt")
+    if len(out) != declared:
+        raise CorruptDiffError(f"{where}: decompressed to {len(out)} bytes, expected {declared}; the diff is corrupt")
     sym = np.frombuffer(out, dtype=np.uint8)
-    if planes:
-        sym = _from_planes(sym, itemsize)
+    if layout == "planes":
+        sym = from_planes(sym, itemsize)
+    elif layout == "escape":
+        sym = _escape_join(sym, itemsize, size // itemsize, where)
     return inverse(sym, base, itemsize, transform)
+
+
+def choose_layout(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,
+                  level: int = DEFAULT_LEVEL) -> str:
+    """The layout that compresses a sample chunk smallest (the per-tensor choice make stores in
+    the manifest). Only ulp deltas of 16-bit floats have a choice; ties keep planes."""
+    if transform != "ulp" or itemsize != 2:
+        return "planes" if itemsize > 1 else "bytes"
+    sizes = {lay: len(encode_chunk(target, base, itemsize, transform, lay, level)) for lay in ("planes", "escape")}
+    return "escape" if sizes["escape"] < sizes["planes"] else "planes"

@@ -26,6 +26,8 @@ MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_INT = 2**62
 
 TRANSFORMS = ("ulp", "xor", "raw")
+#: How a tensor's delta-chunk symbols are laid out before zstd (docs/format.md, "Layouts").
+LAYOUTS = ("planes", "escape", "bytes")
 CHUNK_MODES = ("delta", "raw")
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+\-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -137,12 +139,12 @@ class Encoding:
     base_tensor: str | None = None
     base_dtype: str | None = None
     shared_bytes: int = 0
-    planes: bool = True
+    layout: str = "planes"  # of the delta chunks; raw chunks always use byte planes
     codec: str = "zstd"
 
     def to_json(self) -> dict:
         return {"transform": self.transform, "base_tensor": self.base_tensor, "base_dtype": self.base_dtype,
-                "shared_bytes": self.shared_bytes, "planes": self.planes, "codec": self.codec}
+                "shared_bytes": self.shared_bytes, "layout": self.layout, "codec": self.codec}
 
     @classmethod
     def from_json(cls, d: object, what: str) -> "Encoding":
@@ -152,15 +154,17 @@ class Encoding:
             raise FormatError(f"manifest: {what}: unknown transform {t!r} (made by a newer orca-diff?)")
         if d.get("codec") != "zstd":
             raise FormatError(f"manifest: {what}: unknown codec {d.get('codec')!r}")
-        planes = d.get("planes")
-        if not isinstance(planes, bool):
-            raise FormatError(f"manifest: {what}: planes must be true or false")
+        layout = d.get("layout")
+        if layout not in LAYOUTS:
+            raise FormatError(f"manifest: {what}: unknown layout {layout!r} (made by a newer orca-diff?)")
+        if layout == "escape" and t == "raw":
+            raise FormatError(f"manifest: {what}: the escape layout is only for delta transforms")
         base_tensor = _str(d.get("base_tensor"), what, optional=True)
         base_dtype = None if d.get("base_dtype") is None else _dtype(d.get("base_dtype"), what)
         shared = _int(d.get("shared_bytes"), what)
         if t != "raw" and (base_tensor is None or base_dtype is None):
             raise FormatError(f"manifest: {what}: a {t} encoding needs base_tensor and base_dtype")
-        return cls(t, base_tensor, base_dtype, shared, planes, "zstd")
+        return cls(t, base_tensor, base_dtype, shared, layout, "zstd")
 
 
 @dataclass(frozen=True)
@@ -351,6 +355,8 @@ def _manifest_from_doc(doc: dict) -> Manifest:
         if info.nbytes > MAX_INT:
             raise FormatError(f"manifest: {w}: impossible size")
         enc = Encoding.from_json(t.get("encoding"), w)
+        if enc.layout == "escape" and info.itemsize < 2:
+            raise FormatError(f"manifest: {w}: the escape layout needs elements of 2 bytes or more")
         if enc.transform != "raw":
             bt = base_tensors.get(enc.base_tensor or "")
             if bt is None or not bt.needed or bt.dtype != enc.base_dtype:

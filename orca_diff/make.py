@@ -12,14 +12,14 @@ import hashlib
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from . import __version__
-from .codec import DEFAULT_LEVEL, base_prediction, encode_chunk
+from .codec import DEFAULT_LEVEL, base_prediction, choose_layout, encode_chunk
 from .errors import OrcaDiffError, UsageError
 from .fingerprint import base_fingerprint
 from .format import (
@@ -58,6 +58,26 @@ def plan_encoding(t: TensorInfo, b: TensorInfo | None) -> Encoding:
     if shared_elems == 0:
         return Encoding("raw")
     return Encoding(transform, base_tensor=b.name, base_dtype=b.dtype, shared_bytes=shared_elems * t.itemsize)
+
+
+#: Bytes of a tensor's shared region that make compresses both ways to choose its layout.
+LAYOUT_SAMPLE_BYTES = 256 << 10
+
+
+def _with_layout(name: str, enc: Encoding, target: ModelReader, base: ModelReader, level: int) -> Encoding:
+    """``enc`` with the layout that compresses a sample of the tensor smallest: the per-tensor
+    choice stored in the manifest (only 16-bit ulp deltas have one, see codec.choose_layout)."""
+    info = target.tensors[name]
+    if enc.transform == "raw" or enc.base_tensor is None:
+        return enc
+    if enc.transform != "ulp" or info.itemsize != 2:
+        return replace(enc, layout="planes")
+    b_info = base.tensors[enc.base_tensor]
+    size = min(enc.shared_bytes, LAYOUT_SAMPLE_BYTES)
+    raw = read_range(target, name, 0, size)
+    b_raw = read_range(base, b_info.name, 0, size // info.itemsize * b_info.itemsize)
+    pred = base_prediction(b_raw, b_info.dtype, info.dtype)
+    return replace(enc, layout=choose_layout(raw, pred, info.itemsize, enc.transform, level))
 
 
 @dataclass(frozen=True)
@@ -160,6 +180,7 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
                base_revision: str | None, level: int, chunk_bytes: int, threads: int, progress: bool | None,
                payload_file_bytes: int) -> Manifest:
     plans = {n: plan_encoding(info, base.tensors.get(n)) for n, info in target.tensors.items()}
+    plans = dict(zip(plans, ordered_map(lambda n: _with_layout(n, plans[n], target, base, level), list(plans), threads)))
     needed = {p.base_tensor for p in plans.values() if p.base_tensor}
 
     # 1. Hash the base (all tensors: the fingerprint identifies the whole base).
@@ -200,7 +221,7 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
             with open(target.extra_files[job.name], "rb") as f:
                 f.seek(job.start)
                 raw = np.frombuffer(f.read(job.size), dtype=np.uint8)
-            payload = encode_chunk(raw, None, 1, "raw", planes=False, level=level)
+            payload = encode_chunk(raw, None, 1, "raw", "bytes", level=level)
             return job, payload, hashlib.sha256(payload).hexdigest(), raw
         info, enc = target.tensors[job.name], plans[job.name]
         raw = read_range(target, job.name, job.start, job.size)
@@ -209,9 +230,9 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
             b_start = job.start // info.itemsize * b_info.itemsize
             b_raw = read_range(base, b_info.name, b_start, job.size // info.itemsize * b_info.itemsize)
             pred = base_prediction(b_raw, b_info.dtype, info.dtype)
-            payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.planes, level)
+            payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.layout, level)
         else:
-            payload = encode_chunk(raw, None, info.itemsize, "raw", enc.planes, level)
+            payload = encode_chunk(raw, None, info.itemsize, "raw", "planes", level)
         return job, payload, hashlib.sha256(payload).hexdigest(), raw
 
     writer = _PayloadWriter(folder, payload_file_bytes)
