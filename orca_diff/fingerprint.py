@@ -53,14 +53,25 @@ def base_fingerprint(hashes: Mapping[str, tuple[str, tuple[int, ...] | list[int]
     return base_fingerprint_full(hashes)[:SHORT_DIGEST_CHARS]
 
 
-def hash_model(reader: ModelReader, progress=None) -> dict[str, tuple[str, tuple[int, ...], str]]:
-    """``{name: (dtype, shape, sha256)}`` for every tensor, read one at a time (bounded memory)."""
-    out: dict[str, tuple[str, tuple[int, ...], str]] = {}
-    for name, info in reader.tensors.items():
-        out[name] = (info.dtype, tuple(info.shape), tensor_sha256(reader, name))
-        if progress is not None:
-            progress(info.nbytes)
-    return out
+def hash_model(reader: ModelReader, threads: int = 1, progress: bool | None = False
+               ) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """``{name: (dtype, shape, sha256)}`` for every tensor, in the reader's order.
+
+    Tensors are hashed in bounded blocks by ``threads`` workers (each holds one block), so memory
+    does not grow with the model. ``progress`` as in :func:`orca_diff.progress.byte_bar`.
+    """
+    from .pipeline import ordered_map
+    from .progress import byte_bar
+
+    names = list(reader.tensors)
+    with byte_bar(sum(i.nbytes for i in reader.tensors.values()), "hashing base", progress) as bar:
+        def one(name: str) -> str:
+            sha = tensor_sha256(reader, name)
+            bar.update(reader.tensors[name].nbytes)
+            return sha
+
+        shas = list(ordered_map(one, names, max(1, threads)))
+    return {n: (reader.tensors[n].dtype, tuple(reader.tensors[n].shape), sha) for n, sha in zip(names, shas)}
 
 
 __all__ = ["tensor_sha256", "base_fingerprint", "base_fingerprint_full", "fingerprint_lines",

@@ -1,0 +1,56 @@
+"""``orca-diff fingerprint``: identify a base by its weights, whatever form it is held in."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .errors import OrcaDiffError
+
+_FORMS = {"SafetensorsModel": "HF safetensors", "TorchBinModel": "HF .bin (torch)",
+          "MetaCheckpoint": "Meta original (params.json + consolidated.*.pth)"}
+
+
+@click.command("fingerprint", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("base", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print every tensor's dtype, shape and sha256 as JSON.")
+@click.option("--threads", type=click.IntRange(1, 512), default=None,
+              help="Worker threads (default: all cores, or $ORCA_DIFF_THREADS).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def fingerprint(base: str, as_json: bool, threads: int | None, quiet: bool) -> None:
+    """Print the fingerprint of a BASE model folder: a short digest over the sha256 of its
+    tensors in HF canonical form (HF names, dtype and bytes as stored).
+
+    The same weights give the same fingerprint as HF safetensors, HF .bin shards or Meta's
+    original consolidated.*.pth (converted on the fly, as transformers does); a different
+    conversion, dtype or download does not. Compare it with the base fingerprint a diff prints
+    (`orca-diff info DIFF`). Definition: docs/bases.md.
+
+    \b
+    Examples:
+      orca-diff fingerprint ~/llama/7B
+      orca-diff fingerprint ~/llama-7b-hf --json > base-hashes.json
+    """
+    from .fingerprint import base_fingerprint, base_fingerprint_full, hash_model
+    from .pipeline import default_threads
+    from .tensors import open_model
+
+    model = open_model(base)
+    try:
+        if not model.tensors:
+            raise OrcaDiffError(f"{base}: the model has no tensors to fingerprint")
+        hashes = hash_model(model, threads or default_threads(), progress=False if quiet else None)
+        form = _FORMS.get(type(model).__name__, type(model).__name__)
+    finally:
+        model.close()
+    short = base_fingerprint(hashes)
+    if as_json:
+        doc = {"fingerprint": short, "sha256": base_fingerprint_full(hashes), "form": form,
+               "tensors": {n: {"dtype": d, "shape": list(s), "sha256": h} for n, (d, s, h) in hashes.items()}}
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(short)
+
+
+COMMANDS = [fingerprint]
