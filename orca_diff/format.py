@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptDiffError, FormatError, InputNotFoundError
-from .tensors import DTYPE_SIZES, FLOAT_DTYPES, DuplicateKeyError, TensorInfo, parse_safetensors_header, unique_keys
+from .tensors import DTYPE_SIZES, MAX_HEADER_BYTES, FLOAT_DTYPES, DuplicateKeyError, TensorInfo, parse_safetensors_header, unique_keys
 
 MANIFEST_NAME = "orca-diff.json"
 FORMAT_NAME = "orca-diff"
@@ -51,11 +51,13 @@ def _int(v: object, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
     return v
 
 
-def _str(v: object, what: str, optional: bool = False) -> str | None:
+def _str(v: object, what: str, optional: bool = False, max_len: int = 4096) -> str | None:
     if v is None and optional:
         return None
-    if not isinstance(v, str) or len(v) > 4096:
+    if not isinstance(v, str):
         raise FormatError(f"manifest: {what}: expected a string, found {type(v).__name__}")
+    if len(v) > max_len:
+        raise FormatError(f"manifest: {what}: string of {len(v)} characters is longer than the {max_len} allowed")
     return v
 
 
@@ -393,7 +395,7 @@ def _manifest_from_doc(doc: dict) -> Manifest:
         size, sha = _int(f.get("size"), path), _hex(f.get("sha256"), path)
         kind = f.get("kind")
         if kind == "safetensors":
-            header = _str(f.get("header"), f"{path} header")
+            header = _str(f.get("header"), f"{path} header", max_len=MAX_HEADER_BYTES)
             raw = header.encode("utf-8")  # type: ignore[union-attr]
             parsed = parse_safetensors_header(raw, f"manifest header of {path}", size)
             for e in parsed.entries:

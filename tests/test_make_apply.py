@@ -260,3 +260,13 @@ def test_loading_a_model_folder_as_a_diff_says_it_is_a_model(make_pair):
 def test_plan_encoding(t, b, expected):
     enc = plan_encoding(t, b)
     assert (enc.transform, enc.shared_bytes) == expected
+
+
+def test_safetensors_headers_longer_than_any_small_limit_round_trip(make_pair, tmp_path):
+    from orca_diff.synth import LlamaShape
+    many_layers = LlamaShape(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=12,
+                             num_attention_heads=2, num_key_value_heads=2)
+    base, target = make_pair("BF16", shape=many_layers)
+    diff = roundtrip(base, target, tmp_path)
+    header = next(f.header for f in load_manifest(diff).files if f.kind == "safetensors")
+    assert len(header) > 8192
