@@ -198,16 +198,19 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, f
     state = _State(staging, hashlib.sha256(manifest.to_bytes()).hexdigest())
     if staging.is_symlink():
         raise OutputError(f"{staging}: is a symbolic link; remove it and rerun")
-    if staging.exists() and not state.load():
-        shutil.rmtree(staging)  # our own hidden folder, from another diff or an unreadable state
-    staging.mkdir(exist_ok=True)
-    todo = [f for f in manifest.files if not _finished(staging, state, f)]
-    resumed = len(manifest.files) - len(todo)
-    remaining = sum(f.size for f in todo)
-    free = shutil.disk_usage(staging).free
-    if free < remaining:
-        raise OutputError(f"{out.parent}: needs {remaining / 2**30:.2f} GiB free to rebuild, has {free / 2**30:.2f} GiB; "
-                          "free space and rerun (finished files are kept)")
+    try:  # nothing is created until the space is known to be there
+        if staging.exists() and not state.load():
+            shutil.rmtree(staging)  # our own hidden folder, from another diff or an unreadable state
+        todo = [f for f in manifest.files if not _finished(staging, state, f)]
+        resumed = len(manifest.files) - len(todo)
+        remaining = sum(f.size for f in todo)
+        free = shutil.disk_usage(staging if staging.exists() else out.parent).free
+        if free < remaining:
+            raise OutputError(f"{out.parent}: needs {_human(remaining)} free to rebuild, has {_human(free)}; "
+                              "free space and rerun (finished files are kept)")
+        staging.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise describe_os_error(exc, staging, "choose another --out") from None
     resume_hint = f"rerun the same command to resume (finished files are kept in {staging})"
     payloads = _Payloads(diff_dir)
     fd, h, path = -1, hashlib.sha256(), staging
@@ -250,10 +253,21 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, f
         if fd >= 0:
             os.close(fd)
         payloads.close()
-    (staging / STATE_NAME).unlink(missing_ok=True)
-    publish(staging, out, force)
+    try:
+        (staging / STATE_NAME).unlink(missing_ok=True)
+        publish(staging, out, force)
+    except OSError as exc:
+        raise describe_os_error(exc, out, f"the complete result is in {staging}") from None
     return ApplyReport(out, len(manifest.files), written, resumed, time.perf_counter() - t0,
                        manifest.base.fingerprint, manifest.target_fingerprint)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
 
 
 def _write_all(fd: int, data: bytes | np.ndarray) -> None:

@@ -32,6 +32,8 @@ def check_output(out: Path, force: bool) -> None:
             raise OutputError(f"{out}: folder exists and is not empty; choose another --out or pass --force to replace it")
     if not out.parent.exists():
         raise OutputError(f"{out.parent}: parent folder does not exist; create it first")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: is a file, not a folder; choose another --out")
 
 
 def fsync_path(path: Path) -> None:
@@ -68,6 +70,8 @@ def describe_os_error(exc: OSError, path: Path, resume_hint: str) -> OutputError
         return OutputError(f"{path}: disk full; free space and {resume_hint}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"{path}: cannot write ({exc.strerror}); choose a writable --out")
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return OutputError(f"{path}: cannot create it ({exc.strerror}); choose an --out inside a writable folder")
     if exc.errno == errno.EFBIG:
         return OutputError(f"{path}: file too large for this file system or limit ({exc.strerror})")
     return OutputError(f"{path}: write failed ({exc.strerror}); {resume_hint}")
