@@ -145,23 +145,21 @@ def explain_base_mismatch(
     found_shapes = {n: tuple(i.shape) for n, i in found_infos.items()}
 
     # A different family or size, read from shapes.
-    if exp_shapes != {n: found_shapes[n] for n in exp_shapes if n in found_shapes} or set(exp_shapes) - set(
-        found_shapes
-    ):
-        exp_desc, found_desc = describe_llama(exp_shapes), describe_llama(found_shapes)
-        if exp_desc and found_desc and exp_desc != found_desc:
-            e_embed = exp_shapes.get("model.embed_tokens.weight")
-            f_embed = found_shapes.get("model.embed_tokens.weight")
-            if e_embed and f_embed and e_embed[1] == f_embed[1] and f_embed[0] == e_embed[0] + 1 and (
-                {n: s for n, s in exp_shapes.items() if "embed_tokens" not in n and "lm_head" not in n}
-                == {n: s for n, s in found_shapes.items() if "embed_tokens" not in n and "lm_head" not in n}
-            ):
-                hints.append(
-                    f"this base has vocab {f_embed[0]} where the diff's base has {e_embed[0]}: it already has"
-                    " an added (pad) token, so it is probably a fine-tune, not the original model"
-                )
-            else:
-                hints.append(f"the diff was made from {exp_desc} but this base is {found_desc}")
+    family_differs = False
+    exp_desc, found_desc = describe_llama(exp_shapes), describe_llama(found_shapes)
+    if exp_desc and found_desc and exp_desc != found_desc:
+        e_embed, f_embed = exp_shapes["model.embed_tokens.weight"], found_shapes["model.embed_tokens.weight"]
+        rest = lambda shapes: {n: s for n, s in shapes.items() if "embed_tokens" not in n and "lm_head" not in n}  # noqa: E731
+        if f_embed[1] == e_embed[1] and f_embed[0] != e_embed[0] and rest(exp_shapes) == rest(found_shapes):
+            added = f_embed[0] - e_embed[0]
+            hints.append(
+                f"this base has vocab {f_embed[0]} where the diff's base has {e_embed[0]}"
+                + (": it already has an added (pad) token, so it is probably a fine-tune, not the original model"
+                   if added > 0 else "")
+            )
+        else:
+            hints.append(f"the diff was made from {exp_desc} but this base is {found_desc}")
+        family_differs = True
 
     # A different dtype.
     exp_dtype = _dominant_dtype([d for d, _, _ in expected.values()])
@@ -179,8 +177,8 @@ def explain_base_mismatch(
         hints.append(hint)
 
     # Missing / unexpected tensors.
-    missing = [n for n in expected if n not in found_infos]
-    unexpected = [n for n in found_infos if n not in expected]
+    missing = [] if family_differs else [n for n in expected if n not in found_infos]
+    unexpected = [] if family_differs else [n for n in found_infos if n not in expected]
     if missing:
         hints.append(f"{len(missing)} tensor(s) of the diff's base are missing from this base (first: {missing[0]})")
     if unexpected:
