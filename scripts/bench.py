@@ -1,0 +1,437 @@
+#!/usr/bin/env python
+"""Benchmark orca-diff against the entropy floor, zstd --patch-from, the FastChat delta and pure I/O.
+
+One run, on the same pair(s):
+
+* size: diff bytes as % of the target's weight-file bytes, next to
+  - the order-0 entropy floor of the ulp delta symbols, per tensor, summed (16-bit symbols for
+    bf16/fp16; for fp32 the achievable "bit-length class + raw bits" code, see
+    docs/performance.md), and H(delta | base exponent) for reference;
+  - ``zstd -19 --long=27 --patch-from=<base shard>`` on each safetensors shard (when the zstd
+    program is installed);
+  - the FastChat-style delta: both models cast to fp16, ``target - base`` in fp16, zstd -19;
+* time: make and apply (each in a fresh subprocess, best of ``--repeats``), next to a pure I/O
+  baseline measured in the same run: read base and target, write the diff bytes, fsync (make);
+  read base and diff, write the output bytes, fsync (apply). Ratios are printed;
+* memory: peak RSS (ru_maxrss) of each subprocess;
+* at 1x, 4x and 16x size (layers and vocabulary scaled), to show linear time and flat memory.
+
+Examples::
+
+    python scripts/bench.py                          # bf16, 1x 4x 16x (1x = 136 MB)
+    python scripts/bench.py --sizes 1 --dtype F16 --json bench.json
+    python scripts/bench.py --base ./llama-7b --target ./vicuna-7b --sizes 1
+
+The page cache is warm for every timed run (each input was just written or read); the machine
+may be shared, so use ``--repeats`` and read best-of-N figures as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from orca_diff.bits import UINT_FOR_SIZE, cast_bits, ulp_delta  # noqa: E402
+from orca_diff.codec import base_prediction  # noqa: E402
+from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama  # noqa: E402
+from orca_diff.tensors import FLOAT_DTYPES, open_model, read_range  # noqa: E402
+
+BLOCK = 16 << 20
+EXP_FIELD = {"BF16": (7, 0xFF), "F16": (10, 0x1F), "F32": (23, 0xFF), "F64": (52, 0x7FF)}
+
+
+def shape_for(scale: int) -> LlamaShape:
+    """1x: hidden 1024, 4 layers, vocab 8000 (67.8 M parameters); layers and vocab grow with scale."""
+    return LlamaShape(vocab_size=8000 * scale, hidden_size=1024, intermediate_size=2816,
+                      num_hidden_layers=4 * scale, num_attention_heads=8, num_key_value_heads=8)
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def _child(argv: list[str]) -> None:
+    """Run one timed operation and print {"seconds", "maxrss_bytes"} as JSON (a fresh process
+    per measurement, so peak RSS is that operation's own)."""
+    op = argv[0]
+    t0 = time.perf_counter()
+    if op == "make":
+        from orca_diff.make import make_diff
+
+        make_diff(argv[1], argv[2], argv[3], force=True, progress=False)
+    elif op == "apply":
+        from orca_diff.apply import apply_diff
+
+        apply_diff(argv[1], argv[2], argv[3], force=True, progress=False)
+    elif op == "io":  # read every file of the inputs, write `size` bytes as the output, fsync
+        inputs, out, sizes = argv[1].split(os.pathsep), Path(argv[2]), json.loads(argv[3])
+        buf = bytearray(BLOCK)
+        for folder in inputs:
+            for p in sorted(Path(folder).rglob("*")):
+                if p.is_file():
+                    with open(p, "rb", buffering=0) as f:
+                        while f.readinto(buf):
+                            pass
+        out.mkdir(parents=True, exist_ok=True)
+        data = memoryview(np.frombuffer(np.random.default_rng(0).bytes(BLOCK), np.uint8))
+        for i, size in enumerate(sizes):
+            fd = os.open(out / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            left = size
+            while left:
+                left -= os.write(fd, data[:min(left, BLOCK)])
+            os.fsync(fd)
+            os.close(fd)
+    else:
+        raise SystemExit(f"unknown child op {op}")
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "maxrss_bytes": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent across fork+exec, so a child would report the benchmark's own peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "_child", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode:
+        raise SystemExit(f"child {args[0]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def _h0_bits(counts: np.ndarray) -> float:
+    c = counts[counts > 0].astype(np.float64)
+    n = c.sum()
+    return float(-(c * np.log2(c / n)).sum()) if n else 0.0
+
+
+@dataclass
+class Floors:
+    order0: float = 0.0       # bytes: H0 of 16-bit delta symbols, or class+raw code for wider types
+    cond_exp: float = 0.0     # bytes: H(delta | base exponent) (16-bit only; the class code's for wider)
+    raw_bytes: int = 0        # bytes of tensors (or regions) with no base: counted at their full size
+    changed: int = 0
+    elements: int = 0
+    rel_changes: list | None = None
+
+
+def entropy_floors(base_dir: Path, target_dir: Path) -> Floors:
+    """Per-tensor order-0 floors of the ulp delta (streamed tensor by tensor, bounded memory)."""
+    base, target = open_model(base_dir), open_model(target_dir)
+    fl = Floors(rel_changes=[])
+    try:
+        for name, ti in target.tensors.items():
+            bi = base.tensors.get(name)
+            if bi is None or ti.dtype not in FLOAT_DTYPES or bi.dtype not in FLOAT_DTYPES or bi.shape != ti.shape:
+                fl.raw_bytes += ti.nbytes
+                continue
+            w = ti.itemsize
+            sh, mask = EXP_FIELD[ti.dtype]
+            if w == 2:
+                joint = np.zeros((mask + 1, 65536), dtype=np.int64)  # rows of exponents seen only
+            else:
+                joint = np.zeros((mask + 1, 8 * w + 1), dtype=np.int64)
+            sq_d = sq_b = 0.0
+            step = BLOCK // w * w
+            for s in range(0, ti.nbytes, step):
+                n = min(step, ti.nbytes - s)
+                t = read_range(target, name, s, n).view(UINT_FOR_SIZE[w])
+                b = base_prediction(read_range(base, name, s // w * bi.itemsize, n // w * bi.itemsize), bi.dtype,
+                                    ti.dtype).view(UINT_FOR_SIZE[w])
+                d = ulp_delta(t, b)
+                e = ((b >> UINT_FOR_SIZE[w](sh)) & UINT_FOR_SIZE[w](mask)).astype(np.int64)
+                fl.changed += int(np.count_nonzero(d))
+                fl.elements += d.size
+                if w == 2:
+                    for k in np.flatnonzero(np.bincount(e, minlength=mask + 1)):
+                        joint[k] += np.bincount(d[e == k], minlength=65536)
+                else:
+                    _, cls = np.frexp(d.astype(np.float64))  # bit length of d (0 for d = 0)
+                    joint += np.bincount(e * (8 * w + 1) + cls, minlength=joint.size).reshape(joint.shape)
+                tf = _as_f64(t, ti.dtype)
+                bf = _as_f64(b, ti.dtype)
+                ok = np.isfinite(tf) & np.isfinite(bf)
+                sq_d += float(np.sum((tf[ok] - bf[ok]) ** 2))
+                sq_b += float(np.sum(bf[ok] ** 2))
+            if sq_b > 0:
+                fl.rel_changes.append(np.sqrt(sq_d / sq_b))
+            if w == 2:
+                j = joint.reshape(mask + 1, 65536)
+                fl.order0 += _h0_bits(j.sum(axis=0)) / 8
+                fl.cond_exp += sum(_h0_bits(row) for row in j if row.any()) / 8
+            else:
+                classes = np.arange(8 * w + 1)
+                raw_bits = float((joint.sum(axis=0) * np.maximum(classes - 1, 0)).sum())
+                n_el = joint.sum()
+                table = 0.5 * np.count_nonzero(joint.sum(axis=0)) * np.log2(max(n_el, 2))  # KT-style learning cost
+                fl.order0 += (_h0_bits(joint.sum(axis=0)) + raw_bits + table) / 8
+                cond = sum(_h0_bits(row) + 0.5 * np.count_nonzero(row) * np.log2(max(row.sum(), 2))
+                           for row in joint if row.any())
+                fl.cond_exp += (cond + raw_bits) / 8
+    finally:
+        base.close()
+        target.close()
+    return fl
+
+
+def _as_f64(bits: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    return bits.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]).astype(np.float64)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def patch_from_bytes(base_dir: Path, target_dir: Path, work: Path) -> int | None:
+    """``zstd -19 --long=27 --patch-from`` per shard (shards paired by position)."""
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        return None
+    total = 0
+    for i, (b, t) in enumerate(zip(weight_files(base_dir), weight_files(target_dir))):
+        out = work / f"patch-{i}.zst"
+        subprocess.run([zstd, "-q", "-f", "-19", "--long=27", f"--patch-from={b}", str(t), "-o", str(out)], check=True)
+        total += out.stat().st_size
+        out.unlink()
+    return total
+
+
+def fastchat_bytes(base_dir: Path, target_dir: Path) -> tuple[int, int, int]:
+    """FastChat's apply_delta convention: fp16 ``target - base``, compressed with zstd -19.
+    Returns (compressed bytes, elements that do not rebuild exactly, elements)."""
+    import zstandard
+
+    base, target = open_model(base_dir), open_model(target_dir)
+    cctx = zstandard.ZstdCompressor(level=19, threads=2)
+    wrong = elems = 0
+    counter = _Counter()
+    try:
+        with cctx.stream_writer(counter, closefd=False) as sink:
+            for name, ti in target.tensors.items():
+                bi = base.tensors.get(name)
+                for s in range(0, ti.nbytes, BLOCK // ti.itemsize * ti.itemsize):
+                    n = min(BLOCK // ti.itemsize * ti.itemsize, ti.nbytes - s)
+                    t = read_range(target, name, s, n).view(UINT_FOR_SIZE[ti.itemsize])
+                    t16 = cast_bits(t, ti.dtype, "F16").view(np.float16)
+                    if bi is None or bi.shape != ti.shape or bi.dtype not in FLOAT_DTYPES:
+                        sink.write(t16.tobytes())
+                        continue
+                    b = read_range(base, name, s // ti.itemsize * bi.itemsize, n // ti.itemsize * bi.itemsize)
+                    b16 = cast_bits(b.view(UINT_FOR_SIZE[bi.itemsize]), bi.dtype, "F16").view(np.float16)
+                    with np.errstate(all="ignore"):
+                        delta = t16 - b16
+                        rebuilt = cast_bits((b16 + delta).view(np.uint16), "F16", ti.dtype)
+                    wrong += int(np.count_nonzero(rebuilt != t))
+                    elems += t.size
+                    sink.write(delta.tobytes())
+            sink.flush(zstandard.FLUSH_FRAME)
+    finally:
+        base.close()
+        target.close()
+    return counter.n, wrong, elems
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: bytes) -> int:
+        self.n += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def sha_folder(folder: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(BLOCK):
+                    h.update(chunk)
+            out[p.relative_to(folder).as_posix()] = h.hexdigest()
+    return out
+
+
+# --------------------------------------------------------------------------- one size
+
+
+def bench_pair(base_dir: Path, target_dir: Path, work: Path, repeats: int, compare: bool) -> dict:
+    diff_dir, out_dir, io_dir = work / "diff", work / "out", work / "io"
+    target_weight_bytes = sum(p.stat().st_size for p in weight_files(target_dir))
+    target_sizes = [p.stat().st_size for p in sorted(target_dir.rglob("*")) if p.is_file()]
+    res: dict = {"base": str(base_dir), "target": str(target_dir), "target_weight_bytes": target_weight_bytes,
+                 "target_bytes": sum(target_sizes)}
+
+    makes, applies, io_make, io_apply = [], [], [], []
+    for r in range(repeats):
+        makes.append(run_child("make", str(base_dir), str(target_dir), str(diff_dir)))
+        diff_size = folder_bytes(diff_dir)
+        io_make.append(run_child("io", os.pathsep.join([str(base_dir), str(target_dir)]), str(io_dir),
+                                 json.dumps([diff_size])))
+        shutil.rmtree(io_dir)
+        applies.append(run_child("apply", str(base_dir), str(diff_dir), str(out_dir)))
+        if r == 0:
+            if sha_folder(out_dir) != sha_folder(target_dir):
+                raise SystemExit(f"{out_dir}: rebuilt model differs from {target_dir}")
+        shutil.rmtree(out_dir)
+        io_apply.append(run_child("io", os.pathsep.join([str(base_dir), str(diff_dir)]), str(io_dir),
+                                  json.dumps(target_sizes)))
+        shutil.rmtree(io_dir)
+    best = lambda xs: min(x["seconds"] for x in xs)  # noqa: E731
+    peak = lambda xs: max(x["maxrss_bytes"] for x in xs)  # noqa: E731
+    payload = sum(p.stat().st_size for p in diff_dir.glob("*.odz"))
+    res.update(diff_bytes=folder_bytes(diff_dir), payload_bytes=payload,
+               make_s=best(makes), make_io_s=best(io_make), apply_s=best(applies), apply_io_s=best(io_apply),
+               make_rss=peak(makes), apply_rss=peak(applies), io_rss=peak(io_apply + io_make),
+               make_runs=[x["seconds"] for x in makes], apply_runs=[x["seconds"] for x in applies],
+               make_io_runs=[x["seconds"] for x in io_make], apply_io_runs=[x["seconds"] for x in io_apply])
+    manifest = json.loads((diff_dir / "orca-diff.json").read_text())
+    layouts: dict[str, int] = {}
+    for t in manifest["tensors"].values():
+        key = f'{t["encoding"]["transform"]}/{t["encoding"]["layout"]}'
+        layouts[key] = layouts.get(key, 0) + 1
+    res["layouts"] = layouts
+    if compare:
+        fl = entropy_floors(base_dir, target_dir)
+        res.update(floor_bytes=fl.order0 + fl.raw_bytes, cond_exp_bytes=fl.cond_exp + fl.raw_bytes,
+                   changed_fraction=fl.changed / max(fl.elements, 1),
+                   rel_change_median=float(np.median(fl.rel_changes)) if fl.rel_changes else None,
+                   rel_change_max=float(np.max(fl.rel_changes)) if fl.rel_changes else None)
+        t0 = time.perf_counter()
+        res["patch_from_bytes"] = patch_from_bytes(base_dir, target_dir, work)
+        res["patch_from_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res["fastchat_bytes"], res["fastchat_wrong"], res["fastchat_elems"] = fastchat_bytes(base_dir, target_dir)
+        res["fastchat_s"] = time.perf_counter() - t0
+    return res
+
+
+def build_pair(work: Path, scale: int, dtype: str, shard_bytes: int) -> tuple[Path, Path]:
+    base, target = work / f"base-{dtype}-{scale}x", work / f"target-{dtype}-{scale}x"
+    shape = shape_for(scale)
+    if not (base / "config.json").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        write_llama(base, shape, dtype, seed=0, max_shard_bytes=shard_bytes)
+    if not (target / "config.json").exists():
+        shutil.rmtree(target, ignore_errors=True)
+        write_finetune(target, shape, base_seed=0, dtype=dtype, ft=FineTune(), max_shard_bytes=shard_bytes)
+    return base, target
+
+
+# --------------------------------------------------------------------------- report
+
+
+def pct(x: float | None, total: int) -> str:
+    return "-" if x is None else f"{100 * x / total:.2f} %"
+
+
+def print_report(results: list[dict]) -> None:
+    for r in results:
+        tb = r["target_weight_bytes"]
+        print(f"\n== {r['label']}: target {tb / 1e6:.1f} MB of weights ({r['target_bytes'] / 1e6:.1f} MB with other files)")
+        if "floor_bytes" in r:
+            print(f"   fine-tune: {100 * r['changed_fraction']:.1f} % of elements changed; relative L2 change per tensor "
+                  f"median {r['rel_change_median']:.2e} (max {r['rel_change_max']:.2e})")
+            rows = [("orca-diff (whole diff folder)", r["diff_bytes"]),
+                    ("  payload only", r["payload_bytes"]),
+                    ("order-0 floor of the ulp delta, per tensor (bound)", r["floor_bytes"]),
+                    ("H(ulp delta | base exponent), per tensor (bound)", r["cond_exp_bytes"]),
+                    ("zstd -19 --long=27 --patch-from", r.get("patch_from_bytes")),
+                    ("FastChat fp16 delta, zstd -19 (lossy)", r.get("fastchat_bytes"))]
+            w = max(len(a) for a, _ in rows)
+            for a, b in rows:
+                print(f"   {a:<{w}}  {pct(b, tb):>9}")
+            print(f"   diff / floor = {r['diff_bytes'] / r['floor_bytes']:.3f}", end="")
+            if r.get("patch_from_bytes"):
+                print(f"; diff / patch-from = {r['diff_bytes'] / r['patch_from_bytes']:.3f}", end="")
+            if r.get("fastchat_elems"):
+                print(f"; FastChat rebuild wrong for {r['fastchat_wrong']} / {r['fastchat_elems']} elements", end="")
+            print()
+        print(f"   layouts: {r['layouts']}")
+    print("\n size | weights MB | diff %  | make s | make I/O s | make/IO | apply s | apply I/O s | apply/IO "
+          "| make RSS MiB | apply RSS MiB | I/O RSS MiB")
+    for r in results:
+        print(f" {r['label']:>4} | {r['target_weight_bytes'] / 1e6:10.1f} | {100 * r['diff_bytes'] / r['target_weight_bytes']:6.2f} "
+              f"| {r['make_s']:6.2f} | {r['make_io_s']:10.2f} | {r['make_s'] / r['make_io_s']:7.2f} "
+              f"| {r['apply_s']:7.2f} | {r['apply_io_s']:11.2f} | {r['apply_s'] / r['apply_io_s']:8.2f} "
+              f"| {r['make_rss'] / 2**20:12.0f} | {r['apply_rss'] / 2**20:13.0f} | {r['io_rss'] / 2**20:11.0f}")
+    print("\n times: best of the repeats, each in a fresh process (import time excluded); warm page cache; "
+          "RSS: the largest ru_maxrss over the repeats")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        return _child(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="BF16", choices=["BF16", "F16", "F32"], help="synthetic pair dtype")
+    ap.add_argument("--sizes", default="1,4,16", help="comma-separated scales of the synthetic pair (1x = 136 MB bf16)")
+    ap.add_argument("--compare-sizes", default="1", help="scales at which floors, patch-from and FastChat are "
+                    "computed (patch-from runs at ~1.5 MB/s; 'all' for every size)")
+    ap.add_argument("--base", type=Path, help="a real base model folder (with --target)")
+    ap.add_argument("--target", type=Path, help="a real fine-tuned model folder (safetensors)")
+    ap.add_argument("--work", type=Path, default=Path("bench-work"), help="scratch folder (pairs are cached here)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per size (best is reported)")
+    ap.add_argument("--shard-bytes", type=int, default=1 << 30, help="max shard size of the synthetic pair")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    if args.base or args.target:
+        if not (args.base and args.target):
+            ap.error("--base and --target go together")
+        pairs = [("real", args.base, args.target, True)]
+    else:
+        scales = [int(s) for s in args.sizes.split(",")]
+        cmp = set(scales) if args.compare_sizes == "all" else {int(s) for s in args.compare_sizes.split(",") if s}
+        pairs = []
+        for s in scales:
+            b, t = build_pair(args.work, s, args.dtype, args.shard_bytes)
+            pairs.append((f"{s}x", b, t, s in cmp))
+    for label, b, t, compare in pairs:
+        work = args.work / f"run-{label}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        print(f"[{time.strftime('%H:%M:%S')}] {label}: {b} -> {t} (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+        r = bench_pair(b, t, work, args.repeats, compare)
+        r["label"] = label
+        r["dtype"] = args.dtype if label != "real" else None
+        r["loadavg_end"] = os.getloadavg()
+        results.append(r)
+        shutil.rmtree(work, ignore_errors=True)
+    print_report(results)
+    if args.json:
+        args.json.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
