@@ -153,6 +153,10 @@ def resolve_legacy_diff(spec: str, fmt: str, *, progress: bool | None) -> tuple[
     catalog entry when it has one. Hub downloads go through :mod:`orca_diff.hub` (cached)."""
     path = Path(spec).expanduser()
     if path.exists():
+        if fmt == "oa-xor":
+            from .oa_xor import payload_folder
+
+            path = payload_folder(path)  # a clone of the Hub repo keeps the files in a subfolder
         return path, None
     entry = catalog_legacy(spec)
     if entry is not None and entry.get("format") != fmt:
