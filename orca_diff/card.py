@@ -101,7 +101,7 @@ access request on their Hub page and a login (`hf auth login`, or `HF_TOKEN`).
 ## Verify
 
 ```bash
-orca-diff verify --diff {diff_ref} --model rebuilt-model
+orca-diff verify --diff "$(orca-diff download {diff_ref} -q)" --model rebuilt-model
 ```
 
 or, without orca-diff, compare these sha256 sums (`sha256sum -c` in the rebuilt folder):

@@ -121,7 +121,14 @@ def describe_hub_error(exc: BaseException, ref: RepoRef, what: str) -> HubError:
     from huggingface_hub import errors as e
 
     where = f"{ref} on {endpoint()}"
-    for cause in _chain(exc):
+    chain = list(_chain(exc))
+    if any(isinstance(c, e.OfflineModeIsEnabled) for c in chain) or (
+            isinstance(exc, (e.LocalEntryNotFoundError, e.IncompleteSnapshotError)) and offline()):
+        return HubError(f"HF_HUB_OFFLINE=1 and {what} {ref} is not (fully) in the HF cache"
+                        f" ({_hf().constants.HF_HUB_CACHE}); unset HF_HUB_OFFLINE to download it")
+    for cause in chain:
+        if isinstance(cause, e.HfHubHTTPError):
+            break  # the server answered: what it said matters more than an earlier dropped transfer
         name = type(cause).__name__
         if name in ("ConnectError", "ConnectTimeout", "ProxyError") or isinstance(cause, ConnectionError):
             return HubError(f"cannot reach the Hub at {endpoint()} to fetch {what} {ref} ({name}: {cause}); check"
@@ -133,10 +140,6 @@ def describe_hub_error(exc: BaseException, ref: RepoRef, what: str) -> HubError:
         if name in ("ReadTimeout", "TimeoutException", "PoolTimeout", "WriteTimeout"):
             return HubError(f"the Hub at {endpoint()} timed out while fetching {what} {ref}; run the command"
                             " again (finished files are kept) or raise HF_HUB_DOWNLOAD_TIMEOUT")
-    if isinstance(exc, e.OfflineModeIsEnabled) or (
-            isinstance(exc, (e.LocalEntryNotFoundError, e.IncompleteSnapshotError)) and offline()):
-        return HubError(f"HF_HUB_OFFLINE=1 and {what} {ref} is not (fully) in the HF cache"
-                        f" ({_hf().constants.HF_HUB_CACHE}); unset HF_HUB_OFFLINE to download it")
     if isinstance(exc, e.GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
         status = exc.response.status_code if exc.response is not None else None
         who = "you are not logged in" if status == 401 else "your token has not been granted access"
@@ -288,6 +291,7 @@ def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | 
 
 
 def _is_connection_error(exc: BaseException) -> bool:
+    """Network failures and offline mode: cases where the cache may stand in for the Hub."""
     return any(type(c).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException")
                or isinstance(c, ConnectionError) for c in _chain(exc))
 

@@ -90,9 +90,11 @@ class Repo:
 @dataclass
 class Failure:
     """An injected download failure: ``"drop"`` sends half the body then closes the
-    connection (what a network cut looks like); an int answers that HTTP status."""
+    connection (what a network cut looks like); an int answers that HTTP status. ``then``: the
+    mode of later requests for the same file (e.g. the client's ``Range`` retries)."""
 
     mode: str | int
+    then: str | int | None = None
     count: int = 0
 
 
@@ -155,8 +157,8 @@ class FakeHub:
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         return self.add_repo(repo_id, files, **kwargs)
 
-    def fail_downloads(self, repo_id: str, path: str, mode: str | int = "drop") -> Failure:
-        failure = Failure(mode)
+    def fail_downloads(self, repo_id: str, path: str, mode: str | int = "drop", then: str | int | None = None) -> Failure:
+        failure = Failure(mode, then)
         self.failures[(repo_id, path)] = failure
         return failure
 
@@ -382,9 +384,10 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         failure = self.state.failures.get((repo_id, path))
         if self.command == "GET" and failure is not None:
+            mode = failure.mode if failure.count == 0 or failure.then is None else failure.then
             failure.count += 1
-            if isinstance(failure.mode, int):
-                return self._error(failure.mode, None, "Injected failure")
+            if isinstance(mode, int):
+                return self._error(mode, None, "Injected failure")
             # A network cut: promise the whole file, send half, close.
             self.send_response(200)
             for k, v in headers.items():
