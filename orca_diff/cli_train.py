@@ -42,7 +42,7 @@ STAGE_FLAGS = ("epochs", "max_steps", "lr", "warmup_steps")
 @click.option("--save-every", type=click.IntRange(0), default=None, help="Checkpoint every N optimizer steps [0: stage ends].")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in OUT.")
 @click.option("--stop-after-steps", type=click.IntRange(1), default=None,
-              help="Checkpoint and stop after N optimizer steps in all (for time-limited jobs; then --resume).")
+              help="Checkpoint and stop after N optimizer steps of this invocation (time-limited jobs; then --resume).")
 @click.option("--seed", type=int, default=None, help="Data order and new embedding rows [0].")
 @click.option("--make-diff-against", "make_diff_against", default=None, type=click.Path(exists=True, file_okay=False),
               help="After training, run `orca-diff make` with this base folder.")

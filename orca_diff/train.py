@@ -103,7 +103,7 @@ class TrainConfig:
     save_every: int = 0                         # checkpoint every N optimizer steps (0: stage ends only)
     keep_checkpoints: int = 2
     resume: bool = False
-    stop_after_steps: int | None = None         # checkpoint and stop after N global steps (time-limited jobs)
+    stop_after_steps: int | None = None         # checkpoint and stop after N steps of this invocation (time limits)
     log_every: int = 1
     quiet: bool = False
     make_diff_against: str | None = None       # run `orca-diff make` against this base at the end
@@ -528,6 +528,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     log_file = open(out / LOG_NAME, "a", encoding="utf-8") if rt.main else None
 
     global_step = resume[1]["global_step"] if resume else 0
+    steps_this_run = 0
     first_stage = resume[1]["next_stage"] if resume else 0
     try:
         for stage_index in range(first_stage, len(cfg.stages)):
@@ -567,6 +568,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
+                steps_this_run += 1
                 (loss_total,) = _all_reduce_sum(torch, rt, [loss_sum])
                 window_tokens += step_tokens
                 bar.update(1)
@@ -583,7 +585,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                         on_step(record)
                     window_tokens, window_start = 0.0, time.perf_counter()
                 stage_done = step == plan.total_steps - 1
-                stop = cfg.stop_after_steps is not None and global_step >= cfg.stop_after_steps
+                stop = cfg.stop_after_steps is not None and steps_this_run >= cfg.stop_after_steps
                 periodic = cfg.save_every > 0 and global_step % cfg.save_every == 0
                 if periodic or stage_done or stop:
                     where = {"next_stage": stage_index + 1, "next_step": 0} if stage_done \
