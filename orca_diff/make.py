@@ -32,6 +32,11 @@ from .progress import byte_bar
 from .tensors import FLOAT_DTYPES, ModelReader, SafetensorsModel, TensorInfo, file_sha256, open_model, read_range, tensor_sha256
 
 CHUNK_BYTES = 16 << 20
+#: Non-weight files taken from the base (when byte-identical there) instead of shipped in the
+#: diff: the tokenizer model is part of the base release, and every base form (HF folder or
+#: Meta's original) carries it. Everything else (config and tokenizer JSON, a few KB) travels
+#: in the diff, so a base in any form can rebuild it.
+BASE_COPIED_FILES = frozenset({"tokenizer.model"})
 #: Payload files are cut at about this size so uploads/downloads retry per file, not per model.
 PAYLOAD_FILE_BYTES = 1 << 30
 
@@ -209,7 +214,8 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
         size, sha = path.stat().st_size, file_sha256(path)
         blob_meta[rel] = (size, sha)
         bpath = base.extra_files.get(rel)
-        if bpath is not None and bpath.stat().st_size == size and file_sha256(bpath) == sha:
+        if (rel in BASE_COPIED_FILES and bpath is not None and bpath.stat().st_size == size
+                and file_sha256(bpath) == sha):
             blob_sources[rel] = "base"
             base_files[rel] = BaseFile(size, sha)
         else:

@@ -26,13 +26,11 @@ def _short(h: str | None) -> str:
 
 
 def _hint(manifest: Manifest, base: ModelReader, name: str, found_sha: str | None) -> str:
+    from .diagnose import explain_base_mismatch
+
+    expected = {n: (t.dtype, t.shape, t.sha256) for n, t in manifest.base.tensors.items()}
     try:
-        from .diagnose import explain_base_mismatch
-    except ImportError:  # pragma: no cover - diagnose ships with the package
-        return ""
-    expected = {n: (t.dtype, t.shape, t.sha256) for n, t in manifest.needed_base_tensors().items()}
-    try:
-        hint = explain_base_mismatch(expected, base.tensors, name, found_sha)
+        hint = explain_base_mismatch(expected, base.tensors, name, found_sha, reader=base)
     except Exception:  # a hint must never hide the real error
         return ""
     return f" {hint}" if hint else ""
