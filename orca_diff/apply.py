@@ -145,8 +145,38 @@ class _State:
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"manifest": self.manifest_id, "done": self.done}))
+        tmp.unlink(missing_ok=True)  # never write through whatever sits at that name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"manifest": self.manifest_id, "done": self.done}))
         os.replace(tmp, self.path)
+
+
+def _partial_path(staging: Path, rel: str) -> Path:
+    """Where ``rel`` is written before it is complete: a hidden name, which no target file can
+    have (manifest paths never start with a dot), so it can never clobber a finished file."""
+    final = staging / rel
+    return final.with_name(f".{final.name}{INCOMPLETE}")
+
+
+def _prune(staging: Path, manifest: Manifest) -> None:
+    """Remove from a resumed staging folder everything the manifest does not describe (stale
+    partial files, anything planted there): only the model's files get published. Symbolic
+    links are removed, never followed."""
+    keep = {STATE_NAME}
+    for f in manifest.files:
+        parts = f.path.split("/")
+        keep.update("/".join(parts[:k]) for k in range(1, len(parts) + 1))
+    for root, dirs, files in os.walk(staging):
+        rel_root = Path(root).relative_to(staging)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            if (rel_root / name).as_posix() not in keep:
+                os.unlink(os.path.join(root, name))
+        for d in list(dirs):
+            if os.path.islink(os.path.join(root, d)) or (rel_root / d).as_posix() not in keep:
+                if not os.path.islink(os.path.join(root, d)):
+                    shutil.rmtree(os.path.join(root, d))
+                dirs.remove(d)
 
 
 def _open_new(staging: Path, rel: str) -> int:
@@ -157,7 +187,7 @@ def _open_new(staging: Path, rel: str) -> int:
         if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
             raise OutputError(f"{parent}: unexpected non-folder in the output; remove it and rerun")
         parent.mkdir(exist_ok=True)
-    path = staging / (rel + INCOMPLETE)
+    path = _partial_path(staging, rel)
     if path.is_symlink() or path.exists():
         path.unlink()
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -201,6 +231,8 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, f
     try:  # nothing is created until the space is known to be there
         if staging.exists() and not state.load():
             shutil.rmtree(staging)  # our own hidden folder, from another diff or an unreadable state
+        elif staging.exists():
+            _prune(staging, manifest)
         todo = [f for f in manifest.files if not _finished(staging, state, f)]
         resumed = len(manifest.files) - len(todo)
         remaining = sum(f.size for f in todo)
@@ -220,7 +252,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, f
             for job, data in ordered_map(lambda j: (j, _decode(j, manifest, base, payloads)), _jobs(manifest, todo), threads):
                 f = job.file
                 if job.first:
-                    path = staging / (f.path + INCOMPLETE)
+                    path = _partial_path(staging, f.path)
                     fd = _open_new(staging, f.path)
                     h = hashlib.sha256()
                     if f.kind == "safetensors":

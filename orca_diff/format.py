@@ -24,6 +24,8 @@ FORMAT_VERSION = 1
 #: Manifests larger than this are refused before parsing (a 405B model's is a few MB).
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_INT = 2**62
+#: The largest chunk a reader accepts (make writes 16 MiB ones): bounds apply's memory per chunk.
+MAX_CHUNK_BYTES = 1 << 30
 
 TRANSFORMS = ("ulp", "xor", "raw")
 #: How a tensor's delta-chunk symbols are laid out before zstd (docs/format.md, "Layouts").
@@ -40,7 +42,7 @@ def safe_relpath(p: object, what: str) -> str:
     if not isinstance(p, str) or not p or len(p) > 512:
         raise FormatError(f"manifest: {what}: path must be a non-empty string")
     parts = p.split("/")
-    if len(parts) > 8 or not all(_SAFE_COMPONENT.match(c) for c in parts) or any(c in (".", "..") for c in parts):
+    if len(parts) > 8 or not all(_SAFE_COMPONENT.fullmatch(c) for c in parts) or any(c in (".", "..") for c in parts):
         raise FormatError(f"manifest: {what}: unsafe path {p!r} (only plain relative names are allowed)")
     return p
 
@@ -62,7 +64,7 @@ def _str(v: object, what: str, optional: bool = False, max_len: int = 4096) -> s
 
 
 def _hex(v: object, what: str) -> str:
-    if not isinstance(v, str) or not _HEX64.match(v):
+    if not isinstance(v, str) or not _HEX64.fullmatch(v):
         raise FormatError(f"manifest: {what}: expected a sha256 hex digest")
     return v
 
@@ -310,7 +312,8 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
                           "refusing this manifest") from None
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or an integer of > 4300 digits
         raise CorruptDiffError(f"{where}: manifest is not valid JSON ({str(exc)[:200]}); download the diff again") from None
-    doc = _dict(doc, "top level")
+    if not isinstance(doc, dict):
+        raise FormatError(f"{where}: not an orca-diff manifest (not a JSON object)")
     if doc.get("format") != FORMAT_NAME:
         raise FormatError(f"{where}: not an orca-diff manifest (format={doc.get('format')!r})")
     version = doc.get("format_version")
@@ -396,7 +399,10 @@ def _manifest_from_doc(doc: dict) -> Manifest:
         kind = f.get("kind")
         if kind == "safetensors":
             header = _str(f.get("header"), f"{path} header", max_len=MAX_HEADER_BYTES)
-            raw = header.encode("utf-8")  # type: ignore[union-attr]
+            try:
+                raw = header.encode("utf-8")  # type: ignore[union-attr]
+            except UnicodeEncodeError:  # a lone surrogate, written as an escape in the JSON
+                raise FormatError(f"manifest: {path}: header is not valid Unicode text") from None
             parsed = parse_safetensors_header(raw, f"manifest header of {path}", size)
             for e in parsed.entries:
                 t = tensors.get(e.info.name)
@@ -421,6 +427,9 @@ def _manifest_from_doc(doc: dict) -> Manifest:
                 raise FormatError(f"manifest: {path}: unknown blob source {source!r}")
         else:
             raise FormatError(f"manifest: {path}: unknown file kind {kind!r}")
+    folders = {"/".join(p.split("/")[:k]) for p in seen_paths for k in range(1, p.count("/") + 1)}
+    if folders & seen_paths:
+        raise FormatError(f"manifest: {sorted(folders & seen_paths)[0]!r} is both a file and a folder of the model")
     unplaced = set(tensors) - placed
     if unplaced:
         raise FormatError(f"manifest: tensor {sorted(unplaced)[0]!r} is in no target file")
@@ -433,14 +442,19 @@ def _manifest_from_doc(doc: dict) -> Manifest:
     sizes = {p.path: p.size for p in payloads}
     if len(sizes) != len(payloads) or MANIFEST_NAME in sizes:
         raise FormatError("manifest: a payload file is listed twice")
+    chunk_bytes = _int(doc.get("chunk_bytes"), "chunk_bytes", 1, MAX_CHUNK_BYTES)
     for obj in [*(t.chunks for t in tensors.values()), *(f.chunks for f in files)]:
         for c in obj:
             if c.payload not in sizes or c.offset + c.length > sizes[c.payload]:
                 raise FormatError(f"manifest: a chunk points outside payload {c.payload!r}")
+            # bounds the memory apply spends per chunk; no layout's frame is over twice its data
+            if c.size > chunk_bytes or c.length > 2 * c.size + 1024:
+                raise FormatError(f"manifest: chunk at offset {c.offset} of {c.payload!r} is {c.size} bytes "
+                                  f"({c.length} compressed), over the diff's chunk size {chunk_bytes}")
     dropped = [_str(d, "dropped") for d in _list(doc.get("dropped", []), "dropped")]
     return Manifest(
         tool=_str(doc.get("tool"), "tool") or "",
-        chunk_bytes=_int(doc.get("chunk_bytes"), "chunk_bytes", 1),
+        chunk_bytes=chunk_bytes,
         base=base, target_fingerprint=_str(target_d.get("fingerprint"), "target.fingerprint") or "",
         files=files, tensors=tensors, dropped=dropped, payloads=payloads,  # type: ignore[arg-type]
     )
@@ -456,6 +470,9 @@ def load_manifest(diff_dir: str | Path) -> Manifest:
         if d.is_dir() and (any(d.glob("*.safetensors")) or any(d.glob("*.bin"))):
             hint = " (this folder holds model weights: is it a model rather than a diff?)"
         raise InputNotFoundError(f"{d}: no {MANIFEST_NAME} found; not an orca-diff diff{hint}")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:  # refused before reading: a hostile file costs no memory
+        raise FormatError(f"{path}: manifest is {size} bytes, larger than any real diff needs")
     with open(path, "rb") as f:
         data = f.read(MAX_MANIFEST_BYTES + 1)
     return parse_manifest(data, str(path))

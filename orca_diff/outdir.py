@@ -52,7 +52,9 @@ def publish(staging: Path, out: Path, force: bool) -> None:
             if not force:
                 raise OutputError(f"{out}: appeared while writing and is not empty; the result is kept in {staging}")
             old = out.parent / f".{out.name}.orca-diff-old"
-            if old.exists():
+            if old.is_symlink() or old.is_file():
+                old.unlink()  # never follow a link planted at our name
+            elif old.exists():
                 shutil.rmtree(old)
             out.rename(old)
             staging.rename(out)
