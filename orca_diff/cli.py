@@ -98,9 +98,10 @@ def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
     from .format import load_manifest
     from .resolve import resolve_base, resolve_diff
 
-    diff_dir = resolve_diff(diff, progress=not quiet)
+    progress = False if quiet else None
+    diff_dir = resolve_diff(diff, progress=progress)
     manifest = load_manifest(diff_dir)
-    return diff_dir, resolve_base(base, manifest, progress=not quiet)
+    return diff_dir, resolve_base(base, manifest, progress=progress)
 
 
 @cli.command()
@@ -144,8 +145,8 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
 
 
 @cli.command()
-@click.option("--diff", "diff", required=True, type=click.Path(exists=True), help="The diff folder.")
-@click.option("--base", default=None, type=click.Path(exists=True), help="Also check this base against the diff.")
+@click.option("--diff", "diff", required=True, help="The diff: a folder, a catalog name or a Hub repo id[@rev].")
+@click.option("--base", default=None, help="Also check this base against the diff (folder, catalog name or repo id).")
 @click.option("--model", default=None, type=click.Path(exists=True), help="Also check this rebuilt model: byte-identical files.")
 @threads_option
 @quiet_option
@@ -157,13 +158,15 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
       orca-diff verify --diff orca-13b-diff
       orca-diff verify --diff orca-13b-diff --base llama-13b-hf --model orca-13b
     """
+    from .resolve import resolve_base, resolve_diff
     from .verify import verify_base, verify_diff, verify_model
 
     progress = False if quiet else None
+    diff = str(resolve_diff(diff, progress=progress))
     m = verify_diff(diff, progress=progress)
     click.echo(f"diff OK: {len(m.payloads)} payload files, {len(m.tensors)} tensors, checksums match")
     if base:
-        verify_base(base, diff, threads=threads, progress=progress)
+        verify_base(resolve_base(base, m, progress=progress), diff, threads=threads, progress=progress)
         click.echo(f"base OK: every tensor the diff needs matches (fingerprint {m.base.fingerprint})")
     if model:
         report = verify_model(model, m, progress=progress)
