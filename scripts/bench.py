@@ -282,6 +282,92 @@ def sha_folder(folder: Path) -> dict[str, str]:
     return out
 
 
+# --------------------------------------------------------------------------- codec exploration
+
+
+def explore(base_dir: Path, target_dir: Path) -> list[dict]:
+    """Sizes and single-thread speeds of candidate encodings on every tensor's first chunk
+    (the table in docs/performance.md). Speeds are of the whole chunk path in numpy + zstd."""
+    import zstandard
+
+    from orca_diff.codec import _compressor, decode_chunk, encode_chunk, from_planes, to_planes
+
+    base, target = open_model(base_dir), open_model(target_dir)
+    l3 = zstandard.ZstdCompressor(level=3)
+    dctx = zstandard.ZstdDecompressor()
+
+    def sorted_planes(t: np.ndarray, b: np.ndarray, w: int, dtype: str) -> tuple[bytes, float, float]:
+        """Conditioning on the base exponent by a stable sort of the delta by it (then planes)."""
+        sh, mask = EXP_FIELD[dtype]
+        t0 = time.perf_counter()
+        bu = b.view(UINT_FOR_SIZE[w])
+        key = ((bu >> UINT_FOR_SIZE[w](sh)) & UINT_FOR_SIZE[w](mask)).astype(np.uint16)
+        perm = np.argsort(key, kind="stable")
+        d = ulp_delta(t.view(UINT_FOR_SIZE[w]), bu)[perm]
+        z = _compressor(1).compress(to_planes(d.view(np.uint8), w))
+        t1 = time.perf_counter()
+        key = ((bu >> UINT_FOR_SIZE[w](sh)) & UINT_FOR_SIZE[w](mask)).astype(np.uint16)
+        perm = np.argsort(key, kind="stable")
+        out = np.empty(t.size // w, dtype=UINT_FOR_SIZE[w])
+        out[perm] = from_planes(np.frombuffer(dctx.decompress(z), np.uint8), w).view(UINT_FOR_SIZE[w])
+        return z, t1 - t0, time.perf_counter() - t1
+
+    cands = {
+        "xor, planes, zstd -3 (BitX-style)": ("xor", "planes", 3),
+        "xor, planes, tuned fast zstd": ("xor", "planes", 1),
+        "ulp, planes, zstd -3 (defaults)": ("ulp", "planes", 3),
+        "ulp, planes, tuned fast zstd": ("ulp", "planes", 1),
+        "ulp, bytes (no planes), tuned fast zstd": ("ulp", "bytes", 1),
+        "ulp, escape, tuned fast zstd (default for 16-bit)": ("ulp", "escape", 1),
+        "ulp, sorted by base exponent, planes, tuned fast zstd": ("ulp", "sorted", 1),
+    }
+    acc = {k: [0, 0.0, 0.0] for k in cands}
+    raw_total = 0
+    try:
+        for name, ti in target.tensors.items():
+            bi = base.tensors.get(name)
+            if bi is None or bi.shape != ti.shape or bi.dtype != ti.dtype or ti.dtype not in FLOAT_DTYPES:
+                continue
+            w = ti.itemsize
+            n = min(ti.nbytes, BLOCK)
+            t = read_range(target, name, 0, n)
+            b = read_range(base, name, 0, n)
+            raw_total += n
+            for label, (tr, lay, lvl) in cands.items():
+                if lay == "escape" and w == 1:
+                    continue
+                if lay == "sorted":
+                    z, te, td = sorted_planes(t, b, w, ti.dtype)
+                    acc[label][0] += len(z)
+                    acc[label][1] += te
+                    acc[label][2] += td
+                    continue
+                t0 = time.perf_counter()
+                if lvl == 3:  # zstd's own level 3 parameters, as before this work
+                    from orca_diff.codec import forward
+
+                    sym = forward(t, b, w, tr)
+                    z = l3.compress(to_planes(sym, w) if lay == "planes" else sym)
+                    t1 = time.perf_counter()
+                    from orca_diff.codec import inverse
+
+                    inverse(from_planes(np.frombuffer(dctx.decompress(z), np.uint8), w), b, w, tr)
+                else:
+                    z = encode_chunk(t, b, w, tr, "escape" if lay == "escape" and w == 2 else
+                                     ("planes" if lay == "escape" else lay), lvl)
+                    t1 = time.perf_counter()
+                    decode_chunk(z, b, w, tr, n, "escape" if lay == "escape" and w == 2 else
+                                 ("planes" if lay == "escape" else lay))
+                acc[label][0] += len(z)
+                acc[label][1] += t1 - t0
+                acc[label][2] += time.perf_counter() - t1
+    finally:
+        base.close()
+        target.close()
+    return [{"encoding": k, "percent": 100 * v[0] / raw_total, "encode_MBps": raw_total / 1e6 / v[1],
+             "decode_MBps": raw_total / 1e6 / v[2]} for k, v in acc.items()]
+
+
 # --------------------------------------------------------------------------- one size
 
 
@@ -403,6 +489,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per size (best is reported)")
     ap.add_argument("--shard-bytes", type=int, default=1 << 30, help="max shard size of the synthetic pair")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--explore", action="store_true", help="only compare candidate encodings on each tensor's "
+                    "first 16 MiB (sizes and single-thread speeds) at the first size")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
@@ -417,6 +505,16 @@ def main() -> None:
         for s in scales:
             b, t = build_pair(args.work, s, args.dtype, args.shard_bytes)
             pairs.append((f"{s}x", b, t, s in cmp))
+    if args.explore:
+        label, b, t, _ = pairs[0]
+        rows = explore(b, t)
+        print(f"candidate encodings, {label} {args.dtype if label != 'real' else ''}: % of the sampled bytes, "
+              "single-thread MB/s (best effort; machine shared)")
+        for r in rows:
+            print(f"  {r['encoding']:<55} {r['percent']:6.2f} %  enc {r['encode_MBps']:6.0f}  dec {r['decode_MBps']:6.0f}")
+        if args.json:
+            args.json.write_text(json.dumps({"argv": sys.argv, "explore": rows}, indent=1) + "\n")
+        return
     for label, b, t, compare in pairs:
         work = args.work / f"run-{label}"
         shutil.rmtree(work, ignore_errors=True)
