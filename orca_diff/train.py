@@ -24,7 +24,6 @@ extra), so importing this module costs nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
