@@ -29,8 +29,11 @@ Guarantees (tested in tests/test_train.py):
   position ids into a block-diagonal causal mask for the ``sdpa``/``eager``/``flex`` kernels, and
   ``flash_attention_2`` turns them into variable-length sequences, so a token attends only to
   earlier tokens of its own example, and RoPE sees the same positions as if each example were
-  alone. The packed loss therefore equals the unpacked loss up to float rounding (the test checks
-  both kernels, and checks that *not* restarting positions would change it).
+  alone. ``flash_attention_2`` only reads boundaries from ``position_ids`` when the batch size is
+  1, so with that kernel the trainer flattens each micro-batch into one row (``collate(...,
+  flatten=True)``, like transformers' ``DataCollatorWithFlattening``). The packed loss equals the
+  unpacked loss up to float rounding (the test checks sdpa and eager, packed and flattened, and
+  that *not* restarting positions would change it; flash-attention is not tested: no GPU in CI).
 
 Memory: token ids are kept as one small numpy array per example (uint16 when the vocabulary fits,
 as LLaMA's 32,001 does), not Python lists, so millions of examples fit in host memory.
@@ -204,17 +207,22 @@ def one_per_row(n: int) -> list[list[int]]:
 
 
 def collate(examples: Sequence[Example], rows: Iterable[Sequence[int]], pad_token_id: int,
-            restart_positions: bool = True) -> dict[str, Any]:
+            restart_positions: bool = True, flatten: bool = False) -> dict[str, Any]:
     """Build a batch of rows: ``input_ids``, ``labels``, ``position_ids`` (torch int64 tensors).
 
     Rows are right-padded to the longest row of the batch with ``pad_token_id`` (label -100); the
     padding tail gets its own restarting positions, so it is a separate segment that no real token
     attends to. ``restart_positions=False`` numbers positions straight through a row; it exists only
     so the tests can show that the restart is what stops leakage.
+    ``flatten=True`` concatenates all rows into a single unpadded row (batch size 1), the layout
+    transformers' ``flash_attention_2`` needs to see example boundaries in ``position_ids`` (it
+    only looks for them when the batch size is 1).
     Also returns ``n_tokens`` (real tokens) and ``n_targets`` (response tokens) as ints.
     """
     torch = require_extra("torch", "train", "Collating training batches")
     rows = [list(r) for r in rows]
+    if flatten:
+        rows = [[i for r in rows for i in r]]
     lengths = [sum(len(examples[i]) for i in r) for r in rows]
     width = max(lengths)
     ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)

@@ -526,6 +526,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     model.train()
     log_file = open(out / LOG_NAME, "a", encoding="utf-8") if rt.main else None
 
+    # flash-attention sees example boundaries in position_ids only in a batch of one row.
+    flatten = "flash" in str(getattr(model.config, "_attn_implementation", "") or "")
     global_step = resume[1]["global_step"] if resume else 0
     steps_this_run = 0
     first_stage = resume[1]["next_stage"] if resume else 0
@@ -546,7 +548,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                 lr = lr_at(step, plan.total_steps, stage.lr, warmup, cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batches = [orca_data.collate(plan.examples, rows, tokenizer.pad_token_id)
+                batches = [orca_data.collate(plan.examples, rows, tokenizer.pad_token_id, flatten=flatten)
                            for rows in plan.rows_for(step, rt.rank, rt.world, cfg.micro_batch_size)]
                 # Normalise by the response tokens of the whole step (all micro-batches, all ranks):
                 # the gradient is then the mean over tokens, however the rows were split.
