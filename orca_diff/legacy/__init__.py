@@ -60,7 +60,7 @@ class LegacyReport:
 
     def summary(self) -> str:
         fp = f" (model fingerprint {self.target_fingerprint})" if self.target_fingerprint else ""
-        lines = [f"rebuilt {self.out} from a {self.format} release: {self.files} files, "
+        lines = [f"rebuilt {self.out} from a legacy {self.format} release: {self.files} files, "
                  f"{_human(self.bytes_written)} written in {self.seconds:.1f}s{fp}"]
         lines += [f"check: {c}" for c in self.checks]
         lines += [f"note: {n}" for n in self.notes]

@@ -219,8 +219,8 @@ def rebuild(raw_dir: Path, diff_dir: Path, out_dir: Path, *, entry: dict[str, An
                     raise VerificationError(integrity_message(total, float(expected), atol, raw, groups, base_groups,
                                                               legacy.get("group_sums")))
         elif expected is None:
-            notes.append("this release publishes no integrity constant (WizardLM's weight_diff_wizard.py has the check"
-                         " commented out); the model fingerprint below identifies the result")
+            notes.append("no integrity constant known for this release (none in its catalog entry; WizardLM's"
+                         " weight_diff_wizard.py has the check commented out); the model fingerprint identifies the result")
         checks.append("group sums: " + ", ".join(f"{g}={v:.4f}" for g, v in groups.items()))
         files = copy_model_files(diff.extra_files, out_dir)
         checks += verify_written(out_dir, writer)
