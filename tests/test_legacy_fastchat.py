@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
 
 from orca_diff.cli import cli
 from orca_diff.errors import BaseMismatchError, FormatError
@@ -278,3 +280,32 @@ def test_apply_by_catalog_names_downloads_the_delta_and_base_from_the_hub(pair, 
     assert proc.returncode == 0, proc.stderr
     assert "fastchat release" in proc.stdout
     assert tensors_of(tmp_path / "out") == tensors_of(expected)
+
+
+# --------------------------------------------------------------------------- arithmetic and v0 with today's FastChat
+
+
+def test_todays_fastchat_fails_on_a_v0_delta_where_orca_diff_follows_the_old_rule(pair, tmp_path):
+    apply_delta = load_fastchat("apply_delta")
+    base, target = pair("F16", add_pad_row=True)
+    delta = numpy_delta(base, target, tmp_path / "delta-v0")
+    write_tokenizer(delta, TINY.vocab_size + 1)
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(320\) must match the size of tensor b \(321\)"):
+        apply_delta.apply_delta(str(base), str(tmp_path / "fc-out"), str(delta))
+    report = apply_legacy("fastchat", str(base), str(delta), tmp_path / "out", progress=False)
+    assert any("fschat 0.1.10" in n for n in report.notes)
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.uint16, 512, elements=st.integers(0, 0xFFFF)), arrays(np.uint16, 512, elements=st.integers(0, 0xFFFF)))
+def test_fp16_add_is_torchs_fp16_add_bit_for_bit(a, b):
+    """The one arithmetic step FastChat does, on any bit patterns (subnormals, overflow, inf)."""
+    torch = pytest.importorskip("torch")
+    fa, fb = a.view(np.float16), b.view(np.float16)
+    with np.errstate(all="ignore"):
+        ours = np.add(fa, fb).view(np.uint16)
+    t = torch.from_numpy(fa.copy())
+    t += torch.from_numpy(fb.copy())
+    theirs = t.numpy().view(np.uint16)
+    both_nan = np.isnan(ours.view(np.float16)) & np.isnan(theirs.view(np.float16))
+    assert np.array_equal(ours[~both_nan], theirs[~both_nan])
