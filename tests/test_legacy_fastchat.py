@@ -309,3 +309,18 @@ def test_fp16_add_is_torchs_fp16_add_bit_for_bit(a, b):
     theirs = t.numpy().view(np.uint16)
     both_nan = np.isnan(ours.view(np.float16)) & np.isnan(theirs.view(np.float16))
     assert np.array_equal(ours[~both_nan], theirs[~both_nan])
+
+
+def test_bin_delta_and_bin_base_as_published_give_the_same_model(pair, tmp_path):
+    """The real Vicuna deltas and many LLaMA conversions are pytorch_model-*.bin shards."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from meta_forms import write_hf_bin
+
+    base, target = pair("F16")
+    delta = numpy_delta(base, target, tmp_path / "delta")
+    apply_legacy("fastchat", str(base), str(delta), tmp_path / "from-safetensors", progress=False)
+    base_bin = write_hf_bin(base, tmp_path / "base-bin", max_shard_bytes=30_000)
+    delta_bin = write_hf_bin(delta, tmp_path / "delta-bin", max_shard_bytes=30_000)
+    apply_legacy("fastchat", str(base_bin), str(delta_bin), tmp_path / "from-bin", progress=False)
+    assert tensors_of(tmp_path / "from-bin") == tensors_of(tmp_path / "from-safetensors")

@@ -175,3 +175,10 @@ def test_convert_yields_the_same_tensors_and_is_smaller(release):
     assert sorted(want.tensors) == sorted(got.tensors)
     for name in want.tensors:
         assert want.tensors[name] == got.tensors[name] and bytes(want.read(name)) == bytes(got.read(name)), name
+
+
+def test_convert_cli_detects_the_xor_release_and_reports_the_ratio(release):
+    result = CliRunner().invoke(cli, ["convert", str(release.repo), "--base", str(release.base), "--out",
+                                      str(release.root / "diff"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "vs the oa-xor release's" in result.output and "smaller" in result.output
