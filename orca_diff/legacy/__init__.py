@@ -19,13 +19,13 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-from ..errors import FormatError, InputNotFoundError, OutputError, UsageError, VerificationError
-from ..outdir import check_output, fsync_path, publish, staging_dir
-from ..tensors import DTYPE_SIZES, TensorInfo, file_sha256
+from ..errors import InputNotFoundError, UsageError, VerificationError
+from ..outdir import check_output, publish, staging_dir
+from ..tensors import TensorInfo, file_sha256
 
 FORMATS = ("fastchat", "alpaca", "oa-xor")
 
