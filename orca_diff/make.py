@@ -23,7 +23,7 @@ from .codec import DEFAULT_LEVEL, base_prediction, choose_layout, encode_chunk
 from .errors import OrcaDiffError, UsageError
 from .fingerprint import base_fingerprint
 from .format import (
-    MANIFEST_NAME, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
+    MANIFEST_NAME, MAX_CHUNK_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
     TensorEntry,
 )
 from .outdir import check_output, describe_os_error, fsync_path, publish, staging_dir
@@ -146,8 +146,8 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
     :func:`orca_diff.tensors.open_model` reads. ``out`` appears only when complete.
     """
     out = Path(out)
-    if chunk_bytes <= 0 or chunk_bytes % 8:
-        raise UsageError("chunk size must be a positive multiple of 8 bytes")
+    if chunk_bytes <= 0 or chunk_bytes % 8 or chunk_bytes > MAX_CHUNK_BYTES:
+        raise UsageError(f"chunk size must be a positive multiple of 8 bytes, at most {MAX_CHUNK_BYTES}")
     check_output(out, force)
     threads = threads or default_threads()
     base_model = open_model(base)
