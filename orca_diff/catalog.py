@@ -52,6 +52,7 @@ class CatalogEntry:
     license: str | None = None
     base: str | None = None  # diffs: the catalog name of their base
     description: str = ""
+    format: str = "orca-diff"  # diffs: or a legacy release format (fastchat, alpaca, oa-xor; docs/legacy.md)
 
     @property
     def is_placeholder(self) -> bool:
@@ -116,13 +117,13 @@ def _parse_file(path: Path) -> dict[str, dict[str, CatalogEntry]]:
             status = e.get("status", "user")
             if status not in STATUSES:
                 raise FormatError(f"{where}: 'status' must be one of {', '.join(STATUSES)}, found {status!r}")
-            for key in ("fingerprint", "license", "base", "description"):
+            for key in ("fingerprint", "license", "base", "description", "format"):
                 if e.get(key) is not None and not isinstance(e.get(key), str):
                     raise FormatError(f"{where}: '{key}' must be a string or null")
             out[kind][name.lower()] = CatalogEntry(
                 name=name, kind=kind[:-1], repo=repo, revision=revision, status=status, source=path,
                 fingerprint=e.get("fingerprint"), license=e.get("license"), base=e.get("base"),
-                description=e.get("description") or "")
+                description=e.get("description") or "", format=e.get("format") or "orca-diff")
     return out
 
 

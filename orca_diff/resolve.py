@@ -56,6 +56,11 @@ def resolve_diff(spec: str, *, progress: bool | None = None) -> Path:
     entry = lookup(spec, "diff")
     if entry is not None:
         _refuse_placeholder(entry)
+        if entry.format != "orca-diff":
+            raise UsageError(
+                f"{entry.name!r} is a legacy {entry.format} release, not an orca-diff diff: rebuild it with "
+                f"`orca-diff apply --diff {entry.name} --out DIR` (the format comes from the catalog) or "
+                f"re-publish it with `orca-diff convert` (docs/legacy.md)")
         return download_diff(RepoRef(entry.repo, entry.revision), progress=progress)
     if (ref := _hub_ref(spec)) is not None:
         return download_diff(ref, progress=progress)
