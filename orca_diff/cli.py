@@ -18,16 +18,9 @@ import click
 
 from . import __version__
 from .errors import InterruptedError_, OrcaDiffError
+from .progress import human_bytes as _human
 
 PLUGIN_MODULES: tuple[str, ...] = ("cli_hub", "cli_fingerprint", "cli_train", "cli_legacy")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 class _Group(click.Group):

@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import InputNotFoundError, UsageError, VerificationError
 from ..outdir import check_output, publish, staging_dir
 from ..tensors import TensorInfo, file_sha256
+from ..progress import human_bytes as _human
 
 FORMATS = ("fastchat", "alpaca", "oa-xor")
 
@@ -92,14 +93,6 @@ class ConvertReport:
                  f"model fingerprint {self.target_fingerprint} ({self.seconds:.1f}s)"]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 # --------------------------------------------------------------------------- catalog
@@ -395,6 +388,21 @@ def _module(fmt: str):
     return m
 
 
+def _prepare(fmt: str | None, spec: str, base: str | None, out: str | os.PathLike, force: bool,
+             progress: bool | None) -> tuple[str, Any, Path, Path, dict[str, Any] | None, Path]:
+    """What apply and convert both do first: settle the format, refuse an occupied ``out``,
+    then resolve (and download) the release and its base."""
+    if fmt in ("auto", None):
+        fmt = detect_format(spec) or ""
+        if not fmt:
+            raise UsageError(f"{spec}: cannot tell which legacy format this is; pass --format fastchat|alpaca|oa-xor")
+    module = _module(fmt)
+    out = Path(out)
+    check_output(out, force)
+    diff_dir, entry = resolve_legacy_diff(spec, fmt, progress=progress)
+    return fmt, module, out, diff_dir, entry, resolve_base_for(base, entry, progress=progress)
+
+
 def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, *, force: bool = False,
                  threads: int | None = None, progress: bool | None = None,
                  check_integrity: bool = True) -> LegacyReport:
@@ -405,15 +413,7 @@ def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, 
     ``base`` and ``diff`` are local folders, catalog names or Hub repo ids.
     """
     t0 = time.perf_counter()
-    if fmt in ("auto", None):
-        fmt = detect_format(diff) or ""
-        if not fmt:
-            raise UsageError(f"{diff}: cannot tell which legacy format this is; pass --format fastchat|alpaca|oa-xor")
-    module = _module(fmt)
-    out = Path(out)
-    check_output(out, force)
-    diff_dir, entry = resolve_legacy_diff(diff, fmt, progress=progress)
-    base_dir = resolve_base_for(base, entry, progress=progress)
+    fmt, module, out, diff_dir, entry, base_dir = _prepare(fmt, diff, base, out, force, progress)
     staging = staging_dir(out)
     if staging.exists():
         shutil.rmtree(staging)
@@ -454,15 +454,7 @@ def convert_legacy(fmt: str, legacy: str, base: str | None, out: str | os.PathLi
     from ..verify import verify_model
 
     t0 = time.perf_counter()
-    if fmt in ("auto", None):
-        fmt = detect_format(legacy) or ""
-        if not fmt:
-            raise UsageError(f"{legacy}: cannot tell which legacy format this is; pass --format fastchat|alpaca|oa-xor")
-    module = _module(fmt)
-    out = Path(out)
-    check_output(out, force)
-    diff_dir, entry = resolve_legacy_diff(legacy, fmt, progress=progress)
-    base_dir = resolve_base_for(base, entry, progress=progress)
+    fmt, module, out, diff_dir, entry, base_dir = _prepare(fmt, legacy, base, out, force, progress)
     if entry:
         from ..catalog import lookup
 
