@@ -62,7 +62,7 @@ threads_option = click.option("--threads", type=click.IntRange(1, 512), default=
 @click.option("--base-name", default=None, help="Catalog name of the base, recorded in the manifest (e.g. llama-13b).")
 @click.option("--base-repo", default=None, help="Hub repo id of the base, recorded in the manifest.")
 @click.option("--base-revision", default=None, help="Hub revision (commit sha) of the base.")
-@click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level (default 3).")
+@click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level (default 1: tuned fast parameters; 4 and above use zstd's own, slow to encode).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
 @quiet_option
