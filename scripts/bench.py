@@ -13,7 +13,7 @@ One run, on the same pair(s):
 * time: make and apply (each in a fresh subprocess, best of ``--repeats``), next to a pure I/O
   baseline measured in the same run: read base and target, write the diff bytes, fsync (make);
   read base and diff, write the output bytes, fsync (apply). Ratios are printed;
-* memory: peak RSS (ru_maxrss) of each subprocess;
+* memory: peak RSS (VmHWM, read by each subprocess itself) of each subprocess;
 * at 1x, 4x and 16x size (layers and vocabulary scaled), to show linear time and flat memory.
 
 Examples::
@@ -472,7 +472,7 @@ def print_report(results: list[dict]) -> None:
               f"| {r['apply_s']:7.2f} | {r['apply_io_s']:11.2f} | {r['apply_s'] / r['apply_io_s']:8.2f} "
               f"| {r['make_rss'] / 2**20:12.0f} | {r['apply_rss'] / 2**20:13.0f} | {r['io_rss'] / 2**20:11.0f}")
     print("\n times: best of the repeats, each in a fresh process (import time excluded); warm page cache; "
-          "RSS: the largest ru_maxrss over the repeats")
+          "RSS: the largest VmHWM over the repeats")
 
 
 def main() -> None:

@@ -295,8 +295,12 @@ def _bomb(name: str, big: int) -> bytes:
 
 
 def _peak_rss_mib(code: str) -> float:
-    """Run ``code`` in a fresh interpreter; return its peak resident set in MiB."""
-    prog = code + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    """Run ``code`` in a fresh interpreter; return its peak resident set in MiB.
+
+    Read from the child's own /proc/self/status VmHWM (its address space's high-water mark):
+    ru_maxrss would carry over the peak of the process that forked it (Linux keeps it across
+    exec), so under a big pytest process it reports the parent's size."""
+    prog = code + ("\nprint(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))")
     r = subprocess.run([sys.executable, "-c", prog], env=cli_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr
     return int(r.stdout.strip().splitlines()[-1]) / 1024
