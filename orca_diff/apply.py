@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .errors import CorruptDiffError, InterruptedError_, OrcaDiffError, OutputEr
 from .format import Chunk, FileEntry, Manifest, load_manifest
 from .outdir import check_output, describe_os_error, publish, staging_dir
 from .pipeline import default_threads, ordered_map
-from .progress import byte_bar
+from .progress import byte_bar, human_bytes as _human
 from .tensors import DTYPE_SIZES, ModelReader, file_sha256, open_model, parse_safetensors_header, read_exact, read_range
 from .verify import check_base, check_payload_presence, describe_file_mismatch
 
@@ -64,11 +65,13 @@ class _Payloads:
     def __init__(self, diff_dir: Path):
         self.diff_dir = diff_dir
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def read(self, c: Chunk, owner: str) -> np.ndarray:
-        fd = self._fds.get(c.payload)
-        if fd is None:
-            fd = self._fds.setdefault(c.payload, os.open(self.diff_dir / c.payload, os.O_RDONLY))
+        with self._lock:  # one descriptor per payload file, whichever worker opens it first
+            fd = self._fds.get(c.payload)
+            if fd is None:
+                fd = self._fds[c.payload] = os.open(self.diff_dir / c.payload, os.O_RDONLY)
         buf = np.empty(c.length, dtype=np.uint8)
         try:
             read_exact(fd, buf, c.offset, str(self.diff_dir / c.payload))
@@ -292,14 +295,6 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, f
         raise describe_os_error(exc, out, f"the complete result is in {staging}") from None
     return ApplyReport(out, len(manifest.files), written, resumed, time.perf_counter() - t0,
                        manifest.base.fingerprint, manifest.target_fingerprint)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def _write_all(fd: int, data: bytes | np.ndarray) -> None:

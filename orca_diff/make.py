@@ -29,7 +29,7 @@ from .format import (
 from .outdir import check_output, describe_os_error, fsync_path, publish, staging_dir
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar
-from .tensors import FLOAT_DTYPES, ModelReader, SafetensorsModel, TensorInfo, file_sha256, open_model, read_range, tensor_sha256
+from .tensors import FLOAT_DTYPES, ModelReader, SafetensorsModel, TensorInfo, file_sha256, hash_tensor_range, open_model, read_range
 
 CHUNK_BYTES = 16 << 20
 #: Non-weight files taken from the base (when byte-identical there) instead of shipped in the
@@ -188,16 +188,7 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
     plans = dict(zip(plans, ordered_map(lambda n: _with_layout(n, plans[n], target, base, level), list(plans), threads)))
     needed = {p.base_tensor for p in plans.values() if p.base_tensor}
 
-    # 1. Hash the base (all tensors: the fingerprint identifies the whole base).
-    with byte_bar(sum(i.nbytes for i in base.tensors.values()), "hashing base", progress) as bar:
-        def hash_base(name: str) -> str:
-            h = tensor_sha256(base, name)
-            bar.update(base.tensors[name].nbytes)
-            return h
-        base_hashes = dict(zip(base.tensors, ordered_map(hash_base, list(base.tensors), threads)))
-    base_tensors = {n: BaseTensor(i.dtype, i.shape, base_hashes[n], n in needed) for n, i in base.tensors.items()}
-
-    # 2. The files of the target: safetensors shards (headers verbatim), then other files.
+    # The files of the target: safetensors shards (headers verbatim), then other files.
     shard_names = sorted(target.headers)
     jobs: list[_Job] = []
     for rel in shard_names:
@@ -222,15 +213,17 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
             blob_sources[rel] = "diff"
             jobs.extend(_Job("blob", rel, s, n, "raw") for s, n in _chunk_ranges(0, size, chunk_bytes))
 
-    def encode(job: _Job) -> tuple[_Job, bytes, str, np.ndarray]:
+    def encode(job: _Job) -> tuple[_Job, bytes, str, np.ndarray, np.ndarray | None]:
+        """One chunk -> (job, payload, payload sha256, target bytes, base bytes used or None)."""
         if job.kind == "blob":
             with open(target.extra_files[job.name], "rb") as f:
                 f.seek(job.start)
                 raw = np.frombuffer(f.read(job.size), dtype=np.uint8)
             payload = encode_chunk(raw, None, 1, "raw", "bytes", level=level)
-            return job, payload, hashlib.sha256(payload).hexdigest(), raw
+            return job, payload, hashlib.sha256(payload).hexdigest(), raw, None
         info, enc = target.tensors[job.name], plans[job.name]
         raw = read_range(target, job.name, job.start, job.size)
+        b_raw = None
         if job.mode == "delta":
             b_info = base.tensors[enc.base_tensor]  # type: ignore[index]
             b_start = job.start // info.itemsize * b_info.itemsize
@@ -239,7 +232,7 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
             payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.layout, level)
         else:
             payload = encode_chunk(raw, None, info.itemsize, "raw", "planes", level)
-        return job, payload, hashlib.sha256(payload).hexdigest(), raw
+        return job, payload, hashlib.sha256(payload).hexdigest(), raw, b_raw
 
     writer = _PayloadWriter(folder, payload_file_bytes)
     chunks: dict[str, list[Chunk]] = {}
@@ -250,16 +243,33 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
         h.update(struct.pack("<Q", len(target.headers[rel].raw)) + target.headers[rel].raw)
     shard_of = {e.info.name: rel for rel in shard_names for e in target.headers[rel].entries}
     total = sum(j.size for j in jobs)
+    # Base tensors are hashed on the way: the bytes each delta chunk read (in order, since a base
+    # tensor serves one target tensor), then whatever no chunk read. So the base is read once.
+    base_hash: dict[str, "hashlib._Hash"] = {n: hashlib.sha256() for n in base.tensors}
+    base_hashed: dict[str, int] = {n: 0 for n in base.tensors}
     with byte_bar(total, "encoding", progress) as bar:
-        for job, payload, sha, raw in ordered_map(encode, jobs, threads):
+        for job, payload, sha, raw, b_raw in ordered_map(encode, jobs, threads):
             name, offset = writer.append(payload)
             chunks.setdefault(f"{job.kind}:{job.name}", []).append(
                 Chunk(job.start, job.size, job.mode, name, offset, len(payload), sha))
             if job.kind == "tensor":
                 tensor_hash[job.name].update(raw)
                 file_hash[shard_of[job.name]].update(raw)
+            if b_raw is not None:
+                b_name = plans[job.name].base_tensor
+                base_hash[b_name].update(b_raw)  # type: ignore[index]
+                base_hashed[b_name] += len(b_raw)  # type: ignore[index]
             bar.update(job.size)
     payloads = writer.close()
+    rest = [n for n in base.tensors if base_hashed[n] < base.tensors[n].nbytes]
+    with byte_bar(sum(base.tensors[n].nbytes - base_hashed[n] for n in rest), "hashing base", progress) as bar:
+        def finish_hash(n: str) -> None:
+            hash_tensor_range(base, n, base_hash[n], base_hashed[n])
+            bar.update(base.tensors[n].nbytes - base_hashed[n])
+        for _ in ordered_map(finish_hash, rest, threads):
+            pass
+    base_tensors = {n: BaseTensor(i.dtype, i.shape, base_hash[n].hexdigest(), n in needed)
+                    for n, i in base.tensors.items()}
 
     tensors = {}
     for n, info in target.tensors.items():

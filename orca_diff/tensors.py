@@ -263,14 +263,20 @@ def read_range(reader: "ModelReader", name: str, start: int, length: int) -> np.
         return reader.read(name)[start:start + length]
 
 
+def hash_tensor_range(reader: "ModelReader", name: str, h, start: int = 0, block: int = 16 << 20) -> None:
+    """Feed bytes ``[start, end)`` of a tensor to the hash object ``h``, ``block`` bytes at a
+    time (bounded memory)."""
+    size = reader.tensors[name].nbytes
+    for s in range(start, size, block):
+        h.update(read_range(reader, name, s, min(block, size - s)))
+
+
 def tensor_sha256(reader: "ModelReader", name: str, block: int = 16 << 20) -> str:
-    """sha256 of a tensor's bytes, read ``block`` bytes at a time (bounded memory)."""
+    """sha256 of a tensor's bytes."""
     import hashlib
 
     h = hashlib.sha256()
-    size = reader.tensors[name].nbytes
-    for start in range(0, size, block):
-        h.update(read_range(reader, name, start, min(block, size - start)))
+    hash_tensor_range(reader, name, h, 0, block)
     return h.hexdigest()
 
 

@@ -482,7 +482,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="BF16", choices=["BF16", "F16", "F32"], help="synthetic pair dtype")
     ap.add_argument("--sizes", default="1,4,16", help="comma-separated scales of the synthetic pair (1x = 136 MB bf16)")
     ap.add_argument("--compare-sizes", default="1", help="scales at which floors, patch-from and FastChat are "
-                    "computed (patch-from runs at ~1.5 MB/s; 'all' for every size)")
+                    "computed (patch-from runs at ~1.5 MB/s; 'all' for every size; '' for none, which with "
+                    "--base/--target skips them too)")
     ap.add_argument("--base", type=Path, help="a real base model folder (with --target)")
     ap.add_argument("--target", type=Path, help="a real fine-tuned model folder (safetensors)")
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="scratch folder (pairs are cached here)")
@@ -497,7 +498,7 @@ def main() -> None:
     if args.base or args.target:
         if not (args.base and args.target):
             ap.error("--base and --target go together")
-        pairs = [("real", args.base, args.target, True)]
+        pairs = [("real", args.base, args.target, args.compare_sizes != "")]  # "": timings only
     else:
         scales = [int(s) for s in args.sizes.split(",")]
         cmp = set(scales) if args.compare_sizes == "all" else {int(s) for s in args.compare_sizes.split(",") if s}

@@ -270,3 +270,28 @@ def test_safetensors_headers_longer_than_any_small_limit_round_trip(make_pair, t
     diff = roundtrip(base, target, tmp_path)
     header = next(f.header for f in load_manifest(diff).files if f.kind == "safetensors")
     assert len(header) > 8192
+
+
+@pytest.mark.parametrize("target_dtype", ["BF16", "F32"])
+def test_base_hashes_taken_on_the_way_equal_independent_hashes(make_pair, tmp_path, target_dtype):
+    """make hashes the base from the bytes its delta chunks read, then the rest: every base
+    tensor's recorded sha256 (rows removed, dropped tensors, casts) must be the plain one."""
+    from orca_diff.tensors import tensor_sha256
+    base, target = make_pair("BF16", target_dtype)
+    model = open_model(target)
+    kept = []
+    for n, i in model.tensors.items():
+        if n == "lm_head.weight":
+            continue  # dropped: hashed entirely after the encode pass
+        a = model.read(n).view({"BF16": np.uint16, "F32": np.uint32}[i.dtype]).reshape(i.shape)
+        kept.append((n, i.dtype, a[:-5] if n == "model.embed_tokens.weight" else a))  # rows removed
+    model.close()
+    for f in target.glob("*.safetensors"):
+        f.unlink()
+    write_shards(target, iter(kept), None, 0)
+    m = load_manifest(roundtrip(base, target, tmp_path))
+    b = open_model(base)
+    assert {n: t.sha256 for n, t in m.base.tensors.items()} == {n: tensor_sha256(b, n) for n in b.tensors}
+    b.close()
+    itemsize = {"BF16": 2, "F32": 4}[target_dtype]
+    assert m.tensors["model.embed_tokens.weight"].encoding.shared_bytes == (320 - 5) * 32 * itemsize
