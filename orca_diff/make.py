@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .codec import DEFAULT_LEVEL, base_prediction, choose_layout, encode_chunk
-from .errors import OrcaDiffError, UsageError
+from .errors import UsageError
 from .fingerprint import base_fingerprint
 from .format import (
     MANIFEST_NAME, MAX_CHUNK_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
@@ -151,7 +151,11 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
     check_output(out, force)
     threads = threads or default_threads()
     base_model = open_model(base)
-    target_model = open_model(target)
+    try:
+        target_model = open_model(target)
+    except BaseException:
+        base_model.close()
+        raise
     staging = staging_dir(out)
     try:
         if not isinstance(target_model, SafetensorsModel):
@@ -294,4 +298,4 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
                     target_fingerprint=target_fp, files=files, tensors=tensors, dropped=dropped, payloads=payloads)
 
 
-__all__ = ["make_diff", "plan_encoding", "CHUNK_BYTES", "OrcaDiffError"]
+__all__ = ["make_diff", "plan_encoding", "CHUNK_BYTES"]
