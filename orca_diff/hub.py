@@ -28,7 +28,7 @@ import contextlib
 import fnmatch
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import CorruptDiffError, HubError, OrcaDiffError

@@ -147,7 +147,6 @@ def write_shards(folder: Path, tensors: Iterator[tuple[str, str, np.ndarray]], m
     Holds at most one shard in memory."""
     folder.mkdir(parents=True, exist_ok=True)
     sharded = max_shard_bytes is not None and total_bytes > max_shard_bytes
-    n_shards = max(1, -(-total_bytes // max_shard_bytes)) if sharded else 1
     weight_map: dict[str, int] = {}
     current: dict[str, tuple[str, np.ndarray]] = {}
     size = 0

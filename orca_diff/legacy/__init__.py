@@ -23,9 +23,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..errors import InputNotFoundError, UsageError, VerificationError
+from ..errors import FormatError, InputNotFoundError, UsageError, VerificationError
 from ..outdir import check_output, publish, staging_dir
-from ..tensors import TensorInfo, file_sha256
+from ..tensors import FLOAT_DTYPES, TensorInfo, file_sha256
 from ..progress import human_bytes as _human
 
 FORMATS = ("fastchat", "alpaca", "oa-xor")
@@ -93,6 +93,23 @@ class ConvertReport:
                  f"model fingerprint {self.target_fingerprint} ({self.seconds:.1f}s)"]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+#: The matrices to which Alpaca/WizardLM and FastChat v0 add a [PAD] row (vocab 32000 -> 32001).
+PAD_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def adds_pad_row(name: str, base: TensorInfo, other: TensorInfo) -> bool:
+    """Whether ``other`` is ``base`` with exactly one row appended: the [PAD] row case."""
+    return (name in PAD_ROW_TENSORS and len(base.shape) == 2 and base.shape[1:] == other.shape[1:]
+            and other.shape[0] == base.shape[0] + 1)
+
+
+def require_floats(name: str, tensors: Iterable[tuple[TensorInfo, str]], release: str) -> None:
+    """Legacy releases are arithmetic on floats: refuse anything else, naming the tensor."""
+    for t, who in tensors:
+        if t.dtype not in FLOAT_DTYPES:
+            raise FormatError(f"{who} tensor {name!r} is {t.dtype}; {release} holds float tensors only")
 
 
 # --------------------------------------------------------------------------- catalog

@@ -31,13 +31,12 @@ from typing import Any
 import numpy as np
 
 from ..bits import cast_bits
-from ..errors import BaseMismatchError, FormatError, VerificationError, require_extra
+from ..errors import BaseMismatchError, VerificationError, require_extra
 from ..progress import byte_bar
-from ..tensors import DTYPE_SIZES, FLOAT_DTYPES, ModelReader, TensorInfo, open_model
-from . import LegacyReport, SafetensorsWriter, copy_model_files, model_fingerprint, state_dict_order, verify_written
+from ..tensors import DTYPE_SIZES, ModelReader, TensorInfo, open_model
+from . import LegacyReport, SafetensorsWriter, adds_pad_row, require_floats, copy_model_files, model_fingerprint, state_dict_order, verify_written
 
 COMPUTE_DTYPE = "F32"
-PAD_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 DEFAULT_ATOL = 1e-2
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -94,13 +93,11 @@ def plan(raw: ModelReader, diff: ModelReader) -> tuple[list[TensorInfo], bool]:
         if r is None:
             raise BaseMismatchError(f"base {raw.path}: has no tensor {name!r}, which the diff has (weight_diff.py fails"
                                     " with a KeyError here); is it a LLaMA of the size the diff names?")
-        for t, who in ((r, "base"), (d, "diff")):
-            if t.dtype not in FLOAT_DTYPES:
-                raise FormatError(f"{who} tensor {name!r} is {t.dtype}; a weight diff holds float tensors only")
+        require_floats(name, ((r, "base"), (d, "diff")), "a weight diff")
         if r.shape == d.shape:
             infos.append(TensorInfo(name, COMPUTE_DTYPE, d.shape))
             continue
-        if name in PAD_ROW_TENSORS and len(r.shape) == 2 and r.shape[1:] == d.shape[1:] and d.shape[0] == r.shape[0] + 1:
+        if adds_pad_row(name, r, d):
             pad_token = base_has_pad_token(raw.extra_files)
             if pad_token is not None:
                 raise BaseMismatchError(

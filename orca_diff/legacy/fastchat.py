@@ -31,12 +31,11 @@ from ..bits import cast_bits
 from ..errors import BaseMismatchError, FormatError, VerificationError
 from ..pipeline import default_threads, ordered_map
 from ..progress import byte_bar
-from ..tensors import FLOAT_DTYPES, DTYPE_SIZES, ModelReader, TensorInfo, open_model, read_range
-from . import (CHUNK_ELEMENTS, LegacyReport, SafetensorsWriter, copy_model_files, model_fingerprint,
+from ..tensors import DTYPE_SIZES, ModelReader, TensorInfo, open_model, read_range
+from . import (CHUNK_ELEMENTS, PAD_ROW_TENSORS, adds_pad_row, require_floats, LegacyReport, SafetensorsWriter, copy_model_files, model_fingerprint,
                state_dict_order, verify_written)
 
 COMPUTE_DTYPE = "F16"
-PAD_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -57,14 +56,11 @@ def plan(base: ModelReader, delta: ModelReader) -> tuple[list[TensorInfo], int]:
         if d is None:
             raise FormatError(f"delta {delta.path}: has no tensor {name!r}, which the base has (FastChat's apply_delta"
                               " stops with an AssertionError here); is this the base the delta was made for?")
-        for t, who in ((b, "base"), (d, "delta")):
-            if t.dtype not in FLOAT_DTYPES:
-                raise FormatError(f"{who} tensor {name!r} is {t.dtype}; a FastChat delta holds float tensors only")
+        require_floats(name, ((b, "base"), (d, "delta")), "a FastChat delta")
         if b.shape == d.shape:
             infos.append(TensorInfo(name, COMPUTE_DTYPE, b.shape))
             continue
-        if (name in PAD_ROW_TENSORS and len(b.shape) == 2 and b.shape[1:] == d.shape[1:]
-                and d.shape[0] == b.shape[0] + 1):
+        if adds_pad_row(name, b, d):
             pad_rows.add(1)
             infos.append(TensorInfo(name, COMPUTE_DTYPE, d.shape))
             continue
