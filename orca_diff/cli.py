@@ -2,12 +2,11 @@
 
 Every expected failure is an OrcaDiffError, printed as one line ``orca-diff: error: ...`` with
 the exit code of its class (see README.md). Commands of optional parts of the tool live in
-``orca_diff/cli_<topic>.py`` modules listed in PLUGIN_MODULES.
+``orca_diff/cli_<topic>.py`` modules (hub, fingerprint, train, legacy), registered at the end.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import tempfile
@@ -19,9 +18,6 @@ import click
 from . import __version__
 from .errors import InterruptedError_, OrcaDiffError
 from .progress import human_bytes as _human
-
-PLUGIN_MODULES: tuple[str, ...] = ("cli_hub", "cli_fingerprint", "cli_train", "cli_legacy")
-
 
 class _Group(click.Group):
     """Turns OrcaDiffError and Ctrl-C into one line and an exit code (no traceback)."""
@@ -255,19 +251,16 @@ def demo(workdir: str | None, dtype: str, hidden: int, layers: int, quiet: bool)
             ctx.cleanup()
 
 
-def _register_plugins() -> None:
-    for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.{name}":
-                continue  # that part of the tool is not present in this build
-            raise
-        for command in getattr(module, "COMMANDS", []):
+def _register_topic_commands() -> None:
+    """Add the commands that live beside their topic (imported here, after ``cli`` exists)."""
+    from . import cli_fingerprint, cli_hub, cli_legacy, cli_train
+
+    for module in (cli_hub, cli_fingerprint, cli_train, cli_legacy):
+        for command in module.COMMANDS:
             cli.add_command(command)
 
 
-_register_plugins()
+_register_topic_commands()
 
 
 def main() -> None:

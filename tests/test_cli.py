@@ -80,3 +80,13 @@ def test_help_texts_have_examples():
         r = run(cmd, "--help")
         assert "Example" in r.output, cmd
     assert UsageError.exit_code == 2
+
+
+def test_the_cli_imports_neither_torch_nor_transformers():
+    """Applying a diff is a light install: torch and transformers load only for .bin/.pth bases and training."""
+    import subprocess
+    import sys
+    code = ("import sys, orca_diff.cli, orca_diff.apply, orca_diff.make, orca_diff.verify; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
