@@ -214,7 +214,7 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
     t0 = time.perf_counter()
     diff_dir, out = Path(diff), Path(out)
     manifest = load_manifest(diff_dir)
-    check_output(out, force)
+    check_output(out, force, (base, diff_dir))
     check_payload_presence(diff_dir, manifest)
     threads = threads or default_threads()
     base_model = open_model(base)

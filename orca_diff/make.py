@@ -148,7 +148,7 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
     out = Path(out)
     if chunk_bytes <= 0 or chunk_bytes % 8 or chunk_bytes > MAX_CHUNK_BYTES:
         raise UsageError(f"chunk size must be a positive multiple of 8 bytes, at most {MAX_CHUNK_BYTES}")
-    check_output(out, force)
+    check_output(out, force, (base, target))
     threads = threads or default_threads()
     base_model = open_model(base)
     try:

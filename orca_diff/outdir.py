@@ -21,8 +21,17 @@ def staging_dir(out: Path) -> Path:
     return out.parent / f".{out.name}{PARTIAL_SUFFIX}"
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse an output that exists as a file, or as a non-empty folder without ``force``."""
+def check_output(out: Path, force: bool, inputs: tuple[object, ...] = ()) -> None:
+    """Refuse an output that exists as a file, or as a non-empty folder without ``force``, and
+    one that is, contains or lies inside an input (``--force`` would otherwise replace the
+    user's base with the rebuilt model)."""
+    resolved = out.resolve()
+    for given in inputs:
+        if given is None or not Path(str(given)).exists():
+            continue
+        src = Path(str(given)).resolve()
+        if resolved == src or src.is_relative_to(resolved) or resolved.is_relative_to(src):
+            raise OutputError(f"{out}: is, holds or lies inside the input {given}; choose an --out outside the inputs")
     if out.is_symlink():
         raise OutputError(f"{out}: output is a symbolic link; give a plain folder path")
     if out.exists():

@@ -295,3 +295,16 @@ def test_base_hashes_taken_on_the_way_equal_independent_hashes(make_pair, tmp_pa
     b.close()
     itemsize = {"BF16": 2, "F32": 4}[target_dtype]
     assert m.tensors["model.embed_tokens.weight"].encoding.shared_bytes == (320 - 5) * 32 * itemsize
+
+
+def test_force_never_replaces_an_input(make_pair, tmp_path):
+    base, target = make_pair("BF16")
+    diff = tmp_path / "diff"
+    make_diff(base, target, diff)
+    before = file_hashes(base)
+    for out in (base, tmp_path, base / "sub"):
+        with pytest.raises(OutputError, match="input"):
+            apply_diff(base, diff, out, force=True)
+    with pytest.raises(OutputError, match="input"):
+        make_diff(base, target, target, force=True)
+    assert file_hashes(base) == before

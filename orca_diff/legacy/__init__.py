@@ -415,7 +415,7 @@ def _prepare(fmt: str | None, spec: str, base: str | None, out: str | os.PathLik
             raise UsageError(f"{spec}: cannot tell which legacy format this is; pass --format fastchat|alpaca|oa-xor")
     module = _module(fmt)
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, (spec, base))
     diff_dir, entry = resolve_legacy_diff(spec, fmt, progress=progress)
     return fmt, module, out, diff_dir, entry, resolve_base_for(base, entry, progress=progress)
 
