@@ -23,15 +23,10 @@ import hashlib
 from typing import Iterable, Mapping
 
 from .tensors import ModelReader
-from .tensors import tensor_sha256 as _ranged_tensor_sha256
+from .tensors import tensor_sha256  # re-exported: the per-tensor hash fingerprints are made of
 
 #: How many hex characters of the full digest are shown as "the" fingerprint.
 SHORT_DIGEST_CHARS = 16
-
-def tensor_sha256(reader: ModelReader, name: str) -> str:
-    """sha256 (lowercase hex) of one tensor's canonical bytes, read in bounded blocks."""
-    return _ranged_tensor_sha256(reader, name)
-
 
 def shape_text(shape: Iterable[int]) -> str:
     """The shape as written in a fingerprint line: dimensions joined by "x"."""
