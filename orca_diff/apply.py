@@ -32,7 +32,7 @@ from .format import Chunk, FileEntry, Manifest, load_manifest
 from .outdir import check_output, describe_os_error, publish, staging_dir
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar, human_bytes as _human
-from .tensors import DTYPE_SIZES, ModelReader, file_sha256, open_model, parse_safetensors_header, read_exact, read_range
+from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, parse_safetensors_header, read_exact, read_range
 from .verify import check_base, check_payload_presence, describe_file_mismatch
 
 STATE_NAME = ".orca-diff-state.json"

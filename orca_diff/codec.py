@@ -75,7 +75,7 @@ def base_prediction(base_raw: np.ndarray, base_dtype: str, target_dtype: str) ->
     """The base elements as bit patterns of the target dtype (a specified cast when they differ)."""
     if base_dtype == target_dtype:
         return base_raw
-    from .tensors import DTYPE_SIZES
+    from .containers import DTYPE_SIZES
 
     bits = base_raw.view(UINT_FOR_SIZE[DTYPE_SIZES[base_dtype]])
     return cast_bits(bits, base_dtype, target_dtype).view(np.uint8)

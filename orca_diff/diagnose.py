@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .tensors import ModelReader, TensorInfo
+from .containers import ModelReader, TensorInfo
 
 Expected = Mapping[str, tuple[str, Sequence[int], str]]
 

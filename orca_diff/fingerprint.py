@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable, Mapping
 
-from .tensors import ModelReader
-from .tensors import tensor_sha256  # re-exported: the per-tensor hash fingerprints are made of
+from .containers import ModelReader
+from .containers import tensor_sha256  # re-exported: the per-tensor hash fingerprints are made of
 
 #: How many hex characters of the full digest are shown as "the" fingerprint.
 SHORT_DIGEST_CHARS = 16

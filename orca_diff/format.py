@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptDiffError, FormatError, InputNotFoundError
-from .tensors import DTYPE_SIZES, MAX_HEADER_BYTES, FLOAT_DTYPES, DuplicateKeyError, TensorInfo, parse_safetensors_header, unique_keys
+from .containers import DTYPE_SIZES, MAX_HEADER_BYTES, FLOAT_DTYPES, DuplicateKeyError, TensorInfo, parse_safetensors_header, unique_keys
 
 MANIFEST_NAME = "orca-diff.json"
 FORMAT_NAME = "orca-diff"

@@ -29,7 +29,7 @@ from .format import (
 from .outdir import check_output, describe_os_error, fsync_path, publish, staging_dir
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar
-from .tensors import FLOAT_DTYPES, ModelReader, SafetensorsModel, TensorInfo, file_sha256, hash_tensor_range, open_model, read_range
+from .containers import FLOAT_DTYPES, ModelReader, SafetensorsModel, TensorInfo, file_sha256, hash_tensor_range, open_model, read_range
 
 CHUNK_BYTES = 16 << 20
 #: Non-weight files taken from the base (when byte-identical there) instead of shipped in the
@@ -166,7 +166,7 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
         staging.mkdir()
         manifest = _make_into(base_model, target_model, staging, base_name or Path(base).name, base_repo,
                               base_revision, level, chunk_bytes, threads, progress, payload_file_bytes)
-        from .card import render_card
+        from .hub.card import render_card
 
         (staging / "README.md").write_text(render_card(manifest), encoding="utf-8")
         (staging / MANIFEST_NAME).write_bytes(manifest.to_bytes())

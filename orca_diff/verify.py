@@ -16,7 +16,7 @@ from .errors import BaseMismatchError, CorruptDiffError, InputNotFoundError, Ver
 from .format import FileEntry, Manifest, load_manifest
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar
-from .tensors import ModelReader, file_sha256, open_model, read_exact, tensor_sha256
+from .containers import ModelReader, file_sha256, open_model, read_exact, tensor_sha256
 
 import numpy as np
 
@@ -155,7 +155,7 @@ def describe_file_mismatch(path: Path, entry: FileEntry, manifest: Manifest) -> 
     """Say which part of a file is wrong: the header, or the first tensor whose bytes differ."""
     if entry.kind != "safetensors":
         return f"sha256 differs from the manifest ({_short(entry.sha256)}…)"
-    from .tensors import read_safetensors_header, SafetensorsModel
+    from .containers import read_safetensors_header, SafetensorsModel
 
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from orca_diff.bits import UINT_FOR_SIZE, cast_bits, ulp_delta  # noqa: E402
 from orca_diff.codec import base_prediction  # noqa: E402
 from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama  # noqa: E402
-from orca_diff.tensors import FLOAT_DTYPES, open_model, read_range  # noqa: E402
+from orca_diff.containers import FLOAT_DTYPES, open_model, read_range  # noqa: E402
 
 BLOCK = 16 << 20
 EXP_FIELD = {"BF16": (7, 0xFF), "F16": (10, 0x1F), "F32": (23, 0xFF), "F64": (52, 0x7FF)}

@@ -26,7 +26,7 @@ except ImportError:  # running from a checkout without installing
 
 from orca_diff.errors import OrcaDiffError, UsageError
 from orca_diff.format import load_manifest
-from orca_diff.resolve import resolve_base, resolve_base_spec, resolve_diff
+from orca_diff.hub.resolve import resolve_base, resolve_base_spec, resolve_diff
 
 
 def download_base(spec: str | None, for_diff: str | None = None, quiet: bool = False) -> Path:

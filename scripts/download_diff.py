@@ -22,7 +22,7 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orca_diff.errors import OrcaDiffError
-from orca_diff.resolve import resolve_diff
+from orca_diff.hub.resolve import resolve_diff
 
 
 def download_diff(spec: str, quiet: bool = False) -> Path:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from meta_forms import write_hf_bin  # noqa: E402
 from orca_diff.legacy import SafetensorsWriter  # noqa: E402
 from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama  # noqa: E402
-from orca_diff.tensors import open_model  # noqa: E402
+from orca_diff.containers import open_model  # noqa: E402
 
 root, hidden, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 shape = LlamaShape(32000, hidden, hidden * 8 // 3 // 8 * 8, layers, max(1, hidden // 128), max(1, hidden // 128))

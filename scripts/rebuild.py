@@ -24,7 +24,7 @@ except ImportError:  # running from a checkout without installing
 from orca_diff.apply import apply_diff
 from orca_diff.errors import OrcaDiffError
 from orca_diff.format import load_manifest
-from orca_diff.resolve import resolve_base, resolve_diff
+from orca_diff.hub.resolve import resolve_base, resolve_diff
 
 
 def rebuild(diff: str, out: str, base: str | None = None, quiet: bool = False, force: bool = False):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from orca_diff.synth import LlamaShape, write_llama
-from orca_diff.tensors import SafetensorsModel, list_extra_files, open_model
+from orca_diff.containers import SafetensorsModel, list_extra_files, open_model
 
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}

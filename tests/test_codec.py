@@ -17,7 +17,7 @@ from orca_diff.errors import CorruptDiffError, FormatError
 from orca_diff.format import MANIFEST_NAME, parse_manifest
 from orca_diff.make import make_diff
 from orca_diff.apply import apply_diff
-from orca_diff.tensors import FLOAT_DTYPES
+from orca_diff.containers import FLOAT_DTYPES
 
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I32": 4}

@@ -19,7 +19,7 @@ from faultkit import Kit, assert_no_output, expect_refusal, expect_safe, kit, le
 from orca_diff.apply import apply_diff
 from orca_diff.cli import cli
 from orca_diff.errors import BaseMismatchError, FormatError
-from orca_diff.tensors import read_safetensors_header
+from orca_diff.containers import read_safetensors_header
 
 SUITE = "wrong-base"
 

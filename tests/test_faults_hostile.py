@@ -29,7 +29,7 @@ from orca_diff.apply import STATE_NAME, apply_diff
 from orca_diff.errors import CorruptDiffError, FormatError, OutputError
 from orca_diff.format import MANIFEST_NAME, canonical_sha256, load_manifest, parse_manifest
 from orca_diff.outdir import staging_dir
-from orca_diff.tensors import read_safetensors_header
+from orca_diff.containers import read_safetensors_header
 from orca_diff.verify import verify_model
 
 SUITE = "hostile"
@@ -367,7 +367,7 @@ def test_a_2gb_declared_safetensors_header_is_refused_without_allocating_it(kit:
         expect_refusal(ledger, SUITE, case, lambda: read_safetensors_header(path), must_name=(str(path),))
         rss = _peak_rss_mib(f"""
 from pathlib import Path
-from orca_diff.tensors import read_safetensors_header
+from orca_diff.containers import read_safetensors_header
 from orca_diff.errors import OrcaDiffError
 try:
     read_safetensors_header(Path({str(path)!r}))

@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 from orca_diff.diagnose import describe_llama, explain_base_mismatch, permutation_check
 from orca_diff.fingerprint import base_fingerprint, base_fingerprint_full, fingerprint_lines, hash_model, tensor_sha256
 from orca_diff.synth import LLAMA_7B, LLAMA_13B, LlamaShape, write_llama
-from orca_diff.tensors import TensorInfo, open_model
+from orca_diff.containers import TensorInfo, open_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -67,7 +67,7 @@ def test_tensor_sha256_is_the_sha256_of_the_tensor_bytes(tmp_path):
 def test_same_weights_same_fingerprint_in_every_form_and_the_manifest(tmp_path):
     pytest.importorskip("torch")
     from meta_forms import write_all_forms
-    from orca_diff.cli_fingerprint import fingerprint
+    from orca_diff.cli.fingerprint import fingerprint
     from orca_diff.make import make_diff
     from orca_diff.synth import write_finetune
 
@@ -83,7 +83,7 @@ def test_same_weights_same_fingerprint_in_every_form_and_the_manifest(tmp_path):
 
 
 def test_a_different_dtype_or_a_flipped_byte_changes_the_fingerprint(tmp_path):
-    from orca_diff.cli_fingerprint import fingerprint
+    from orca_diff.cli.fingerprint import fingerprint
 
     a = write_llama(tmp_path / "a", TINY, "F16", seed=0)
     b = write_llama(tmp_path / "b", TINY, "BF16", seed=0)
@@ -97,7 +97,7 @@ def test_a_different_dtype_or_a_flipped_byte_changes_the_fingerprint(tmp_path):
 
 
 def test_fingerprint_json_lists_every_tensor(tmp_path):
-    from orca_diff.cli_fingerprint import fingerprint
+    from orca_diff.cli.fingerprint import fingerprint
 
     folder = write_llama(tmp_path / "m", TINY, "F16", seed=0)
     result = CliRunner().invoke(fingerprint, [str(folder), "--json", "-q"])

@@ -29,7 +29,7 @@ from faultkit import REPO, Kit, cli_env, kit, ledger  # noqa: F401 - fixtures
 from orca_diff.codec import decode_chunk, encode_chunk
 from orca_diff.errors import OrcaDiffError
 from orca_diff.format import canonical_sha256, parse_manifest
-from orca_diff.tensors import DTYPE_SIZES, parse_safetensors_header, read_safetensors_header
+from orca_diff.containers import DTYPE_SIZES, parse_safetensors_header, read_safetensors_header
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -228,7 +228,7 @@ ATHERIS_HARNESS = textwrap.dedent("""
     with atheris.instrument_imports():
         import numpy as np
         from orca_diff.format import parse_manifest
-        from orca_diff.tensors import parse_safetensors_header
+        from orca_diff.containers import parse_safetensors_header
         from orca_diff.codec import decode_chunk
         from orca_diff.errors import OrcaDiffError
 

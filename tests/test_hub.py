@@ -22,12 +22,12 @@ from click.testing import CliRunner
 from hubserver import CLIENT_VERSION, FakeHub, free_port
 
 import huggingface_hub
-from orca_diff.catalog import load_catalog, lookup
-from orca_diff.card import is_generated_card, render_card
+from orca_diff.hub.catalog import load_catalog, lookup
+from orca_diff.hub.card import is_generated_card, render_card
 from orca_diff.cli import cli
 from orca_diff.errors import FormatError, HubError, InputNotFoundError
 from orca_diff.format import load_manifest
-from orca_diff.hub import parse_repo_spec, select_base_files
+from orca_diff.hub.transfer import parse_repo_spec, select_base_files
 from orca_diff.make import make_diff
 from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama
 

@@ -23,7 +23,7 @@ from orca_diff.errors import BaseMismatchError, FormatError, VerificationError  
 from orca_diff.legacy import apply_legacy, convert_legacy  # noqa: E402
 from orca_diff.legacy.alpaca import group_of, integrity_message, inv_freq_total  # noqa: E402
 from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama  # noqa: E402
-from orca_diff.tensors import open_model  # noqa: E402
+from orca_diff.containers import open_model  # noqa: E402
 
 TINY = LlamaShape(vocab_size=320, hidden_size=32, intermediate_size=88, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4)

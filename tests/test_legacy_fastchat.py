@@ -29,7 +29,7 @@ from orca_diff.errors import BaseMismatchError, FormatError
 from orca_diff.legacy import SafetensorsWriter, apply_legacy, convert_legacy
 from orca_diff.legacy.fastchat import effective_base_fingerprint
 from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama
-from orca_diff.tensors import open_model
+from orca_diff.containers import open_model
 
 TINY = LlamaShape(vocab_size=320, hidden_size=32, intermediate_size=88, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4)

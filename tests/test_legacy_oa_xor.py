@@ -26,7 +26,7 @@ from orca_diff.errors import BaseMismatchError, VerificationError  # noqa: E402
 from orca_diff.legacy import apply_legacy, convert_legacy, detect_format  # noqa: E402
 from orca_diff.legacy.oa_xor import published_md5  # noqa: E402
 from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama  # noqa: E402
-from orca_diff.tensors import open_model  # noqa: E402
+from orca_diff.containers import open_model  # noqa: E402
 
 TINY = LlamaShape(vocab_size=320, hidden_size=32, intermediate_size=88, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4)

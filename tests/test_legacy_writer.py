@@ -9,7 +9,7 @@ import pytest
 
 from orca_diff.legacy import SafetensorsWriter, state_dict_order, verify_written
 from orca_diff.errors import VerificationError
-from orca_diff.tensors import TensorInfo, open_model
+from orca_diff.containers import TensorInfo, open_model
 
 
 def infos() -> list[TensorInfo]:

@@ -13,7 +13,7 @@ from orca_diff.errors import BaseMismatchError, InputNotFoundError, OutputError
 from orca_diff.format import MANIFEST_NAME, load_manifest
 from orca_diff.make import make_diff, plan_encoding
 from orca_diff.synth import SERIALIZER_DTYPE, write_shards
-from orca_diff.tensors import TensorInfo, open_model
+from orca_diff.containers import TensorInfo, open_model
 from orca_diff.verify import verify_diff, verify_model
 
 from conftest import file_hashes
@@ -121,7 +121,7 @@ def test_apply_refuses_wrong_base_by_one_ulp_before_writing(make_pair, tmp_path)
     model.close()
     # bump one element by one ulp in place in the base file
     f = next(base.glob("*.safetensors"))
-    from orca_diff.tensors import read_safetensors_header
+    from orca_diff.containers import read_safetensors_header
     h = read_safetensors_header(f)
     entry = next(e for e in h.entries if e.info.name == name)
     data = bytearray(f.read_bytes())
@@ -276,7 +276,7 @@ def test_safetensors_headers_longer_than_any_small_limit_round_trip(make_pair, t
 def test_base_hashes_taken_on_the_way_equal_independent_hashes(make_pair, tmp_path, target_dtype):
     """make hashes the base from the bytes its delta chunks read, then the rest: every base
     tensor's recorded sha256 (rows removed, dropped tensors, casts) must be the plain one."""
-    from orca_diff.tensors import tensor_sha256
+    from orca_diff.containers import tensor_sha256
     base, target = make_pair("BF16", target_dtype)
     model = open_model(target)
     kept = []

@@ -3,7 +3,7 @@
 import pytest
 
 from orca_diff.errors import UsageError
-from orca_diff.resolve import resolve_diff
+from orca_diff.hub.resolve import resolve_diff
 
 
 def test_a_legacy_release_name_points_to_apply_and_convert():

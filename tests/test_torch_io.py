@@ -18,11 +18,11 @@ torch = pytest.importorskip("torch")  # the torch extra; CI installs it (see pyp
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from orca_diff import torch_io  # noqa: E402
+from orca_diff.containers import pickled as torch_io  # noqa: E402
 from orca_diff.bits import cast_bits  # noqa: E402
 from orca_diff.errors import FormatError, InputNotFoundError, MissingExtraError  # noqa: E402
 from orca_diff.synth import LlamaShape, write_llama  # noqa: E402
-from orca_diff.tensors import open_model  # noqa: E402
+from orca_diff.containers import open_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from meta_forms import (  # noqa: E402
@@ -223,7 +223,7 @@ def test_missing_torch_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_core_modules_import_without_torch():
-    code = ("import sys; import orca_diff.tensors, orca_diff.torch_io, orca_diff.fingerprint, orca_diff.diagnose;"
+    code = ("import sys; import orca_diff.containers, orca_diff.containers.pickled, orca_diff.fingerprint, orca_diff.diagnose;"
             " assert 'torch' not in sys.modules, 'torch imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -237,9 +237,9 @@ MEDIUM = LlamaShape(vocab_size=4096, hidden_size=1024, intermediate_size=2816, n
 _MEASURE = textwrap.dedent("""
     import json, sys
     import torch
-    from orca_diff import torch_io
+    from orca_diff.containers import pickled as torch_io
     from orca_diff.fingerprint import hash_model
-    from orca_diff.tensors import open_model
+    from orca_diff.containers import open_model
     if len(sys.argv) > 2:
         torch_io.MAP_RELEASE_BYTES = int(sys.argv[2])
     def status():

@@ -370,7 +370,7 @@ def test_config_rejects_unknown_settings(tmp_path):
 
 
 def _cli():
-    from orca_diff.cli_train import COMMANDS
+    from orca_diff.cli.train import COMMANDS
 
     (command,) = COMMANDS
     return command

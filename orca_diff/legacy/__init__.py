@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import FormatError, InputNotFoundError, UsageError, VerificationError
 from ..outdir import check_output, publish, staging_dir
-from ..tensors import FLOAT_DTYPES, TensorInfo, file_sha256
+from ..containers import FLOAT_DTYPES, TensorInfo, file_sha256
 from ..progress import human_bytes as _human
 
 FORMATS = ("fastchat", "alpaca", "oa-xor")
@@ -122,7 +122,7 @@ def catalog_legacy(name: str) -> dict[str, Any] | None:
     Read from the catalog files directly: the ``format`` and ``legacy`` keys are specific to
     these releases (docs/legacy.md), and the shared CatalogEntry does not carry them.
     """
-    from ..catalog import catalog_files
+    from ..hub.catalog import catalog_files
 
     found: dict[str, Any] | None = None
     for path in catalog_files():
@@ -172,7 +172,7 @@ def resolve_legacy_diff(spec: str, fmt: str, *, progress: bool | None) -> tuple[
     if entry is not None and entry.get("format") != fmt:
         raise UsageError(f"catalog diff {spec!r} is a {entry['format']} release, not {fmt}; "
                          f"use --format {entry['format']} (or leave --format out)")
-    from ..catalog import is_repo_id
+    from ..hub.catalog import is_repo_id
     from ..hub import RepoRef, parse_repo_spec
 
     if entry is not None:
@@ -185,7 +185,7 @@ def resolve_legacy_diff(spec: str, fmt: str, *, progress: bool | None) -> tuple[
 
 
 def _download_release(ref: Any, fmt: str, progress: bool | None) -> Path:
-    from ..hub import _progress, download_base, hub_errors
+    from ..hub.transfer import _progress, download_base, hub_errors
 
     if fmt in ("fastchat", "alpaca"):
         return download_base(ref, progress=progress)  # an HF model folder: weights, config, tokenizer
@@ -200,7 +200,7 @@ def _download_release(ref: Any, fmt: str, progress: bool | None) -> Path:
 
 def resolve_base_for(base: str | None, entry: dict[str, Any] | None, *, progress: bool | None) -> Path:
     """``--base`` as given, or the base the catalog entry names."""
-    from ..resolve import resolve_base_spec
+    from ..hub.resolve import resolve_base_spec
 
     if base is None:
         if entry is None or not entry.get("base"):
@@ -473,7 +473,7 @@ def convert_legacy(fmt: str, legacy: str, base: str | None, out: str | os.PathLi
     t0 = time.perf_counter()
     fmt, module, out, diff_dir, entry, base_dir = _prepare(fmt, legacy, base, out, force, progress)
     if entry:
-        from ..catalog import lookup
+        from ..hub.catalog import lookup
 
         b = lookup(entry.get("base") or "", "base") if entry.get("base") else None
         base_name = base_name or entry.get("base")

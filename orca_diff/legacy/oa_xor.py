@@ -207,7 +207,7 @@ def _check_loadable(out_dir: Path, expects: str) -> str:
                                     f" release was made against. The release expects {expects}") from None
     if not any(out_dir.glob("*.bin")):
         return "rebuilt config is valid JSON"
-    from ..tensors import open_model
+    from ..containers import open_model
 
     try:
         model = open_model(out_dir)
@@ -222,8 +222,8 @@ def _check_loadable(out_dir: Path, expects: str) -> str:
 def resave_as_safetensors(folder: Path) -> str:
     """Replace the ``.bin`` files of a rebuilt model by safetensors shards (same tensors, same
     bytes), one tensor at a time, for ``convert`` (orca-diff diffs describe safetensors files)."""
-    from ..tensors import open_model
-    from ..torch_io import INDEX_NAME
+    from ..containers import open_model
+    from ..containers.pickled import INDEX_NAME
 
     model = open_model(folder)
     try:

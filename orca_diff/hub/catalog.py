@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FormatError, InputNotFoundError
+from ..errors import FormatError, InputNotFoundError
 
 SHIPPED_CATALOG = Path(__file__).with_name("catalog.json")
 ENV_VAR = "ORCA_DIFF_CATALOG"

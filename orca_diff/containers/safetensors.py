@@ -1,10 +1,7 @@
-"""Streaming access to model checkpoints as raw little-endian tensor bytes.
+"""HF safetensors files: strict header parsing and ranged reads with ``pread`` (no torch).
 
-Every model form (HF safetensors here; HF ``.bin`` and Meta ``.pth`` in :mod:`orca_diff.torch_io`)
-is read through one small interface, :class:`ModelReader`: a table of tensors in HF canonical names
-and a ``read(name)`` that returns that tensor's bytes. Safetensors files are memory-mapped and
-sliced, so reading a tensor costs no copy and the resident set is bounded by what the caller holds.
-The core never needs torch: bf16 and friends are handled as plain bit patterns.
+Safetensors files are read by positional reads into fresh buffers, so the resident set is
+bounded by what the caller holds.
 """
 
 from __future__ import annotations
@@ -14,72 +11,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
 
 import numpy as np
 
-from .errors import FormatError, InputNotFoundError, UsageError
-
-#: Bytes per element of each safetensors dtype we accept. Float dtypes are the ones deltas
-#: are computed on as numbers; every other dtype is diffed by byte-wise XOR.
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+from ..errors import FormatError, InputNotFoundError
+from .base import DTYPE_SIZES, DuplicateKeyError, TensorInfo, read_exact, unique_keys
 
 #: A safetensors header larger than this is refused (real ones are well under 1 MiB; the
 #: reference implementation caps at 100 MB). Bounds memory against hostile files.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a tensor is, independent of where it is stored."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPE_SIZES[self.dtype]
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
-
-
-class ModelReader(Protocol):
-    """A checkpoint seen as named tensors (HF names, row-major, little-endian bytes).
-
-    ``read`` returns a 1-D ``uint8`` array of exactly ``tensors[name].nbytes`` bytes. It may be a
-    view of a memory map: callers hold one (or a few) at a time, which bounds memory.
-    ``extra_files`` maps relative names of non-weight files (config.json, tokenizer files...) to
-    their paths.
-    """
-
-    path: Path
-    tensors: dict[str, TensorInfo]
-    extra_files: dict[str, Path]
-
-    def read(self, name: str) -> np.ndarray: ...
-
-    def close(self) -> None: ...
-
-
-# --------------------------------------------------------------------------- safetensors
 
 
 @dataclass(frozen=True)
@@ -105,21 +45,6 @@ class SafetensorsHeader:
     @property
     def data_size(self) -> int:
         return self.entries[-1].end if self.entries else 0
-
-
-class DuplicateKeyError(ValueError):
-    """A JSON object names the same key twice (parsers disagree on which one wins)."""
-
-
-def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """``object_pairs_hook`` for json.loads that refuses duplicate keys instead of keeping the
-    last one, so no two tools can read one header or manifest two ways."""
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise DuplicateKeyError(k)
-        out[k] = v
-    return out
 
 
 def parse_safetensors_header(raw: bytes, where: str, file_size: int | None = None) -> SafetensorsHeader:
@@ -244,91 +169,3 @@ class SafetensorsModel:
         self.close()
 
 
-def read_exact(fd: int, buf: np.ndarray, offset: int, where: str) -> None:
-    """Fill ``buf`` from ``fd`` at ``offset``; a short file is a FormatError naming ``where``."""
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise FormatError(f"{where}: file ended early at byte {offset + done} (truncated?)")
-        done += n
-
-
-def read_range(reader: "ModelReader", name: str, start: int, length: int) -> np.ndarray:
-    """A byte range of a tensor from any reader (readers without ranged reads are sliced)."""
-    try:
-        return reader.read(name, start, length)  # type: ignore[call-arg]
-    except TypeError:
-        return reader.read(name)[start:start + length]
-
-
-def hash_tensor_range(reader: "ModelReader", name: str, h, start: int = 0, block: int = 16 << 20) -> None:
-    """Feed bytes ``[start, end)`` of a tensor to the hash object ``h``, ``block`` bytes at a
-    time (bounded memory)."""
-    size = reader.tensors[name].nbytes
-    for s in range(start, size, block):
-        h.update(read_range(reader, name, s, min(block, size - s)))
-
-
-def tensor_sha256(reader: "ModelReader", name: str, block: int = 16 << 20) -> str:
-    """sha256 of a tensor's bytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    hash_tensor_range(reader, name, h, 0, block)
-    return h.hexdigest()
-
-
-def file_sha256(path: Path, block: int = 16 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    buf = bytearray(block)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- discovery
-
-
-def list_extra_files(folder: Path) -> dict[str, Path]:
-    """Non-weight files of a model folder (config, tokenizer, index...), top level, no hidden files."""
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES):
-            out[p.name] = p
-    return out
-
-
-def open_model(path: str | os.PathLike) -> ModelReader:
-    """Open a model in any supported form: a safetensors file or folder, an HF ``.bin`` folder,
-    or a Meta original checkpoint folder (``params.json`` + ``consolidated.*.pth``).
-
-    Safetensors is preferred when a folder holds several forms. The torch-based forms need the
-    ``orca-diff[torch]`` extra and are loaded with ``weights_only=True`` only.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise InputNotFoundError(f"{p}: no such file or folder")
-    if p.is_file():
-        if p.suffix == ".safetensors":
-            return SafetensorsModel(p, [p], {})
-        raise UsageError(f"{p}: give a model folder or a .safetensors file")
-    shards = sorted(p.glob("*.safetensors"))
-    if shards:
-        return SafetensorsModel(p, shards, list_extra_files(p))
-    if sorted(p.glob("*.bin")) or sorted(p.glob("consolidated.*.pth")):
-        from . import torch_io  # noqa: PLC0415 - optional, needs torch
-
-        return torch_io.open_torch_model(p)
-    raise InputNotFoundError(
-        f"{p}: no model weights found (expected *.safetensors, pytorch_model*.bin, or params.json + consolidated.*.pth)"
-    )
-
-
-def iter_tensor_names(model: ModelReader) -> Iterator[str]:
-    return iter(model.tensors)

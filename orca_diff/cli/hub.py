@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .errors import UsageError
+from ..errors import UsageError
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
@@ -23,7 +23,7 @@ def catalog_cmd(as_json: bool) -> None:
     Example:
       orca-diff catalog
     """
-    from .catalog import catalog_files, load_catalog
+    from ..hub.catalog import catalog_files, load_catalog
 
     cat = load_catalog()
     if as_json:
@@ -59,8 +59,8 @@ def download_cmd(name: str, kind: str, quiet: bool) -> None:
       orca-diff download llama-13b
       orca-diff download my-org/orca-13b-diff@v1
     """
-    from .catalog import is_repo_id, lookup
-    from .hub import RepoRef, download, parse_repo_spec
+    from ..hub.catalog import is_repo_id, lookup
+    from ..hub import RepoRef, download, parse_repo_spec
 
     progress = False if quiet else None
     base_entry = lookup(name, "base") if kind in ("auto", "base") else None
@@ -68,7 +68,7 @@ def download_cmd(name: str, kind: str, quiet: bool) -> None:
     entry = diff_entry or base_entry
     if entry is not None:
         if entry.is_placeholder:
-            from .resolve import _refuse_placeholder
+            from ..hub.resolve import _refuse_placeholder
 
             _refuse_placeholder(entry)
         ref, kind = RepoRef(entry.repo, entry.revision), entry.kind
@@ -99,8 +99,8 @@ def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, quiet
     Example:
       orca-diff push orca-13b-diff --repo my-org/orca-13b-diff
     """
-    from .catalog import is_repo_id
-    from .hub import push_diff
+    from ..hub.catalog import is_repo_id
+    from ..hub import push_diff
 
     if not is_repo_id(repo_id):
         raise UsageError(f"--repo {repo_id!r}: expected a Hub repo id org/name")

@@ -2,7 +2,7 @@
 
 Every expected failure is an OrcaDiffError, printed as one line ``orca-diff: error: ...`` with
 the exit code of its class (see README.md). Commands of optional parts of the tool live in
-``orca_diff/cli_<topic>.py`` modules (hub, fingerprint, train, legacy), registered at the end.
+``orca_diff/cli/<topic>.py`` modules (hub, fingerprint, train, legacy), registered at the end.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import InterruptedError_, OrcaDiffError
-from .progress import human_bytes as _human
+from .. import __version__
+from ..errors import InterruptedError_, OrcaDiffError
+from ..progress import human_bytes as _human
 
 class _Group(click.Group):
     """Turns OrcaDiffError and Ctrl-C into one line and an exit code (no traceback)."""
@@ -70,8 +70,8 @@ def make(base: str, target: str, out: str, base_name: str | None, base_repo: str
     Example:
       orca-diff make --base llama-13b-hf --target orca-13b --out orca-13b-diff --base-name llama-13b
     """
-    from .make import make_diff
-    from .codec import DEFAULT_LEVEL
+    from ..make import make_diff
+    from ..codec import DEFAULT_LEVEL
 
     t0 = time.perf_counter()
     m = make_diff(base, target, out, base_name=base_name, base_repo=base_repo, base_revision=base_revision,
@@ -84,8 +84,8 @@ def make(base: str, target: str, out: str, base_name: str | None, base_repo: str
 
 def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
     """Resolve --diff then --base (local path, catalog name or Hub repo id)."""
-    from .format import load_manifest
-    from .resolve import resolve_base, resolve_diff
+    from ..format import load_manifest
+    from ..hub.resolve import resolve_base, resolve_diff
 
     progress = False if quiet else None
     diff_dir = resolve_diff(diff, progress=progress)
@@ -114,14 +114,14 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
     Example:
       orca-diff apply --base llama-13b --diff orca --out orca-13b
     """
-    from .apply import apply_diff
+    from ..apply import apply_diff
 
     if fmt == "auto":  # legacy: a catalog entry with a legacy format, or an XOR payload folder (docs/legacy.md)
-        from .legacy import detect_format
+        from ..legacy import detect_format
 
         fmt = detect_format(diff) or fmt
     if fmt not in ("auto", "orca"):
-        from .legacy import apply_legacy  # legacy releases: see docs/legacy.md
+        from ..legacy import apply_legacy  # legacy releases: see docs/legacy.md
 
         click.echo(apply_legacy(fmt, base, diff, out, force=force, threads=threads,
                                 progress=False if quiet else None).summary())
@@ -147,8 +147,8 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
       orca-diff verify --diff orca-13b-diff
       orca-diff verify --diff orca-13b-diff --base llama-13b-hf --model orca-13b
     """
-    from .resolve import resolve_base, resolve_diff
-    from .verify import verify_base, verify_diff, verify_model
+    from ..hub.resolve import resolve_base, resolve_diff
+    from ..verify import verify_base, verify_diff, verify_model
 
     progress = False if quiet else None
     diff = str(resolve_diff(diff, progress=progress))
@@ -169,7 +169,7 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(diff: str, as_json: bool) -> None:
     """Describe a diff: its base, tensors, dtypes, sizes and compression ratio."""
-    from .format import load_manifest
+    from ..format import load_manifest
 
     m = load_manifest(diff)
     dtypes: dict[str, int] = {}
@@ -213,10 +213,10 @@ def demo(workdir: str | None, dtype: str, hidden: int, layers: int, quiet: bool)
     32000 -> 32001), makes the diff, rebuilds the model from base + diff, and proves the rebuilt
     files are byte-identical. No download needed.
     """
-    from .apply import apply_diff
-    from .make import make_diff
-    from .synth import FineTune, LlamaShape, write_finetune, write_llama
-    from .verify import verify_model
+    from ..apply import apply_diff
+    from ..make import make_diff
+    from ..synth import FineTune, LlamaShape, write_finetune, write_llama
+    from ..verify import verify_model
 
     progress = False if quiet else None
     ctx = tempfile.TemporaryDirectory(prefix="orca-diff-demo-") if workdir is None else None
@@ -253,9 +253,9 @@ def demo(workdir: str | None, dtype: str, hidden: int, layers: int, quiet: bool)
 
 def _register_topic_commands() -> None:
     """Add the commands that live beside their topic (imported here, after ``cli`` exists)."""
-    from . import cli_fingerprint, cli_hub, cli_legacy, cli_train
+    from . import fingerprint, hub, legacy, train
 
-    for module in (cli_hub, cli_fingerprint, cli_train, cli_legacy):
+    for module in (hub, fingerprint, train, legacy):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -40,7 +40,7 @@ def convert(legacy: str, base: str | None, out: str, fmt: str, base_name: str | 
     Example:
       orca-diff convert vicuna-13b-delta-v1.1 --format fastchat --base llama-13b-hf --out vicuna-13b-diff
     """
-    from .legacy import convert_legacy
+    from ..legacy import convert_legacy
 
     report = convert_legacy(fmt, legacy, base, out, force=force, threads=threads, progress=False if quiet else None,
                             level=level, base_name=base_name, base_repo=base_repo, base_revision=base_revision)

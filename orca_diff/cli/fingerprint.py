@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .errors import OrcaDiffError
+from ..errors import OrcaDiffError
 
 _FORMS = {"SafetensorsModel": "HF safetensors", "TorchBinModel": "HF .bin (torch)",
           "MetaCheckpoint": "Meta original (params.json + consolidated.*.pth)"}
@@ -32,9 +32,9 @@ def fingerprint(base: str, as_json: bool, threads: int | None, quiet: bool) -> N
       orca-diff fingerprint ~/llama/7B
       orca-diff fingerprint ~/llama-7b-hf --json > base-hashes.json
     """
-    from .fingerprint import base_fingerprint, base_fingerprint_full, hash_model
-    from .pipeline import default_threads
-    from .tensors import open_model
+    from ..fingerprint import base_fingerprint, base_fingerprint_full, hash_model
+    from ..pipeline import default_threads
+    from ..containers import open_model
 
     model = open_model(base)
     try:

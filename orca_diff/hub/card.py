@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .format import Manifest
+from ..format import Manifest
 
 LIBRARY_NAME = "orca-diff"
 TAGS = ("orca-diff", "weight-diff")

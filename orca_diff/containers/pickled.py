@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, InputNotFoundError, UsageError, require_extra
-from .tensors import TensorInfo, list_extra_files
+from ..errors import FormatError, InputNotFoundError, UsageError, require_extra
+from .base import TensorInfo, list_extra_files
 
 #: Tensors served from memory-mapped files before the maps are dropped. This bounds the
 #: file-backed part of the resident set (clean page-cache pages the kernel can reclaim anyway);

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .errors import UsageError
+from ..errors import UsageError
 
 STAGE_FLAGS = ("epochs", "max_steps", "lr", "warmup_steps")
 
@@ -71,8 +71,8 @@ def train(config_file: str | None, data: tuple[str, ...], **flags: Any) -> None:
     Continue an interrupted run:
       orca-diff train ... --resume
     """
-    from .train import Stage, TrainConfig, load_config
-    from .train import train as run_training
+    from ..train import Stage, TrainConfig, load_config
+    from ..train import train as run_training
 
     stage_flags = {k: flags.pop(k) for k in STAGE_FLAGS}
     settings = {k: v for k, v in flags.items() if v is not None}

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .catalog import CatalogEntry, is_repo_id, lookup, names
-from .errors import BaseMismatchError, InputNotFoundError, UsageError
-from .format import Manifest
-from .hub import RepoRef, download_base, download_diff, parse_repo_spec
+from ..errors import BaseMismatchError, InputNotFoundError, UsageError
+from ..format import Manifest
+from .transfer import RepoRef, download_base, download_diff, parse_repo_spec
 
 
 def _local(spec: str) -> Path | None:

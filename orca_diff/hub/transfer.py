@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import CorruptDiffError, HubError, OrcaDiffError
-from .format import MANIFEST_NAME, Manifest, load_manifest
-from .progress import bars_enabled, byte_bar
+from ..errors import CorruptDiffError, HubError, OrcaDiffError
+from ..format import MANIFEST_NAME, Manifest, load_manifest
+from ..progress import bars_enabled, byte_bar
 
 #: Weight formats in order of preference: (label, weight globs, index file). Only top-level files.
 WEIGHT_FORMATS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
@@ -219,7 +219,7 @@ def _exact_patterns(paths: Iterable[str]) -> list[str]:
 
 def _verify_payloads(folder: Path, manifest: Manifest, ref: RepoRef, progress: bool | None) -> None:
     """Size + sha256 of every payload against the manifest; a bad file is fetched again once."""
-    from .tensors import file_sha256
+    from ..containers import file_sha256
 
     def bad_files() -> list[str]:
         bad = []
@@ -344,7 +344,7 @@ def push_diff(diff_dir: str | os.PathLike, repo_id: str, *, private: bool = Fals
     """Verify a diff, create the repo (``exist_ok``) and commit the manifest, the payload files and
     a model card. The card is rendered for ``repo_id`` unless README.md was edited by hand."""
     from .card import is_generated_card, render_card
-    from .verify import verify_diff
+    from ..verify import verify_diff
 
     diff_dir = Path(diff_dir)
     manifest = verify_diff(diff_dir, progress=progress)  # never publish a damaged diff

@@ -1,0 +1,5 @@
+"""``python -m orca_diff.cli``: the same as the ``orca-diff`` command."""
+
+from .main import main
+
+main()
