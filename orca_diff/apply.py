@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from .codec import base_prediction, decode_chunk
+from .digests import digest_bytes
 from .errors import CorruptDiffError, InterruptedError_, OrcaDiffError, OutputError, VerificationError
 from .format import Chunk, FileEntry, Manifest, load_manifest
 from .outdir import check_output, describe_os_error, publish, staging_dir
@@ -62,8 +63,8 @@ class _Job:
 class _Payloads:
     """Thread-safe positional reads of payload chunks, sha256-checked before decoding."""
 
-    def __init__(self, diff_dir: Path):
-        self.diff_dir = diff_dir
+    def __init__(self, diff_dir: Path, algo: str):
+        self.diff_dir, self.algo = diff_dir, algo
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -77,9 +78,9 @@ class _Payloads:
             read_exact(fd, buf, c.offset, str(self.diff_dir / c.payload))
         except OrcaDiffError as exc:
             raise CorruptDiffError(f"{exc}; download the diff again") from None
-        if hashlib.sha256(buf).hexdigest() != c.sha256:
+        if digest_bytes(buf, self.algo) != c.digest:
             raise CorruptDiffError(f"{self.diff_dir / c.payload}: chunk at offset {c.offset} ({owner}) fails its "
-                                   "sha256 check; the diff is corrupt, download it again")
+                                   f"{self.algo} check; the diff is corrupt, download it again")
         return buf
 
     def close(self) -> None:
@@ -247,7 +248,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, f
     except OSError as exc:
         raise describe_os_error(exc, staging, "choose another --out") from None
     resume_hint = f"rerun the same command to resume (finished files are kept in {staging})"
-    payloads = _Payloads(diff_dir)
+    payloads = _Payloads(diff_dir, manifest.digest_algo)
     fd, h, path = -1, hashlib.sha256(), staging
     written = 0
     try:

@@ -13,7 +13,8 @@ Definition (normative, docs/bases.md repeats it)::
 
 where ``dtype`` is the safetensors dtype string ("F16", "BF16", "F32", ...), ``shape`` is the
 dimensions joined by "x" ("4096x4096"; "" for a 0-d tensor), ``sha256`` is the lowercase hex
-sha256 of the tensor's bytes, and ``sorted`` is Python's default order on the complete lines
+digest of the tensor's bytes (sha256 for format version 1 diffs, BLAKE3 from version 2: the
+fingerprint of a base is therefore given with its algorithm, :mod:`orca_diff.digests`), and ``sorted`` is Python's default order on the complete lines
 (which, names being unique, is the order of names by code point).
 """
 
@@ -23,7 +24,8 @@ import hashlib
 from typing import Iterable, Mapping
 
 from .containers import ModelReader
-from .containers import tensor_sha256  # re-exported: the per-tensor hash fingerprints are made of
+from .containers import tensor_digest, tensor_sha256  # re-exported: the per-tensor hashes fingerprints are made of
+from .digests import BLAKE3
 
 #: How many hex characters of the full digest are shown as "the" fingerprint.
 SHORT_DIGEST_CHARS = 16
@@ -48,9 +50,10 @@ def base_fingerprint(hashes: Mapping[str, tuple[str, tuple[int, ...] | list[int]
     return base_fingerprint_full(hashes)[:SHORT_DIGEST_CHARS]
 
 
-def hash_model(reader: ModelReader, threads: int = 1, progress: bool | None = False
+def hash_model(reader: ModelReader, threads: int = 1, progress: bool | None = False, algo: str = BLAKE3
                ) -> dict[str, tuple[str, tuple[int, ...], str]]:
-    """``{name: (dtype, shape, sha256)}`` for every tensor, in the reader's order.
+    """``{name: (dtype, shape, digest)}`` for every tensor, in the reader's order (``algo``:
+    "blake3", the current format's tensor digest, or "sha256" for format version 1 diffs).
 
     Tensors are hashed in bounded blocks by ``threads`` workers (each holds one block), so memory
     does not grow with the model. ``progress`` as in :func:`orca_diff.progress.byte_bar`.
@@ -61,7 +64,7 @@ def hash_model(reader: ModelReader, threads: int = 1, progress: bool | None = Fa
     names = list(reader.tensors)
     with byte_bar(sum(i.nbytes for i in reader.tensors.values()), "hashing base", progress) as bar:
         def one(name: str) -> str:
-            sha = tensor_sha256(reader, name)
+            sha = tensor_digest(reader, name, algo)
             bar.update(reader.tensors[name].nbytes)
             return sha
 
@@ -69,5 +72,5 @@ def hash_model(reader: ModelReader, threads: int = 1, progress: bool | None = Fa
     return {n: (reader.tensors[n].dtype, tuple(reader.tensors[n].shape), sha) for n, sha in zip(names, shas)}
 
 
-__all__ = ["tensor_sha256", "base_fingerprint", "base_fingerprint_full", "fingerprint_lines",
+__all__ = ["tensor_digest", "tensor_sha256", "base_fingerprint", "base_fingerprint_full", "fingerprint_lines",
            "hash_model", "shape_text", "SHORT_DIGEST_CHARS"]

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .digests import TENSOR_DIGEST_OF_VERSION
 from .errors import CorruptDiffError, FormatError, InputNotFoundError
 from .containers import DTYPE_SIZES, MAX_HEADER_BYTES, FLOAT_DTYPES, DuplicateKeyError, TensorInfo, parse_safetensors_header, unique_keys
 
 MANIFEST_NAME = "orca-diff.json"
 FORMAT_NAME = "orca-diff"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this reader understands (version 1 diffs keep applying).
+READABLE_VERSIONS = (1, 2)
 #: Manifests larger than this are refused before parsing (a 405B model's is a few MB).
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_INT = 2**62
@@ -97,7 +100,8 @@ def _shape(v: object, what: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Chunk:
     """A run of ``size`` bytes of an object starting at ``start``, stored as ``length`` compressed
-    bytes at ``offset`` in payload file ``payload``; ``sha256`` is of those compressed bytes."""
+    bytes at ``offset`` in payload file ``payload``; ``digest`` is of those compressed bytes
+    (sha256 in format version 1, BLAKE3 from version 2: see :mod:`orca_diff.digests`)."""
 
     start: int
     size: int
@@ -105,25 +109,25 @@ class Chunk:
     payload: str
     offset: int
     length: int
-    sha256: str
+    digest: str
 
-    def to_json(self) -> dict:
+    def to_json(self, key: str) -> dict:
         return {"start": self.start, "size": self.size, "mode": self.mode, "payload": self.payload,
-                "offset": self.offset, "length": self.length, "sha256": self.sha256}
+                "offset": self.offset, "length": self.length, key: self.digest}
 
     @classmethod
-    def from_json(cls, d: object, what: str) -> "Chunk":
+    def from_json(cls, d: object, what: str, key: str) -> "Chunk":
         d = _dict(d, what)
         mode = d.get("mode")
         if mode not in CHUNK_MODES:
             raise FormatError(f"manifest: {what}: unknown chunk mode {mode!r}")
         return cls(_int(d.get("start"), what), _int(d.get("size"), what), mode,
                    safe_relpath(d.get("payload"), what), _int(d.get("offset"), what),
-                   _int(d.get("length"), what), _hex(d.get("sha256"), what))
+                   _int(d.get("length"), what), _hex(d.get(key), what))
 
 
-def _chunks(v: object, what: str, total: int) -> list[Chunk]:
-    chunks = [Chunk.from_json(c, f"{what} chunk {i}") for i, c in enumerate(_list(v, what))]
+def _chunks(v: object, what: str, total: int, key: str) -> list[Chunk]:
+    chunks = [Chunk.from_json(c, f"{what} chunk {i}", key) for i, c in enumerate(_list(v, what))]
     cursor = 0
     for i, c in enumerate(chunks):
         if c.start != cursor or c.size == 0:
@@ -176,7 +180,7 @@ class TensorEntry:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    sha256: str
+    digest: str  # of the tensor's bytes; the algorithm is the manifest's ``digest_algo``
     encoding: Encoding
     chunks: tuple[Chunk, ...]
 
@@ -184,9 +188,9 @@ class TensorEntry:
     def info(self) -> TensorInfo:
         return TensorInfo(self.name, self.dtype, self.shape)
 
-    def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256,
-                "encoding": self.encoding.to_json(), "chunks": [c.to_json() for c in self.chunks]}
+    def to_json(self, key: str) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape), key: self.digest,
+                "encoding": self.encoding.to_json(), "chunks": [c.to_json(key) for c in self.chunks]}
 
 
 @dataclass(frozen=True)
@@ -202,13 +206,13 @@ class FileEntry:
     source: str | None = None
     chunks: tuple[Chunk, ...] = ()
 
-    def to_json(self) -> dict:
+    def to_json(self, key: str) -> dict:
         d: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
         if self.kind == "safetensors":
             d["header"] = self.header
         else:
             d["source"] = self.source
-            d["chunks"] = [c.to_json() for c in self.chunks]
+            d["chunks"] = [c.to_json(key) for c in self.chunks]
         return d
 
 
@@ -216,11 +220,11 @@ class FileEntry:
 class BaseTensor:
     dtype: str
     shape: tuple[int, ...]
-    sha256: str
+    digest: str  # of the tensor's bytes; the algorithm is the manifest's ``digest_algo``
     needed: bool
 
-    def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256, "needed": self.needed}
+    def to_json(self, key: str) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape), key: self.digest, "needed": self.needed}
 
 
 @dataclass(frozen=True)
@@ -267,11 +271,17 @@ class Manifest:
     def payload_bytes(self) -> int:
         return sum(p.size for p in self.payloads)
 
+    @property
+    def digest_algo(self) -> str:
+        """The algorithm of tensor digests, chunk digests and fingerprints ("sha256" or "blake3")."""
+        return TENSOR_DIGEST_OF_VERSION[self.format_version]
+
     def needed_base_tensors(self) -> dict[str, BaseTensor]:
         return {n: t for n, t in self.base.tensors.items() if t.needed}
 
     # ---------------------------------------------------------------- serialisation
     def body(self) -> dict:
+        key = self.digest_algo
         return {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
@@ -280,11 +290,11 @@ class Manifest:
             "base": {
                 "name": self.base.name, "repo": self.base.repo, "revision": self.base.revision,
                 "fingerprint": self.base.fingerprint,
-                "tensors": {n: t.to_json() for n, t in self.base.tensors.items()},
+                "tensors": {n: t.to_json(key) for n, t in self.base.tensors.items()},
                 "files": {n: {"size": f.size, "sha256": f.sha256} for n, f in self.base.files.items()},
             },
-            "target": {"fingerprint": self.target_fingerprint, "files": [f.to_json() for f in self.files]},
-            "tensors": {n: t.to_json() for n, t in self.tensors.items()},
+            "target": {"fingerprint": self.target_fingerprint, "files": [f.to_json(key) for f in self.files]},
+            "tensors": {n: t.to_json(key) for n, t in self.tensors.items()},
             "dropped": list(self.dropped),
             "payloads": [{"path": p.path, "size": p.size, "sha256": p.sha256} for p in self.payloads],
         }
@@ -317,10 +327,10 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     if doc.get("format") != FORMAT_NAME:
         raise FormatError(f"{where}: not an orca-diff manifest (format={doc.get('format')!r})")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise FormatError(
-            f"{where}: diff format version {version!r}; this orca-diff reads version {FORMAT_VERSION}"
-            " (upgrade orca-diff: pip install -U orca-diff)"
+            f"{where}: diff format version {version!r}; this orca-diff reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade orca-diff: pip install -U orca-diff)"
         )
     claimed = doc.pop("manifest_sha256", None)
     if claimed != canonical_sha256(doc):
@@ -328,12 +338,13 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
             f"{where}: manifest checksum mismatch (the file was modified or damaged); download the diff again"
         )
     try:
-        return _manifest_from_doc(doc)
+        return _manifest_from_doc(doc, version)
     except (KeyError, TypeError, AttributeError) as exc:  # shapes we did not foresee: still a format error
         raise FormatError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
 
 
-def _manifest_from_doc(doc: dict) -> Manifest:
+def _manifest_from_doc(doc: dict, version: int) -> Manifest:
+    key = TENSOR_DIGEST_OF_VERSION[version]  # the JSON key of tensor and chunk digests
     base_d = _dict(doc.get("base"), "base")
     base_tensors = {}
     for name, t in _dict(base_d.get("tensors"), "base.tensors").items():
@@ -342,7 +353,7 @@ def _manifest_from_doc(doc: dict) -> Manifest:
         needed = t.get("needed")
         if not isinstance(needed, bool):
             raise FormatError(f"manifest: {w}: needed must be true or false")
-        base_tensors[name] = BaseTensor(_dtype(t.get("dtype"), w), _shape(t.get("shape"), w), _hex(t.get("sha256"), w), needed)
+        base_tensors[name] = BaseTensor(_dtype(t.get("dtype"), w), _shape(t.get("shape"), w), _hex(t.get(key), w), needed)
     base_files = {}
     for name, f in _dict(base_d.get("files", {}), "base.files").items():
         safe_relpath(name, "base file")
@@ -375,7 +386,7 @@ def _manifest_from_doc(doc: dict) -> Manifest:
                 raise FormatError(f"manifest: {w}: shared_bytes {enc.shared_bytes} is inconsistent with the shapes")
         elif enc.shared_bytes:
             raise FormatError(f"manifest: {w}: a raw tensor cannot share bytes with the base")
-        chunks = _chunks(t.get("chunks"), w, info.nbytes)
+        chunks = _chunks(t.get("chunks"), w, info.nbytes, key)
         for c in chunks:
             if c.mode == "delta" and (c.start + c.size > enc.shared_bytes or enc.transform == "raw"):
                 raise FormatError(f"manifest: {w}: delta chunk outside the shared region")
@@ -383,7 +394,7 @@ def _manifest_from_doc(doc: dict) -> Manifest:
                 raise FormatError(f"manifest: {w}: raw chunk inside the shared region")
             if (c.start % info.itemsize) or (c.size % info.itemsize):
                 raise FormatError(f"manifest: {w}: chunk not aligned to elements")
-        tensors[name] = TensorEntry(name, info.dtype, info.shape, _hex(t.get("sha256"), w), enc, tuple(chunks))
+        tensors[name] = TensorEntry(name, info.dtype, info.shape, _hex(t.get(key), w), enc, tuple(chunks))
 
     target_d = _dict(doc.get("target"), "target")
     files: list[FileEntry] = []
@@ -415,7 +426,7 @@ def _manifest_from_doc(doc: dict) -> Manifest:
         elif kind == "blob":
             source = f.get("source")
             if source == "diff":
-                files.append(FileEntry(path, size, sha, "blob", source="diff", chunks=tuple(_chunks(f.get("chunks"), path, size))))
+                files.append(FileEntry(path, size, sha, "blob", source="diff", chunks=tuple(_chunks(f.get("chunks"), path, size, key))))
                 if any(c.mode != "raw" for c in files[-1].chunks):
                     raise FormatError(f"manifest: {path}: blob chunks must be raw")
             elif source == "base":
@@ -452,12 +463,28 @@ def _manifest_from_doc(doc: dict) -> Manifest:
                 raise FormatError(f"manifest: chunk at offset {c.offset} of {c.payload!r} is {c.size} bytes "
                                   f"({c.length} compressed), over the diff's chunk size {chunk_bytes}")
     dropped = [_str(d, "dropped") for d in _list(doc.get("dropped", []), "dropped")]
+    base_fp = base.fingerprint
+    target_fp = _str(target_d.get("fingerprint"), "target.fingerprint") or ""
+    _check_fingerprint("base.fingerprint", base_fp, {n: (t.dtype, t.shape, t.digest) for n, t in base_tensors.items()})
+    _check_fingerprint("target.fingerprint", target_fp, {n: (t.dtype, t.shape, t.digest) for n, t in tensors.items()})
     return Manifest(
         tool=_str(doc.get("tool"), "tool") or "",
         chunk_bytes=chunk_bytes,
-        base=base, target_fingerprint=_str(target_d.get("fingerprint"), "target.fingerprint") or "",
+        base=base, target_fingerprint=target_fp,
         files=files, tensors=tensors, dropped=dropped, payloads=payloads,  # type: ignore[arg-type]
+        format_version=version,
     )
+
+
+def _check_fingerprint(what: str, claimed: str, records: dict[str, tuple[str, tuple[int, ...], str]]) -> None:
+    """A fingerprint is derived from the tensor records next to it, never taken on trust: a
+    manifest whose fingerprint is not the one its own records give is malformed (it would make
+    `info` show one model's fingerprint for another model's tensors)."""
+    from .fingerprint import base_fingerprint
+
+    if claimed != base_fingerprint(records):
+        raise FormatError(f"manifest: {what} {claimed[:40]!r} is not the fingerprint of the tensors it lists "
+                          f"({base_fingerprint(records)}); refusing a manifest that contradicts itself")
 
 
 def load_manifest(diff_dir: str | Path) -> Manifest:

@@ -20,10 +20,11 @@ import numpy as np
 
 from . import __version__
 from .codec import DEFAULT_LEVEL, base_prediction, choose_layout, encode_chunk
+from .digests import TENSOR_DIGEST_OF_VERSION, Hasher, digest_bytes, new_hasher
 from .errors import UsageError
 from .fingerprint import base_fingerprint
 from .format import (
-    MANIFEST_NAME, MAX_CHUNK_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
+    FORMAT_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
     TensorEntry,
 )
 from .outdir import check_output, describe_os_error, fsync_path, publish, staging_dir
@@ -188,6 +189,7 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
 def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_name: str, base_repo: str | None,
                base_revision: str | None, level: int, chunk_bytes: int, threads: int, progress: bool | None,
                payload_file_bytes: int) -> Manifest:
+    algo = TENSOR_DIGEST_OF_VERSION[FORMAT_VERSION]  # tensor, chunk and base digests
     plans = {n: plan_encoding(info, base.tensors.get(n)) for n, info in target.tensors.items()}
     plans = dict(zip(plans, ordered_map(lambda n: _with_layout(n, plans[n], target, base, level), list(plans), threads)))
     needed = {p.base_tensor for p in plans.values() if p.base_tensor}
@@ -224,7 +226,7 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
                 f.seek(job.start)
                 raw = np.frombuffer(f.read(job.size), dtype=np.uint8)
             payload = encode_chunk(raw, None, 1, "raw", "bytes", level=level)
-            return job, payload, hashlib.sha256(payload).hexdigest(), raw, None
+            return job, payload, digest_bytes(payload, algo), raw, None
         info, enc = target.tensors[job.name], plans[job.name]
         raw = read_range(target, job.name, job.start, job.size)
         b_raw = None
@@ -236,11 +238,11 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
             payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.layout, level)
         else:
             payload = encode_chunk(raw, None, info.itemsize, "raw", "planes", level)
-        return job, payload, hashlib.sha256(payload).hexdigest(), raw, b_raw
+        return job, payload, digest_bytes(payload, algo), raw, b_raw
 
     writer = _PayloadWriter(folder, payload_file_bytes)
     chunks: dict[str, list[Chunk]] = {}
-    tensor_hash: dict[str, "hashlib._Hash"] = {n: hashlib.sha256() for n in target.tensors}
+    tensor_hash: dict[str, Hasher] = {n: new_hasher(algo) for n in target.tensors}
     file_hash: dict[str, "hashlib._Hash"] = {}
     for rel in shard_names:
         h = file_hash[rel] = hashlib.sha256()
@@ -249,7 +251,7 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
     total = sum(j.size for j in jobs)
     # Base tensors are hashed on the way: the bytes each delta chunk read (in order, since a base
     # tensor serves one target tensor), then whatever no chunk read. So the base is read once.
-    base_hash: dict[str, "hashlib._Hash"] = {n: hashlib.sha256() for n in base.tensors}
+    base_hash: dict[str, Hasher] = {n: new_hasher(algo) for n in base.tensors}
     base_hashed: dict[str, int] = {n: 0 for n in base.tensors}
     with byte_bar(total, "encoding", progress) as bar:
         for job, payload, sha, raw, b_raw in ordered_map(encode, jobs, threads):
@@ -290,9 +292,9 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
                                chunks=tuple(chunks.get(f"blob:{rel}", ())) if blob_sources[rel] == "diff" else ()))
 
     base_id = BaseIdentity(base_name, base_repo, base_revision,
-                           base_fingerprint({n: (t.dtype, t.shape, t.sha256) for n, t in base_tensors.items()}),
+                           base_fingerprint({n: (t.dtype, t.shape, t.digest) for n, t in base_tensors.items()}),
                            base_tensors, base_files)
-    target_fp = base_fingerprint({n: (t.dtype, t.shape, t.sha256) for n, t in tensors.items()})
+    target_fp = base_fingerprint({n: (t.dtype, t.shape, t.digest) for n, t in tensors.items()})
     dropped = sorted(set(base.tensors) - set(target.tensors))
     return Manifest(tool=f"orca-diff {__version__}", chunk_bytes=chunk_bytes, base=base_id,
                     target_fingerprint=target_fp, files=files, tensors=tensors, dropped=dropped, payloads=payloads)

@@ -16,7 +16,8 @@ from .errors import BaseMismatchError, CorruptDiffError, InputNotFoundError, Ver
 from .format import FileEntry, Manifest, load_manifest
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar
-from .containers import ModelReader, file_sha256, open_model, read_exact, tensor_sha256
+from .containers import ModelReader, file_sha256, open_model, read_exact, tensor_digest
+from .digests import digest_bytes
 
 import numpy as np
 
@@ -28,7 +29,7 @@ def _short(h: str | None) -> str:
 def _hint(manifest: Manifest, base: ModelReader, name: str, found_sha: str | None) -> str:
     from .diagnose import explain_base_mismatch
 
-    expected = {n: (t.dtype, t.shape, t.sha256) for n, t in manifest.base.tensors.items()}
+    expected = {n: (t.dtype, t.shape, t.digest) for n, t in manifest.base.tensors.items()}
     try:
         hint = explain_base_mismatch(expected, base.tensors, name, found_sha, reader=base)
     except Exception:  # a hint must never hide the real error
@@ -58,15 +59,15 @@ def check_base(base: ModelReader, manifest: Manifest, threads: int | None = None
     total = sum(base.tensors[n].nbytes for n in names)
     with byte_bar(total, "checking base", progress) as bar:
         def one(name: str) -> tuple[str, str]:
-            h = tensor_sha256(base, name)
+            h = tensor_digest(base, name, manifest.digest_algo)
             bar.update(base.tensors[name].nbytes)
             return name, h
 
         for name, found_sha in ordered_map(one, names, threads or default_threads()):
-            if found_sha != needed[name].sha256:
+            if found_sha != needed[name].digest:
                 raise BaseMismatchError(
-                    f"{where}: tensor {name!r} differs from the diff's base (expected sha256 "
-                    f"{_short(needed[name].sha256)}…, found {_short(found_sha)}…); nothing was written."
+                    f"{where}: tensor {name!r} differs from the diff's base (expected {manifest.digest_algo} "
+                    f"{_short(needed[name].digest)}…, found {_short(found_sha)}…); nothing was written."
                     f"{_hint(manifest, base, name, found_sha)}")
     for rel, bf in manifest.base.files.items():
         path = base.extra_files[rel]
@@ -111,7 +112,7 @@ def _locate_bad_chunk(diff_dir: Path, manifest: Manifest, payload: str) -> str:
         for owner, c in sorted((o for o in owners if o[1].payload == payload), key=lambda o: o[1].offset):
             buf = np.empty(c.length, dtype=np.uint8)
             read_exact(fd, buf, c.offset, payload)
-            if hashlib.sha256(buf).hexdigest() != c.sha256:
+            if digest_bytes(buf, manifest.digest_algo) != c.digest:
                 return f"chunk at offset {c.offset} ({owner}, bytes {c.start}..{c.start + c.size}) is corrupt"
     finally:
         os.close(fd)
@@ -164,8 +165,8 @@ def describe_file_mismatch(path: Path, entry: FileEntry, manifest: Manifest) -> 
     model = SafetensorsModel(path, [path], {})
     try:
         for e in read_safetensors_header(path).entries:
-            if tensor_sha256(model, e.info.name) != manifest.tensors[e.info.name].sha256:
-                return f"tensor {e.info.name!r} differs from the publisher's (sha256 mismatch)"
+            if tensor_digest(model, e.info.name, manifest.digest_algo) != manifest.tensors[e.info.name].digest:
+                return f"tensor {e.info.name!r} differs from the publisher's ({manifest.digest_algo} mismatch)"
     finally:
         model.close()
     return "sha256 differs from the manifest"

@@ -158,7 +158,7 @@ def test_a_chunk_replaced_by_a_valid_chunk_of_another_place_fails_the_file_check
     def change(doc: dict) -> None:
         t = doc["tensors"]["model.layers.0.mlp.up_proj.weight"]
         donor = doc["tensors"]["model.layers.1.mlp.up_proj.weight"]
-        t["chunks"][0].update({k: donor["chunks"][0][k] for k in ("payload", "offset", "length", "sha256")})
+        t["chunks"][0].update({k: donor["chunks"][0][k] for k in ("payload", "offset", "length", "blake3")})
 
     rewrite_manifest(diff, change)
     out = tmp_path / "out"

@@ -53,12 +53,16 @@ def test_fingerprint_ignores_order_but_sees_every_field(hashes):
         assert base_fingerprint({**hashes, name: changed}) != fp
 
 
-def test_tensor_sha256_is_the_sha256_of_the_tensor_bytes(tmp_path):
+def test_tensor_digests_are_sha256_or_blake3_of_the_tensor_bytes(tmp_path):
+    import blake3
+
     folder = write_llama(tmp_path / "m", TINY, "BF16", seed=2)
     with open_model(folder) as m:
         name = "model.layers.1.mlp.down_proj.weight"
-        assert tensor_sha256(m, name) == hashlib.sha256(np.asarray(m.read(name)).tobytes()).hexdigest()
-        assert hash_model(m, threads=2)[name] == ("BF16", m.tensors[name].shape, tensor_sha256(m, name))
+        data = np.asarray(m.read(name)).tobytes()
+        assert tensor_sha256(m, name) == hashlib.sha256(data).hexdigest()
+        assert hash_model(m, threads=2, algo="sha256")[name] == ("BF16", m.tensors[name].shape, tensor_sha256(m, name))
+        assert hash_model(m, threads=2)[name] == ("BF16", m.tensors[name].shape, blake3.blake3(data).hexdigest())
 
 
 # --------------------------------------------------------------------------- one fingerprint per set of weights
@@ -105,8 +109,9 @@ def test_fingerprint_json_lists_every_tensor(tmp_path):
     doc = json.loads(result.output)
     assert set(doc["tensors"]) == set(TINY.tensor_shapes())
     assert doc["tensors"]["lm_head.weight"]["shape"] == [TINY.vocab_size, TINY.hidden_size]
-    hashes = {n: (t["dtype"], tuple(t["shape"]), t["sha256"]) for n, t in doc["tensors"].items()}
-    assert doc["fingerprint"] == base_fingerprint(hashes) == doc["sha256"][:16]
+    assert doc["digest"] == "blake3"
+    hashes = {n: (t["dtype"], tuple(t["shape"]), t["blake3"]) for n, t in doc["tensors"].items()}
+    assert doc["fingerprint"] == base_fingerprint(hashes) == doc["full"][:16]
     assert doc["form"] == "HF safetensors"
 
 

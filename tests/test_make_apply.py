@@ -275,8 +275,8 @@ def test_safetensors_headers_longer_than_any_small_limit_round_trip(make_pair, t
 @pytest.mark.parametrize("target_dtype", ["BF16", "F32"])
 def test_base_hashes_taken_on_the_way_equal_independent_hashes(make_pair, tmp_path, target_dtype):
     """make hashes the base from the bytes its delta chunks read, then the rest: every base
-    tensor's recorded sha256 (rows removed, dropped tensors, casts) must be the plain one."""
-    from orca_diff.containers import tensor_sha256
+    tensor's recorded digest (rows removed, dropped tensors, casts) must be the plain one."""
+    from orca_diff.containers import tensor_digest
     base, target = make_pair("BF16", target_dtype)
     model = open_model(target)
     kept = []
@@ -291,7 +291,8 @@ def test_base_hashes_taken_on_the_way_equal_independent_hashes(make_pair, tmp_pa
     write_shards(target, iter(kept), None, 0)
     m = load_manifest(roundtrip(base, target, tmp_path))
     b = open_model(base)
-    assert {n: t.sha256 for n, t in m.base.tensors.items()} == {n: tensor_sha256(b, n) for n in b.tensors}
+    assert m.digest_algo == "blake3"
+    assert {n: t.digest for n, t in m.base.tensors.items()} == {n: tensor_digest(b, n, "blake3") for n in b.tensors}
     b.close()
     itemsize = {"BF16": 2, "F32": 4}[target_dtype]
     assert m.tensors["model.embed_tokens.weight"].encoding.shared_bytes == (320 - 5) * 32 * itemsize

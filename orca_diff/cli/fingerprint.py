@@ -14,13 +14,15 @@ _FORMS = {"SafetensorsModel": "HF safetensors", "TorchBinModel": "HF .bin (torch
 
 @click.command("fingerprint", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("base", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print every tensor's dtype, shape and sha256 as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print every tensor's dtype, shape and digest as JSON.")
+@click.option("--digest", "algo", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True,
+              help="Tensor digest: blake3 for diffs of format version 2 (orca-diff >= 0.2), sha256 for version 1.")
 @click.option("--threads", type=click.IntRange(1, 512), default=None,
               help="Worker threads (default: all cores, or $ORCA_DIFF_THREADS).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def fingerprint(base: str, as_json: bool, threads: int | None, quiet: bool) -> None:
-    """Print the fingerprint of a BASE model folder: a short digest over the sha256 of its
-    tensors in HF canonical form (HF names, dtype and bytes as stored).
+def fingerprint(base: str, as_json: bool, algo: str, threads: int | None, quiet: bool) -> None:
+    """Print the fingerprint of a BASE model folder: a short digest over the digests of its
+    tensors in HF canonical form (HF names, dtype and bytes as stored), computed from its bytes.
 
     The same weights give the same fingerprint as HF safetensors, HF .bin shards or Meta's
     original consolidated.*.pth (converted on the fly, as transformers does); a different
@@ -40,14 +42,14 @@ def fingerprint(base: str, as_json: bool, threads: int | None, quiet: bool) -> N
     try:
         if not model.tensors:
             raise OrcaDiffError(f"{base}: the model has no tensors to fingerprint")
-        hashes = hash_model(model, threads or default_threads(), progress=False if quiet else None)
+        hashes = hash_model(model, threads or default_threads(), progress=False if quiet else None, algo=algo)
         form = _FORMS.get(type(model).__name__, type(model).__name__)
     finally:
         model.close()
     short = base_fingerprint(hashes)
     if as_json:
-        doc = {"fingerprint": short, "sha256": base_fingerprint_full(hashes), "form": form,
-               "tensors": {n: {"dtype": d, "shape": list(s), "sha256": h} for n, (d, s, h) in hashes.items()}}
+        doc = {"fingerprint": short, "full": base_fingerprint_full(hashes), "digest": algo, "form": form,
+               "tensors": {n: {"dtype": d, "shape": list(s), algo: h} for n, (d, s, h) in hashes.items()}}
         click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(short)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ STAGE_FLAGS = ("epochs", "max_steps", "lr", "warmup_steps")
                    "Flags override its values.")
 @click.option("--model", default=None, help="Base model: an HF folder (config.json + safetensors/.bin).")
 @click.option("--tokenizer", default=None, help="Tokenizer folder (default: the model folder).")
+@click.option("--template", type=click.Choice(["orca", "base"]), default=None,
+              help="Prompt layout: orca (### System/User/Response, written into OUT/model as its chat template) "
+                   "or base (the base tokenizer's own chat template) [orca].")
+@click.option("--system-messages", type=click.Choice(["keep", "orca"]), default=None,
+              help="orca: rows without a system prompt get one of Orca's 16, sampled (--seed) from those the paper "
+                   "uses for the row's FLAN sub-collection (id prefix niv/t0/cot/flan or a sub_collection field) [keep].")
+@click.option("--pad-token", default=None, help="Pad token added when the tokenizer has none [[PAD]].")
 @click.option("--out", default=None, type=click.Path(), help="Run folder: OUT/model, OUT/checkpoints, OUT/train_log.jsonl.")
 @click.option("--data", multiple=True, type=click.Path(dir_okay=False),
               help="Orca .jsonl/.parquet file (system_prompt, question, response). Repeat for progressive "
@@ -26,7 +34,8 @@ STAGE_FLAGS = ("epochs", "max_steps", "lr", "warmup_steps")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Optimizer steps per --data stage (overrides --epochs).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate per --data stage [1e-5].")
 @click.option("--warmup-steps", type=click.IntRange(0), default=None, help="Linear warmup steps per stage [0].")
-@click.option("--min-lr-ratio", type=float, default=None, help="Cosine decays to lr * this [0].")
+@click.option("--min-lr-ratio", type=float, default=None,
+              help="Cosine decays towards lr * this, reached one step after the last, so every step trains [0].")
 @click.option("--max-seq-len", type=click.IntRange(8), default=None, help="Tokens per packed row [2048].")
 @click.option("--packing/--no-packing", default=None, help="Pack several examples per row [packing].")
 @click.option("--micro-batch-size", type=click.IntRange(1), default=None, help="Rows per forward pass per process [1].")
@@ -37,12 +46,21 @@ STAGE_FLAGS = ("epochs", "max_steps", "lr", "warmup_steps")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast [on with CUDA, off on CPU].")
 @click.option("--attn-implementation", default=None, help="sdpa (default), eager, flash_attention_2, flex_attention.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[auto]")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch (torch.set_num_threads) [torch's default].")
 @click.option("--save-dtype", type=click.Choice(["auto", "F16", "BF16", "F32"]), default=None,
               help="Dtype of the saved weights [auto: the base's].")
 @click.option("--save-every", type=click.IntRange(0), default=None, help="Checkpoint every N optimizer steps [0: stage ends].")
-@click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in OUT.")
+@click.option("--resume", is_flag=True, default=None,
+              help="Continue from the newest checkpoint in OUT. Optional: the same command continues a run of the same "
+                   "settings by itself.")
 @click.option("--stop-after-steps", type=click.IntRange(1), default=None,
-              help="Checkpoint and stop after N optimizer steps of this invocation (time-limited jobs; then --resume).")
+              help="Checkpoint and stop after N optimizer steps of this invocation (time-limited jobs; rerun to continue).")
+@click.option("--eval", "eval_data", multiple=True, type=click.Path(dir_okay=False),
+              help="Held-out Orca file (repeatable): response-only loss and perplexity before training, at each stage "
+                   "end and every --eval-every steps, in the log, OUT/metrics.json and OUT/loss.png.")
+@click.option("--eval-every", type=click.IntRange(0), default=None, help="Also evaluate every N optimizer steps [0: stage ends].")
+@click.option("--eval-only", is_flag=True, default=False,
+              help="Only measure --model on --eval (no training); with --out, also write OUT/metrics.json.")
 @click.option("--seed", type=int, default=None, help="Data order and new embedding rows [0].")
 @click.option("--make-diff-against", "make_diff_against", default=None, type=click.Path(exists=True, file_okay=False),
               help="After training, run `orca-diff make` with this base folder.")
@@ -68,12 +86,19 @@ def train(config_file: str | None, data: tuple[str, ...], **flags: Any) -> None:
       torchrun --nproc_per_node 8 -m orca_diff.cli train --config stages.yaml
     A tiny run on the CPU with the project's synthetic sample:
       orca-diff train --config examples/train_stages.yaml --model BASE --out runs/demo
-    Continue an interrupted run:
-      orca-diff train ... --resume
+    Continue an interrupted run (Ctrl-C, a crash, --stop-after-steps): run the same command again.
+    Held-out loss while training, and of a saved model alone:
+      orca-diff train ... --eval heldout.jsonl --eval-every 200
+      orca-diff train --eval-only --model runs/orca/model --eval heldout.jsonl
     """
     from ..train import Stage, TrainConfig, load_config
     from ..train import train as run_training
 
+    eval_only = flags.pop("eval_only")
+    flags["eval_data"] = list(flags["eval_data"]) or None
+    if eval_only:
+        _eval_only(config_file, data, flags)
+        return
     stage_flags = {k: flags.pop(k) for k in STAGE_FLAGS}
     settings = {k: v for k, v in flags.items() if v is not None}
     stages = None
@@ -95,6 +120,31 @@ def train(config_file: str | None, data: tuple[str, ...], **flags: Any) -> None:
     result = run_training(cfg)
     if not cfg.quiet:
         click.echo(f"done: {result}")
+
+
+def _eval_only(config_file: str | None, data: tuple[str, ...], flags: dict[str, Any]) -> None:
+    from ..train import METRICS_NAME, evaluate_folder
+
+    if config_file or data:
+        raise UsageError("--eval-only measures one model: give --model DIR --eval FILE (no --config or --data)")
+    if not flags.get("model") or not flags.get("eval_data"):
+        raise UsageError("--eval-only needs --model DIR and --eval FILE")
+    keys = {"tokenizer": None, "max_seq_len": 2048, "micro_batch_size": 8, "template": "orca",
+            "system_messages": "keep", "seed": 0, "packing": True, "threads": None}
+    kwargs = {k: flags[k] if flags.get(k) is not None else default for k, default in keys.items()}
+    device = flags.get("device") or "auto"
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = evaluate_folder(flags["model"], flags["eval_data"], device=device, **kwargs)
+    if not flags.get("quiet"):
+        click.echo(f"{flags['model']}: loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} over"
+                   f" {result['targets']} response tokens of {result['examples']} examples")
+    if flags.get("out"):
+        out = Path(flags["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS_NAME).write_text(json.dumps({"eval_only": result}, indent=1) + "\n", encoding="utf-8")
 
 
 COMMANDS = [train]

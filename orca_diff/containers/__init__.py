@@ -7,7 +7,7 @@ Only :mod:`.pickled` needs torch, and it is imported lazily.
 
 from .base import (
     DTYPE_SIZES, FLOAT_DTYPES, WEIGHT_SUFFIXES, DuplicateKeyError, ModelReader, TensorInfo, file_sha256,
-    hash_tensor_range, list_extra_files, read_exact, read_range, tensor_sha256, unique_keys,
+    hash_tensor_range, list_extra_files, read_exact, read_range, tensor_digest, tensor_sha256, unique_keys,
 )
 from .forms import open_model
 from .safetensors import (
@@ -19,5 +19,5 @@ __all__ = [
     "DTYPE_SIZES", "FLOAT_DTYPES", "WEIGHT_SUFFIXES", "MAX_HEADER_BYTES", "DuplicateKeyError", "ModelReader",
     "TensorInfo", "SafetensorsEntry", "SafetensorsHeader", "SafetensorsModel", "file_sha256", "hash_tensor_range",
     "list_extra_files", "open_model", "parse_safetensors_header", "read_exact", "read_range",
-    "read_safetensors_header", "tensor_sha256", "unique_keys",
+    "read_safetensors_header", "tensor_digest", "tensor_sha256", "unique_keys",
 ]

@@ -7,6 +7,7 @@ tensors in HF canonical names and a ranged ``read``. Nothing here needs torch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,18 +117,21 @@ def hash_tensor_range(reader: "ModelReader", name: str, h, start: int = 0, block
         h.update(read_range(reader, name, s, min(block, size - s)))
 
 
-def tensor_sha256(reader: "ModelReader", name: str, block: int = 16 << 20) -> str:
-    """sha256 of a tensor's bytes."""
-    import hashlib
+def tensor_digest(reader: "ModelReader", name: str, algo: str, block: int = 16 << 20) -> str:
+    """The digest (``algo``: "sha256" or "blake3", see :mod:`orca_diff.digests`) of a tensor's bytes."""
+    from ..digests import new_hasher
 
-    h = hashlib.sha256()
+    h = new_hasher(algo)
     hash_tensor_range(reader, name, h, 0, block)
     return h.hexdigest()
 
 
-def file_sha256(path: Path, block: int = 16 << 20) -> str:
-    import hashlib
+def tensor_sha256(reader: "ModelReader", name: str, block: int = 16 << 20) -> str:
+    """sha256 of a tensor's bytes (format version 1's tensor digest)."""
+    return tensor_digest(reader, name, "sha256", block)
 
+
+def file_sha256(path: Path, block: int = 16 << 20) -> str:
     h = hashlib.sha256()
     buf = bytearray(block)
     view = memoryview(buf)
