@@ -17,10 +17,9 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -29,11 +28,11 @@ import numpy as np
 from .codec import base_prediction, decode_chunk
 from .digests import digest_bytes
 from .errors import CorruptDiffError, InterruptedError_, OrcaDiffError, OutputError, VerificationError
-from .format import Chunk, FileEntry, Manifest, load_manifest
+from .format import Chunk, FileEntry, Manifest, file_segments, load_manifest
 from .outdir import check_output, describe_os_error, publish, staging_dir
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar, human_bytes as _human
-from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, parse_safetensors_header, read_exact, read_range
+from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, read_exact, read_range
 from .verify import check_base, check_payload_presence, describe_file_mismatch
 
 STATE_NAME = ".orca-diff-state.json"
@@ -53,11 +52,16 @@ class ApplyReport:
 
 @dataclass(frozen=True)
 class _Job:
+    """One step of rebuilding a file: a chunk of a tensor or of verbatim bytes, verbatim bytes
+    held in the manifest, or a copy of a base file. Each yields the next bytes of the file."""
+
     file: FileEntry
-    chunk: Chunk | None       # None: a base file copy step
-    tensor: str | None = None
-    first: bool = False       # first job of its file
-    last: bool = False        # last job of its file
+    chunk: Chunk | None = None
+    tensor: str | None = None  # the tensor these bytes belong to
+    data: bytes | None = None  # verbatim bytes from the manifest
+    from_base: bool = False
+    first: bool = False        # first job of its file
+    last: bool = False         # last job of its file
 
 
 class _Payloads:
@@ -91,26 +95,28 @@ class _Payloads:
 def _jobs(manifest: Manifest, files: list[FileEntry]) -> Iterator[_Job]:
     for f in files:
         steps: list[_Job] = []
-        if f.kind == "safetensors":
-            header = parse_safetensors_header((f.header or "").encode("utf-8"), f.path, f.size)
-            for e in header.entries:
-                for c in manifest.tensors[e.info.name].chunks:
-                    steps.append(_Job(f, c, e.info.name))
-        elif f.source == "diff":
-            steps = [_Job(f, c) for c in f.chunks]
-        else:
-            steps = [_Job(f, None)]
-        if not steps:  # a header-only safetensors file or an empty blob
-            steps = [_Job(f, None)]
+        for seg in file_segments(f):
+            if seg.tensor is not None:
+                steps += [_Job(f, c, seg.tensor) for c in manifest.tensors[seg.tensor].chunks]
+            elif seg.data is not None:
+                steps.append(_Job(f, data=seg.data))
+            elif seg.from_base:
+                steps.append(_Job(f, from_base=True))
+            else:
+                steps += [_Job(f, c) for c in seg.chunks]
+        if not steps:  # an empty file
+            steps = [_Job(f, data=b"")]
         for i, s in enumerate(steps):
-            yield _Job(s.file, s.chunk, s.tensor, first=i == 0, last=i == len(steps) - 1)
+            yield replace(s, first=i == 0, last=i == len(steps) - 1)
 
 
 def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payloads) -> bytes | np.ndarray:
     f, c = job.file, job.chunk
+    if job.data is not None:
+        return job.data
+    if job.from_base:
+        return base.extra_files[f.path].read_bytes()
     if c is None:
-        if f.kind == "blob" and f.source == "base":
-            return base.extra_files[f.path].read_bytes()
         return b""
     if job.tensor is None:
         return decode_chunk(payloads.read(c, f"file {f.path!r}"), None, 1, "raw", c.size, "bytes",
@@ -259,11 +265,6 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, f
                     path = _partial_path(staging, f.path)
                     fd = _open_new(staging, f.path)
                     h = hashlib.sha256()
-                    if f.kind == "safetensors":
-                        head = (f.header or "").encode("utf-8")
-                        data_head = struct.pack("<Q", len(head)) + head
-                        h.update(data_head)
-                        _write_all(fd, data_head)
                 if len(data):
                     h.update(data)
                     _write_all(fd, data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,35 @@ class FileEntry:
             d["source"] = self.source
             d["chunks"] = [c.to_json(key) for c in self.chunks]
         return d
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One run of a rebuilt file's bytes, in file order: the one view apply, verify and resume
+    take of every file kind. Exactly one source is set: ``tensor`` (that tensor's bytes, rebuilt
+    from its chunks), ``data`` (verbatim bytes held in the manifest, e.g. a safetensors header),
+    ``chunks`` (verbatim bytes stored in payloads) or ``from_base`` (the whole file, copied)."""
+
+    offset: int
+    size: int
+    tensor: str | None = None
+    data: bytes | None = None
+    chunks: tuple[Chunk, ...] = ()
+    from_base: bool = False
+
+
+def file_segments(f: FileEntry) -> list[Segment]:
+    """The segments of file ``f``, tiling it from byte 0 to ``f.size`` (validated manifests only)."""
+    if f.kind == "safetensors":
+        head = (f.header or "").encode("utf-8")
+        prefix = struct.pack("<Q", len(head)) + head
+        segs = [Segment(0, len(prefix), data=prefix)]
+        for e in parse_safetensors_header(head, f.path, f.size).entries:
+            segs.append(Segment(len(prefix) + e.begin, e.end - e.begin, tensor=e.info.name))
+        return segs
+    if f.source == "base":
+        return [Segment(0, f.size, from_base=True)]
+    return [Segment(0, f.size, chunks=f.chunks)]
 
 
 @dataclass(frozen=True)
