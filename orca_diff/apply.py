@@ -1,14 +1,21 @@
 """base + diff -> the fine-tuned model, byte-identical to the publisher's files.
 
 Order of events, each a promise:
-1. the manifest is validated and the payload files are checked for presence and size;
+1. the manifest is validated, its chunk sizes are held to apply's memory bound, ``--out`` is
+   checked and locked (``outdir.output_session``: a concurrent run on the same output refuses at
+   once), and the payload files are checked for presence and size;
 2. every base tensor and file the diff needs is hashed and compared (``check_base``) — a wrong
    base is refused before any output exists;
 3. files are rebuilt into a hidden staging folder beside ``out`` (decode in worker threads,
-   write and sha256 in order), each fsynced, checked against its sha256 and only then given its
-   final name; the staging folder records finished files so an interrupted run resumes;
-4. the staging folder is renamed to ``out``.
-Memory is bounded by ``threads + 2`` chunks in flight.
+   write and sha256 in order, each tensor's digest measured on a helper thread as its bytes go
+   by and checked when it completes), each file fsynced, checked against its sha256 and only then
+   given its final name, if that name still holds the file this run wrote; an append-only log in
+   the staging folder records finished files so an interrupted run resumes (finished files are
+   re-read once, measuring their sha256 and their tensors);
+4. the staging folder is renamed to ``out``. The fingerprint reported is derived from the
+   measured tensor digests, never copied from the manifest.
+Memory: at most ``window`` chunks in flight, ``window`` chosen so that their working set stays
+within ``MEMORY_BUDGET`` (see :func:`memory_plan`).
 """
 
 from __future__ import annotations
@@ -19,24 +26,38 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from .codec import base_prediction, decode_chunk
-from .digests import digest_bytes
-from .errors import CorruptDiffError, InterruptedError_, OrcaDiffError, OutputError, VerificationError
-from .format import Chunk, FileEntry, Manifest, file_segments, load_manifest
-from .outdir import check_output, describe_os_error, publish, staging_dir
+from .digests import digest_bytes, new_hasher
+from .errors import (CorruptDiffError, FormatError, InputNotFoundError, InterruptedError_, OrcaDiffError,
+                     OutputError, VerificationError, shown)
+from .format import MANIFEST_NAME, Chunk, FileEntry, Manifest, file_segments, load_manifest
+from .outdir import (OutputSession, StagedFile, describe_os_error, hidden_sibling_name, name_max, output_session,
+                     remove_path)
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar, human_bytes as _human
 from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, read_exact, read_range
-from .verify import check_base, check_payload_presence, describe_file_mismatch
+from .verify import (check_base, check_measured_tensors, check_payload_presence, describe_file_mismatch, measure_file,
+                     measured_base_fingerprint, measured_target_fingerprint)
 
-STATE_NAME = ".orca-diff-state.json"
+#: The staging folder's log of finished files (append-only: one line per file, so recording a
+#: file costs the same whatever the number of files).
+STATE_NAME = ".orca-diff-state.log"
 INCOMPLETE = ".incomplete"
+#: Apply's working set: chunks in flight x their per-chunk buffers (payload, base bytes, the
+#: prediction, the decoded bytes) stays under this; fewer chunks are kept in flight when chunks are big.
+MEMORY_BUDGET = 1 << 30
+#: The largest chunk apply accepts (make writes 16 MiB ones; the format allows up to 1 GiB, whose
+#: decoding alone would need several GiB): refused, naming the bound, before anything is read.
+MAX_APPLY_CHUNK_BYTES = 256 << 20
+#: Bytes of a base file copied per step (a base file is never read whole into memory).
+BASE_COPY_BLOCK = 16 << 20
 
 
 @dataclass
@@ -46,26 +67,32 @@ class ApplyReport:
     bytes_written: int
     resumed_files: int
     seconds: float
-    base_fingerprint: str
-    target_fingerprint: str
+    base_fingerprint: str | None  # measured: only when every base tensor of the manifest was checked
+    target_fingerprint: str       # measured: derived from the rebuilt tensors' digests
+    base_tensors_checked: int = 0
+    digest_algo: str = "blake3"
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class _Job:
     """One step of rebuilding a file: a chunk of a tensor or of verbatim bytes, verbatim bytes
-    held in the manifest, or a copy of a base file. Each yields the next bytes of the file."""
+    held in the manifest, or a block of a base file. Each yields the next bytes of the file."""
 
     file: FileEntry
     chunk: Chunk | None = None
     tensor: str | None = None  # the tensor these bytes belong to
     data: bytes | None = None  # verbatim bytes from the manifest
     from_base: bool = False
+    span: tuple[int, int] = (0, 0)  # (offset, size) of a base-file block
     first: bool = False        # first job of its file
     last: bool = False         # last job of its file
+    tensor_last: bool = False  # last job of its tensor: its digest is checked after it
 
 
 class _Payloads:
-    """Thread-safe positional reads of payload chunks, sha256-checked before decoding."""
+    """Thread-safe positional reads of payload chunks, digest-checked before decoding. A payload
+    that cannot be opened or read is a corrupt or incomplete diff (never an output problem)."""
 
     def __init__(self, diff_dir: Path, algo: str):
         self.diff_dir, self.algo = diff_dir, algo
@@ -73,17 +100,25 @@ class _Payloads:
         self._lock = threading.Lock()
 
     def read(self, c: Chunk, owner: str) -> np.ndarray:
+        path = self.diff_dir / c.payload
         with self._lock:  # one descriptor per payload file, whichever worker opens it first
             fd = self._fds.get(c.payload)
             if fd is None:
-                fd = self._fds[c.payload] = os.open(self.diff_dir / c.payload, os.O_RDONLY)
+                try:
+                    fd = self._fds[c.payload] = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise CorruptDiffError(f"{path}: payload file cannot be read ({exc.strerror}; removed or changed "
+                                           "while applying?); the diff is incomplete: download it again and rerun "
+                                           "(finished files are kept)") from None
         buf = np.empty(c.length, dtype=np.uint8)
         try:
-            read_exact(fd, buf, c.offset, str(self.diff_dir / c.payload))
+            read_exact(fd, buf, c.offset, str(path))
         except OrcaDiffError as exc:
             raise CorruptDiffError(f"{exc}; download the diff again") from None
+        except OSError as exc:
+            raise CorruptDiffError(f"{path}: payload file cannot be read ({exc.strerror}); download the diff again") from None
         if digest_bytes(buf, self.algo) != c.digest:
-            raise CorruptDiffError(f"{self.diff_dir / c.payload}: chunk at offset {c.offset} ({owner}) fails its "
+            raise CorruptDiffError(f"{path}: chunk at offset {c.offset} ({owner}) fails its "
                                    f"{self.algo} check; the diff is corrupt, download it again")
         return buf
 
@@ -97,11 +132,17 @@ def _jobs(manifest: Manifest, files: list[FileEntry]) -> Iterator[_Job]:
         steps: list[_Job] = []
         for seg in file_segments(f):
             if seg.tensor is not None:
-                steps += [_Job(f, c, seg.tensor) for c in manifest.tensors[seg.tensor].chunks]
+                chunks = manifest.tensors[seg.tensor].chunks
+                if chunks:
+                    steps += [_Job(f, c, seg.tensor) for c in chunks[:-1]]
+                    steps.append(_Job(f, chunks[-1], seg.tensor, tensor_last=True))
+                else:  # an empty tensor: no bytes, but its digest is measured and checked too
+                    steps.append(_Job(f, tensor=seg.tensor, data=b"", tensor_last=True))
             elif seg.data is not None:
                 steps.append(_Job(f, data=seg.data))
             elif seg.from_base:
-                steps.append(_Job(f, from_base=True))
+                steps += [_Job(f, from_base=True, span=(o, min(BASE_COPY_BLOCK, seg.size - o)))
+                          for o in range(0, seg.size, BASE_COPY_BLOCK)]
             else:
                 steps += [_Job(f, c) for c in seg.chunks]
         if not steps:  # an empty file
@@ -115,7 +156,7 @@ def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payload
     if job.data is not None:
         return job.data
     if job.from_base:
-        return base.extra_files[f.path].read_bytes()
+        return _read_base_file(base.extra_files[f.path], *job.span)
     if c is None:
         return b""
     if job.tensor is None:
@@ -131,42 +172,138 @@ def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payload
         b_item = DTYPE_SIZES[bt.dtype]
         b_raw = read_range(base, enc.base_tensor, c.start // itemsize * b_item, c.size // itemsize * b_item)  # type: ignore[arg-type]
         pred = base_prediction(b_raw, bt.dtype, t.dtype)
-        return decode_chunk(payload, pred, itemsize, enc.transform, c.size, enc.layout, where=owner)
+        return decode_chunk(payload, pred, itemsize, enc.transform, c.size, enc.layout, where=owner, codec=enc.codec)
     return decode_chunk(payload, None, itemsize, "raw", c.size, "planes", where=owner)
 
 
+def _read_base_file(path: Path, offset: int, size: int) -> np.ndarray:
+    buf = np.empty(size, dtype=np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_exact(fd, buf, offset, str(path))
+    finally:
+        os.close(fd)
+    return buf
+
+
+def _decode_job(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payloads, diff_dir: Path
+                ) -> tuple[_Job, bytes | np.ndarray]:
+    """``_decode`` in a worker; an OSError there is an input that vanished or broke while applying,
+    said as such (never blamed on the output)."""
+    try:
+        return job, _decode(job, manifest, base, payloads)
+    except OSError as exc:
+        name = exc.filename or ""
+        if name and Path(str(name)).resolve().is_relative_to(diff_dir.resolve()):
+            raise CorruptDiffError(f"{name}: cannot be read ({exc.strerror}); the diff is incomplete: download it "
+                                   "again and rerun (finished files are kept)") from None
+        raise InputNotFoundError(f"base {base.path}: {name or 'a file'} cannot be read ({exc.strerror}); was the "
+                                 "base changed or removed while applying? Restore it and rerun") from None
+
+
+class _TensorHashes:
+    """Digests of the tensors being rebuilt, computed on one helper thread while the consumer
+    writes and sha256-hashes the same bytes (BLAKE3 and zstd release the GIL): the measurement
+    costs no wall time. At most one update is pending, so no buffer is held longer than the
+    write loop holds it."""
+
+    def __init__(self, algo: str):
+        self.algo = algo
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orca-diff-digest")
+        self._hashers: dict[str, object] = {}
+        self._pending: Future | None = None
+
+    def update(self, tensor: str, data: bytes | np.ndarray) -> None:
+        h = self._hashers.get(tensor)
+        if h is None:
+            h = self._hashers[tensor] = new_hasher(self.algo)
+        self._wait()
+        if len(data):
+            self._pending = self._pool.submit(h.update, data)  # type: ignore[attr-defined]
+
+    def finish(self, tensor: str) -> str:
+        self._wait()
+        h = self._hashers.pop(tensor, None) or new_hasher(self.algo)
+        return h.hexdigest()  # type: ignore[attr-defined]
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            p, self._pending = self._pending, None
+            p.result()
+
+    def close(self) -> None:
+        self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _State:
-    """The staging folder's record of finished files: {path: [size, mtime_ns]} for one manifest."""
+    """The staging folder's append-only log of finished files, for one manifest.
+
+    Line 1: ``{"manifest": <id>}``; then one ``[path, size, mtime_ns]`` per finished file. A torn
+    last line (a kill while appending) is ignored; the file it names is rebuilt."""
 
     def __init__(self, staging: Path, manifest_id: str):
         self.path = staging / STATE_NAME
         self.manifest_id = manifest_id
         self.done: dict[str, list[int]] = {}
+        self._fd = -1
 
     def load(self) -> bool:
         try:
-            doc = json.loads(self.path.read_text())
+            if self.path.is_symlink():
+                return False
+            lines = self.path.read_bytes().split(b"\n")
+            head = json.loads(lines[0])
         except (OSError, ValueError):
             return False
-        if not isinstance(doc, dict) or doc.get("manifest") != self.manifest_id or not isinstance(doc.get("done"), dict):
+        if not isinstance(head, dict) or head.get("manifest") != self.manifest_id:
             return False
-        self.done = {k: v for k, v in doc["done"].items() if isinstance(v, list) and len(v) == 2}
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if (isinstance(rec, list) and len(rec) == 3 and isinstance(rec[0], str)
+                    and all(type(x) is int for x in rec[1:])):
+                self.done[rec[0]] = rec[1:]
         return True
 
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)  # never write through whatever sits at that name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"manifest": self.manifest_id, "done": self.done}))
-        os.replace(tmp, self.path)
+    def open(self, resumed: bool) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        if resumed:
+            self._fd = os.open(self.path, flags)
+        else:
+            remove_path(self.path)
+            self._fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(self._fd, (json.dumps({"manifest": self.manifest_id}) + "\n").encode())
+
+    def record(self, rel: str, st: os.stat_result) -> None:
+        self.done[rel] = [st.st_size, st.st_mtime_ns]
+        os.write(self._fd, (json.dumps([rel, st.st_size, st.st_mtime_ns]) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def finished_files(staging: Path) -> dict[str, list[int]]:
+    """What the staging folder's log records as finished (for tools and tests): {path: [size, mtime_ns]}."""
+    state = _State(staging, "")
+    try:
+        head = json.loads(state.path.read_bytes().split(b"\n")[0])
+        state.manifest_id = head.get("manifest")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    state.load()
+    return state.done
 
 
 def _partial_path(staging: Path, rel: str) -> Path:
     """Where ``rel`` is written before it is complete: a hidden name, which no target file can
     have (manifest paths never start with a dot), so it can never clobber a finished file."""
     final = staging / rel
-    return final.with_name(f".{final.name}{INCOMPLETE}")
+    return final.with_name(hidden_sibling_name(final.name, INCOMPLETE, 255))
 
 
 def _prune(staging: Path, manifest: Manifest) -> None:
@@ -189,61 +326,113 @@ def _prune(staging: Path, manifest: Manifest) -> None:
                 dirs.remove(d)
 
 
-def _open_new(staging: Path, rel: str) -> int:
-    """Create ``staging/rel.incomplete`` for writing, never following a symlink."""
+def _open_new(staging: Path, rel: str) -> StagedFile:
+    """Create ``staging/.rel.incomplete`` for writing, never following a symlink."""
     parent = staging
     for part in rel.split("/")[:-1]:
         parent = parent / part
         if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
             raise OutputError(f"{parent}: unexpected non-folder in the output; remove it and rerun")
         parent.mkdir(exist_ok=True)
-    path = _partial_path(staging, rel)
-    if path.is_symlink() or path.exists():
-        path.unlink()
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return StagedFile(parent, rel.split("/")[-1], temp=_partial_path(staging, rel))
 
 
-def _finished(staging: Path, state: _State, f: FileEntry) -> bool:
-    """A file of an interrupted run is kept only if the state records it AND it still hashes to
-    the manifest's sha256: size and mtime alone would trust a file damaged between the runs
-    (hashing is far cheaper than rebuilding, and keeps "every file matches" true on resume)."""
+def _finished(staging: Path, state: _State, f: FileEntry, manifest: Manifest) -> dict[str, str] | None:
+    """A file of an interrupted run is kept only if the log records it AND it still hashes to
+    the manifest's sha256 (size and mtime alone would trust a file damaged between the runs).
+    The same read measures its tensors: returns their digests, or None to rebuild the file."""
     rec = state.done.get(f.path)
     p = staging / f.path
     if rec is None or p.is_symlink() or not p.is_file():
-        return False
+        return None
     st = p.stat()
-    return [st.st_size, st.st_mtime_ns] == rec and st.st_size == f.size and file_sha256(p) == f.sha256
+    if [st.st_size, st.st_mtime_ns] != rec or st.st_size != f.size:
+        return None
+    sha, digests = measure_file(p, f, manifest.digest_algo)
+    if sha != f.sha256:
+        return None
+    check_measured_tensors(p, manifest, digests)
+    return digests
+
+
+def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
+    """(threads, window) for rebuilding ``manifest`` within MEMORY_BUDGET.
+
+    A chunk in flight holds its compressed bytes, the base bytes it predicts from (up to 8x the
+    chunk for an F64 base of a 1-byte target), the prediction and the decoded bytes (and about
+    as much again inside the decoder). Chunks over MAX_APPLY_CHUNK_BYTES are refused."""
+    worst = 1
+    for t in manifest.tensors.values():
+        ratio = 0
+        if t.encoding.transform != "raw" and t.encoding.base_dtype:
+            ratio = DTYPE_SIZES[t.encoding.base_dtype] / t.info.itemsize
+        for c in t.chunks:
+            if c.size > MAX_APPLY_CHUNK_BYTES:
+                raise FormatError(f"manifest: tensor {shown(t.name)!r} has a {_human(c.size)} chunk; orca-diff apply "
+                                  f"accepts chunks of at most {_human(MAX_APPLY_CHUNK_BYTES)} (its memory bound; make "
+                                  "writes 16 MiB ones). Remake the diff with smaller chunks")
+            worst = max(worst, c.length + int(c.size * ((ratio if c.mode == "delta" else 0) + 4)))
+    for f in manifest.files:
+        for c in f.chunks:
+            if c.size > MAX_APPLY_CHUNK_BYTES:
+                raise FormatError(f"manifest: file {shown(f.path)!r} has a {_human(c.size)} chunk; orca-diff apply "
+                                  f"accepts chunks of at most {_human(MAX_APPLY_CHUNK_BYTES)} (its memory bound)")
+            worst = max(worst, c.length + 3 * c.size)
+    worst = max(worst, 2 * BASE_COPY_BLOCK)
+    window = max(1, min(threads + 2, MEMORY_BUDGET // worst))
+    return max(1, min(threads, window)), window
+
+
+def _diff_folder(diff: str | os.PathLike) -> Path:
+    """The diff folder; ``DIR/orca-diff.json`` names it too."""
+    d = Path(diff)
+    if d.name == MANIFEST_NAME and d.is_file():
+        return d.parent
+    return d
 
 
 def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                threads: int | None = None, progress: bool | None = None) -> ApplyReport:
     """Rebuild the target model of ``diff`` from ``base`` into the folder ``out``."""
     t0 = time.perf_counter()
-    diff_dir, out = Path(diff), Path(out)
+    diff_dir, out = _diff_folder(diff), Path(out)
     manifest = load_manifest(diff_dir)
-    check_output(out, force, (base, diff_dir))
-    check_payload_presence(diff_dir, manifest)
-    threads = threads or default_threads()
-    base_model = open_model(base)
-    try:
-        check_base(base_model, manifest, threads, progress)
-        return _rebuild(base_model, manifest, diff_dir, out, force, threads, progress, t0)
-    finally:
-        base_model.close()
+    threads, window = memory_plan(manifest, threads or default_threads())
+    with output_session(out, force, (base, diff_dir)) as session:
+        check_payload_presence(diff_dir, manifest)
+        base_model = open_model(base)
+        try:
+            measured_base = check_base(base_model, manifest, threads, progress)
+            report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0)
+        finally:
+            base_model.close()
+    report.base_tensors_checked = len(measured_base)
+    report.base_fingerprint = measured_base_fingerprint(manifest, measured_base)
+    report.notes = session.notes
+    return report
 
 
-def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, force: bool, threads: int,
-             progress: bool | None, t0: float) -> ApplyReport:
-    staging = staging_dir(out)
+def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: OutputSession, threads: int,
+             window: int, progress: bool | None, t0: float) -> ApplyReport:
+    out, staging = session.out, session.staging
     state = _State(staging, hashlib.sha256(manifest.to_bytes()).hexdigest())
     if staging.is_symlink():
         raise OutputError(f"{staging}: is a symbolic link; remove it and rerun")
+    measured: dict[str, str] = {}
     try:  # nothing is created until the space is known to be there
+        resumed_state = False
         if staging.exists() and not state.load():
-            shutil.rmtree(staging)  # our own hidden folder, from another diff or an unreadable state
+            remove_path(staging)  # our own hidden folder (under our lock), from another diff or an unreadable log
         elif staging.exists():
+            resumed_state = True
             _prune(staging, manifest)
-        todo = [f for f in manifest.files if not _finished(staging, state, f)]
+        todo = []
+        for f in manifest.files:
+            digests = _finished(staging, state, f, manifest)
+            if digests is None:
+                todo.append(f)
+            else:
+                measured.update(digests)
         resumed = len(manifest.files) - len(todo)
         remaining = sum(f.size for f in todo)
         free = shutil.disk_usage(staging if staging.exists() else out.parent).free
@@ -254,56 +443,73 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, out: Path, f
     except OSError as exc:
         raise describe_os_error(exc, staging, "choose another --out") from None
     resume_hint = f"rerun the same command to resume (finished files are kept in {staging})"
+    try:
+        state.open(resumed_state)
+    except OSError as exc:
+        raise describe_os_error(exc, state.path, resume_hint) from None
     payloads = _Payloads(diff_dir, manifest.digest_algo)
-    fd, h, path = -1, hashlib.sha256(), staging
+    hashes = _TensorHashes(manifest.digest_algo)
+    sf: StagedFile | None = None
+    path = staging
     written = 0
     try:
         with byte_bar(remaining, "rebuilding", progress) as bar:
-            for job, data in ordered_map(lambda j: (j, _decode(j, manifest, base, payloads)), _jobs(manifest, todo), threads):
+            for job, data in ordered_map(lambda j: _decode_job(j, manifest, base, payloads, diff_dir),
+                                         _jobs(manifest, todo), threads, window):
                 f = job.file
                 if job.first:
                     path = _partial_path(staging, f.path)
-                    fd = _open_new(staging, f.path)
-                    h = hashlib.sha256()
+                    sf = _open_new(staging, f.path)
+                assert sf is not None
+                if job.tensor is not None:
+                    hashes.update(job.tensor, data)
                 if len(data):
-                    h.update(data)
-                    _write_all(fd, data)
+                    _write_all(sf, data)
                     bar.update(len(data))
                     written += len(data)
+                if job.tensor_last:
+                    name = job.tensor
+                    found = hashes.finish(name)  # type: ignore[arg-type]
+                    want = manifest.tensors[name].digest  # type: ignore[index]
+                    if found != want:
+                        raise VerificationError(
+                            f"tensor {shown(name)!r} of {f.path}: rebuilt bytes hash to {manifest.digest_algo} "  # type: ignore[arg-type]
+                            f"{found[:12]}…, the manifest records {want[:12]}…; nothing was published (the diff or "
+                            "the base changed while applying, or the manifest contradicts itself); rerun")
+                    measured[name] = found  # type: ignore[index]
                 if job.last:
-                    os.fsync(fd)
-                    os.close(fd)
-                    fd = -1
-                    if h.hexdigest() != f.sha256:
+                    if sf.sha256.hexdigest() != f.sha256:
+                        sf.close()
                         raise VerificationError(f"{path}: {describe_file_mismatch(path, f, manifest)} after rebuilding; "
                                                 "the diff or base changed while applying; rerun")
-                    final = staging / f.path
-                    os.replace(path, final)
-                    st = final.stat()
-                    state.done[f.path] = [st.st_size, st.st_mtime_ns]
-                    state.save()
+                    state.record(f.path, sf.commit())
+                    sf = None
     except KeyboardInterrupt:
         raise InterruptedError_(f"interrupted; {resume_hint}") from None
     except OSError as exc:
         raise describe_os_error(exc, path, resume_hint) from None
     finally:
-        if fd >= 0:
-            os.close(fd)
+        if sf is not None:
+            sf.close()
+        hashes.close()
         payloads.close()
+        state.close()
+    target_fp = measured_target_fingerprint(manifest, measured)
+    if target_fp != manifest.target_fingerprint:  # cannot happen once every tensor matched; kept as a guard
+        raise VerificationError(f"measured model fingerprint {target_fp} differs from the manifest's "
+                                f"{shown(manifest.target_fingerprint)}; nothing was published")
     try:
         (staging / STATE_NAME).unlink(missing_ok=True)
-        publish(staging, out, force)
     except OSError as exc:
-        raise describe_os_error(exc, out, f"the complete result is in {staging}") from None
+        raise describe_os_error(exc, staging, resume_hint) from None
+    session.publish([f.path for f in manifest.files])
     return ApplyReport(out, len(manifest.files), written, resumed, time.perf_counter() - t0,
-                       manifest.base.fingerprint, manifest.target_fingerprint)
+                       None, target_fp, digest_algo=manifest.digest_algo)
 
 
-def _write_all(fd: int, data: bytes | np.ndarray) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _write_all(sf: StagedFile, data: bytes | np.ndarray) -> None:
+    """Hash and write the next bytes of the file being rebuilt (one seam for fault injection)."""
+    sf.write(data)
 
 
-__all__ = ["apply_diff", "ApplyReport", "file_sha256"]
+__all__ = ["apply_diff", "ApplyReport", "file_sha256", "finished_files", "memory_plan"]

@@ -6,6 +6,15 @@ elements of the base tensor cast to the target dtype (:func:`base_prediction`):
     encode: transform(target, base) -> symbols -> layout -> one zstd frame
     decode: zstd frame (size-checked) -> un-layout -> inverse transform(., base)
 
+Codecs (``Encoding.codec``, docs/format.md §3a/§3b):
+
+* ``zstd``: the symbols, laid out as below, in one zstd frame (format version 1).
+* ``ans``: for ``ulp`` deltas of floats, a context-modelled rANS frame (:mod:`orca_diff.entropy`:
+  tokens conditioned on the base element's exponent, raw low bits), about 0.8x the size of the
+  zstd frame on real fine-tunes. A chunk where that frame would not be smaller (tiny or constant
+  chunks) is stored as a zstd frame with the tensor's ``layout`` instead; the frame's magic
+  number tells the two apart.
+
 Layouts (docs/format.md, "Layouts"; measurements in docs/performance.md):
 
 * ``planes``: byte ``k`` of every symbol stored together. The high bytes of small deltas are
@@ -31,6 +40,7 @@ import threading
 import numpy as np
 import zstandard
 
+from . import entropy
 from .bits import UINT_FOR_SIZE, cast_bits, ulp_delta, ulp_undelta
 from .errors import CorruptDiffError
 
@@ -38,7 +48,12 @@ from .errors import CorruptDiffError
 #: parameters below; higher levels are zstd's own (slow to encode, rarely smaller here).
 DEFAULT_LEVEL = 1
 LAYOUTS = ("planes", "escape", "bytes")
+CODECS = ("zstd", "ans")
 ESCAPE = 255
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+#: Chunks up to this many raw bytes are also compressed with zstd and the smaller frame kept
+#: (for larger ones the ANS frame is smaller unless it is tiny: see ``_ans_or_zstd``).
+ANS_TRY_ZSTD_BYTES = 1 << 20
 _local = threading.local()
 
 
@@ -172,11 +187,24 @@ def _check_layout(layout: str, itemsize: int) -> None:
         raise ValueError("the escape layout needs elements of 2 bytes or more")
 
 
+def _check_codec(codec: str, transform: str, itemsize: int) -> None:
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}")
+    if codec == "ans" and (transform != "ulp" or itemsize not in (2, 4, 8)):
+        raise ValueError("the ans codec is for ulp deltas of 2-, 4- and 8-byte floats")
+
+
 def encode_chunk(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,
-                 layout: str = "planes", level: int = DEFAULT_LEVEL) -> bytes:
+                 layout: str = "planes", level: int = DEFAULT_LEVEL, codec: str = "zstd",
+                 dtype: str | None = None) -> bytes:
     """Compress one chunk. ``target`` and ``base`` are uint8 arrays of equal length (``base`` is
-    the prediction already cast to the target dtype, or None for raw chunks)."""
+    the prediction already cast to the target dtype, or None for raw chunks). With ``codec="ans"``
+    (ulp deltas only) ``layout`` is the zstd layout of the chunks that fall back to zstd, and
+    ``dtype`` (the target's, e.g. "BF16") tells where the exponent field is."""
     _check_layout(layout, itemsize)
+    _check_codec(codec, transform, itemsize)
+    if codec == "ans" and target.size:
+        return _ans_or_zstd(target, base, itemsize, layout, level, dtype)  # type: ignore[arg-type]
     sym = forward(target, base, itemsize, transform)
     if layout == "planes":
         sym = to_planes(sym, itemsize)
@@ -187,10 +215,35 @@ def encode_chunk(target: np.ndarray, base: np.ndarray | None, itemsize: int, tra
     return _compressor(level).compress(sym.data)
 
 
+def _ans_or_zstd(target: np.ndarray, pred: np.ndarray, itemsize: int, layout: str, level: int,
+                 dtype: str | None) -> bytes:
+    """The ANS frame, or the zstd frame when that is smaller: always tried for chunks up to
+    ANS_TRY_ZSTD_BYTES and for ANS frames under 1/64 of the chunk (constant or near-constant
+    data, where zstd's matches win); elsewhere the ANS frame is smaller by construction."""
+    frame = entropy.encode(target, pred, itemsize, dtype)
+    if target.size <= ANS_TRY_ZSTD_BYTES or len(frame) * 64 < target.size:
+        z = encode_chunk(target, pred, itemsize, "ulp", layout, level)
+        if len(z) <= len(frame):
+            return z
+    return frame
+
+
 def decode_chunk(payload: bytes | memoryview | np.ndarray, base: np.ndarray | None, itemsize: int,
-                 transform: str, size: int, layout: str = "planes", where: str = "chunk") -> np.ndarray:
+                 transform: str, size: int, layout: str = "planes", where: str = "chunk",
+                 codec: str = "zstd") -> np.ndarray:
     """Decompress and invert one chunk into exactly ``size`` target bytes (uint8 array)."""
     _check_layout(layout, itemsize)
+    if codec == "ans" and (transform != "ulp" or itemsize not in (2, 4, 8)):
+        raise CorruptDiffError(f"{where}: the ans codec is only for ulp deltas of 2-, 4- and 8-byte floats; "
+                               "the manifest is corrupt")
+    _check_codec(codec, transform, itemsize)
+    if codec == "ans" and bytes(memoryview(payload)[:4]) != ZSTD_MAGIC:
+        if not entropy.is_frame(payload):
+            raise CorruptDiffError(f"{where}: payload is neither an ANS nor a zstd frame; the diff is corrupt, "
+                                   "download it again")
+        if base is None or base.size != size:
+            raise ValueError("an ANS chunk needs the base prediction of its size")
+        return entropy.decode(payload, base, itemsize, size, where)
     lo, hi = layout_size_range(layout, size, itemsize)
     try:
         declared = zstandard.get_frame_parameters(payload).content_size
@@ -219,3 +272,16 @@ def choose_layout(target: np.ndarray, base: np.ndarray | None, itemsize: int, tr
         return "planes" if itemsize > 1 else "bytes"
     sizes = {lay: len(encode_chunk(target, base, itemsize, transform, lay, level)) for lay in ("planes", "escape")}
     return "escape" if sizes["escape"] < sizes["planes"] else "planes"
+
+
+def choose_encoding(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,
+                    level: int = DEFAULT_LEVEL, dtype: str | None = None) -> tuple[str, str]:
+    """(layout, codec) that compress a sample chunk smallest: the zstd layout as
+    :func:`choose_layout`, then ``ans`` for float ulp deltas when its frame is smaller (with that
+    layout kept for the chunks that fall back to zstd)."""
+    layout = choose_layout(target, base, itemsize, transform, level)
+    if transform != "ulp" or itemsize not in (2, 4, 8) or not target.size:
+        return layout, "zstd"
+    z = len(encode_chunk(target, base, itemsize, transform, layout, level))
+    a = len(entropy.encode(target, base, itemsize, dtype))  # type: ignore[arg-type]
+    return layout, ("ans" if a < z else "zstd")

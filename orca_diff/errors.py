@@ -85,3 +85,20 @@ def require_extra(module: str, extra: str, purpose: str):
             f"{purpose} needs the '{module}' package: pip install 'orca-diff[{extra}]'"
             f" (for torch, install the pinned CPU wheel first: pip install torch==2.13.0) ({exc})"
         ) from None
+
+
+def shown(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (which could move the cursor or
+    draw a fake line), lone surrogates (which cannot be encoded) and other invisible format
+    characters are written as Python escapes; everything else, non-ASCII letters included, is kept."""
+    import unicodedata
+
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cs", "Cf", "Zl", "Zp") and ch != " ":
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)

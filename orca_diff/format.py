@@ -8,10 +8,13 @@ bit is reported as a corrupt manifest rather than as a mysterious payload mismat
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
 import struct
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,21 +37,68 @@ MAX_CHUNK_BYTES = 1 << 30
 TRANSFORMS = ("ulp", "xor", "raw")
 #: How a tensor's delta-chunk symbols are laid out before zstd (docs/format.md, "Layouts").
 LAYOUTS = ("planes", "escape", "bytes")
+#: How delta chunks are entropy-coded (docs/format.md §3a/§3b): "zstd" frames, or "ans" frames
+#: (context-modelled rANS, ulp deltas of floats only) with zstd frames where those are smaller.
+CODECS = ("zstd", "ans")
 CHUNK_MODES = ("delta", "raw")
-_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+\-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: Path rule (docs/format.md §2): at most this many components, each at most 255 UTF-8 bytes.
+MAX_PATH_DEPTH = 32
+MAX_COMPONENT_BYTES = 243  # 255 (NAME_MAX) less the 12 bytes of apply's partial name ".<name>.incomplete"
+#: Characters no path may hold: control characters (C0, DEL, C1), line/paragraph separators and
+#: bidirectional overrides (they make `info` and terminals show another name), and backslash.
+_BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\\\]")
+#: Names orca-diff itself uses inside an output or staging folder (apply's partial files
+#: ``.<name>.incomplete`` or ``.<prefix>~<hash>.incomplete``, its state file ``.orca-diff-state.*``,
+#: the hidden siblings ``.<out>.orca-diff-partial|old|lock|output``) and git's folder, which no Hub
+#: repo can hold. Case-insensitive, like the file systems that would confuse them.
+_RESERVED_COMPONENT = re.compile(r"^(\..*\.incomplete|\.orca-diff.*|\..*\.orca-diff-.*|\.git)$", re.IGNORECASE)
+
+
+def path_key(p: str) -> str:
+    """The form under which two paths collide on some file system (case-insensitive ones, and
+    macOS's NFD normalisation): NFC, then case-folded. Paths of one model must have distinct keys."""
+    return unicodedata.normalize("NFC", p).casefold()
+
+
+def path_problem(p: object) -> str | None:
+    """Why ``p`` is not a safe relative path for a file of a diff or of a rebuilt model, or None.
+
+    Safe: 1 to MAX_PATH_DEPTH '/'-separated components, none empty, '.' or '..', none longer than
+    255 UTF-8 bytes, no control character, backslash or bidirectional override, not starting with
+    a drive letter, and none of the names orca-diff reserves for its own staging (see
+    _RESERVED_COMPONENT). Any other Unicode (spaces, parentheses, '~', non-ASCII, leading dots)
+    is allowed, as on the Hub."""
+    if not isinstance(p, str) or not p:
+        return "a path must be a non-empty string"
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the path is not valid Unicode (a lone surrogate)"
+    parts = p.split("/")
+    if len(parts) > MAX_PATH_DEPTH:
+        return f"more than {MAX_PATH_DEPTH} folder levels"
+    if re.match(r"^[A-Za-z]:", parts[0]):
+        return "a drive letter"
+    for c in parts:
+        if c in ("", ".", ".."):
+            return "an empty, '.' or '..' component (absolute paths and escapes are not allowed)"
+        if len(c.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            return f"a name longer than {MAX_COMPONENT_BYTES} bytes"
+        if _BAD_CHARS.search(c):
+            return "a control character, a bidirectional override or a backslash"
+        if _RESERVED_COMPONENT.match(c):
+            return f"the name {c!r}, which orca-diff reserves for its own staging files (or git's)"
+    return None
 
 
 def safe_relpath(p: object, what: str) -> str:
-    """Accept only plain relative POSIX paths made of ordinary names (no '..', no absolute path,
-    no drive letter, no backslash, no hidden component), so no manifest can point outside the
-    folder it is applied into."""
-    if not isinstance(p, str) or not p or len(p) > 512:
-        raise FormatError(f"manifest: {what}: path must be a non-empty string")
-    parts = p.split("/")
-    if len(parts) > 8 or not all(_SAFE_COMPONENT.fullmatch(c) for c in parts) or any(c in (".", "..") for c in parts):
-        raise FormatError(f"manifest: {what}: unsafe path {p!r} (only plain relative names are allowed)")
-    return p
+    """Accept only safe relative POSIX paths (:func:`path_problem`), so no manifest can point
+    outside the folder it is applied into, nor onto apply's own staging names."""
+    problem = path_problem(p)
+    if problem is not None:
+        raise FormatError(f"manifest: {what}: unsafe path {ascii(p)[:300]} ({problem})")
+    return p  # type: ignore[return-value]
 
 
 def _int(v: object, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
@@ -148,8 +198,8 @@ class Encoding:
     base_tensor: str | None = None
     base_dtype: str | None = None
     shared_bytes: int = 0
-    layout: str = "planes"  # of the delta chunks; raw chunks always use byte planes
-    codec: str = "zstd"
+    layout: str = "planes"  # of the delta chunks' zstd frames; raw chunks always use byte planes
+    codec: str = "zstd"  # of the delta chunks: "zstd" or "ans" (whose zstd fallback frames use ``layout``)
 
     def to_json(self) -> dict:
         return {"transform": self.transform, "base_tensor": self.base_tensor, "base_dtype": self.base_dtype,
@@ -161,19 +211,23 @@ class Encoding:
         t = d.get("transform")
         if t not in TRANSFORMS:
             raise FormatError(f"manifest: {what}: unknown transform {t!r} (made by a newer orca-diff?)")
-        if d.get("codec") != "zstd":
-            raise FormatError(f"manifest: {what}: unknown codec {d.get('codec')!r}")
+        codec = d.get("codec")
+        if codec not in CODECS:
+            raise FormatError(f"manifest: {what}: unknown codec {codec!r} (made by a newer orca-diff?)")
         layout = d.get("layout")
         if layout not in LAYOUTS:
             raise FormatError(f"manifest: {what}: unknown layout {layout!r} (made by a newer orca-diff?)")
         if layout == "escape" and t == "raw":
             raise FormatError(f"manifest: {what}: the escape layout is only for delta transforms")
+        if codec == "ans" and (t != "ulp" or layout == "bytes"):
+            raise FormatError(f"manifest: {what}: the ans codec is only for ulp deltas (found transform {t!r}, "
+                              f"layout {layout!r})")
         base_tensor = _str(d.get("base_tensor"), what, optional=True)
         base_dtype = None if d.get("base_dtype") is None else _dtype(d.get("base_dtype"), what)
         shared = _int(d.get("shared_bytes"), what)
         if t != "raw" and (base_tensor is None or base_dtype is None):
             raise FormatError(f"manifest: {what}: a {t} encoding needs base_tensor and base_dtype")
-        return cls(t, base_tensor, base_dtype, shared, layout, "zstd")
+        return cls(t, base_tensor, base_dtype, shared, layout, codec)
 
 
 @dataclass(frozen=True)
@@ -197,7 +251,9 @@ class TensorEntry:
 @dataclass(frozen=True)
 class FileEntry:
     """A file of the rebuilt model. ``kind`` is "safetensors" (``header`` verbatim, data from
-    tensors) or "blob" (``source`` "diff": bytes in ``chunks``; "base": copied from the base)."""
+    tensors), "segments" (``segments`` tile the file: tensors, verbatim bytes held inline or in
+    payload chunks; how a torch ``.bin`` is carried) or "blob" (``source`` "diff": bytes in
+    ``chunks``; "base": copied from the base)."""
 
     path: str
     size: int
@@ -206,11 +262,14 @@ class FileEntry:
     header: str | None = None
     source: str | None = None
     chunks: tuple[Chunk, ...] = ()
+    segments: tuple["Segment", ...] = ()
 
     def to_json(self, key: str) -> dict:
         d: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
         if self.kind == "safetensors":
             d["header"] = self.header
+        elif self.kind == "segments":
+            d["segments"] = [s.to_json(key) for s in self.segments]
         else:
             d["source"] = self.source
             d["chunks"] = [c.to_json(key) for c in self.chunks]
@@ -231,9 +290,26 @@ class Segment:
     chunks: tuple[Chunk, ...] = ()
     from_base: bool = False
 
+    def to_json(self, key: str) -> dict:
+        """A segment of a "segments" file (its offset is implied by the ones before it)."""
+        if self.tensor is not None:
+            return {"size": self.size, "tensor": self.tensor}
+        if self.data is not None:
+            return {"size": self.size, "data": base64.b64encode(self.data).decode("ascii")}
+        return {"size": self.size, "chunks": [c.to_json(key) for c in self.chunks]}
+
+
+#: Verbatim bytes of a "segments" file up to this size may be held in the manifest (base64)
+#: rather than in payload chunks: zip local headers and the like, ~100 bytes each.
+MAX_INLINE_BYTES = 4096
+#: Segments per file: bounds the work on hostile manifests (a .bin shard has ~3 per tensor).
+MAX_SEGMENTS = 1 << 20
+
 
 def file_segments(f: FileEntry) -> list[Segment]:
     """The segments of file ``f``, tiling it from byte 0 to ``f.size`` (validated manifests only)."""
+    if f.kind == "segments":
+        return list(f.segments)
     if f.kind == "safetensors":
         head = (f.header or "").encode("utf-8")
         prefix = struct.pack("<Q", len(head)) + head
@@ -271,6 +347,9 @@ class BaseIdentity:
     fingerprint: str
     tensors: dict[str, BaseTensor]
     files: dict[str, BaseFile] = field(default_factory=dict)  # base files the diff copies
+    #: The base's weight files as made from (path -> size, sha256 = the Hub's LFS oid): lets a
+    #: Hub repo named as --base be refused from its file listing, before any download. Optional.
+    weight_files: dict[str, BaseFile] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -322,6 +401,8 @@ class Manifest:
                 "fingerprint": self.base.fingerprint,
                 "tensors": {n: t.to_json(key) for n, t in self.base.tensors.items()},
                 "files": {n: {"size": f.size, "sha256": f.sha256} for n, f in self.base.files.items()},
+                **({"weight_files": {n: {"size": f.size, "sha256": f.sha256} for n, f in self.base.weight_files.items()}}
+                   if self.format_version >= 2 else {}),
             },
             "target": {"fingerprint": self.target_fingerprint, "files": [f.to_json(key) for f in self.files]},
             "tensors": {n: t.to_json(key) for n, t in self.tensors.items()},
@@ -389,9 +470,14 @@ def _manifest_from_doc(doc: dict, version: int) -> Manifest:
         safe_relpath(name, "base file")
         f = _dict(f, f"base file {name!r}")
         base_files[name] = BaseFile(_int(f.get("size"), name), _hex(f.get("sha256"), name))
+    weight_files = {}
+    for name, f in _dict(base_d.get("weight_files", {}), "base.weight_files").items():
+        safe_relpath(name, "base weight file")
+        f = _dict(f, f"base weight file {name!r}")
+        weight_files[name] = BaseFile(_int(f.get("size"), name), _hex(f.get("sha256"), name))
     base = BaseIdentity(_str(base_d.get("name"), "base.name", True), _str(base_d.get("repo"), "base.repo", True),
                         _str(base_d.get("revision"), "base.revision", True), _str(base_d.get("fingerprint"), "base.fingerprint") or "",
-                        base_tensors, base_files)
+                        base_tensors, base_files, weight_files)
 
     tensors: dict[str, TensorEntry] = {}
     for name, t in _dict(doc.get("tensors"), "tensors").items():
@@ -433,9 +519,12 @@ def _manifest_from_doc(doc: dict, version: int) -> Manifest:
     for i, f in enumerate(_list(target_d.get("files"), "target.files")):
         f = _dict(f, f"target file {i}")
         path = safe_relpath(f.get("path"), f"target file {i}")
-        if path.lower() in seen_paths or path == MANIFEST_NAME:
-            raise FormatError(f"manifest: target file {path!r} is listed twice")
-        seen_paths.add(path.lower())
+        if path_key(path) in seen_paths:
+            raise FormatError(f"manifest: target file {path!r} is listed twice (names that differ only in case or "
+                              "Unicode normalisation are the same file on some systems)")
+        if path_key(path) == path_key(MANIFEST_NAME):
+            raise FormatError(f"manifest: a target file may not be called {MANIFEST_NAME}")
+        seen_paths.add(path_key(path))
         size, sha = _int(f.get("size"), path), _hex(f.get("sha256"), path)
         kind = f.get("kind")
         if kind == "safetensors":
@@ -453,6 +542,9 @@ def _manifest_from_doc(doc: dict, version: int) -> Manifest:
                     raise FormatError(f"manifest: tensor {e.info.name!r} is placed in two files")
                 placed.add(e.info.name)
             files.append(FileEntry(path, size, sha, "safetensors", header=header))
+        elif kind == "segments":
+            segs = _segments(f.get("segments"), path, size, key, tensors, placed)
+            files.append(FileEntry(path, size, sha, "segments", segments=segs))
         elif kind == "blob":
             source = f.get("source")
             if source == "diff":
@@ -468,7 +560,7 @@ def _manifest_from_doc(doc: dict, version: int) -> Manifest:
                 raise FormatError(f"manifest: {path}: unknown blob source {source!r}")
         else:
             raise FormatError(f"manifest: {path}: unknown file kind {kind!r}")
-    folders = {"/".join(p.split("/")[:k]) for p in seen_paths for k in range(1, p.count("/") + 1)}
+    folders = {"/".join(p.split("/")[:k]) for p in seen_paths for k in range(1, p.count("/") + 1)}  # keys
     if folders & seen_paths:
         raise FormatError(f"manifest: {sorted(folders & seen_paths)[0]!r} is both a file and a folder of the model")
     unplaced = set(tensors) - placed
@@ -484,7 +576,8 @@ def _manifest_from_doc(doc: dict, version: int) -> Manifest:
     if len(sizes) != len(payloads) or MANIFEST_NAME in sizes:
         raise FormatError("manifest: a payload file is listed twice")
     chunk_bytes = _int(doc.get("chunk_bytes"), "chunk_bytes", 1, MAX_CHUNK_BYTES)
-    for obj in [*(t.chunks for t in tensors.values()), *(f.chunks for f in files)]:
+    for obj in [*(t.chunks for t in tensors.values()), *(f.chunks for f in files),
+                *(s.chunks for f in files for s in f.segments)]:
         for c in obj:
             if c.payload not in sizes or c.offset + c.length > sizes[c.payload]:
                 raise FormatError(f"manifest: a chunk points outside payload {c.payload!r}")
@@ -506,6 +599,56 @@ def _manifest_from_doc(doc: dict, version: int) -> Manifest:
     )
 
 
+def _segments(v: object, path: str, size: int, key: str, tensors: dict[str, TensorEntry],
+              placed: set[str]) -> tuple[Segment, ...]:
+    """Parse the segments of a "segments" file: each exactly one of a tensor (placed nowhere else,
+    of exactly ``size`` bytes), inline base64 ``data`` (at most MAX_INLINE_BYTES) or raw payload
+    ``chunks`` tiling it; together they tile the file."""
+    items = _list(v, f"{path} segments")
+    if len(items) > MAX_SEGMENTS:
+        raise FormatError(f"manifest: {path}: {len(items)} segments, more than the {MAX_SEGMENTS} allowed")
+    out: list[Segment] = []
+    cursor = 0
+    for i, d in enumerate(items):
+        w = f"{path} segment {i}"
+        d = _dict(d, w)
+        n = _int(d.get("size"), w, 1)
+        sources = [k for k in ("tensor", "data", "chunks") if k in d]
+        if len(sources) != 1:
+            raise FormatError(f"manifest: {w}: needs exactly one of tensor, data, chunks (found {sources or 'none'})")
+        if "tensor" in d:
+            name = _str(d["tensor"], w)
+            t = tensors.get(name or "")
+            if t is None:
+                raise FormatError(f"manifest: {w}: tensor {name!r} is not in the tensor table")
+            if t.info.nbytes != n:
+                raise FormatError(f"manifest: {w}: tensor {name!r} has {t.info.nbytes} bytes, the segment {n}")
+            if name in placed:
+                raise FormatError(f"manifest: tensor {name!r} is placed twice")
+            placed.add(name)  # type: ignore[arg-type]
+            out.append(Segment(cursor, n, tensor=name))
+        elif "data" in d:
+            text = _str(d["data"], w, max_len=4 * MAX_INLINE_BYTES // 3 + 4)
+            try:
+                data = base64.b64decode(text or "", validate=True)
+            except (binascii.Error, ValueError):
+                raise FormatError(f"manifest: {w}: data is not valid base64") from None
+            if len(data) != n:
+                raise FormatError(f"manifest: {w}: data holds {len(data)} bytes, the segment {n}")
+            out.append(Segment(cursor, n, data=data))
+        else:
+            chunks = tuple(_chunks(d["chunks"], w, n, key))
+            if any(c.mode != "raw" for c in chunks):
+                raise FormatError(f"manifest: {w}: verbatim chunks must be raw")
+            out.append(Segment(cursor, n, chunks=chunks))
+        cursor += n
+        if cursor > size:
+            break
+    if cursor != size:
+        raise FormatError(f"manifest: {path}: segments cover {cursor} bytes, the file has {size}")
+    return tuple(out)
+
+
 def _check_fingerprint(what: str, claimed: str, records: dict[str, tuple[str, tuple[int, ...], str]]) -> None:
     """A fingerprint is derived from the tensor records next to it, never taken on trust: a
     manifest whose fingerprint is not the one its own records give is malformed (it would make
@@ -524,8 +667,11 @@ def load_manifest(diff_dir: str | Path) -> Manifest:
     path = d / MANIFEST_NAME if d.is_dir() else d
     if not path.is_file():
         hint = ""
-        if d.is_dir() and (any(d.glob("*.safetensors")) or any(d.glob("*.bin"))):
-            hint = " (this folder holds model weights: is it a model rather than a diff?)"
+        if d.is_dir() and (any(d.glob("*.safetensors")) or any(d.glob("*.bin")) or any(d.glob("*.pth"))):
+            hint = (" (this folder holds model weights: if it is a model, give it as --base; if it is a legacy delta"
+                    " (FastChat/Vicuna, Alpaca/WizardLM weight diff, OpenAssistant XOR), rebuild it with"
+                    " `orca-diff apply --format fastchat|alpaca|oa-xor --base BASE --diff DIR --out OUT`, see"
+                    " docs/legacy.md)")
         raise InputNotFoundError(f"{d}: no {MANIFEST_NAME} found; not an orca-diff diff{hint}")
     size = path.stat().st_size
     if size > MAX_MANIFEST_BYTES:  # refused before reading: a hostile file costs no memory

@@ -1,13 +1,18 @@
 """base + fine-tuned target -> a diff folder (manifest + payload files + model card).
 
 The data path reads in one direction: target/base chunk reader -> codec (worker threads) ->
-payload writer, with sha256 of every target tensor and file computed on the way. Memory is
+payload writer, with the digest of every target tensor and the sha256 of every target file
+computed on the way, from the very bytes that are encoded (one read: a file changing under make
+cannot give a diff that verifies but never applies). A target is safetensors shards (headers
+kept verbatim) or torch ``.bin`` shards (zip structure and pickle kept verbatim, storages coded
+as tensors: docs/format.md "segments"); every other file of its folder travels too. Memory is
 bounded by ``threads + 2`` chunks in flight (``chunk_bytes`` each, 16 MiB by default, times a
 small constant for the codec's temporaries), whatever the model size.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import shutil
@@ -19,18 +24,23 @@ from typing import Iterator
 import numpy as np
 
 from . import __version__
-from .codec import DEFAULT_LEVEL, base_prediction, choose_layout, encode_chunk
+from .codec import DEFAULT_LEVEL, base_prediction, choose_encoding, encode_chunk
 from .digests import TENSOR_DIGEST_OF_VERSION, Hasher, digest_bytes, new_hasher
-from .errors import UsageError
+from .bits import UINT_FOR_SIZE, ulp_delta
+from .errors import InterruptedError_, UsageError
 from .fingerprint import base_fingerprint
 from .format import (
-    FORMAT_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
-    TensorEntry,
+    FORMAT_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
+    Segment, TensorEntry,
 )
 from .outdir import check_output, describe_os_error, fsync_path, publish, staging_dir
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar
-from .containers import FLOAT_DTYPES, ModelReader, SafetensorsModel, TensorInfo, file_sha256, hash_tensor_range, open_model, read_range
+from .containers import (
+    FLOAT_DTYPES, ModelReader, SafetensorsModel, TensorInfo, file_sha256, hash_tensor_range, open_model, open_target,
+    read_exact, read_range,
+)
+from .containers.torchzip import TorchZipModel
 
 CHUNK_BYTES = 16 << 20
 #: Non-weight files taken from the base (when byte-identical there) instead of shipped in the
@@ -71,33 +81,195 @@ LAYOUT_SAMPLE_BYTES = 256 << 10
 
 
 def _with_layout(name: str, enc: Encoding, target: ModelReader, base: ModelReader, level: int) -> Encoding:
-    """``enc`` with the layout that compresses a sample of the tensor smallest: the per-tensor
-    choice stored in the manifest (only 16-bit ulp deltas have one, see codec.choose_layout)."""
+    """``enc`` with the layout and codec that compress a sample of the tensor smallest: the
+    per-tensor choice stored in the manifest (16-bit ulp deltas choose a zstd layout, float ulp
+    deltas choose between zstd and ans; see codec.choose_encoding)."""
     info = target.tensors[name]
     if enc.transform == "raw" or enc.base_tensor is None:
         return enc
-    if enc.transform != "ulp" or info.itemsize != 2:
+    if enc.transform != "ulp":
         return replace(enc, layout="planes")
     b_info = base.tensors[enc.base_tensor]
     size = min(enc.shared_bytes, LAYOUT_SAMPLE_BYTES)
     raw = read_range(target, name, 0, size)
     b_raw = read_range(base, b_info.name, 0, size // info.itemsize * b_info.itemsize)
     pred = base_prediction(b_raw, b_info.dtype, info.dtype)
-    return replace(enc, layout=choose_layout(raw, pred, info.itemsize, enc.transform, level))
+    layout, codec = choose_encoding(raw, pred, info.itemsize, enc.transform, level, info.dtype)
+    return replace(enc, layout=layout, codec=codec)
+
+
+#: Bytes of a tensor compared with candidate base tensors when it has none of its own name (or
+#: duplicates another target tensor), and of each tensor when judging how related the pair is.
+CANDIDATE_SAMPLE_BYTES = 64 << 10
+RELATEDNESS_SAMPLE_BYTES = 16 << 10
+#: Candidate base tensors scored per tensor without a base tensor of its name (the most similar
+#: names first): bounds make's planning time on models with hundreds of same-shape tensors.
+MAX_CANDIDATES = 32
+
+
+def _compatible(t: TensorInfo, b: TensorInfo) -> bool:
+    """Whether ``b`` can predict ``t`` at all (the rows rule of plan_encoding, non-empty)."""
+    return plan_encoding(t, b).transform != "raw"
+
+
+def _sample_cost(t: TensorInfo, enc: Encoding, target: ModelReader, base: ModelReader, level: int) -> int:
+    """Compressed bytes of the first CANDIDATE_SAMPLE_BYTES of ``t`` under ``enc`` (lower is better)."""
+    size = min(t.nbytes, CANDIDATE_SAMPLE_BYTES) // t.itemsize * t.itemsize
+    raw = read_range(target, t.name, 0, size)
+    if enc.transform == "raw" or enc.base_tensor is None:
+        return len(encode_chunk(raw, None, t.itemsize, "raw", "planes", level))
+    b = base.tensors[enc.base_tensor]
+    shared = min(size, enc.shared_bytes)
+    b_raw = read_range(base, b.name, 0, shared // t.itemsize * b.itemsize)
+    pred = base_prediction(b_raw, b.dtype, t.dtype)
+    cost = len(encode_chunk(raw[:shared], pred, t.itemsize, enc.transform, "planes", level))
+    if size > shared:
+        cost += len(encode_chunk(raw[shared:], None, t.itemsize, "raw", "planes", level))
+    return cost
+
+
+def _duplicated(target: ModelReader) -> set[str]:
+    """Target tensors whose first bytes equal those of another target tensor of the same dtype and
+    shape (an untied lm_head saved as a copy of the embeddings): their same-name base tensor may
+    not be their best predictor."""
+    groups: dict[tuple, list[str]] = {}
+    for n, t in target.tensors.items():
+        if t.nbytes >= 64:
+            head = read_range(target, n, 0, min(t.nbytes, 4096)).tobytes()
+            groups.setdefault((t.dtype, t.shape, hashlib.sha256(head).digest()), []).append(n)
+    return {n for names in groups.values() if len(names) > 1 for n in names}
+
+
+def plan_all(target: ModelReader, base: ModelReader, level: int, threads: int) -> dict[str, Encoding]:
+    """The encoding of every target tensor (before layouts). A tensor with a base tensor of its
+    own name uses it (plan_encoding); one without, or one that duplicates another target tensor,
+    is delta-coded against the base tensor of a compatible shape and dtype whose delta compresses
+    a sample smallest, and stored raw only if no base tensor predicts it better than nothing:
+    make never stores raw a tensor the base predicts."""
+    plans = {n: plan_encoding(info, base.tensors.get(n)) for n, info in target.tensors.items()}
+    dups = _duplicated(target)
+    search = [n for n in target.tensors if n not in base.tensors or n in dups]
+
+    def best(name: str) -> Encoding:
+        t = target.tensors[name]
+        cands = [b for b in base.tensors.values() if b.name != name and _compatible(t, b)]
+        cands.sort(key=lambda b: -difflib.SequenceMatcher(None, name, b.name).ratio())
+        options = [plans[name]] + [plan_encoding(t, b) for b in cands[:MAX_CANDIDATES]]
+        costs = [_sample_cost(t, e, target, base, level) for e in options]
+        return options[costs.index(min(costs))]
+
+    for name, enc in zip(search, ordered_map(best, search, threads)):
+        plans[name] = enc
+    return plans
+
+
+def relatedness_notes(target: ModelReader, base: ModelReader, plans: dict[str, Encoding]) -> list[str]:
+    """Warnings when the pair does not look like base -> its fine-tune: rows removed (a swapped
+    pair: fine-tunes add tokens, they do not remove them), or most same-name tensors far apart
+    (median distance in ulps over a sample larger than a quarter of the mantissa's range:
+    unrelated models, or a different base)."""
+    notes = []
+    shrunk = [n for n, t in target.tensors.items() if (b := base.tensors.get(n)) is not None and len(t.shape) >= 1
+              and len(b.shape) == len(t.shape) and t.shape[1:] == b.shape[1:] and t.shape[0] < b.shape[0]]
+    if shrunk:
+        n = shrunk[0]
+        notes.append(f"the fine-tune has fewer rows than the base in {len(shrunk)} tensor(s) (e.g. {n!r}: "
+                     f"{target.tensors[n].shape[0]} vs {base.tensors[n].shape[0]}): are --base and --target swapped?")
+    mantissa = {"F16": 10, "BF16": 7, "F32": 23, "F64": 52}
+    far = total = 0
+    for n, enc in plans.items():
+        t = target.tensors[n]
+        if enc.transform != "ulp" or enc.base_tensor != n or t.dtype not in mantissa or t.numel < 16:
+            continue
+        b = base.tensors[n]
+        size = min(enc.shared_bytes, RELATEDNESS_SAMPLE_BYTES) // t.itemsize * t.itemsize
+        pred = base_prediction(read_range(base, n, 0, size // t.itemsize * b.itemsize), b.dtype, t.dtype)
+        raw = read_range(target, n, 0, size)
+        width = UINT_FOR_SIZE[t.itemsize]
+        dist = np.median(ulp_delta(raw.view(width).copy(), pred.view(width).copy()).astype(np.float64)) / 2
+        total += 1
+        far += dist > 2.0 ** (mantissa[t.dtype] - 2)
+    if total and far > total / 2:
+        notes.append(f"{far} of {total} tensors are far from the base tensor of the same name (median distance over "
+                     "a quarter of their mantissa range): the fine-tune does not look derived from this base; "
+                     "check --base (the diff is still exact, but large)")
+    elif not total and base.tensors and not any(p.transform != "raw" for p in plans.values()):
+        notes.append("no tensor of the fine-tune could be predicted from the base: the diff holds the whole model")
+    return notes
 
 
 @dataclass(frozen=True)
 class _Job:
-    kind: str  # "tensor" or "blob"
-    name: str  # tensor name or blob path
-    start: int
+    """One step of reading the target in file order. ``kind``: "tensor" (bytes of a tensor,
+    encoded as a delta or raw), "bytes" (verbatim bytes of a file, stored in payload chunks) or
+    "data" (verbatim bytes held in the manifest; ``data`` was read while planning)."""
+
+    kind: str
+    name: str   # tensor name, or the key of the verbatim run
+    start: int  # offset inside the tensor or run
     size: int
-    mode: str  # "delta" | "raw"
+    mode: str   # "delta" | "raw"
+    file: str   # the target file these bytes belong to
+    src: Path | None = None  # "bytes": the file to read, at src_offset + start
+    src_offset: int = 0
+    data: bytes | None = None
 
 
 def _chunk_ranges(begin: int, end: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     for s in range(begin, end, chunk_bytes):
         yield s, min(chunk_bytes, end - s)
+
+
+def _read_file(path: Path, offset: int, size: int) -> np.ndarray:
+    """``size`` bytes of ``path`` at ``offset``; a file that shrank since make looked at it is an
+    error naming it (make hashes and encodes the same bytes, so the diff stays self-consistent)."""
+    buf = np.empty(size, dtype=np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_exact(fd, buf, offset, f"{path} (changed while make was reading it?)")
+    finally:
+        os.close(fd)
+    return buf
+
+
+def base_weight_files(base: ModelReader) -> list[Path]:
+    """The files a base reader takes its tensors from."""
+    if isinstance(base, SafetensorsModel):
+        return [base.path / rel if base.path.is_dir() else base.path for rel in base.headers]
+    files = getattr(base, "_file_of", None)
+    if isinstance(files, dict):
+        return sorted(set(files.values()))
+    shards = getattr(base, "shards", None) or getattr(base, "_shards", None)
+    if shards:
+        return sorted(Path(p) for p in shards)
+    return []
+
+
+def _hf_blob_sha256(path: Path) -> str | None:
+    """The sha256 of an HF cache snapshot file, from the name of the blob it links to (the Hub's
+    LFS oid, which names blobs), without reading it."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if target.parent.name == "blobs" and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+        return target.name
+    return None
+
+
+def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | None, threads: int) -> dict[str, BaseFile]:
+    """{path relative to the base folder: size, sha256} of the base's weight files: from ``known``
+    (the Hub's listing), from the HF cache's blob names, else hashed."""
+    files = base_weight_files(base)
+    root = base.path if base.path.is_dir() else base.path.parent
+
+    def one(p: Path) -> tuple[str, BaseFile]:
+        rel = p.relative_to(root).as_posix()
+        size = p.stat().st_size
+        if known and rel in known and known[rel].size == size:
+            return rel, known[rel]
+        return rel, BaseFile(size, _hf_blob_sha256(p) or file_sha256(p))
+
+    return dict(ordered_map(one, files, threads))
 
 
 class _PayloadWriter:
@@ -140,33 +312,45 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
               base_name: str | None = None, base_repo: str | None = None, base_revision: str | None = None,
               level: int = DEFAULT_LEVEL, chunk_bytes: int = CHUNK_BYTES, threads: int | None = None,
               progress: bool | None = None, force: bool = False,
-              payload_file_bytes: int = PAYLOAD_FILE_BYTES) -> Manifest:
+              payload_file_bytes: int = PAYLOAD_FILE_BYTES, notes: list[str] | None = None,
+              base_files_known: dict[str, BaseFile] | None = None) -> Manifest:
     """Write the diff that turns ``base`` into ``target`` to the folder ``out`` and return its manifest.
 
-    ``target`` must be safetensors (its files are rebuilt byte for byte); ``base`` may be any form
-    :func:`orca_diff.tensors.open_model` reads. ``out`` appears only when complete.
+    ``target`` is an HF folder of safetensors or ``.bin`` shards (every file of it is rebuilt byte
+    for byte; ``.bin`` needs torch here, never in apply); ``base`` may be any form
+    :func:`orca_diff.containers.open_model` reads. ``out`` appears only when complete. When the
+    base folder is an HF cache snapshot (``.../models--ORG--NAME/snapshots/SHA``) its repo and
+    commit are recorded unless given. Warnings (files excluded, a pair that looks swapped or
+    unrelated) are appended to ``notes``.
     """
+    from .hub.resolve import identify_cached_repo
+
     out = Path(out)
+    notes = notes if notes is not None else []
     if chunk_bytes <= 0 or chunk_bytes % 8 or chunk_bytes > MAX_CHUNK_BYTES:
         raise UsageError(f"chunk size must be a positive multiple of 8 bytes, at most {MAX_CHUNK_BYTES}")
     check_output(out, force, (base, target))
     threads = threads or default_threads()
+    if base_repo is None and (cached := identify_cached_repo(Path(base))) is not None:
+        base_repo, base_revision = cached[0], base_revision or cached[1]
+    if base_repo is None:
+        notes.append(f"the base {base} is not identified as a Hub repo: users will have to pass --base "
+                     "(a path, a catalog name or ORG/NAME@SHA); record it with --base-repo ORG/NAME --base-revision SHA")
     base_model = open_model(base)
     try:
-        target_model = open_model(target)
+        target_model, target_notes = open_target(target)
     except BaseException:
         base_model.close()
         raise
+    notes.extend(target_notes)
     staging = staging_dir(out)
     try:
-        if not isinstance(target_model, SafetensorsModel):
-            raise UsageError(f"{target}: the fine-tuned model must be in safetensors form "
-                             "(save it with save_pretrained(..., safe_serialization=True))")
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
         manifest = _make_into(base_model, target_model, staging, base_name or Path(base).name, base_repo,
-                              base_revision, level, chunk_bytes, threads, progress, payload_file_bytes)
+                              base_revision, level, chunk_bytes, threads, progress, payload_file_bytes, notes,
+                              base_files_known)
         from .hub.card import render_card
 
         (staging / "README.md").write_text(render_card(manifest), encoding="utf-8")
@@ -175,6 +359,10 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
             fsync_path(p)
         publish(staging, out, force)
         return manifest
+    except KeyboardInterrupt:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InterruptedError_(f"interrupted; nothing was written to {out} (make does not resume: run it again "
+                                "to start over)") from None
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise describe_os_error(exc, out, "run make again") from None
@@ -186,45 +374,69 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
         target_model.close()
 
 
-def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_name: str, base_repo: str | None,
+def _make_into(base: ModelReader, target: ModelReader, folder: Path, base_name: str, base_repo: str | None,
                base_revision: str | None, level: int, chunk_bytes: int, threads: int, progress: bool | None,
-               payload_file_bytes: int) -> Manifest:
+               payload_file_bytes: int, notes: list[str], base_files_known: dict[str, BaseFile] | None) -> Manifest:
     algo = TENSOR_DIGEST_OF_VERSION[FORMAT_VERSION]  # tensor, chunk and base digests
-    plans = {n: plan_encoding(info, base.tensors.get(n)) for n, info in target.tensors.items()}
+    plans = plan_all(target, base, level, threads)
+    notes.extend(relatedness_notes(target, base, plans))
     plans = dict(zip(plans, ordered_map(lambda n: _with_layout(n, plans[n], target, base, level), list(plans), threads)))
     needed = {p.base_tensor for p in plans.values() if p.base_tensor}
 
-    # The files of the target: safetensors shards (headers verbatim), then other files.
-    shard_names = sorted(target.headers)
+    # The target's files in rebuild order, each as the jobs that read it in file order.
     jobs: list[_Job] = []
-    for rel in shard_names:
-        for e in target.headers[rel].entries:
-            info, enc = e.info, plans[e.info.name]
-            for s, n in _chunk_ranges(0, enc.shared_bytes, chunk_bytes):
-                jobs.append(_Job("tensor", info.name, s, n, "delta"))
-            for s, n in _chunk_ranges(enc.shared_bytes, info.nbytes, chunk_bytes):
-                jobs.append(_Job("tensor", info.name, s, n, "raw"))
-    base_files: dict[str, BaseFile] = {}
-    blob_sources: dict[str, str] = {}
-    blob_meta: dict[str, tuple[int, str]] = {}
-    for rel, path in target.extra_files.items():
-        size, sha = path.stat().st_size, file_sha256(path)
-        blob_meta[rel] = (size, sha)
-        bpath = base.extra_files.get(rel)
-        if (rel in BASE_COPIED_FILES and bpath is not None and bpath.stat().st_size == size
-                and file_sha256(bpath) == sha):
-            blob_sources[rel] = "base"
-            base_files[rel] = BaseFile(size, sha)
-        else:
-            blob_sources[rel] = "diff"
-            jobs.extend(_Job("blob", rel, s, n, "raw") for s, n in _chunk_ranges(0, size, chunk_bytes))
+    inline: dict[str, bytes] = {}  # verbatim runs held in the manifest, by key
+    layouts: list[tuple[str, str, object]] = []  # (rel, kind, detail) for building FileEntries
 
-    def encode(job: _Job) -> tuple[_Job, bytes, str, np.ndarray, np.ndarray | None]:
-        """One chunk -> (job, payload, payload sha256, target bytes, base bytes used or None)."""
-        if job.kind == "blob":
-            with open(target.extra_files[job.name], "rb") as f:
-                f.seek(job.start)
-                raw = np.frombuffer(f.read(job.size), dtype=np.uint8)
+    def tensor_jobs(name: str, rel: str) -> None:
+        info, enc = target.tensors[name], plans[name]
+        for s, n in _chunk_ranges(0, enc.shared_bytes, chunk_bytes):
+            jobs.append(_Job("tensor", name, s, n, "delta", rel))
+        for s, n in _chunk_ranges(enc.shared_bytes, info.nbytes, chunk_bytes):
+            jobs.append(_Job("tensor", name, s, n, "raw", rel))
+
+    def bytes_jobs(key: str, rel: str, src: Path, offset: int, size: int) -> None:
+        jobs.extend(_Job("bytes", key, s, n, "raw", rel, src, offset) for s, n in _chunk_ranges(0, size, chunk_bytes))
+
+    if isinstance(target, SafetensorsModel):
+        for rel in sorted(target.headers):
+            h = target.headers[rel]
+            jobs.append(_Job("data", rel, 0, h.data_start, "raw", rel, data=struct.pack("<Q", len(h.raw)) + h.raw))
+            for e in h.entries:
+                tensor_jobs(e.info.name, rel)
+            layouts.append((rel, "safetensors", h))
+    else:
+        assert isinstance(target, TorchZipModel)
+        for rel in sorted(target.pieces):
+            src = target.files[rel]
+            for i, piece in enumerate(target.pieces[rel]):
+                if piece.tensor is not None:
+                    tensor_jobs(piece.tensor, rel)
+                elif piece.size <= MAX_INLINE_BYTES:
+                    data = inline[f"{rel}#{i}"] = _read_file(src, piece.offset, piece.size).tobytes()
+                    jobs.append(_Job("data", f"{rel}#{i}", 0, piece.size, "raw", rel, data=data))
+                else:
+                    bytes_jobs(f"{rel}#{i}", rel, src, piece.offset, piece.size)
+            layouts.append((rel, "segments", target.pieces[rel]))
+    base_files: dict[str, BaseFile] = {}
+    for rel, path in target.extra_files.items():
+        size = path.stat().st_size
+        bpath = base.extra_files.get(rel)
+        if rel in BASE_COPIED_FILES and bpath is not None and bpath.stat().st_size == size:
+            sha = file_sha256(path)
+            if file_sha256(bpath) == sha:
+                base_files[rel] = BaseFile(size, sha)
+                layouts.append((rel, "base", BaseFile(size, sha)))
+                continue
+        bytes_jobs(f"{rel}#0", rel, path, 0, size)
+        layouts.append((rel, "blob", size))
+
+    def encode(job: _Job) -> tuple[_Job, bytes | None, str, np.ndarray | bytes, np.ndarray | None]:
+        """One chunk -> (job, payload or None, payload digest, target bytes, base bytes used or None)."""
+        if job.kind == "data":
+            return job, None, "", job.data or b"", None
+        if job.kind == "bytes":
+            raw = _read_file(job.src, job.src_offset + job.start, job.size)  # type: ignore[arg-type]
             payload = encode_chunk(raw, None, 1, "raw", "bytes", level=level)
             return job, payload, digest_bytes(payload, algo), raw, None
         info, enc = target.tensors[job.name], plans[job.name]
@@ -235,7 +447,7 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
             b_start = job.start // info.itemsize * b_info.itemsize
             b_raw = read_range(base, b_info.name, b_start, job.size // info.itemsize * b_info.itemsize)
             pred = base_prediction(b_raw, b_info.dtype, info.dtype)
-            payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.layout, level)
+            payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.layout, level, enc.codec, info.dtype)
         else:
             payload = encode_chunk(raw, None, info.itemsize, "raw", "planes", level)
         return job, payload, digest_bytes(payload, algo), raw, b_raw
@@ -244,25 +456,27 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
     chunks: dict[str, list[Chunk]] = {}
     tensor_hash: dict[str, Hasher] = {n: new_hasher(algo) for n in target.tensors}
     file_hash: dict[str, "hashlib._Hash"] = {}
-    for rel in shard_names:
-        h = file_hash[rel] = hashlib.sha256()
-        h.update(struct.pack("<Q", len(target.headers[rel].raw)) + target.headers[rel].raw)
-    shard_of = {e.info.name: rel for rel in shard_names for e in target.headers[rel].entries}
     total = sum(j.size for j in jobs)
-    # Base tensors are hashed on the way: the bytes each delta chunk read (in order, since a base
-    # tensor serves one target tensor), then whatever no chunk read. So the base is read once.
+    # Base tensors are hashed on the way: the bytes the delta chunks of ONE target tensor read
+    # (the first that uses it; its chunks read it in order), then whatever no chunk read. So the
+    # base is read about once. Every file's sha256 comes from the very bytes that were encoded.
+    hashing_user: dict[str, str] = {}
+    for n, p in plans.items():
+        if p.base_tensor:
+            hashing_user.setdefault(p.base_tensor, n)
     base_hash: dict[str, Hasher] = {n: new_hasher(algo) for n in base.tensors}
     base_hashed: dict[str, int] = {n: 0 for n in base.tensors}
     with byte_bar(total, "encoding", progress) as bar:
-        for job, payload, sha, raw, b_raw in ordered_map(encode, jobs, threads):
-            name, offset = writer.append(payload)
-            chunks.setdefault(f"{job.kind}:{job.name}", []).append(
-                Chunk(job.start, job.size, job.mode, name, offset, len(payload), sha))
+        for job, payload, digest, raw, b_raw in ordered_map(encode, jobs, threads):
+            if payload is not None:
+                name, offset = writer.append(payload)
+                chunks.setdefault(f"{job.kind}:{job.name}", []).append(
+                    Chunk(job.start, job.size, job.mode, name, offset, len(payload), digest))
             if job.kind == "tensor":
                 tensor_hash[job.name].update(raw)
-                file_hash[shard_of[job.name]].update(raw)
-            if b_raw is not None:
-                b_name = plans[job.name].base_tensor
+            file_hash.setdefault(job.file, hashlib.sha256()).update(raw)
+            b_name = plans[job.name].base_tensor if job.kind == "tensor" else None
+            if b_raw is not None and hashing_user.get(b_name) == job.name:  # type: ignore[arg-type]
                 base_hash[b_name].update(b_raw)  # type: ignore[index]
                 base_hashed[b_name] += len(b_raw)  # type: ignore[index]
             bar.update(job.size)
@@ -281,23 +495,37 @@ def _make_into(base: ModelReader, target: SafetensorsModel, folder: Path, base_n
     for n, info in target.tensors.items():
         tensors[n] = TensorEntry(n, info.dtype, info.shape, tensor_hash[n].hexdigest(), plans[n],
                                  tuple(chunks.get(f"tensor:{n}", ())))
+    empty = hashlib.sha256().hexdigest()
     files = []
-    for rel in shard_names:
-        header = target.headers[rel]
-        size = header.data_start + header.data_size
-        files.append(FileEntry(rel, size, file_hash[rel].hexdigest(), "safetensors", header=header.raw.decode("utf-8")))
-    for rel in sorted(blob_meta):
-        size, sha = blob_meta[rel]
-        files.append(FileEntry(rel, size, sha, "blob", source=blob_sources[rel],
-                               chunks=tuple(chunks.get(f"blob:{rel}", ())) if blob_sources[rel] == "diff" else ()))
+    for rel, kind, detail in layouts:
+        sha = file_hash[rel].hexdigest() if rel in file_hash else empty
+        if kind == "safetensors":
+            h = detail
+            files.append(FileEntry(rel, h.data_start + h.data_size, sha, "safetensors",  # type: ignore[attr-defined]
+                                   header=h.raw.decode("utf-8")))  # type: ignore[attr-defined]
+        elif kind == "segments":
+            segs = []
+            for i, piece in enumerate(detail):  # type: ignore[arg-type]
+                if piece.tensor is not None:
+                    segs.append(Segment(piece.offset, piece.size, tensor=piece.tensor))
+                elif piece.size <= MAX_INLINE_BYTES:
+                    segs.append(Segment(piece.offset, piece.size, data=inline[f"{rel}#{i}"]))
+                else:
+                    segs.append(Segment(piece.offset, piece.size, chunks=tuple(chunks[f"bytes:{rel}#{i}"])))
+            files.append(FileEntry(rel, sum(p.size for p in detail), sha, "segments", segments=tuple(segs)))  # type: ignore[union-attr]
+        elif kind == "base":
+            files.append(FileEntry(rel, detail.size, detail.sha256, "blob", source="base"))  # type: ignore[attr-defined]
+        else:
+            files.append(FileEntry(rel, detail, sha, "blob", source="diff",  # type: ignore[arg-type]
+                                   chunks=tuple(chunks.get(f"bytes:{rel}#0", ()))))
 
     base_id = BaseIdentity(base_name, base_repo, base_revision,
                            base_fingerprint({n: (t.dtype, t.shape, t.digest) for n, t in base_tensors.items()}),
-                           base_tensors, base_files)
+                           base_tensors, base_files, record_base_weight_files(base, base_files_known, threads))
     target_fp = base_fingerprint({n: (t.dtype, t.shape, t.digest) for n, t in tensors.items()})
     dropped = sorted(set(base.tensors) - set(target.tensors))
     return Manifest(tool=f"orca-diff {__version__}", chunk_bytes=chunk_bytes, base=base_id,
                     target_fingerprint=target_fp, files=files, tensors=tensors, dropped=dropped, payloads=payloads)
 
 
-__all__ = ["make_diff", "plan_encoding", "CHUNK_BYTES"]
+__all__ = ["make_diff", "plan_encoding", "plan_all", "CHUNK_BYTES"]

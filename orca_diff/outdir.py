@@ -1,48 +1,408 @@
-"""Output folders that appear complete or not at all.
+"""The one output discipline of every command that writes a folder (apply, the legacy paths, make).
 
-Everything is written into a hidden staging sibling (``.<name>.orca-diff-partial``), each file
-fsynced, and the folder renamed into place at the end. An existing non-empty output is never
-touched without ``force``; with ``force`` it is replaced only after the new one is complete.
+Promises, in the order a run meets them:
+
+1. ``check_output``: the path makes sense before any input is read: not ``.``/``..``/a mount
+   point (the staging sibling could not be renamed into it), a name that fits NAME_MAX, not a
+   symbolic link, not an input nor inside one nor holding one (every symlink inside an input
+   folder is resolved: the HF cache's snapshots/ are folders of links), and an existing
+   non-empty folder only with ``force`` and only when it is a previous orca-diff output (the
+   ``.<name>.orca-diff-output`` marker beside it, or a diff's manifest, accounts for every entry).
+2. ``OutputLock``: one run at a time per output. A lock file beside ``out``
+   (``.<name>.orca-diff-lock``, ``flock``, non-blocking) covers the output, its staging folder
+   and its backup name; a second run refuses at once, naming the holder's pid and command.
+3. ``recover_publish``: a ``--force`` publish killed between its two renames is finished or
+   undone, and said so.
+4. Everything is written into the hidden staging sibling (``.<name>.orca-diff-partial``) through
+   :class:`StagedFile`: created with O_EXCL|O_NOFOLLOW, hashed while written through the
+   descriptor this run holds, fsynced, and renamed to its final name only if the name still
+   designates that very file (st_dev/st_ino of the path against fstat of the descriptor).
+5. ``publish``: the staging folder is renamed to ``out`` (an old output moved aside first with
+   ``force``), and a marker beside it lists the files, so a later ``--force`` knows what it
+   may replace.
+6. ``describe_os_error``: an OSError of any of this is one actionable line (OutputError, exit 8).
+
+``output_session`` bundles 1-3 for a command (make should use it too; see its docstring).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import shutil
+import stat
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
-from .errors import OutputError
+from .errors import OrcaDiffError, OutputError, shown
 
 PARTIAL_SUFFIX = ".orca-diff-partial"
+OLD_SUFFIX = ".orca-diff-old"
+LOCK_SUFFIX = ".orca-diff-lock"
+#: Left beside every model folder orca-diff publishes (``.<name>.orca-diff-output``): the files it
+#: wrote, so that ``--force`` replaces a previous output and nothing else. Beside, not inside: the
+#: model folder holds exactly the publisher's files.
+MARKER_SUFFIX = ".orca-diff-output"
+#: A diff folder is recognised as orca-diff's own output by its manifest (make writes no marker).
+_DIFF_MANIFEST = "orca-diff.json"
+#: Entries of an input folder looked at (symlinks resolved) when checking that --out is not an input.
+_MAX_INPUT_ENTRIES = 200_000
+_MAX_MARKER_BYTES = 64 << 20
+
+
+# --------------------------------------------------------------------------- names
+
+
+def name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def hidden_sibling_name(name: str, suffix: str, limit: int = 255) -> str:
+    """``.<name><suffix>``, or, when that is longer than ``limit`` bytes, ``.<prefix>~<hash><suffix>``
+    with a prefix of ``name`` cut at a character boundary: unique per name, always within NAME_MAX."""
+    full = f".{name}{suffix}"
+    if len(os.fsencode(full)) <= limit:
+        return full
+    tag = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    room = limit - len(os.fsencode(f".{tag}{suffix}"))
+    prefix = name
+    while len(os.fsencode(prefix)) > room:
+        prefix = prefix[:-1]
+    return f".{prefix}{tag}{suffix}"
+
+
+def _sibling(out: Path, suffix: str) -> Path:
+    parent = out.parent
+    return parent / hidden_sibling_name(out.name, suffix, name_max(parent) if parent.is_dir() else 255)
 
 
 def staging_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}{PARTIAL_SUFFIX}"
+    """The hidden folder beside ``out`` where a run writes before publishing."""
+    return _sibling(Path(out), PARTIAL_SUFFIX)
+
+
+def old_dir(out: Path) -> Path:
+    """Where a ``--force`` publish moves the previous output while it renames the new one in."""
+    return _sibling(Path(out), OLD_SUFFIX)
+
+
+def marker_path(out: Path) -> Path:
+    """The list of files orca-diff published in ``out`` (see MARKER_SUFFIX)."""
+    return _sibling(Path(out), MARKER_SUFFIX)
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of ``out``, beside it (its parent resolved, so every spelling shares it)."""
+    out = Path(out)
+    parent = out.parent.resolve()
+    return parent / hidden_sibling_name(out.name, LOCK_SUFFIX, name_max(parent) if parent.is_dir() else 255)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _lexists(p: Path) -> bool:
+    return os.path.lexists(p)
+
+
+def _resolved_inputs(given: object) -> Iterator[Path]:
+    """The input itself, resolved, and the resolved target of every symbolic link inside it."""
+    p = Path(str(given))
+    yield p.resolve()
+    if not p.is_dir():
+        return
+    seen = 0
+    for root, dirs, files in os.walk(p):
+        for name in dirs + files:
+            q = Path(root) / name
+            seen += 1
+            if seen > _MAX_INPUT_ENTRIES:
+                return
+            if q.is_symlink():
+                yield q.resolve()
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b)
 
 
 def check_output(out: Path, force: bool, inputs: tuple[object, ...] = ()) -> None:
-    """Refuse an output that exists as a file, or as a non-empty folder without ``force``, and
-    one that is, contains or lies inside an input (``--force`` would otherwise replace the
-    user's base with the rebuilt model)."""
+    """Refuse, before any input is read, an output path that cannot or must not be written
+    (see the module docstring, promise 1). Raises OutputError with one line saying what to do."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise OutputError(f"--out {shown(str(out))!r}: give the output folder by its own name (for example "
+                          "../model or /data/model): the hidden staging folder is created beside it and renamed "
+                          "into place, which '.', '..' or '/' cannot be")
+    parent = out.parent
+    if not parent.exists():
+        raise OutputError(f"{parent}: parent folder does not exist; create it first")
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: is a file, not a folder; choose another --out")
+    limit = name_max(parent)
+    if len(os.fsencode(out.name)) > limit:
+        raise OutputError(f"{shown(out.name[:40])}...: the --out folder name is {len(os.fsencode(out.name))} bytes, "
+                          f"more than this file system allows ({limit}); choose a shorter --out")
+    if out.is_symlink():
+        raise OutputError(f"{out}: output is a symbolic link; give a plain folder path")
     resolved = out.resolve()
+    if out.is_dir() and os.path.ismount(resolved):
+        raise OutputError(f"{out}: is a mount point: the staging folder beside it is on another file system and "
+                          f"cannot be renamed into it; choose a folder inside it (for example {out / 'model'})")
     for given in inputs:
         if given is None or not Path(str(given)).exists():
             continue
-        src = Path(str(given)).resolve()
-        if resolved == src or src.is_relative_to(resolved) or resolved.is_relative_to(src):
-            raise OutputError(f"{out}: is, holds or lies inside the input {given}; choose an --out outside the inputs")
-    if out.is_symlink():
-        raise OutputError(f"{out}: output is a symbolic link; give a plain folder path")
+        for src in _resolved_inputs(given):
+            if _inside(resolved, src) or _inside(src, resolved):
+                where = "" if src == Path(str(given)).resolve() else f" (through its link to {src})"
+                raise OutputError(f"{out}: is, holds or lies inside the input {given}{where}; "
+                                  "choose an --out outside the inputs")
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"{out}: exists and is not a folder; choose another --out")
-        if any(out.iterdir()) and not force:
-            raise OutputError(f"{out}: folder exists and is not empty; choose another --out or pass --force to replace it")
-    if not out.parent.exists():
-        raise OutputError(f"{out.parent}: parent folder does not exist; create it first")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out.parent}: is a file, not a folder; choose another --out")
+        if any(out.iterdir()):
+            if not force:
+                raise OutputError(f"{out}: folder exists and is not empty; choose another --out or pass --force "
+                                  "to replace it")
+            refuse_foreign(out)
+
+
+def _marker_files(out: Path) -> set[str] | None:
+    """The files a previous output's marker lists (with their folders), or None without a
+    readable marker."""
+    marker = marker_path(out)
+    try:
+        st = marker.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_MARKER_BYTES:
+            return None
+        doc = json.loads(marker.read_bytes())
+        files = doc.get("files") if isinstance(doc, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            return None
+    except (OSError, ValueError):
+        return None
+    return _with_folders(files)
+
+
+def _diff_files(out: Path) -> set[str] | None:
+    """The files of a diff folder (manifest, payloads, card), read loosely from its manifest."""
+    manifest = out / _DIFF_MANIFEST
+    try:
+        st = manifest.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 256 << 20:
+            return None
+        doc = json.loads(manifest.read_bytes())
+        payloads = [p.get("path") for p in doc.get("payloads", [])]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return _with_folders([p for p in payloads if isinstance(p, str)]) | {_DIFF_MANIFEST, "README.md", ".gitattributes"}
+
+
+def _with_folders(files: Iterable[str]) -> set[str]:
+    out: set[str] = set()
+    for f in files:
+        parts = f.split("/")
+        out.update("/".join(parts[:k]) for k in range(1, len(parts) + 1))
+    return out
+
+
+def foreign_entry(out: Path) -> str | None:
+    """The first entry of the existing folder ``out`` that no previous orca-diff output accounts
+    for (its marker's file list, or a diff's manifest), or None when ``--force`` may replace it."""
+    allowed = _marker_files(out)
+    if allowed is None:
+        allowed = _diff_files(out)
+    for root, dirs, files in os.walk(out):
+        rel_root = Path(root).relative_to(out)
+        for name in sorted(dirs + files):
+            rel = (rel_root / name).as_posix()
+            if allowed is None or rel not in allowed:
+                return rel
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+    return None
+
+
+def refuse_foreign(out: Path) -> None:
+    foreign = foreign_entry(out)
+    if foreign is not None:
+        raise OutputError(f"{out}: --force replaces only a previous orca-diff output, and {shown(foreign)!r} in it "
+                          f"is not part of one (neither {marker_path(out).name} nor an orca-diff.json lists it); move it away or "
+                          "choose another --out")
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+_HELD: dict[tuple[str, int], list] = {}  # (lock path, thread id) -> [fd, depth]
+_HELD_LOCK = threading.Lock()
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on an output folder, held for the whole run.
+
+    ``flock`` on ``.<name>.orca-diff-lock`` beside the output; the holder writes its pid and
+    command into it so the refusal names it. Re-entrant in one thread (convert holds it while
+    make writes the same output); exclusive between threads and processes. The file is removed
+    when released (under the lock; an acquirer that locked a removed file retries)."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = lock_path(self.out)
+        self._key = (str(self.path), threading.get_ident())
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        with _HELD_LOCK:
+            held = _HELD.get(self._key)
+            if held is not None:
+                held[1] += 1
+                return
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                             0o644)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise OutputError(f"{self.path}: the lock file is a symbolic link; remove it and rerun") from None
+                raise describe_os_error(exc, self.path, "choose another --out") from None
+            if not _try_lock(fd):
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise OutputError(f"{self.out}: another orca-diff run ({holder}) is writing this output now; wait "
+                                  f"for it to finish, or choose another --out (lock: {self.path})")
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed it after we opened it: lock the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            cmd = " ".join(sys.argv) if sys.argv and sys.argv[0] else "python"
+            os.pwrite(fd, f"{os.getpid()}\n{cmd}\n".encode("utf-8", "backslashreplace"), 0)
+            with _HELD_LOCK:
+                _HELD[self._key] = [fd, 1]
+            return
+        raise OutputError(f"{self.path}: could not take the output lock (it keeps being replaced); rerun")
+
+    def release(self) -> None:
+        with _HELD_LOCK:
+            held = _HELD.get(self._key)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1]:
+                return
+            del _HELD[self._key]
+        fd = held[0]
+        try:
+            if os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(fd)  # releases the flock
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        try:
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+            return True
+        except ImportError:
+            raise OutputError("this platform has neither fcntl nor msvcrt locks; orca-diff cannot guard "
+                              "its output against a concurrent run") from None
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    lines = text.splitlines()
+    if not lines or not lines[0].strip().isdigit():
+        return "a process that is starting"
+    cmd = shown(lines[1][:300]) if len(lines) > 1 else "?"
+    return f"pid {lines[0].strip()}: {cmd}"
+
+
+# --------------------------------------------------------------------------- staging and publishing
+
+
+def remove_path(p: Path) -> None:
+    """Remove whatever is at ``p`` (file, link or folder) without following a link."""
+    try:
+        st = p.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+
+
+def recover_publish(out: Path) -> str | None:
+    """Finish or undo a ``--force`` publish that was killed between its renames (call under the
+    lock). Returns a note for the user, or None when there was nothing to do."""
+    old = old_dir(out)
+    try:
+        st = old.lstat()
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode) and not _lexists(out):
+        old.rename(out)
+        return (f"restored the previous {out} from {old.name}: an earlier --force run was interrupted while "
+                "replacing it")
+    remove_path(old)
+    if stat.S_ISDIR(st.st_mode):
+        return f"removed {old.name}, the previous output left behind by an interrupted --force run"
+    return None
+
+
+def create_staging(out: Path) -> Path:
+    """A fresh, empty staging folder for ``out`` (anything at its name is removed, links unfollowed)."""
+    staging = staging_dir(out)
+    remove_path(staging)
+    staging.mkdir()
+    return staging
+
+
+def write_marker(out: Path, files: Iterable[str]) -> None:
+    """Record beside ``out`` the files this run published in it (see MARKER_SUFFIX)."""
+    body = (json.dumps({"written_by": "orca-diff", "files": sorted(files)}, indent=0) + "\n").encode()
+    marker = marker_path(out)
+    with StagedFile(marker.parent, marker.name) as f:
+        f.write(body)
+        f.commit()
 
 
 def fsync_path(path: Path) -> None:
@@ -54,35 +414,150 @@ def fsync_path(path: Path) -> None:
 
 
 def publish(staging: Path, out: Path, force: bool) -> None:
-    """Move a complete staging folder to ``out`` (replacing it only if ``force``)."""
+    """Move a complete staging folder to ``out`` (call under the output lock). An existing
+    non-empty ``out`` is replaced only with ``force`` and only if it is a previous orca-diff
+    output; it is moved aside first, so a kill between the two renames leaves both (see
+    :func:`recover_publish`)."""
     fsync_path(staging)
-    if out.exists():
+    if _lexists(out):
+        if out.is_symlink() or not out.is_dir():
+            raise OutputError(f"{out}: appeared while writing and is not a folder; the result is kept in {staging}")
         if any(out.iterdir()):
             if not force:
                 raise OutputError(f"{out}: appeared while writing and is not empty; the result is kept in {staging}")
-            old = out.parent / f".{out.name}.orca-diff-old"
-            if old.is_symlink() or old.is_file():
-                old.unlink()  # never follow a link planted at our name
-            elif old.exists():
-                shutil.rmtree(old)
+            refuse_foreign(out)
+            old = old_dir(out)
+            remove_path(old)  # never follow a link planted at our name
             out.rename(old)
             staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
             fsync_path(out.parent)
+            remove_path(old)
             return
         out.rmdir()
     staging.rename(out)
     fsync_path(out.parent)
 
 
-def describe_os_error(exc: OSError, path: Path, resume_hint: str) -> OutputError:
+class StagedFile:
+    """A new file written in ``folder`` under a hidden temporary name, through one descriptor.
+
+    ``write`` hashes (sha256) what it writes; ``commit`` fsyncs and renames the temporary to
+    ``name`` only if the temporary name still designates the file this descriptor wrote: a file
+    someone else put there is never published."""
+
+    def __init__(self, folder: Path, name: str, temp: Path | None = None):
+        self.final = folder / name
+        self.temp = temp or folder / hidden_sibling_name(name, ".incomplete", name_max(folder))
+        remove_path(self.temp)
+        self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                          | getattr(os, "O_CLOEXEC", 0), 0o644)
+        st = os.fstat(self.fd)
+        self._id = (st.st_dev, st.st_ino)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview | object) -> None:
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        self.sha256.update(view)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.size += n
+
+    def commit(self) -> os.stat_result:
+        """fsync, check identity, rename into place; returns the final file's stat."""
+        os.fsync(self.fd)
+        st = os.stat(self.temp, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != self._id:
+            raise OutputError(f"{self.temp}: was replaced by another process while this run wrote it; nothing was "
+                              "published. Is another program writing this output?")
+        os.replace(self.temp, self.final)
+        st = os.stat(self.final, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != self._id:
+            raise OutputError(f"{self.final}: was replaced by another process while it was published; rerun")
+        self.close()
+        return st
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "StagedFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- a whole session
+
+
+@dataclass
+class OutputSession:
+    """What :func:`output_session` hands a command: where to write, and notes to show the user."""
+
+    out: Path
+    force: bool
+    staging: Path
+    lock: OutputLock
+    notes: list[str] = field(default_factory=list)
+
+    def publish(self, files: Iterable[str] | None = None) -> None:
+        """Publish the staging folder and, for a model folder (``files`` given), record its files."""
+        try:
+            publish(self.staging, self.out, self.force)
+            if files is not None:
+                write_marker(self.out, files)
+        except OSError as exc:
+            raise describe_os_error(exc, self.out, f"the complete result is in {self.staging}") from None
+
+
+@contextmanager
+def output_session(out: str | os.PathLike, force: bool, inputs: tuple[object, ...] = ()) -> Iterator[OutputSession]:
+    """Check ``out``, take its lock for the duration, and recover an interrupted ``--force``
+    publish. Every command that writes an output folder runs inside one::
+
+        with output_session(out, force, (base, target)) as s:   # refusals happen here, before any input is read
+            ... expensive checks of the inputs ...
+            staging = create_staging(out)       # or resume s.staging
+            ... write with StagedFile(staging, name) ...; describe_os_error for OSError
+            s.publish(files)                    # files=None for a diff folder (its manifest is its marker)
+    """
+    out = Path(out)
+    check_output(out, force, inputs)
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        session = OutputSession(out, force, staging_dir(out), lock)
+        try:
+            note = recover_publish(out)
+        except OSError as exc:
+            raise describe_os_error(exc, old_dir(out), "remove it and rerun") from None
+        if note:
+            session.notes.append(note)
+            check_output(out, force, inputs)  # what was restored is checked like any existing output
+        yield session
+    finally:
+        lock.release()
+
+
+def describe_os_error(exc: OSError, path: Path, resume_hint: str) -> OrcaDiffError:
     """Turn a write failure into one actionable line."""
+    where = path
     if exc.errno == errno.ENOSPC:
-        return OutputError(f"{path}: disk full; free space and {resume_hint}")
+        return OutputError(f"{where}: disk full; free space and {resume_hint}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"{path}: cannot write ({exc.strerror}); choose a writable --out")
+        return OutputError(f"{where}: cannot write ({exc.strerror}); choose a writable --out")
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-        return OutputError(f"{path}: cannot create it ({exc.strerror}); choose an --out inside a writable folder")
+        return OutputError(f"{where}: cannot create it ({exc.strerror}); choose an --out inside a writable folder")
     if exc.errno == errno.EFBIG:
-        return OutputError(f"{path}: file too large for this file system or limit ({exc.strerror})")
-    return OutputError(f"{path}: write failed ({exc.strerror}); {resume_hint}")
+        return OutputError(f"{where}: file too large for this file system or limit ({exc.strerror})")
+    if exc.errno == errno.ENAMETOOLONG:
+        return OutputError(f"{where}: name too long for this file system; choose a shorter --out")
+    if exc.errno in (errno.EBUSY, errno.EXDEV):
+        return OutputError(f"{where}: cannot be renamed into place ({exc.strerror}; a mount point?); choose a folder "
+                           "inside that file system as --out")
+    if exc.errno == errno.ELOOP:
+        return OutputError(f"{where}: a symbolic link is in the way; remove it and rerun")
+    return OutputError(f"{where}: write failed ({exc.strerror}); {resume_hint}")

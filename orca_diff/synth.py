@@ -115,6 +115,9 @@ class FineTune:
     unseen_row_fraction: float = 0.3   # embedding/lm_head rows of tokens never seen: untouched
     frozen: tuple[str, ...] = ("model.layers.0.input_layernorm.weight",)  # tensors left untouched
     add_pad_row: bool = False          # vocab V -> V+1, new row = mean of the others
+    #: tokens added to the vocabulary (rows = mean of the others), e.g. Orca 2's
+    #: ("[PAD]", "<|im_start|>", "<|im_end|>"); when set it replaces add_pad_row's single "[PAD]"
+    added_tokens: tuple[str, ...] = ()
     new_tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensors only in the target
     seed: int = 1
 
@@ -183,7 +186,7 @@ def write_shards(folder: Path, tensors: Iterator[tuple[str, str, np.ndarray]], m
 
 
 def _write_common_files(folder: Path, shape: LlamaShape, dtype: str, vocab: int, pad: int | None,
-                        tokenizer_seed: int = 0) -> None:
+                        tokenizer_seed: int = 0, added: tuple[str, ...] = ("[PAD]",)) -> None:
     (folder / "config.json").write_text(json.dumps(shape.config_json(dtype, vocab, pad), indent=2) + "\n")
     (folder / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": pad or 0}, indent=2) + "\n")
@@ -196,7 +199,7 @@ def _write_common_files(folder: Path, shape: LlamaShape, dtype: str, vocab: int,
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "LlamaTokenizer", "model_max_length": 2048, **special}, indent=2) + "\n")
     if pad is not None:
-        (folder / "added_tokens.json").write_text(json.dumps({"[PAD]": pad}) + "\n")
+        (folder / "added_tokens.json").write_text(json.dumps({t: pad + i for i, t in enumerate(added)}) + "\n")
 
 
 def write_llama(folder: Path, shape: LlamaShape = LlamaShape(), dtype: str = "F16", seed: int = 0,
@@ -211,32 +214,69 @@ def write_llama(folder: Path, shape: LlamaShape = LlamaShape(), dtype: str = "F1
 
 
 def write_finetune(folder: Path, shape: LlamaShape = LlamaShape(), base_seed: int = 0, dtype: str = "F16",
-                   ft: FineTune = FineTune(), max_shard_bytes: int | None = None) -> Path:
+                   ft: FineTune = FineTune(), max_shard_bytes: int | None = None, form: str = "safetensors",
+                   bin_shards: int | None = None) -> Path:
     """Write the fine-tune of ``write_llama(shape, seed=base_seed)`` in ``dtype``.
 
     The base's master weights are regenerated from the seed (not read back), so base and target
     can be written in different dtypes, as when an fp16 base is fine-tuned and saved in bf16/fp32.
+    ``form="bin"`` writes HF ``.bin`` shards as ``save_pretrained(safe_serialization=False)`` does
+    (``torch.save`` per shard, ``bin_shards`` of them with ``pytorch_model.bin.index.json``, or one
+    ``pytorch_model.bin``); it needs torch.
     """
     shapes = shape.tensor_shapes()
-    vocab = shape.vocab_size + (1 if ft.add_pad_row else 0)
+    added = ft.added_tokens or (("[PAD]",) if ft.add_pad_row else ())
+    vocab = shape.vocab_size + len(added)
     itemsize = {"F16": 2, "BF16": 2, "F32": 4}[dtype]
     total = sum(int(np.prod(s)) for s in shapes.values()) * itemsize
-    total += (2 * shape.hidden_size if ft.add_pad_row else 0) * itemsize
+    total += 2 * len(added) * shape.hidden_size * itemsize
     total += sum(int(np.prod(s)) for s in ft.new_tensors.values()) * itemsize
 
     def gen() -> Iterator[tuple[str, str, np.ndarray]]:
         for name, w in random_master_weights(shape, base_seed):
             out = finetune_weights(name, w, ft)
-            if ft.add_pad_row and name in ("model.embed_tokens.weight", "lm_head.weight"):
-                out = np.concatenate([out, out.mean(axis=0, keepdims=True, dtype=np.float32)], axis=0)
+            if added and name in ("model.embed_tokens.weight", "lm_head.weight"):
+                mean = out.mean(axis=0, keepdims=True, dtype=np.float32)
+                out = np.concatenate([out] + [mean] * len(added), axis=0)
             yield name, dtype, _to_dtype_bytes(out, dtype)
         for name, shp in ft.new_tensors.items():
             w = 0.02 * _rng_for(ft.seed, name).standard_normal(shp, dtype=np.float32)
             yield name, dtype, _to_dtype_bytes(w, dtype)
 
-    write_shards(folder, gen(), max_shard_bytes, total)
-    _write_common_files(folder, shape, dtype, vocab, shape.vocab_size if ft.add_pad_row else None)
+    if form == "bin":
+        write_bin_shards(folder, gen(), bin_shards, total)
+    else:
+        write_shards(folder, gen(), max_shard_bytes, total)
+    _write_common_files(folder, shape, dtype, vocab, shape.vocab_size if added else None, added=added or ("[PAD]",))
     return folder
+
+
+def write_bin_shards(folder: Path, tensors: Iterator[tuple[str, str, np.ndarray]], shards: int | None,
+                     total_bytes: int) -> list[str]:
+    """Write (name, dtype, bit-pattern array) tensors as HF's ``.bin`` form: ``torch.save`` of a
+    state dict per file, ``pytorch_model.bin`` or ``shards`` files ``pytorch_model-0000k-of-0000n.bin``
+    cut at equal byte counts, plus ``pytorch_model.bin.index.json``. Needs torch (tests only)."""
+    import torch  # noqa: PLC0415 - optional
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = shards or 1
+    as_torch = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    groups: list[dict[str, object]] = [{} for _ in range(n)]
+    done = 0
+    weight_map: dict[str, str] = {}
+    names = ["pytorch_model.bin"] if shards is None else [f"pytorch_model-{i:05d}-of-{n:05d}.bin" for i in range(1, n + 1)]
+    for name, dtype, arr in tensors:
+        k = min(n - 1, done * n // max(1, total_bytes))
+        bits = torch.from_numpy(np.ascontiguousarray(arr).view({2: np.int16, 4: np.int32}[arr.dtype.itemsize]).copy())
+        groups[k][name] = bits.view(as_torch[dtype])
+        weight_map[name] = names[k]
+        done += arr.nbytes
+    for k, fname in enumerate(names):
+        torch.save(groups[k], folder / fname)
+    if shards is not None:
+        doc = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return names
 
 
 __all__ = ["LlamaShape", "FineTune", "write_llama", "write_finetune", "LLAMA_7B", "LLAMA_13B",

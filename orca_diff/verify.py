@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BaseMismatchError, CorruptDiffError, InputNotFoundError, VerificationError
-from .format import FileEntry, Manifest, load_manifest
+from .format import FileEntry, Manifest, file_segments, load_manifest
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar
 from .containers import ModelReader, file_sha256, open_model, read_exact, tensor_digest
-from .digests import digest_bytes
+from .digests import digest_bytes, new_hasher
+from .errors import shown
+from .fingerprint import base_fingerprint
 
 import numpy as np
 
@@ -37,9 +39,11 @@ def _hint(manifest: Manifest, base: ModelReader, name: str, found_sha: str | Non
     return f" {hint}" if hint else ""
 
 
-def check_base(base: ModelReader, manifest: Manifest, threads: int | None = None, progress: bool | None = None) -> None:
+def check_base(base: ModelReader, manifest: Manifest, threads: int | None = None,
+               progress: bool | None = None) -> dict[str, str]:
     """Raise BaseMismatchError unless every base tensor and file the diff needs is bit-identical
-    to the publisher's. Cheap checks (names, dtypes, shapes) run before any hashing."""
+    to the publisher's. Cheap checks (names, dtypes, shapes) run before any hashing. Returns the
+    measured digest of every tensor checked (what may be reported as measured)."""
     needed = manifest.needed_base_tensors()
     where = f"base {base.path}"
     for name, t in needed.items():
@@ -56,6 +60,7 @@ def check_base(base: ModelReader, manifest: Manifest, threads: int | None = None
             raise BaseMismatchError(f"{where}: file {rel!r} is missing (the diff copies it from the base); "
                                     "use the base folder the diff names, with its tokenizer files")
     names = list(needed)
+    measured: dict[str, str] = {}
     total = sum(base.tensors[n].nbytes for n in names)
     with byte_bar(total, "checking base", progress) as bar:
         def one(name: str) -> tuple[str, str]:
@@ -69,11 +74,71 @@ def check_base(base: ModelReader, manifest: Manifest, threads: int | None = None
                     f"{where}: tensor {name!r} differs from the diff's base (expected {manifest.digest_algo} "
                     f"{_short(needed[name].digest)}…, found {_short(found_sha)}…); nothing was written."
                     f"{_hint(manifest, base, name, found_sha)}")
+            measured[name] = found_sha
     for rel, bf in manifest.base.files.items():
         path = base.extra_files[rel]
         if path.stat().st_size != bf.size or file_sha256(path) != bf.sha256:
             raise BaseMismatchError(f"{where}: file {rel!r} differs from the one the diff was made with; "
                                     "restore the original file from your base download")
+    return measured
+
+
+def measured_base_fingerprint(manifest: Manifest, measured: dict[str, str]) -> str | None:
+    """The base fingerprint computed from measured digests, when every base tensor the manifest
+    lists was measured; None otherwise (then only "N tensors checked" may be said)."""
+    if set(measured) != set(manifest.base.tensors):
+        return None
+    return base_fingerprint({n: (t.dtype, t.shape, measured[n]) for n, t in manifest.base.tensors.items()})
+
+
+#: Bytes read per step when a finished file is re-hashed.
+_MEASURE_BLOCK = 16 << 20
+
+
+def measure_file(path: Path, entry: FileEntry, algo: str) -> tuple[str, dict[str, str]]:
+    """One read of a rebuilt file: its sha256 and the digest (``algo``) of every tensor it
+    holds, found through :func:`file_segments` (whatever the file kind). A file shorter or
+    longer than its entry gets a sha256 that cannot match."""
+    h = hashlib.sha256()
+    tensors: dict[str, str] = {}
+    buf = bytearray(_MEASURE_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        for seg in file_segments(entry):
+            th = new_hasher(algo) if seg.tensor is not None else None
+            left = seg.size
+            while left:
+                n = fh.readinto(view[:min(left, _MEASURE_BLOCK)])
+                if not n:
+                    break
+                h.update(view[:n])
+                if th is not None:
+                    th.update(view[:n])
+                left -= n
+            if th is not None:
+                tensors[seg.tensor] = th.hexdigest()  # type: ignore[index]
+        while n := fh.readinto(buf):  # bytes past the entry's size: the sha256 will differ
+            h.update(view[:n])
+    return h.hexdigest(), tensors
+
+
+def check_measured_tensors(where: Path, manifest: Manifest, digests: dict[str, str]) -> None:
+    """Every measured tensor digest must be the manifest's (a file whose sha256 matches but whose
+    tensors do not means the manifest contradicts itself)."""
+    for name, found in digests.items():
+        want = manifest.tensors[name].digest
+        if found != want:
+            raise VerificationError(f"{where}: tensor {shown(name)!r} hashes to {manifest.digest_algo} {_short(found)}…, "
+                                    f"the manifest records {_short(want)}…; the model differs from the publisher's "
+                                    "(or the manifest contradicts itself)")
+
+
+def measured_target_fingerprint(manifest: Manifest, measured: dict[str, str]) -> str:
+    """The target fingerprint from measured tensor digests (every tensor must have been measured)."""
+    missing = set(manifest.tensors) - set(measured)
+    if missing:
+        raise VerificationError(f"tensor {shown(sorted(missing)[0])!r} was never measured; the model is incomplete")
+    return base_fingerprint({n: (t.dtype, t.shape, measured[n]) for n, t in manifest.tensors.items()})
 
 
 def check_payload_presence(diff_dir: Path, manifest: Manifest) -> None:
@@ -123,16 +188,19 @@ def _locate_bad_chunk(diff_dir: Path, manifest: Manifest, payload: str) -> str:
 class ModelReport:
     ok: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)  # files in the folder the diff does not describe
+    fingerprint: str = ""  # measured from the folder's bytes, never copied from the manifest
 
 
 def verify_model(model_dir: str | os.PathLike, diff: str | os.PathLike | Manifest, progress: bool | None = None) -> ModelReport:
-    """Prove a rebuilt (or downloaded) model is the publisher's: every file byte-identical.
+    """Prove a rebuilt (or downloaded) model is the publisher's: every file byte-identical, every
+    tensor's digest measured (one read per file) and the model fingerprint derived from them.
     A mismatching safetensors file is examined tensor by tensor to name the culprit."""
     folder = Path(model_dir)
     manifest = diff if isinstance(diff, Manifest) else load_manifest(diff)
     if not folder.is_dir():
         raise InputNotFoundError(f"{folder}: no such model folder")
     report = ModelReport()
+    measured: dict[str, str] = {}
     with byte_bar(manifest.target_bytes, "verifying model", progress) as bar:
         for f in manifest.files:
             path = folder / f.path
@@ -141,11 +209,14 @@ def verify_model(model_dir: str | os.PathLike, diff: str | os.PathLike | Manifes
             size = path.stat().st_size
             if size != f.size:
                 raise VerificationError(f"{path}: is {size} bytes, expected {f.size}; run apply again")
-            found = file_sha256(path)
+            found, digests = measure_file(path, f, manifest.digest_algo)
             bar.update(f.size)
             if found != f.sha256:
                 raise VerificationError(f"{path}: {describe_file_mismatch(path, f, manifest)}")
+            check_measured_tensors(path, manifest, digests)
+            measured.update(digests)
             report.ok.append(f.path)
+    report.fingerprint = measured_target_fingerprint(manifest, measured)
     described = {f.path for f in manifest.files}
     report.extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                           if p.is_file() and p.relative_to(folder).as_posix() not in described)

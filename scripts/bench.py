@@ -10,6 +10,9 @@ One run, on the same pair(s):
   - ``zstd -19 --long=27 --patch-from=<base shard>`` on each safetensors shard (when the zstd
     program is installed);
   - the FastChat-style delta: both models cast to fp16, ``target - base`` in fp16, zstd -19;
+  - per codec, on every delta chunk (single thread, same run): orca-diff's ``ans`` codec (C and
+    pure-numpy paths) and its version-1 ``zstd`` codec, BitX-style (XOR, byte planes, zstd -3) and
+    ZipNN's delta mode on the whole file (when ``zipnn`` is installed), with encode/decode MB/s;
 * time: make and apply (each in a fresh subprocess, best of ``--repeats``), next to a pure I/O
   baseline measured in the same run: read base and target, write the diff bytes, fsync (make);
   read base and diff, write the output bytes, fsync (apply). Ratios are printed;
@@ -21,6 +24,9 @@ Examples::
     python scripts/bench.py                          # bf16, 1x 4x 16x (1x = 136 MB)
     python scripts/bench.py --sizes 1 --dtype F16 --json bench.json
     python scripts/bench.py --base ./llama-7b --target ./vicuna-7b --sizes 1
+    python scripts/real_pair.py --out /tmp/minilm && \
+      python scripts/bench.py --base /tmp/minilm/bf16/base --target /tmp/minilm/bf16/target --repeats 1
+    python scripts/bench.py --codecs-only --base /tmp/minilm/fp16/base --target /tmp/minilm/fp16/target
 
 The page cache is warm for every timed run (each input was just written or read); the machine
 may be shared, so use ``--repeats`` and read best-of-N figures as such.
@@ -368,6 +374,122 @@ def explore(base_dir: Path, target_dir: Path) -> list[dict]:
              "decode_MBps": raw_total / 1e6 / v[2]} for k, v in acc.items()]
 
 
+# --------------------------------------------------------------------------- codecs, chunk by chunk
+
+
+def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int = 32 << 20) -> dict:
+    """Bytes and single-thread encode/decode seconds of each codec over every float delta chunk
+    (16 MiB, as make cuts them; tensors with no same-shape base are skipped and counted apart).
+    The numpy path of ``ans`` is timed on the first ``numpy_sample_bytes`` only (its bytes are the
+    C path's, checked). Every decode is checked bit-exact."""
+    import zstandard
+
+    from orca_diff import entropy
+    from orca_diff.codec import choose_layout, decode_chunk, encode_chunk, from_planes, to_planes
+
+    base, target = open_model(base_dir), open_model(target_dir)
+    l3 = zstandard.ZstdCompressor(level=3)
+    dctx = zstandard.ZstdDecompressor()
+    acc = {k: [0, 0.0, 0.0, 0] for k in ("ans", "ans-numpy", "zstd-v1", "bitx")}  # bytes, enc s, dec s, raw
+    ans_chunks = [0, 0]  # ANS frames, zstd fallback frames
+
+    def timed(label: str, raw: int, enc, dec) -> None:
+        t0 = time.perf_counter()
+        z = enc()
+        t1 = time.perf_counter()
+        out = dec(z)
+        t2 = time.perf_counter()
+        if out != b"ok":
+            raise SystemExit(f"{label}: decode is not bit-exact")
+        a = acc[label]
+        a[0] += len(z)
+        a[1] += t1 - t0
+        a[2] += t2 - t1
+        a[3] += raw
+
+    try:
+        for name, ti in target.tensors.items():
+            bi = base.tensors.get(name)
+            if bi is None or bi.shape != ti.shape or ti.dtype not in FLOAT_DTYPES or bi.dtype not in FLOAT_DTYPES:
+                continue
+            w = ti.itemsize
+            step = BLOCK // w * w
+            layout = None
+            for s in range(0, ti.nbytes, step):
+                n = min(step, ti.nbytes - s)
+                t = read_range(target, name, s, n)
+                b = base_prediction(read_range(base, name, s // w * bi.itemsize, n // w * bi.itemsize), bi.dtype, ti.dtype)
+                tb = t.tobytes()
+                if layout is None:
+                    layout = choose_layout(t[: 256 << 10], b[: 256 << 10], w, "ulp")
+                ok = lambda out: b"ok" if out.tobytes() == tb else b"bad"  # noqa: E731
+                timed("ans", n, lambda: encode_chunk(t, b, w, "ulp", layout, codec="ans", dtype=ti.dtype),
+                      lambda z: ok(decode_chunk(z, b, w, "ulp", n, layout, codec="ans")))
+                frame = encode_chunk(t, b, w, "ulp", layout, codec="ans", dtype=ti.dtype)
+                ans_chunks[0 if entropy.is_frame(frame) else 1] += 1
+                if acc["ans-numpy"][3] < numpy_sample_bytes and entropy.is_frame(frame):
+                    def enc_np():
+                        z = entropy.encode(t, b, w, ti.dtype, pure=True)
+                        if z != frame:
+                            raise SystemExit(f"{name}: numpy and C frames differ")
+                        return z
+                    timed("ans-numpy", n, enc_np, lambda z: ok(entropy.decode(z, b, w, n, pure=True)))
+                timed("zstd-v1", n, lambda: encode_chunk(t, b, w, "ulp", layout),
+                      lambda z: ok(decode_chunk(z, b, w, "ulp", n, layout)))
+
+                def bitx_enc():
+                    x = (t.view(UINT_FOR_SIZE[w]) ^ b.view(UINT_FOR_SIZE[w])).view(np.uint8)
+                    return l3.compress(to_planes(x, w))
+
+                def bitx_dec(z):
+                    x = from_planes(np.frombuffer(dctx.decompress(z), np.uint8), w).view(UINT_FOR_SIZE[w])
+                    return ok((x ^ b.view(UINT_FOR_SIZE[w])).view(np.uint8))
+                timed("bitx", n, bitx_enc, bitx_dec)
+    finally:
+        base.close()
+        target.close()
+    res = {k: {"bytes": v[0], "encode_MBps": v[3] / 1e6 / v[1] if v[1] else None,
+               "decode_MBps": v[3] / 1e6 / v[2] if v[2] else None, "raw_bytes": v[3]} for k, v in acc.items()}
+    res["ans_frames"], res["ans_zstd_fallback_frames"] = ans_chunks
+    res["c_extension"] = entropy.c_available()
+    res["zipnn"] = zipnn_delta(base_dir, target_dir)
+    return res
+
+
+def zipnn_delta(base_dir: Path, target_dir: Path) -> dict | None:
+    """ZipNN 0.5.4's delta mode on each weight file (XOR with the base file, byte groups,
+    Huffman), as perf-anchors.md: sizes and single-thread compress/decompress seconds. None when
+    zipnn is not installed (``pip install --no-deps zipnn``; it needs only numpy/torch/zstandard)."""
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return None
+    total = enc = dec = 0.0
+    dtypes = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    for bp, tp in zip(weight_files(base_dir), weight_files(target_dir)):
+        header = json.loads(tp.read_bytes()[8: 8 + int.from_bytes(tp.read_bytes()[:8], "little")])
+        kinds = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        dt = dtypes.get(next(iter(kinds))) if len(kinds) == 1 else None
+        if dt is None:
+            return None
+        tb, bb = tp.read_bytes(), bp.read_bytes()
+        if len(tb) != len(bb):
+            return None
+        z = ZipNN(input_format="byte", bytearray_dtype=dt, method="HUFFMAN", delta_compressed_type="byte", threads=1)
+        t0 = time.perf_counter()
+        c = z.compress(bytearray(tb), delta_second_data=bytearray(bb))
+        t1 = time.perf_counter()
+        out = z.decompress(c, delta_second_data=bytearray(bb))
+        t2 = time.perf_counter()
+        if bytes(out) != tb:
+            raise SystemExit(f"{tp}: ZipNN delta round trip is not exact")
+        total += len(c)
+        enc += t1 - t0
+        dec += t2 - t1
+    raw = sum(p.stat().st_size for p in weight_files(target_dir))
+    return {"bytes": int(total), "encode_MBps": raw / 1e6 / enc, "decode_MBps": raw / 1e6 / dec}
+
+
 # --------------------------------------------------------------------------- one size
 
 
@@ -404,15 +526,17 @@ def bench_pair(base_dir: Path, target_dir: Path, work: Path, repeats: int, compa
     manifest = json.loads((diff_dir / "orca-diff.json").read_text())
     layouts: dict[str, int] = {}
     for t in manifest["tensors"].values():
-        key = f'{t["encoding"]["transform"]}/{t["encoding"]["layout"]}'
+        key = f'{t["encoding"]["transform"]}/{t["encoding"]["layout"]}/{t["encoding"].get("codec", "zstd")}'
         layouts[key] = layouts.get(key, 0) + 1
     res["layouts"] = layouts
     if compare:
         fl = entropy_floors(base_dir, target_dir)
         res.update(floor_bytes=fl.order0 + fl.raw_bytes, cond_exp_bytes=fl.cond_exp + fl.raw_bytes,
+                   floor_delta_bytes=fl.order0, cond_exp_delta_bytes=fl.cond_exp,
                    changed_fraction=fl.changed / max(fl.elements, 1),
                    rel_change_median=float(np.median(fl.rel_changes)) if fl.rel_changes else None,
                    rel_change_max=float(np.max(fl.rel_changes)) if fl.rel_changes else None)
+        res["codecs"] = codec_comparison(base_dir, target_dir)
         t0 = time.perf_counter()
         res["patch_from_bytes"] = patch_from_bytes(base_dir, target_dir, work)
         res["patch_from_s"] = time.perf_counter() - t0
@@ -441,6 +565,36 @@ def pct(x: float | None, total: int) -> str:
     return "-" if x is None else f"{100 * x / total:.2f} %"
 
 
+def print_codecs(r: dict) -> None:
+    """The per-codec table: % of the delta tensors' bytes, ratios to the floors, single-thread speeds."""
+    c = r["codecs"]
+    raw = c["ans"]["raw_bytes"]
+    if not raw:
+        return
+    floor, cond = r["floor_delta_bytes"], r["cond_exp_delta_bytes"]
+    print(f"   delta chunks, single thread ({raw / 1e6:.1f} MB of float tensors with a base; C extension "
+          f"{'built' if c['c_extension'] else 'NOT built'}; ans frames {c['ans_frames']}, zstd fallbacks "
+          f"{c['ans_zstd_fallback_frames']}):")
+    print(f"   {'codec':<44} {'% raw':>7} {'x floor':>8} {'x H(s|e)':>9} {'enc MB/s':>9} {'dec MB/s':>9}")
+    rows = [("ans (C)", c["ans"]), ("ans (pure numpy; bytes = C's)", c["ans-numpy"]),
+            ("zstd, escape/planes layout (format v1)", c["zstd-v1"]), ("BitX-style: xor, byte planes, zstd -3", c["bitx"])]
+    if c.get("zipnn"):
+        rows.append(("ZipNN 0.5.4 delta (whole file, header incl.)", c["zipnn"]))
+    for label, v in rows:
+        size = v["bytes"] if label != rows[1][0] else None
+        fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+        if size is None:
+            print(f"   {label:<44} {'=':>7} {'':>8} {'':>9} {fmt(v['encode_MBps']):>9} {fmt(v['decode_MBps']):>9}")
+            continue
+        print(f"   {label:<44} {100 * size / raw:6.2f}% {size / floor:8.3f} {size / cond:9.3f} "
+              f"{fmt(v['encode_MBps']):>9} {fmt(v['decode_MBps']):>9}")
+    print(f"   {'order-0 floor of the ulp delta (bound)':<44} {100 * floor / raw:6.2f}%")
+    print(f"   {'H(ulp delta | base exponent) (bound)':<44} {100 * cond / raw:6.2f}%")
+    if r.get("patch_from_bytes"):
+        print(f"   {'zstd -19 --long=27 --patch-from (whole file)':<44} {100 * r['patch_from_bytes'] / raw:6.2f}% "
+              f"{r['patch_from_bytes'] / floor:8.3f}; ans / patch-from = {c['ans']['bytes'] / r['patch_from_bytes']:.3f}")
+
+
 def print_report(results: list[dict]) -> None:
     for r in results:
         tb = r["target_weight_bytes"]
@@ -463,6 +617,8 @@ def print_report(results: list[dict]) -> None:
             if r.get("fastchat_elems"):
                 print(f"; FastChat rebuild wrong for {r['fastchat_wrong']} / {r['fastchat_elems']} elements", end="")
             print()
+        if "codecs" in r:
+            print_codecs(r)
         print(f"   layouts: {r['layouts']}")
     print("\n size | weights MB | diff %  | make s | make I/O s | make/IO | apply s | apply I/O s | apply/IO "
           "| make RSS MiB | apply RSS MiB | I/O RSS MiB")
@@ -490,6 +646,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per size (best is reported)")
     ap.add_argument("--shard-bytes", type=int, default=1 << 30, help="max shard size of the synthetic pair")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--codecs-only", action="store_true", help="skip make/apply timing: only the floors, the "
+                    "per-codec table and zstd --patch-from, on the first pair")
     ap.add_argument("--explore", action="store_true", help="only compare candidate encodings on each tensor's "
                     "first 16 MiB (sizes and single-thread speeds) at the first size")
     args = ap.parse_args()
@@ -506,6 +664,21 @@ def main() -> None:
         for s in scales:
             b, t = build_pair(args.work, s, args.dtype, args.shard_bytes)
             pairs.append((f"{s}x", b, t, s in cmp))
+    if args.codecs_only:
+        label, b, t, _ = pairs[0]
+        fl = entropy_floors(b, t)
+        r = {"label": label, "codecs": codec_comparison(b, t), "floor_delta_bytes": fl.order0,
+             "cond_exp_delta_bytes": fl.cond_exp, "changed_fraction": fl.changed / max(fl.elements, 1),
+             "rel_change_median": float(np.median(fl.rel_changes)) if fl.rel_changes else None}
+        work = args.work / "run-codecs"
+        work.mkdir(parents=True, exist_ok=True)
+        r["patch_from_bytes"] = patch_from_bytes(b, t, work)
+        print(f"== {label}: {b} -> {t}; {100 * r['changed_fraction']:.1f} % of elements changed, median relative "
+              f"L2 change {r['rel_change_median']:.2e}")
+        print_codecs(r)
+        if args.json:
+            args.json.write_text(json.dumps({"argv": sys.argv, "codecs": r}, indent=1) + "\n")
+        return
     if args.explore:
         label, b, t, _ = pairs[0]
         rows = explore(b, t)

@@ -30,7 +30,7 @@ import pytest
 from orca_diff.errors import OrcaDiffError
 from orca_diff.format import MANIFEST_NAME, canonical_sha256
 from orca_diff.make import make_diff
-from orca_diff.outdir import staging_dir
+from orca_diff.outdir import staging_dir, write_marker
 from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -220,6 +220,17 @@ def assert_no_output(out: Path) -> None:
     """Neither the output folder nor its hidden staging sibling exists."""
     assert not out.exists(), f"{out} was created"
     assert not staging_dir(out).exists(), f"{staging_dir(out)} was created"
+
+
+def previous_output(out: Path, files: dict[str, bytes | str]) -> Path:
+    """A folder as a previous orca-diff run left it: ``files`` in ``out`` and the marker beside
+    it that lists them (what ``--force`` may replace)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data.encode() if isinstance(data, str) else data)
+    write_marker(out, files)
+    return out
 
 
 def tree_snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:

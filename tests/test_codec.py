@@ -210,3 +210,44 @@ def test_manifest_with_an_unknown_or_misplaced_layout_is_refused(make_pair, tmp_
 
 def test_escape_constant_is_the_largest_byte():
     assert ESCAPE == 255 and set(ITEMSIZE) & FLOAT_DTYPES
+
+
+# --------------------------------------------------------------------------- codec "ans"
+
+
+@pytest.mark.parametrize("dtype,pure", [("BF16", False), ("F16", False), ("F32", False), ("BF16", True)])
+def test_make_chooses_ans_for_float_matrices_and_apply_rebuilds_bit_exactly(make_pair, tmp_path, monkeypatch,
+                                                                          dtype, pure):
+    from orca_diff import entropy
+
+    from orca_diff.synth import LlamaShape
+
+    shape = LlamaShape(vocab_size=320, hidden_size=128, intermediate_size=344, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4)
+    base, target = make_pair(dtype, shape=shape)
+    m = make_diff(base, target, tmp_path / "diff", chunk_bytes=64 << 10, progress=False)
+    codecs = {t.encoding.codec for n, t in m.tensors.items() if n.endswith("proj.weight")}
+    assert codecs == {"ans"}  # norms (128 elements) and frozen tensors may keep zstd
+    if pure:
+        monkeypatch.setenv("ORCA_DIFF_PURE_PYTHON", "1")
+    assert not pure or not entropy._use_c(None)
+    apply_diff(base, tmp_path / "diff", tmp_path / "out", progress=False)
+    for p in target.glob("*.safetensors"):
+        assert (tmp_path / "out" / p.name).read_bytes() == p.read_bytes()
+
+
+def test_manifest_refuses_the_ans_codec_outside_ulp_deltas(make_pair, tmp_path):
+    from orca_diff.format import canonical_sha256
+
+    base, target = make_pair("BF16")
+    make_diff(base, target, tmp_path / "diff", progress=False)
+    doc = json.loads((tmp_path / "diff" / MANIFEST_NAME).read_text())
+    for change, message in (({"codec": "brotli"}, "unknown codec"), ({"codec": "ans", "transform": "xor"}, "ans codec"),
+                            ({"codec": "ans", "layout": "bytes"}, "ans codec")):
+        d = json.loads(json.dumps(doc))
+        del d["manifest_sha256"]
+        enc = next(t for t in d["tensors"].values() if t["encoding"]["transform"] == "ulp")["encoding"]
+        enc.update(change)
+        d["manifest_sha256"] = canonical_sha256(d)
+        with pytest.raises(FormatError, match=message):
+            parse_manifest(json.dumps(d).encode())

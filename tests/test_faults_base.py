@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from faultkit import Kit, assert_no_output, expect_refusal, expect_safe, kit, ledger, truncate, tree_snapshot  # noqa: F401
+from faultkit import Kit, assert_no_output, expect_refusal, expect_safe, kit, ledger, previous_output, truncate, tree_snapshot  # noqa: F401
 from orca_diff.apply import apply_diff
 from orca_diff.cli import cli
 from orca_diff.errors import BaseMismatchError, FormatError
@@ -126,9 +126,7 @@ def test_the_fine_tune_given_as_base_is_refused(kit: Kit, ledger, tmp_path: Path
 def test_a_wrong_base_leaves_an_existing_output_untouched_even_with_force(kit: Kit, ledger, tmp_path: Path) -> None:
     base = kit.copy_base(tmp_path / "base")
     _one_ulp_off(base, "model.layers.0.self_attn.k_proj.weight", 3)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("the user's own file")
+    out = previous_output(tmp_path / "out", {"model.safetensors": "a previous model"})
     before = tree_snapshot(out)
     expect_refusal(ledger, SUITE, "wrong base with --force over an existing folder",
                    lambda: apply_diff(base, kit.diff, out, force=True, threads=1, progress=False),

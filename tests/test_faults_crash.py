@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from faultkit import Kit, LlamaShape, build_kit, cli_cmd, cli_env, ledger, run_cli  # noqa: F401
-from orca_diff.apply import STATE_NAME
+from orca_diff.apply import finished_files
 from orca_diff.outdir import staging_dir
 
 SUITE = "crash"
@@ -42,10 +42,7 @@ def _apply_args(kit: Kit, out: Path) -> list[str]:
 
 
 def _done_files(out: Path) -> dict[str, list[int]]:
-    try:
-        return json.loads((staging_dir(out) / STATE_NAME).read_text())["done"]
-    except (OSError, ValueError, KeyError):
-        return {}
+    return finished_files(staging_dir(out))
 
 
 def _start(kit: Kit, out: Path, threads: int = 1) -> subprocess.Popen:

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 import orca_diff.apply as apply_mod
-from faultkit import Kit, expect_refusal, kit, ledger, run_cli, tree_snapshot  # noqa: F401
+import orca_diff.outdir as outdir_mod
+from faultkit import Kit, expect_refusal, kit, ledger, previous_output, run_cli, tree_snapshot  # noqa: F401
 from orca_diff.apply import apply_diff
 from orca_diff.errors import OutputError
 from orca_diff.outdir import staging_dir
@@ -65,6 +66,12 @@ class _FullDiskOs:
         os.fsync(fd)
 
 
+def _full_disk(monkeypatch: pytest.MonkeyPatch, fake: "_FullDiskOs") -> None:
+    """Apply's own writes and those of the output discipline it writes through (outdir)."""
+    monkeypatch.setattr(apply_mod, "os", fake)
+    monkeypatch.setattr(outdir_mod, "os", fake)
+
+
 @pytest.mark.parametrize("budget,fsync_fail", [(0, None), (1, None), (4095, None), (30_000, None),
                                                (60_000, None), (75_000, None), (None, 1), (None, 3)])
 def test_disk_full_while_writing_is_a_clear_error_and_the_rerun_completes(
@@ -72,7 +79,7 @@ def test_disk_full_while_writing_is_a_clear_error_and_the_rerun_completes(
     out = tmp_path / "out"
     (tmp_path / "neighbour.txt").write_text("a file the user had here")
     before = tree_snapshot(tmp_path)
-    monkeypatch.setattr(apply_mod, "os", _FullDiskOs(budget, fsync_fail))
+    _full_disk(monkeypatch, _FullDiskOs(budget, fsync_fail))
     exc = expect_refusal(ledger, SUITE, f"ENOSPC after {budget} bytes / fsync #{fsync_fail}", _apply(kit, out),
                          must_name=("disk full", "rerun"))
     assert isinstance(exc, OutputError) and "\n" not in str(exc)
@@ -86,11 +93,9 @@ def test_disk_full_while_writing_is_a_clear_error_and_the_rerun_completes(
 
 def test_disk_full_with_force_keeps_the_existing_output_as_it_was(
         kit: Kit, ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "model.safetensors").write_bytes(b"the user's previous model")
+    out = previous_output(tmp_path / "out", {"model.safetensors": b"the user's previous model"})
     before = tree_snapshot(out)
-    monkeypatch.setattr(apply_mod, "os", _FullDiskOs(20_000))
+    _full_disk(monkeypatch, _FullDiskOs(20_000))
     expect_refusal(ledger, SUITE, "ENOSPC with --force over an existing output", _apply(kit, out, force=True),
                    must_name=("disk full",))
     assert tree_snapshot(out) == before

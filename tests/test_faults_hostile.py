@@ -23,12 +23,12 @@ import pytest
 import zstandard
 
 from faultkit import (  # noqa: F401 - fixtures
-    REPO, Kit, cli_env, expect_refusal, expect_safe, kit, ledger, rewrite_manifest, tree_snapshot,
+    REPO, Kit, cli_env, expect_refusal, expect_safe, kit, ledger, previous_output, rewrite_manifest, tree_snapshot,
 )
 from orca_diff.apply import STATE_NAME, apply_diff
 from orca_diff.errors import CorruptDiffError, FormatError, OutputError
 from orca_diff.format import MANIFEST_NAME, canonical_sha256, load_manifest, parse_manifest
-from orca_diff.outdir import staging_dir
+from orca_diff.outdir import staging_dir, write_marker
 from orca_diff.containers import read_safetensors_header
 from orca_diff.verify import verify_model
 
@@ -165,6 +165,12 @@ def test_symlinks_inside_an_existing_output_are_replaced_not_followed(kit: Kit, 
         (out / name).symlink_to(victims / f"victim{i}")
     (out / "linkdir").symlink_to(victims, target_is_directory=True)
     before = tree_snapshot(victims)
+    # not a previous orca-diff output (nothing lists these entries): --force refuses, naming one
+    expect_refusal(ledger, SUITE, "symlinks in a foreign output with --force",
+                   lambda: apply_diff(kit.base, kit.diff, out, force=True, threads=1, progress=False),
+                   must_name=(sorted(kit.target_files)[0], "--force"))
+    assert tree_snapshot(victims) == before and (out / "linkdir").is_symlink()
+    write_marker(out, [*sorted(kit.target_files)[:4], "linkdir"])  # now it is one (links planted in it)
     expect_safe(ledger, SUITE, "symlinks in the output replaced with --force",
                 lambda: apply_diff(kit.base, kit.diff, out, force=True, threads=1, progress=False), out, kit.matches_target)
     kit.assert_identical(out)
@@ -180,9 +186,9 @@ def _plant_staging(kit: Kit, out: Path, victims: Path, diff: Path | None = None)
     staging.mkdir()
     import hashlib
 
-    state = {"manifest": hashlib.sha256(manifest.to_bytes()).hexdigest(), "done": {}}
-    (staging / STATE_NAME).write_text(json.dumps(state))
-    names = [".orca-diff-state.tmp", STATE_NAME + ".tmp"]
+    state = {"manifest": hashlib.sha256(manifest.to_bytes()).hexdigest()}
+    (staging / STATE_NAME).write_text(json.dumps(state) + "\n")
+    names = [".orca-diff-state.tmp", STATE_NAME + ".tmp", ".orca-diff-state.json"]
     for f in manifest.files:
         names += [f.path, f.path + ".incomplete", f".{f.path}.incomplete", f".{f.path}.tmp"]
     for i, name in enumerate(n for n in names if "/" not in n):
@@ -226,9 +232,7 @@ def test_a_symlinked_subfolder_in_the_staging_folder_is_refused(kit: Kit, ledger
 
 
 def test_a_symlink_at_the_old_output_name_is_not_followed_by_force(kit: Kit, ledger, tmp_path: Path, victims: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "previous.txt").write_text("old model")
+    out = previous_output(tmp_path / "out", {"previous.txt": "old model"})
     (tmp_path / ".out.orca-diff-old").symlink_to(victims, target_is_directory=True)
     before = tree_snapshot(victims)
     expect_safe(ledger, SUITE, "symlink at the .orca-diff-old name",

@@ -45,10 +45,38 @@ def test_a_flipped_byte_is_reported_as_a_damaged_manifest(diff):
         parse_manifest(bytes(data))
 
 
-@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "C:\\x", "a\\b", ".hidden", "a/../b", "", "a//b"])
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "C:\\x", "C:x", "a\\b", "a/../b", "", "a//b", "./a",
+                                 "a\x00b", "a\nb", "a\u202eb", "x\ud800", "a" * 244, "/".join("a" * 33),
+                                 ".x.incomplete", ".orca-diff-state.log", ".out.orca-diff-partial", ".git/config",
+                                 "sub/.GIT"])
 def test_unsafe_paths_are_refused(bad):
     with pytest.raises(FormatError, match="path"):
         safe_relpath(bad, "test")
+
+
+@pytest.mark.parametrize("good", [".hidden", ".gitattributes", "a b (1).json", "~x", "\u00e9t\u00e9/\u65e5\u672c.txt",
+                                  "original/params.json", "training_args.bin", "x.incomplete", "a" * 243])
+def test_paths_the_hub_accepts_are_safe(good):
+    assert safe_relpath(good, "test") == good
+
+
+def test_paths_colliding_by_case_or_normalisation_are_refused(diff):
+    def edit(d):
+        files = d["target"]["files"]
+        blob = next(f for f in files if f["path"] == "config.json")
+        files.append({**blob, "path": "CONFIG.json"})
+    with pytest.raises(FormatError, match="listed twice"):
+        parse_manifest(rewrite(diff, edit))
+
+
+def test_base_weight_files_are_recorded_and_validated(diff):
+    m = load_manifest(diff)
+    assert m.base.weight_files and all(len(f.sha256) == 64 for f in m.base.weight_files.values())
+
+    def edit(d):
+        d["base"]["weight_files"] = {"../x.safetensors": {"size": 1, "sha256": "0" * 64}}
+    with pytest.raises(FormatError, match="unsafe path"):
+        parse_manifest(rewrite(diff, edit))
 
 
 def test_unknown_transform_is_refused_by_name(diff):

@@ -9,6 +9,7 @@ test says otherwise. No test touches the network.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -486,3 +487,106 @@ def test_push_can_tell_a_generated_card_from_an_edited_one(world):
     assert is_generated_card(card)
     assert not is_generated_card(card.replace("Rebuild the model", "Rebuild my model"))
     assert not is_generated_card("---\nlicense: mit\n---\nhand written\n")
+
+
+# --------------------------------------------------------------------------- make from the Hub, the wrong base refused early
+TARGET_REPO = "test-org/orca-tiny-finetune"
+OTHER_BASE_REPO = "other-org/llama-7b-tiny"
+MIRROR_REPO = "mirror-org/llama-13b-tiny-copy"
+
+
+@pytest.fixture(scope="module")
+def hub_made(world, tmp_path_factory):
+    """A fine-tune published on the hub, a diff made from Hub ids only, a wrong base and a mirror."""
+    root = tmp_path_factory.mktemp("hubmade")
+    hub = world["hub"]
+    target_sha = hub.add_folder(TARGET_REPO, world["target"])
+    other = write_llama(root / "other", SHAPE, "F16", seed=5, max_shard_bytes=40_000)
+    hub.add_folder(OTHER_BASE_REPO, other)
+    # a mirror: the same weights under other shard names, plus files of its own
+    mirror_files = {f"renamed-{p.name}" if p.suffix == ".safetensors" else p.name: p.read_bytes()
+                    for p in world["base"].iterdir()}
+    hub.add_repo(MIRROR_REPO, {**mirror_files, "README.md": b"# a mirror\n"})
+    runner = Runner(world, root)
+    hub.clear_log()
+    r = runner("make", "--base", BASE_REPO, "--target", f"{TARGET_REPO}@{target_sha}", "--out", str(root / "diff"), "-q")
+    assert r.returncode == 0, r.stderr
+    catalog = root / "catalog.json"
+    catalog.write_text(json.dumps({"bases": {"llama-7b": {"repo": OTHER_BASE_REPO, "status": "public"}}}))
+    return {"root": root, "diff": root / "diff", "target_sha": target_sha, "make_stderr": r.stderr,
+            "make_requests": list(hub.requests), "catalog": catalog}
+
+
+def test_make_from_hub_ids_records_the_base_repo_and_its_resolved_sha(world, hub_made):
+    m = load_manifest(hub_made["diff"])
+    assert (m.base.repo, m.base.revision) == (BASE_REPO, world["base_sha"])
+    assert len(m.base.revision) == 40
+    hub_files = world["hub"].files_at(BASE_REPO)
+    assert m.base.weight_files and all(
+        hashlib.sha256(hub_files[rel]).hexdigest() == bf.sha256 for rel, bf in m.base.weight_files.items())
+    # only what make needs of the base: no .bin of the other form, no original/ folder
+    gets = [path for _, path in hub_made["make_requests"] if "/resolve/" in path and BASE_REPO in path]
+    assert not any(g.endswith((".bin", ".pth")) for g in gets)
+    # the target: all its files
+    assert {f.path for f in m.files} == {p.name for p in world["target"].iterdir()}
+    assert "not identified" not in hub_made["make_stderr"]
+
+
+def test_apply_with_an_empty_cache_rebuilds_from_the_recorded_base(world, hub, tmp_path, hub_made):
+    orca = Runner(world, tmp_path)
+    r = orca("apply", "--diff", str(hub_made["diff"]), "--out", str(tmp_path / "out"), "-q", ORCA_DIFF_CATALOG=None)
+    assert r.returncode == 0, r.stderr
+    assert_same_files(tmp_path / "out", world["target"])
+
+
+@pytest.mark.parametrize("base", [OTHER_BASE_REPO, "llama-7b"])
+def test_a_wrong_base_repo_is_refused_before_any_weight_is_downloaded(world, hub, tmp_path, hub_made, base):
+    orca = Runner(world, tmp_path)
+    r = orca("apply", "--base", base, "--diff", str(hub_made["diff"]), "--out", str(tmp_path / "out"), "-q",
+             ORCA_DIFF_CATALOG=str(hub_made["catalog"]))
+    assert r.returncode == 6, r.stderr
+    line = one_error_line(r)
+    assert OTHER_BASE_REPO in line and "nothing was downloaded" in line and BASE_REPO in line
+    assert hub.file_gets(OTHER_BASE_REPO) == []  # not even config.json
+    assert not (tmp_path / "out").exists()
+    r = orca("verify", "--diff", str(hub_made["diff"]), "--base", OTHER_BASE_REPO)
+    assert r.returncode == 6 and hub.file_gets(OTHER_BASE_REPO) == []
+
+
+def test_a_mirror_holding_the_same_files_is_accepted(world, hub, tmp_path, hub_made):
+    orca = Runner(world, tmp_path)
+    r = orca("apply", "--base", MIRROR_REPO, "--diff", str(hub_made["diff"]), "--out", str(tmp_path / "out"), "-q")
+    assert r.returncode == 0, r.stderr
+    assert_same_files(tmp_path / "out", world["target"])
+    assert "README.md" not in hub.file_gets(MIRROR_REPO)
+
+
+def test_info_and_fingerprint_take_hub_ids(world, hub, tmp_path, hub_made):
+    orca = Runner(world, tmp_path)
+    r = orca("info", DIFF_REPO)
+    assert r.returncode == 0, r.stderr
+    assert "{" not in r.stdout and "rebuilds:" in r.stdout
+    r2 = orca("info", "--diff", DIFF_REPO)
+    assert r2.returncode == 0 and r2.stdout == r.stdout
+    r = orca("fingerprint", BASE_REPO, "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == load_manifest(hub_made["diff"]).base.fingerprint
+
+
+def test_make_from_a_local_folder_in_the_hf_cache_records_its_repo_and_sha(world, hub, tmp_path):
+    orca = Runner(world, tmp_path)
+    r = orca("download", BASE_REPO, "-q")
+    assert r.returncode == 0, r.stderr
+    snapshot = Path(r.stdout.strip())
+    out = tmp_path / "diff"
+    r = orca("make", "--base", str(snapshot), "--target", str(world["target"]), "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(out)
+    assert (m.base.repo, m.base.revision) == (BASE_REPO, world["base_sha"])
+
+
+def test_make_says_when_the_base_cannot_be_identified(world, tmp_path):
+    r = CliRunner().invoke(cli, ["make", "--base", str(world["base"]), "--target", str(world["target"]),
+                                 "--out", str(tmp_path / "d"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "not identified as a Hub repo" in r.output and "--base" in r.output

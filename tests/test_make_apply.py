@@ -157,7 +157,12 @@ def test_apply_refuses_non_empty_output_without_force_and_replaces_with_force(ma
     with pytest.raises(OutputError, match="--force"):
         apply_diff(base, diff, out)
     assert (out / "precious.txt").read_text() == "keep me"
-    apply_diff(base, diff, out, force=True)
+    with pytest.raises(OutputError, match="precious.txt"):  # --force replaces only a previous orca-diff output
+        apply_diff(base, diff, out, force=True)
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    apply_diff(base, diff, out)
+    apply_diff(base, diff, out, force=True)  # over its own previous output
     assert file_hashes(out) == file_hashes(target)
 
 

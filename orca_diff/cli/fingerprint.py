@@ -13,7 +13,7 @@ _FORMS = {"SafetensorsModel": "HF safetensors", "TorchBinModel": "HF .bin (torch
 
 
 @click.command("fingerprint", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("base", type=click.Path())
+@click.argument("base")
 @click.option("--json", "as_json", is_flag=True, help="Print every tensor's dtype, shape and digest as JSON.")
 @click.option("--digest", "algo", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True,
               help="Tensor digest: blake3 for diffs of format version 2 (orca-diff >= 0.2), sha256 for version 1.")
@@ -30,15 +30,22 @@ def fingerprint(base: str, as_json: bool, algo: str, threads: int | None, quiet:
     (`orca-diff info DIFF`). Definition: docs/bases.md.
 
     \b
+    BASE is a folder, a catalog name or a Hub repo id[@rev] (its weights are fetched into the HF
+    cache).
+
+    \b
     Examples:
       orca-diff fingerprint ~/llama/7B
+      orca-diff fingerprint meta-llama/Llama-2-13b-hf
       orca-diff fingerprint ~/llama-7b-hf --json > base-hashes.json
     """
     from ..fingerprint import base_fingerprint, base_fingerprint_full, hash_model
     from ..pipeline import default_threads
     from ..containers import open_model
 
-    model = open_model(base)
+    from ..hub.resolve import resolve_model_spec
+
+    model = open_model(resolve_model_spec(base, "base", progress=False if quiet else None))
     try:
         if not model.tensors:
             raise OrcaDiffError(f"{base}: the model has no tensors to fingerprint")

@@ -83,7 +83,7 @@ def download_cmd(name: str, kind: str, quiet: bool) -> None:
 
 
 @click.command("push")
-@click.argument("diff", type=click.Path(exists=True, file_okay=False))
+@click.argument("diff")
 @click.option("--repo", "repo_id", required=True, help="Hub repo id to publish to: org/name (created if missing).")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--license", "license_", default=None,
@@ -104,6 +104,12 @@ def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, quiet
 
     if not is_repo_id(repo_id):
         raise UsageError(f"--repo {repo_id!r}: expected a Hub repo id org/name")
+    from pathlib import Path
+
+    from ..errors import InputNotFoundError
+
+    if not Path(diff).is_dir():
+        raise InputNotFoundError(f"{diff}: no such diff folder (push publishes a diff made by `orca-diff make`)")
     r = push_diff(diff, repo_id, private=private, license=license_, progress=False if quiet else None)
     click.echo(f"pushed {r.files} files to {r.url} (commit {r.commit})")
     click.echo(f"rebuild with: orca-diff apply --diff {r.repo_id}@{r.commit} --out DIR")

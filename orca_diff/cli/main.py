@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import InterruptedError_, OrcaDiffError
+from ..errors import InterruptedError_, OrcaDiffError, shown
 from ..progress import human_bytes as _human
 
 class _Group(click.Group):
@@ -26,7 +26,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except OrcaDiffError as exc:
-            click.echo(f"orca-diff: error: {exc}", err=True)
+            click.echo(f"orca-diff: error: {shown(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("orca-diff: interrupted; rerun the same command to resume", err=True)
@@ -52,12 +52,16 @@ threads_option = click.option("--threads", type=click.IntRange(1, 512), default=
 
 
 @cli.command()
-@click.option("--base", "base", required=True, help="The base model folder (safetensors, .bin or Meta .pth).")
-@click.option("--target", required=True, type=click.Path(exists=True, file_okay=False), help="The fine-tuned model folder (safetensors).")
+@click.option("--base", "base", required=True, help="The base model: a folder (safetensors, .bin or Meta .pth), a "
+              "catalog name (llama-2-13b) or a Hub repo id[@rev] (its weights are fetched into the HF cache).")
+@click.option("--target", required=True, help="The fine-tuned model: a folder (safetensors or .bin shards; every "
+              "file in it is carried) or a Hub repo id[@rev] (all its files are fetched).")
 @click.option("--out", required=True, type=click.Path(), help="The diff folder to create.")
 @click.option("--base-name", default=None, help="Catalog name of the base, recorded in the manifest (e.g. llama-13b).")
-@click.option("--base-repo", default=None, help="Hub repo id of the base, recorded in the manifest.")
-@click.option("--base-revision", default=None, help="Hub revision (commit sha) of the base.")
+@click.option("--base-repo", default=None, help="Hub repo id of the base, recorded in the manifest (default: the "
+              "repo --base came from, when it is a Hub id, a catalog name or an HF cache folder).")
+@click.option("--base-revision", default=None, help="Hub revision (commit sha) of the base (default: the resolved "
+              "commit of --base).")
 @click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level (default 1: tuned fast parameters; 4 and above use zstd's own, slow to encode).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
@@ -67,19 +71,46 @@ def make(base: str, target: str, out: str, base_name: str | None, base_repo: str
     """Make a diff that rebuilds TARGET from BASE. The diff never contains base weights.
 
     \b
-    Example:
+    Examples:
       orca-diff make --base llama-13b-hf --target orca-13b --out orca-13b-diff --base-name llama-13b
+      orca-diff make --base meta-llama/Llama-2-13b-hf --target microsoft/Orca-2-13b --out orca-2-13b-diff
     """
     from ..make import make_diff
     from ..codec import DEFAULT_LEVEL
+    from ..hub.resolve import resolve_model_spec
 
     t0 = time.perf_counter()
-    m = make_diff(base, target, out, base_name=base_name, base_repo=base_repo, base_revision=base_revision,
-                  level=level or DEFAULT_LEVEL, threads=threads, progress=False if quiet else None, force=force)
+    progress = False if quiet else None
+    base_dir = resolve_model_spec(base, "base", progress=progress)
+    target_dir = resolve_model_spec(target, "target", progress=progress)
+    notes: list[str] = []
+    m = make_diff(base_dir, target_dir, out, base_name=base_name or _catalog_base_name(base), base_repo=base_repo,
+                  base_revision=base_revision, level=level or DEFAULT_LEVEL, threads=threads, progress=progress,
+                  force=force, notes=notes)
+    for note in notes:
+        click.echo(f"orca-diff: note: {shown(note)}", err=True)
     dt = time.perf_counter() - t0
     click.echo(f"wrote {out}: {len(m.tensors)} tensors, {_human(m.payload_bytes)} of payload for "
                f"{_human(m.target_bytes)} of model ({100 * m.payload_bytes / max(1, m.target_bytes):.1f}%) in {dt:.1f}s; "
                f"base fingerprint {m.base.fingerprint}")
+
+
+def _diff_arg(diff: str) -> str:
+    """``--diff DIR/orca-diff.json`` means the diff folder DIR."""
+    from ..format import MANIFEST_NAME
+
+    p = Path(diff)
+    return str(p.parent) if p.name == MANIFEST_NAME and p.is_file() else diff
+
+
+def _catalog_base_name(spec: str) -> str | None:
+    """The catalog name ``spec`` is, if it is one (recorded so users can type it back)."""
+    from ..hub.catalog import lookup
+
+    if Path(spec).expanduser().exists():
+        return None
+    entry = lookup(spec, "base")
+    return entry.name if entry is not None else None
 
 
 def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
@@ -126,17 +157,22 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
         click.echo(apply_legacy(fmt, base, diff, out, force=force, threads=threads,
                                 progress=False if quiet else None).summary())
         return
-    diff_dir, base_dir = _resolve(diff, base, quiet)
+    diff_dir, base_dir = _resolve(_diff_arg(diff), base, quiet)
     r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None)
+    for note in r.notes:
+        click.echo(f"note: {note}", err=True)
     resumed = f" ({r.resumed_files} already done)" if r.resumed_files else ""
+    base_said = (f"base fingerprint {r.base_fingerprint} (measured)" if r.base_fingerprint else
+                 f"base: {r.base_tensors_checked} tensors checked")
     click.echo(f"rebuilt {r.out}: {r.files} files{resumed}, {_human(r.bytes_written)} written in {r.seconds:.1f}s; "
-               f"every file matches its sha256 (model fingerprint {r.target_fingerprint})")
+               f"every file matches its sha256 and every tensor its {r.digest_algo}; model fingerprint "
+               f"{r.target_fingerprint} (measured from the rebuilt tensors); {base_said}")
 
 
 @cli.command()
 @click.option("--diff", "diff", required=True, help="The diff: a folder, a catalog name or a Hub repo id[@rev].")
 @click.option("--base", default=None, help="Also check this base against the diff (folder, catalog name or repo id).")
-@click.option("--model", default=None, type=click.Path(exists=True), help="Also check this rebuilt model: byte-identical files.")
+@click.option("--model", default=None, help="Also check this rebuilt model folder: byte-identical files.")
 @threads_option
 @quiet_option
 def verify(diff: str, base: str | None, model: str | None, threads: int | None, quiet: bool) -> None:
@@ -148,30 +184,57 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
       orca-diff verify --diff orca-13b-diff --base llama-13b-hf --model orca-13b
     """
     from ..hub.resolve import resolve_base, resolve_diff
-    from ..verify import verify_base, verify_diff, verify_model
+    from ..containers import open_model
+    from ..verify import check_base, measured_base_fingerprint, verify_diff, verify_model
 
     progress = False if quiet else None
-    diff = str(resolve_diff(diff, progress=progress))
+    if model is not None and not Path(model).exists():
+        from ..errors import InputNotFoundError
+
+        raise InputNotFoundError(f"{model}: no such model folder")
+    diff = str(resolve_diff(_diff_arg(diff), progress=progress))
     m = verify_diff(diff, progress=progress)
     click.echo(f"diff OK: {len(m.payloads)} payload files, {len(m.tensors)} tensors, checksums match")
     if base:
-        verify_base(resolve_base(base, m, progress=progress), diff, threads=threads, progress=progress)
-        click.echo(f"base OK: every tensor the diff needs matches (fingerprint {m.base.fingerprint})")
+        reader = open_model(resolve_base(base, m, progress=progress))
+        try:
+            measured = check_base(reader, m, threads, progress)
+        finally:
+            reader.close()
+        fp = measured_base_fingerprint(m, measured)
+        said = f"; base fingerprint {fp} (measured)" if fp else ""
+        click.echo(f"base OK: the {len(measured)} tensors the diff needs match their {m.digest_algo} (measured){said}")
     if model:
         report = verify_model(model, m, progress=progress)
-        click.echo(f"model OK: {len(report.ok)} files byte-identical to the publisher's")
+        click.echo(f"model OK: {len(report.ok)} files byte-identical to the publisher's; model fingerprint "
+                   f"{report.fingerprint} (measured from its tensors)")
         for extra in report.extra:
-            click.echo(f"note: {extra} is not part of the diff's model (left alone)")
+            click.echo(f"note: {shown(extra)} is not part of the diff's model (left alone)")
 
 
 @cli.command()
-@click.argument("diff", type=click.Path(exists=True))
+@click.argument("diff_arg", metavar="DIFF", required=False)
+@click.option("--diff", "diff_opt", default=None, help="The diff (same as the DIFF argument).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(diff: str, as_json: bool) -> None:
-    """Describe a diff: its base, tensors, dtypes, sizes and compression ratio."""
-    from ..format import load_manifest
+@quiet_option
+def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool) -> None:
+    """Describe a diff: its base, the model it rebuilds, sizes and compression ratio.
 
-    m = load_manifest(diff)
+    DIFF (or --diff DIFF) is a folder, a catalog name or a Hub repo id[@rev].
+
+    The fingerprints shown are what the manifest records (consistent with its own tensor
+    records, which is checked); they are claims. To measure: `orca-diff verify --diff D --model
+    MODEL` for a rebuilt model, `orca-diff fingerprint BASE` for a base.
+    """
+    from ..errors import UsageError
+    from ..format import load_manifest
+    from ..hub.resolve import resolve_diff
+
+    if diff_arg and diff_opt and diff_arg != diff_opt:
+        raise UsageError("give the diff once: as DIFF or as --diff")
+    if not (diff_arg or diff_opt):
+        raise UsageError("which diff? orca-diff info DIFF (a folder, a catalog name or a Hub repo id)")
+    m = load_manifest(resolve_diff(_diff_arg(diff_arg or diff_opt), progress=False if quiet else None))  # type: ignore[arg-type]
     dtypes: dict[str, int] = {}
     encodings: dict[str, int] = {}
     for t in m.tensors.values():
@@ -181,22 +244,40 @@ def info(diff: str, as_json: bool) -> None:
         "format_version": m.format_version, "tool": m.tool,
         "base": {"name": m.base.name, "repo": m.base.repo, "revision": m.base.revision,
                  "fingerprint": m.base.fingerprint, "tensors_needed": len(m.needed_base_tensors()),
-                 "files_copied": sorted(m.base.files)},
+                 "files_copied": sorted(m.base.files), "weight_files": sorted(m.base.weight_files)},
         "target": {"fingerprint": m.target_fingerprint, "files": [f.path for f in m.files], "bytes": m.target_bytes,
                    "tensors": len(m.tensors), "dtypes": dtypes},
+        "fingerprints": "recorded in the manifest, consistent with its tensor records; not measured "
+                        "(measure with verify --model or fingerprint)",
         "encodings": encodings, "dropped": m.dropped,
         "payload_bytes": m.payload_bytes, "ratio": m.payload_bytes / max(1, m.target_bytes),
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"orca-diff format v{m.format_version}, made by {m.tool}")
-    click.echo(f"base:    {m.base.name or '?'} repo={m.base.repo or '-'} revision={m.base.revision or '-'} "
-               f"fingerprint={m.base.fingerprint} ({len(m.needed_base_tensors())} tensors needed)")
-    click.echo(f"target:  {len(m.files)} files, {len(m.tensors)} tensors {dtypes}, {_human(m.target_bytes)}; "
-               f"fingerprint={m.target_fingerprint}")
-    click.echo(f"encoding: {encodings}; dropped base tensors: {len(m.dropped)}")
-    click.echo(f"payload: {_human(m.payload_bytes)} = {100 * summary['ratio']:.2f}% of the model")
+    # every manifest string goes through shown(): control characters could draw a fake line
+    b = m.base
+    where = " ".join(x for x in (
+        f"Hub repo {shown(b.repo)}" if b.repo else "", f"at commit {shown(b.revision)}" if b.revision else "",
+        f"named {shown(b.name)!r}" if b.name else "") if x) or "not recorded (users must pass --base)"
+    kinds: dict[str, int] = {"safetensors": 0, "segments": 0, "blob": 0}
+    for f in m.files:
+        kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    words = {"ulp": "delta-coded against the base", "xor": "xor-coded against the base", "raw": "stored whole"}
+    click.echo(f"orca-diff diff, format version {m.format_version}, made by {shown(m.tool)}")
+    click.echo(f"base:     {where}")
+    click.echo(f"          fingerprint {shown(b.fingerprint)} (recorded); {len(m.needed_base_tensors())} of its tensors "
+               "needed" + (f", {len(b.files)} file(s) copied from it" if b.files else ""))
+    click.echo(f"rebuilds: {len(m.files)} files ({kinds['safetensors']} safetensors, {kinds['segments']} .bin, "
+               f"{kinds['blob']} other), {_human(m.target_bytes)}, {len(m.tensors)} tensors "
+               f"({', '.join(f'{n} {d}' for d, n in sorted(dtypes.items()))})")
+    click.echo(f"          fingerprint {shown(m.target_fingerprint)} (recorded)")
+    click.echo("tensors:  " + "; ".join(f"{n} {words.get(k, k)}" for k, n in sorted(encodings.items()))
+               + (f"; {len(m.dropped)} base tensors not in the fine-tune" if m.dropped else ""))
+    click.echo(f"size:     {_human(m.payload_bytes)} of payload = {100 * summary['ratio']:.2f}% of the model")
+    click.echo("note: the fingerprints above are the manifest's records (consistent with its tensor records), "
+               "not measurements; measure with `orca-diff verify --diff DIFF --model MODEL` (a rebuilt model) or "
+               "`orca-diff fingerprint BASE` (a base)")
 
 
 @cli.command()

@@ -7,9 +7,9 @@ Only :mod:`.pickled` needs torch, and it is imported lazily.
 
 from .base import (
     DTYPE_SIZES, FLOAT_DTYPES, WEIGHT_SUFFIXES, DuplicateKeyError, ModelReader, TensorInfo, file_sha256,
-    hash_tensor_range, list_extra_files, read_exact, read_range, tensor_digest, tensor_sha256, unique_keys,
+    hash_tensor_range, list_extra_files, list_target_files, read_exact, read_range, tensor_digest, tensor_sha256, unique_keys,
 )
-from .forms import open_model
+from .forms import open_model, open_target
 from .safetensors import (
     MAX_HEADER_BYTES, SafetensorsEntry, SafetensorsHeader, SafetensorsModel, parse_safetensors_header,
     read_safetensors_header,
@@ -18,6 +18,6 @@ from .safetensors import (
 __all__ = [
     "DTYPE_SIZES", "FLOAT_DTYPES", "WEIGHT_SUFFIXES", "MAX_HEADER_BYTES", "DuplicateKeyError", "ModelReader",
     "TensorInfo", "SafetensorsEntry", "SafetensorsHeader", "SafetensorsModel", "file_sha256", "hash_tensor_range",
-    "list_extra_files", "open_model", "parse_safetensors_header", "read_exact", "read_range",
+    "list_extra_files", "list_target_files", "open_model", "open_target", "parse_safetensors_header", "read_exact", "read_range",
     "read_safetensors_header", "tensor_digest", "tensor_sha256", "unique_keys",
 ]

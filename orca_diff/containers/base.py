@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -90,6 +91,42 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 
+def open_regular(path: Path | str, what: str = "file") -> int:
+    """Open ``path`` for reading, refusing (FormatError naming it) anything but a regular file: a
+    FIFO, device or socket given as a checkpoint would otherwise block or stream forever. The
+    open itself cannot block (O_NONBLOCK, which regular files ignore)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        from ..errors import InputNotFoundError
+
+        raise InputNotFoundError(f"{path}: no such file") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FormatError(f"{path}: is not a regular file (a {_kind(st.st_mode)}); a {what} must be a plain file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return fd
+
+
+def require_regular(path: Path | str, what: str = "file") -> None:
+    """Refuse ``path`` unless it is a regular file (symlinks to one are fine), without blocking."""
+    os.close(open_regular(path, what))
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "special file"
+
+
 def read_exact(fd: int, buf: np.ndarray, offset: int, where: str) -> None:
     """Fill ``buf`` from ``fd`` at ``offset``; a short file is a FormatError naming ``where``."""
     view = memoryview(buf).cast("B")
@@ -150,4 +187,44 @@ def list_extra_files(folder: Path) -> dict[str, Path]:
             out[p.name] = p
     return out
 
+
+#: Folders of a model folder that are not part of the model: git's own, huggingface_hub's
+#: local-dir metadata, Python caches. Never carried by make (and reported).
+NOT_MODEL_FOLDERS = frozenset({".git", ".cache", "__pycache__"})
+
+
+def list_target_files(folder: Path, weight_files: set[Path]) -> tuple[dict[str, Path], list[str]]:
+    """Every file of a fine-tuned model folder except ``weight_files``: subfolders and dotfiles
+    included, symbolic links to files followed (an HF cache snapshot is made of them), folders in
+    NOT_MODEL_FOLDERS skipped. Returns ({relative POSIX path: path}, [skipped folders]). A FIFO,
+    socket, device, dangling link or linked folder is refused by name: make carries every file
+    or stops."""
+    import stat as stat_
+
+    out: dict[str, Path] = {}
+    skipped: list[str] = []
+    for root, dirs, files in os.walk(folder):
+        rel_root = Path(root).relative_to(folder)
+        for d in sorted(dirs):
+            path = Path(root) / d
+            if d in NOT_MODEL_FOLDERS:
+                skipped.append((rel_root / d).as_posix() + "/")
+                dirs.remove(d)
+            elif path.is_symlink():
+                raise FormatError(f"{path}: is a link to a folder; make does not follow linked folders "
+                                  "(copy it into the model folder, or remove it)")
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            if path in weight_files:
+                continue
+            try:
+                st = os.stat(path)  # follows a link: HF cache snapshots link to blobs
+            except OSError as exc:
+                raise FormatError(f"{path}: cannot be read ({exc.strerror}; a dangling link?); fix or remove it") from None
+            if not stat_.S_ISREG(st.st_mode):
+                raise FormatError(f"{path}: is not a regular file (a FIFO, socket or device); remove it from the "
+                                  "model folder")
+            out[(rel_root / name).as_posix()] = path
+    return out, skipped
 

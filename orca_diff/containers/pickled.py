@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, InputNotFoundError, UsageError, require_extra
-from .base import TensorInfo, list_extra_files
+from ..errors import FormatError, InputNotFoundError, UsageError, require_extra, shown
+from .base import TensorInfo, list_extra_files, require_regular
 
 #: Tensors served from memory-mapped files before the maps are dropped. This bounds the
 #: file-backed part of the resident set (clean page-cache pages the kernel can reclaim anyway);
@@ -86,6 +86,11 @@ def tensor_bytes(t: Any) -> np.ndarray:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
+    if not t.is_contiguous():  # a copy of at most its storage's size (check_storage ran at load)
+        need = int(t.numel()) * int(t.element_size())
+        if need > int(t.untyped_storage().nbytes()):
+            raise FormatError(f"a tensor claims {need} bytes but its storage holds {int(t.untyped_storage().nbytes())}"
+                              " (an expanded view); refused before allocating it")
     flat = t.contiguous().reshape(-1)
     if flat.numel() == 0:
         return np.zeros(0, dtype=np.uint8)
@@ -105,6 +110,11 @@ def _load(path: Path) -> tuple[dict[str, Any], bool]:
     other objects (the classic malicious ``.bin``), a corrupt file, or a non-dict payload.
     """
     torch = _torch()
+    try:
+        require_regular(path, "checkpoint")  # before any open that could block on a FIFO
+    except OSError as exc:
+        raise InputNotFoundError(f"{path}: cannot read ({exc.strerror})") from None
+    file_size = path.stat().st_size
     zipped = zipfile.is_zipfile(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
@@ -121,7 +131,26 @@ def _load(path: Path) -> tuple[dict[str, Any], bool]:
         raise FormatError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {first[:200]})") from None
     if not (isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
         raise FormatError(f"{path}: expected a flat {{name: tensor}} state dict, found {type(obj).__name__}")
+    for name, t in obj.items():
+        check_storage(t, path, name, file_size)
     return obj, zipped
+
+
+def check_storage(t: Any, path: Path, name: str, file_size: int) -> None:
+    """Refuse a tensor whose bytes would not come from the file: a view claiming more elements
+    than its storage holds (``expand``, stride 0, overlapping strides) would make any copy of it
+    (``contiguous``) allocate the claimed size, e.g. 64 GiB from a 2 KB file. Checked on the
+    metadata, before anything is allocated: claimed bytes <= storage bytes <= the file's size."""
+    need = int(t.numel()) * int(t.element_size())
+    try:
+        have = int(t.untyped_storage().nbytes())
+    except Exception:  # noqa: BLE001 - a storage we cannot measure is not trusted
+        have = -1
+    start = int(t.storage_offset()) * int(t.element_size())
+    if need > 0 and (have < 0 or need > have - start or have > file_size):
+        raise FormatError(f"{path}: tensor {shown(name)!r} claims {need} bytes but its storage holds {max(have, 0)} "
+                          f"({file_size}-byte file): an expanded or overlapping view, not stored weights; refused "
+                          "before allocating it")
 
 
 class _Files:

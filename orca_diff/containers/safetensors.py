@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError, InputNotFoundError
-from .base import DTYPE_SIZES, DuplicateKeyError, TensorInfo, read_exact, unique_keys
+from .base import DTYPE_SIZES, DuplicateKeyError, TensorInfo, open_regular, read_exact, unique_keys
 
 #: A safetensors header larger than this is refused (real ones are well under 1 MiB; the
 #: reference implementation caps at 100 MB). Bounds memory against hostile files.
@@ -107,8 +107,9 @@ def parse_safetensors_header(raw: bytes, where: str, file_size: int | None = Non
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file without touching its data."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        fd = open_regular(path, "safetensors file")
+        size = os.fstat(fd).st_size
+        with os.fdopen(fd, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise FormatError(f"{path}: too short to be a safetensors file ({size} bytes)")
@@ -153,7 +154,7 @@ class SafetensorsModel:
         buf = np.empty(length, dtype=np.uint8)
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            fd = self._fds[file] = open_regular(file, "safetensors file")
         read_exact(fd, buf, begin + start, str(file))
         return buf
 

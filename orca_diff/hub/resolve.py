@@ -14,7 +14,22 @@ from pathlib import Path
 from .catalog import CatalogEntry, is_repo_id, lookup, names
 from ..errors import BaseMismatchError, InputNotFoundError, UsageError
 from ..format import Manifest
-from .transfer import RepoRef, download_base, download_diff, parse_repo_spec
+from .transfer import RepoRef, download_base, download_diff, download_model, parse_repo_spec
+
+
+def identify_cached_repo(folder: Path) -> tuple[str, str] | None:
+    """(repo id, commit sha) of a folder that is an HF cache snapshot
+    (``.../models--ORG--NAME/snapshots/<40-hex sha>``), else None. Read from the path alone."""
+    folder = Path(folder).expanduser().absolute()
+    sha, snaps, repo_dir = folder.name, folder.parent.name, folder.parent.parent.name
+    if (snaps == "snapshots" and repo_dir.startswith("models--") and len(sha) == 40
+            and all(c in "0123456789abcdef" for c in sha)):
+        org_name = repo_dir[len("models--"):]
+        if "--" in org_name:
+            repo = org_name.replace("--", "/", 1)
+            if is_repo_id(repo):
+                return repo, sha
+    return None
 
 
 def _local(spec: str) -> Path | None:
@@ -44,7 +59,7 @@ def _refuse_placeholder(entry: CatalogEntry) -> None:
 def _unknown(spec: str, kind: str) -> InputNotFoundError:
     if _looks_like_path(spec):
         return InputNotFoundError(f"{spec}: no such file or folder")
-    known = ", ".join(names(kind)) or "none"
+    known = ", ".join(names("base" if kind == "model" else kind)) or "none"
     return InputNotFoundError(f"{kind} {spec!r} is not a local path, a catalog name (known {kind}s: {known})"
                               f" or a Hub repo id org/name[@revision]")
 
@@ -81,27 +96,46 @@ def resolve_base(spec: str | None, manifest: Manifest, *, progress: bool | None 
     """The local folder of the base for ``manifest``: ``spec`` if given, else the base the
     manifest names. Downloads only the files ``apply`` needs."""
     needed = tuple(manifest.base.files)
+    b = manifest.base
+    recorded = (f"{b.repo}@{b.revision}" if b.repo and b.revision else b.repo) or (repr(b.name) if b.name else
+                                                                                "the one it was made from")
+    kw = {"needed": needed, "progress": progress, "expected": b.weight_files, "recorded": recorded}
     if spec is None:
-        b = manifest.base
         if b.repo:
-            return download_base(RepoRef(b.repo, b.revision), needed=needed, progress=progress)
+            return download_base(RepoRef(b.repo, b.revision), **kw)
         entry = lookup(b.name, "base") if b.name else None
         if entry is None:
             raise UsageError(f"the diff names its base {b.name!r} without a Hub repo, and the catalog has no base of"
                              " that name: pass --base PATH_OR_NAME")
         _refuse_placeholder(entry)
         _check_catalog_fingerprint(entry, manifest)
-        return download_base(RepoRef(entry.repo, entry.revision), needed=needed, progress=progress)
+        return download_base(RepoRef(entry.repo, entry.revision), **kw)
     if (path := _local(spec)) is not None:
         return path
     entry = lookup(spec, "base")
     if entry is not None:
         _refuse_placeholder(entry)
         _check_catalog_fingerprint(entry, manifest)
-        return download_base(RepoRef(entry.repo, entry.revision), needed=needed, progress=progress)
+        return download_base(RepoRef(entry.repo, entry.revision), **kw)
     if (ref := _hub_ref(spec)) is not None:
-        return download_base(ref, needed=needed, progress=progress)
+        return download_base(ref, **kw)
     raise _unknown(spec, "base")
+
+
+def resolve_model_spec(spec: str, role: str, *, progress: bool | None = None) -> Path:
+    """A model for ``make``, ``info``-like commands: ``role`` "base" fetches what make needs of a
+    base (one weight form, side files), "target" every file of the repo. A local path wins."""
+    if (path := _local(spec)) is not None:
+        return path
+    if role == "base":
+        return resolve_base_spec(spec, progress=progress)
+    entry = lookup(spec, "base")  # a catalog name may name a model to diff against another
+    if entry is not None:
+        _refuse_placeholder(entry)
+        return download_model(RepoRef(entry.repo, entry.revision), progress=progress)
+    if (ref := _hub_ref(spec)) is not None:
+        return download_model(ref, progress=progress)
+    raise _unknown(spec, "model")
 
 
 def resolve_base_spec(spec: str, *, progress: bool | None = None) -> Path:
@@ -117,4 +151,4 @@ def resolve_base_spec(spec: str, *, progress: bool | None = None) -> Path:
     raise _unknown(spec, "base")
 
 
-__all__ = ["resolve_diff", "resolve_base", "resolve_base_spec"]
+__all__ = ["resolve_diff", "resolve_base", "resolve_base_spec", "resolve_model_spec", "identify_cached_repo"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import CorruptDiffError, HubError, OrcaDiffError
+from ..errors import BaseMismatchError, CorruptDiffError, HubError, OrcaDiffError
 from ..format import MANIFEST_NAME, Manifest, load_manifest
 from ..progress import bars_enabled, byte_bar
 
@@ -266,28 +266,116 @@ def select_base_files(repo_files: Iterable[str], needed: Iterable[str] = ()) -> 
                    " at its top level): is it a base model repo?")
 
 
-def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | None = None) -> Path:
-    """Fetch the files of a base model that ``apply`` needs into the HF cache; return the folder."""
+@dataclass(frozen=True)
+class RepoFileMeta:
+    """What the Hub says of one file without sending it: size, and the LFS sha256 (None for files
+    kept in git, which are small)."""
+
+    path: str
+    size: int
+    sha256: str | None
+
+
+def repo_files_meta(ref: RepoRef) -> tuple[str, dict[str, RepoFileMeta]]:
+    """(resolved commit sha, {path: RepoFileMeta}) of a model repo: two metadata requests
+    (``model_info`` for the commit, the recursive tree at that commit), no file content."""
+    from huggingface_hub.hf_api import RepoFile
+
+    api = _hf().HfApi()
+    sha = api.model_info(ref.repo_id, revision=ref.revision).sha or ref.revision
+    files = {}
+    for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True):
+        if isinstance(f, RepoFile):
+            files[f.path] = RepoFileMeta(f.path, int(f.size), f.lfs.sha256 if f.lfs is not None else None)
+    return sha, files  # type: ignore[return-value]
+
+
+def _human(n: int) -> str:
+    from ..progress import human_bytes
+
+    return human_bytes(n)
+
+
+def match_base_files(ref: RepoRef, expected: dict, files: dict[str, RepoFileMeta], recorded: str) -> list[str] | None:
+    """The repo paths holding the base weight files a diff records (``expected``: {path:
+    BaseFile(size, sha256)}), matched by sha256 and size so that a mirror under other file names
+    is accepted. None when the repo holds no file of the recorded form (e.g. only ``.bin`` where
+    the diff was made from safetensors): the metadata cannot decide, the tensor check after the
+    download will. A repo that holds that form but not those files is refused
+    (BaseMismatchError) before anything is downloaded."""
+    if not expected:
+        return None
+    by_sha = {(m.sha256, m.size): path for path, m in files.items() if m.sha256}
+    found, missing = [], []
+    for rel, bf in sorted(expected.items()):
+        path = by_sha.get((bf.sha256, bf.size))
+        (found if path else missing).append(path or rel)
+    if not missing:
+        return found
+    suffixes = {Path(rel).suffix for rel in expected}
+    if not any(Path(p).suffix in suffixes for p in files):
+        return None
+    rel = missing[0]
+    bf = expected[rel]
+    raise BaseMismatchError(
+        f"{ref} is not the base this diff was made from: it has no file with the sha256 of the base's {rel} "
+        f"({bf.sha256[:12]}…, {_human(bf.size)}; {len(missing)} of {len(expected)} weight files missing), so "
+        f"nothing was downloaded; the diff's base is {recorded} (drop --base to use it, or pass a copy of it)")
+
+
+def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | None = None,
+                  expected: dict | None = None, recorded: str = "the one `orca-diff info` names") -> Path:
+    """Fetch the files of a base model that ``apply`` needs into the HF cache; return the folder.
+
+    With ``expected`` (a diff's ``base.weight_files``), the repo's file listing is first compared
+    with it (:func:`match_base_files`): a repo that is not the base is refused before any weight
+    is fetched, and of a repo that is, exactly the recorded weight files are fetched."""
     hf = _hf()
     needed = tuple(needed)
     with _progress(progress), hub_errors(ref, "base"):
         listing_error: Exception | None = None
-        repo_files: list[str] | None = None
+        meta: dict[str, RepoFileMeta] | None = None
         if not offline():
             try:
-                info = hf.HfApi().model_info(ref.repo_id, revision=ref.revision)
-                repo_files = [s.rfilename for s in info.siblings or []]
+                _commit, meta = repo_files_meta(ref)
             except Exception as exc:  # unreachable Hub: the cache may still hold the files
                 if not _is_connection_error(exc):
                     raise
                 listing_error = exc
-        if repo_files is not None:
+        if meta is not None:
+            matched = match_base_files(ref, expected or {}, meta, recorded)
             try:
-                label, files = select_base_files(repo_files, needed)
+                if matched is not None:
+                    files = _with_side_files(matched, list(meta), needed)
+                else:
+                    _label, files = select_base_files(list(meta), needed)
             except HubError as exc:
                 raise HubError(f"base {ref}: {exc}") from None
+            # at the revision as given (a branch gets its ref in the cache, so offline runs find it)
             return Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=_exact_patterns(files)))
         return _cached_base(ref, needed, listing_error)
+
+
+def _with_side_files(weights: list[str], repo_files: list[str], needed: tuple[str, ...]) -> list[str]:
+    """``weights`` plus their form's index, the side files present and the ``needed`` files."""
+    files = set(repo_files)
+    chosen = set(weights)
+    for _label, globs, index in WEIGHT_FORMATS:
+        if index and any(fnmatch.fnmatchcase(Path(w).name, g) for w in weights for g in globs) and index in files:
+            chosen.add(index)
+    chosen.update(f for f in BASE_SIDE_FILES if f in files)
+    missing = [n for n in needed if n not in files]
+    if missing:
+        raise HubError(f"the base repo has no {missing[0]}, which the diff copies from its base: is it the right base?")
+    chosen.update(needed)
+    return sorted(chosen)
+
+
+def download_model(ref: RepoRef, *, progress: bool | None = None) -> Path:
+    """Fetch every file of a model repo (a fine-tune given to ``make --target``); return the folder."""
+    hf = _hf()
+    with _progress(progress), hub_errors(ref, "model"):
+        return Path(hf.snapshot_download(ref.repo_id, revision=ref.revision))
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -368,5 +456,6 @@ def push_diff(diff_dir: str | os.PathLike, repo_id: str, *, private: bool = Fals
     return PushResult(repo_id, str(url), info.oid, len(ops))
 
 
-__all__ = ["RepoRef", "parse_repo_spec", "download_diff", "download_base", "download", "push_diff", "PushResult",
+__all__ = ["RepoRef", "parse_repo_spec", "download_diff", "download_base", "download_model", "download",
+           "repo_files_meta", "match_base_files", "RepoFileMeta", "push_diff", "PushResult",
            "select_base_files", "describe_hub_error", "NotADiffError", "hub_errors", "endpoint", "repo_url", "offline"]

@@ -6,7 +6,8 @@ rounded to fp16, round-to-nearest-even), then for every tensor of the BASE's sta
 ``param.data += delta.state_dict()[name]``: an fp16 add, correctly rounded (torch computes it in
 fp32 and rounds once; fp32 has enough bits that this equals a single IEEE fp16 rounding, which
 is also what numpy's float16 add does). A tensor of the base missing from the delta is an error
-(FastChat asserts); tensors only in the delta are ignored.
+(FastChat asserts); a tensor only in the delta is refused too (FastChat's model would keep that
+parameter as initialised, i.e. random: a silently wrong model).
 
 v0 deltas (lmsys/vicuna-*-delta-v0) hold 32001 rows in ``embed_tokens`` and ``lm_head`` while
 LLaMA has 32000. The apply_delta of that era (before commit 00d9e667 "Release new weights v1.1",
@@ -50,6 +51,13 @@ def plan(base: ModelReader, delta: ModelReader) -> tuple[list[TensorInfo], int]:
     appends to the base (0 or 1). Raises before anything is written when the pair cannot work."""
     infos: list[TensorInfo] = []
     pad_rows: set[int] = set()
+    only_in_delta = [n for n in state_dict_order(delta.tensors) if n not in base.tensors]
+    if only_in_delta:
+        raise BaseMismatchError(
+            f"base {base.path}: has no tensor {only_in_delta[0]!r}, which the delta has"
+            f"{f' (and {len(only_in_delta) - 1} more)' if len(only_in_delta) > 1 else ''}; FastChat's apply_delta"
+            " would leave it as the model class initialised it (random), and the model would be wrong. Nothing was"
+            " written; use the complete base the delta was made for")
     for name in state_dict_order(base.tensors):
         b = base.tensors[name]
         d = delta.tensors.get(name)

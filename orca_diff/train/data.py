@@ -17,6 +17,12 @@ publish its exact template; this one is the orca_mini-style layout most open rep
 The prompt and the response are tokenized *separately* and concatenated, so the boundary between
 them is exact (no token straddles it) and the label mask is exact too.
 
+The trained model ships this layout as its chat template (:data:`ORCA_CHAT_TEMPLATE`), so that
+``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` on the saved folder gives
+exactly the training prompt. ``template="base"`` trains with the base tokenizer's own chat
+template instead (prompt = the rendering with ``add_generation_prompt``, response = what the
+rendering of the full conversation adds to it).
+
 Guarantees (tested in tests/test_train.py):
 
 * **Loss only on the response.** ``labels`` are ``-100`` on every prompt token and on padding;
@@ -48,11 +54,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .errors import FormatError, InputNotFoundError, UsageError, require_extra
+from ..errors import FormatError, InputNotFoundError, UsageError, require_extra
 
 IGNORE_INDEX = -100
 REQUIRED_COLUMNS = ("question", "response")
 OPTIONAL_COLUMNS = ("system_prompt",)
+# Kept when present: OpenOrca's ``id`` (its prefix niv/t0/cot/flan names the FLAN sub-collection)
+# or an explicit ``sub_collection``; used by --system-messages orca, never by the template.
+ROUTING_COLUMNS = ("id", "sub_collection")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,13 +83,17 @@ def _check_row(row: Any, where: str) -> dict[str, str]:
         if not isinstance(value, str):
             raise FormatError(f"{where}: column {col} must be a string, found {type(value).__name__}")
         out[col] = value
+    for col in ROUTING_COLUMNS:
+        if row.get(col) not in (None, ""):
+            out[col] = str(row[col])
     return out
 
 
 def read_orca_rows(path: str | Path) -> list[dict[str, str]]:
     """Read Orca rows from a ``.jsonl`` (one JSON object per line) or ``.parquet`` file.
 
-    Parquet needs pyarrow (part of the ``train`` extra); other columns (``id``...) are ignored.
+    Parquet needs pyarrow (part of the ``train`` extra). ``id`` and ``sub_collection`` are kept
+    when present (as strings); other columns are ignored.
     """
     path = Path(path)
     if not path.is_file():
@@ -94,7 +107,7 @@ def read_orca_rows(path: str | Path) -> list[dict[str, str]]:
             raise FormatError(
                 f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(table.column_names)}"
             )
-        keep = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in table.column_names]
+        keep = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS + ROUTING_COLUMNS if c in table.column_names]
         return [_check_row(r, f"{path} row {i}") for i, r in enumerate(table.select(keep).to_pylist())]
     if suffix in (".jsonl", ".json"):
         rows = []
@@ -119,6 +132,51 @@ def render_prompt(system_prompt: str, question: str) -> str:
     """The prompt part of the template: everything the model conditions on, nothing it learns."""
     system = f"### System:\n{system_prompt}\n\n" if system_prompt.strip() else ""
     return f"{system}### User:\n{question}\n\n### Response:\n"
+
+
+# The same layout as a Jinja chat template, written into the trained model's tokenizer files
+# (transformers 5 saves it as chat_template.jinja). With one system and one user message and
+# add_generation_prompt=True it renders exactly ``bos_token + render_prompt(system, question)``
+# (tested); an assistant message renders as ``### Response:\n{content}{eos_token}``. Training
+# only ever saw single-turn conversations, so later turns follow the same pattern untrained.
+ORCA_CHAT_TEMPLATE = (
+    "{%- if bos_token %}{{ bos_token }}{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}"
+    "{%- if message['content'].strip() %}{{ '### System:\\n' + message['content'] + '\\n\\n' }}{% endif %}"
+    "{%- elif message['role'] == 'user' %}{{ '### User:\\n' + message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] }}"
+    "{%- if eos_token %}{{ eos_token }}{% endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+)
+
+
+def _chat_text(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return text if isinstance(text, str) else text[0]
+
+
+def render_with_base_template(tokenizer: Any, system_prompt: str, question: str, response: str) -> tuple[str, str]:
+    """(prompt, response) texts under the base tokenizer's own chat template.
+
+    The prompt is the rendering of [system?, user] with ``add_generation_prompt=True``; the
+    response is what rendering [system?, user, assistant] adds after it (for most templates the
+    content and an end-of-turn token). An empty system prompt sends no system message, so a
+    template's own default system prompt applies.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("--template base: the base tokenizer has no chat template; use --template orca")
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt.strip() else []) \
+        + [{"role": "user", "content": question}]
+    prompt = _chat_text(tokenizer, messages, True)
+    full = _chat_text(tokenizer, messages + [{"role": "assistant", "content": response}], False)
+    if not full.startswith(prompt):
+        raise UsageError("--template base: the base chat template renders the conversation with the answer"
+                         " differently from the prompt alone, so the prompt/response boundary is not exact;"
+                         " use --template orca")
+    return prompt, full[len(prompt):]
 
 
 @dataclass(frozen=True)
@@ -147,27 +205,39 @@ def _id_dtype(tokenizer: Any) -> type:
 
 
 def encode_examples(rows: Sequence[dict[str, str]], tokenizer: Any, max_seq_len: int,
-                    batch_size: int = 1024) -> tuple[list[Example], int]:
+                    batch_size: int = 1024, template: str = "orca") -> tuple[list[Example], int]:
     """Tokenize rows with the template; return (examples, number dropped).
 
+    ``template="orca"``: ``<bos>`` + the ``### System/User/Response`` prompt, then the response
+    and ``<eos>``. ``template="base"``: the base tokenizer's chat template renders both parts
+    (it places bos itself); ``<eos>`` is appended only when the rendered response has none.
     An example longer than ``max_seq_len`` is truncated from the end of its response; one whose
     prompt alone fills the window (no target left) is dropped and counted.
     """
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no eos token; the response must end with one so the model learns to stop")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    if template not in ("orca", "base"):
+        raise UsageError(f"unknown template {template!r}; use orca or base")
+    bos = [tokenizer.bos_token_id] if (tokenizer.bos_token_id is not None and template == "orca") else []
     eos = tokenizer.eos_token_id
     dtype = _id_dtype(tokenizer)
     examples: list[Example] = []
     dropped = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        prompts = tokenizer([render_prompt(r["system_prompt"], r["question"]) for r in chunk],
-                            add_special_tokens=False)["input_ids"]
-        responses = tokenizer([r["response"] for r in chunk], add_special_tokens=False)["input_ids"]
+        if template == "orca":
+            prompt_texts = [render_prompt(r["system_prompt"], r["question"]) for r in chunk]
+            response_texts = [r["response"] for r in chunk]
+        else:
+            pairs = [render_with_base_template(tokenizer, r["system_prompt"], r["question"], r["response"])
+                     for r in chunk]
+            prompt_texts, response_texts = [p for p, _ in pairs], [r for _, r in pairs]
+        prompts = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
+        responses = tokenizer(response_texts, add_special_tokens=False)["input_ids"]
         for p, r in zip(prompts, responses):
             prompt = bos + list(p)
-            ids = (prompt + list(r) + [eos])[:max_seq_len]
+            response = list(r) if (template == "base" and eos in r) else list(r) + [eos]
+            ids = (prompt + response)[:max_seq_len]
             if len(ids) <= len(prompt):
                 dropped += 1
                 continue

@@ -1,24 +1,22 @@
-"""Orca-style progressive explanation tuning: the training entrypoint, readable in one sitting.
+"""Orca-style progressive explanation tuning: the training loop, readable in one sitting.
 
 Orca (arXiv 2306.02707) fine-tunes LLaMA-13B on (system message, user query, teacher response)
 triplets, with the loss on the response tokens only, examples packed into 2,048-token rows, a
 ``[PAD]`` token added to the tokenizer (vocabulary 32,001), and *progressive learning*: first the
-~5M ChatGPT responses, then the ~1M GPT-4 responses. Here that is:
-
-* a :class:`TrainConfig` of plain values, with an ordered list of :class:`Stage` s (data files,
-  epochs or steps, learning rate), loadable from YAML/JSON (:func:`load_config`);
-* :func:`train`, which loads the base with transformers, adds the pad token and resizes the
-  embeddings if the tokenizer has none, and runs AdamW with linear warmup + cosine decay per stage,
-  gradient accumulation, bf16 autocast on GPU, optional gradient checkpointing, periodic
-  checkpoints (torch.distributed.checkpoint) that ``resume=True`` continues from exactly, and
-  writes an HF folder of safetensors (``OUT/model``) that ``orca-diff make`` consumes.
+~5M ChatGPT responses, then the ~1M GPT-4 responses. Here :func:`train` loads the base with
+transformers, adds the pad token and resizes the embeddings if the tokenizer has none, and runs
+AdamW with linear warmup + cosine decay per stage, gradient accumulation, bf16 autocast on GPU,
+optional gradient checkpointing, held-out evaluation, periodic checkpoints
+(torch.distributed.checkpoint) that a rerun of the same command continues from exactly, and
+writes an HF folder of safetensors (``OUT/model``) that ``orca-diff make`` consumes.
 
 Scale comes from PyTorch, not from this file: under ``torchrun --nproc_per_node N`` every decoder
 layer is sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``); run plainly it is one
 process on one GPU or on the CPU. See docs/training.md for the multi-GPU command.
 
-The data side (template, loss mask, packing without cross-example attention) is in
-:mod:`orca_diff.orca_data`. torch and transformers are imported inside functions (the ``train``
+Neighbours: :mod:`.config` (settings), :mod:`.data` (template, mask, packing),
+:mod:`.checkpoints`, :mod:`.export` (the saved folder), :mod:`.eval`, :mod:`.plot`,
+:mod:`.system_messages`. torch and transformers are imported inside functions (the ``train``
 extra), so importing this module costs nothing.
 """
 
@@ -27,138 +25,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import signal
+import threading
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from . import orca_data
-from .errors import InputNotFoundError, MissingExtraError, OutputError, UsageError, require_extra
-
-MODEL_DIRNAME = "model"          # OUT/model: the final HF folder
-CHECKPOINTS_DIRNAME = "checkpoints"
-LOG_NAME = "train_log.jsonl"
-STATE_NAME = "state.json"        # inside a checkpoint: where to continue, and the config it belongs to
-
-SAFETENSORS_TO_TORCH = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration: plain values
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Stage:
-    """One step of progressive learning: train on ``data`` (one or more files, concatenated)."""
-
-    data: list[str]
-    epochs: float = 1.0              # passes over the stage's packed rows (fractions allowed)
-    max_steps: int | None = None     # if set, exactly this many optimizer steps (overrides epochs)
-    lr: float = 1e-5
-    warmup_steps: int | None = None  # None: TrainConfig.warmup_steps
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.data, (str, os.PathLike)):
-            self.data = [str(self.data)]
-        self.data = [str(d) for d in self.data]
-        if not self.data:
-            raise UsageError("a stage needs at least one data file")
-        if self.max_steps is None and not self.epochs > 0:
-            raise UsageError(f"stage {self.name or self.data[0]}: epochs must be > 0 (or set max_steps)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"stage {self.name or self.data[0]}: max_steps must be >= 1")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on. Defaults follow Orca where the paper says, else common practice."""
-
-    model: str                                  # base HF folder (or Hub id already in the cache)
-    out: str                                    # OUT/model, OUT/checkpoints, OUT/train_log.jsonl
-    stages: list[Stage] = field(default_factory=list)
-    tokenizer: str | None = None                # default: the model folder
-    max_seq_len: int = 2048                     # Orca: 2,048
-    packing: bool = True                        # Orca: packing (~2.7 examples per row)
-    micro_batch_size: int = 1                   # rows per forward pass per process
-    grad_accum: int = 1                         # micro-batches per optimizer step per process
-    weight_decay: float = 0.0                   # decoupled, on matrices only (not norms)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0                      # max global grad norm; 0 disables
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0                   # cosine ends at lr * min_lr_ratio
-    gradient_checkpointing: bool = False
-    bf16: bool | None = None                    # None: bf16 autocast iff on CUDA
-    attn_implementation: str | None = None      # None: transformers' default (sdpa)
-    device: str = "auto"                        # auto | cpu | cuda
-    save_dtype: str = "auto"                    # auto (the base's dtype) | F16 | BF16 | F32
-    pad_token: str = "[PAD]"                    # added when the tokenizer has none
-    seed: int = 0
-    save_every: int = 0                         # checkpoint every N optimizer steps (0: stage ends only)
-    keep_checkpoints: int = 2
-    resume: bool = False
-    stop_after_steps: int | None = None         # checkpoint and stop after N steps of this invocation (time limits)
-    log_every: int = 1
-    quiet: bool = False
-    make_diff_against: str | None = None       # run `orca-diff make` against this base at the end
-    diff_out: str | None = None                 # default OUT/diff
-
-    def __post_init__(self) -> None:
-        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        if not self.stages:
-            raise UsageError("no training stages: give --data FILE (repeatable) or a config file with stages:")
-        for name in ("max_seq_len", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.save_dtype not in ("auto", *SAFETENSORS_TO_TORCH):
-            raise UsageError(f"save_dtype must be auto, F16, BF16 or F32, got {self.save_dtype!r}")
-
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """The values a checkpoint depends on: resuming with other values would not continue the same run."""
-        skip = {"out", "resume", "save_every", "keep_checkpoints", "stop_after_steps", "log_every", "quiet",
-                "make_diff_against", "diff_out", "device"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
-
-
-def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
-    """Read a YAML or JSON config file; ``overrides`` (not None) win over the file's values."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        yaml = require_extra("yaml", "train", f"Reading the YAML config {path}")
-        raw = yaml.safe_load(text)
-    else:
-        raw = json.loads(text)
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: the config must be a mapping of settings, found {type(raw).__name__}")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    base_dir = path.parent
-    stages = []
-    for i, s in enumerate(raw.get("stages") or []):
-        if not isinstance(s, dict) or "data" not in s:
-            raise UsageError(f"{path}: stage {i + 1} must be a mapping with at least data:")
-        s = dict(s)
-        data = s["data"] if isinstance(s["data"], list) else [s["data"]]
-        s["data"] = [str(p if Path(p).is_absolute() else (base_dir / p)) for p in data]  # relative to the file
-        stages.append(Stage(**s))
-    raw["stages"] = stages
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    raw.setdefault("model", None)
-    raw.setdefault("out", None)
-    if not raw["model"] or not raw["out"]:
-        raise UsageError(f"{path}: model and out must be set (in the file or with --model/--out)")
-    return TrainConfig(**raw)
+from ..errors import InputNotFoundError, InterruptedError_, MissingExtraError, OutputError, UsageError, require_extra
+from . import data as orca_data
+from .checkpoints import load_checkpoint, read_resume_state, save_checkpoint
+from .config import (LOG_NAME, METRICS_NAME, MODEL_DIRNAME, PLOT_NAME, SAFETENSORS_TO_TORCH, Stage, TrainConfig)
+from .eval import eval_micro_batches, evaluate, load_eval_examples
+from .export import save_hf_model
+from .plot import plot_available, plot_losses
+from .system_messages import assign_system_messages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +49,16 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to ``peak_lr``, then cosine decay to ``peak_lr * min_lr_ratio`` at the last step."""
+    """Linear warmup to ``peak_lr``, then cosine decay towards ``peak_lr * min_lr_ratio``.
+
+    The floor is reached one step *after* the last step (``step == total_steps``), so every step
+    that runs has a positive rate even with ``min_lr_ratio = 0``: with 2 steps and no warmup the
+    rates are ``peak`` and ``peak / 2``; the last step of a long stage trains at a small but
+    non-zero rate rather than at exactly the floor.
+    """
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
-    decay_steps = max(total_steps - warmup_steps - 1, 1)
+    decay_steps = max(total_steps - warmup_steps, 1)
     progress = min((step - warmup_steps) / decay_steps, 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
@@ -191,6 +80,8 @@ class Runtime:
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     torch = require_extra("torch", "train", "orca-diff train")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # CPU intra-op threads (a shared machine, or one process per core)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     use_cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
@@ -217,7 +108,7 @@ def _all_reduce_sum(torch: Any, rt: Runtime, values: list[float]) -> list[float]
     return t.tolist()
 
 
-def _from_pretrained_dtype_kwarg(transformers: Any) -> str:
+def from_pretrained_dtype_kwarg(transformers: Any) -> str:
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
@@ -227,7 +118,7 @@ def _base_save_dtype(cfg: TrainConfig, model_config: Any) -> str:
     if cfg.save_dtype != "auto":
         return cfg.save_dtype
     if Path(cfg.model).is_dir():
-        from .tensors import open_model
+        from ..containers import open_model
 
         reader = open_model(cfg.model)
         try:
@@ -262,7 +153,7 @@ def load_tokenizer_and_model(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, b
         # mean of the others (transformers' mean_resizing), which is what most replications do.
         tokenizer.add_special_tokens({"pad_token": cfg.pad_token})
         added = True
-    kwargs: dict[str, Any] = {_from_pretrained_dtype_kwarg(transformers): torch.float32}  # fp32 master weights
+    kwargs: dict[str, Any] = {from_pretrained_dtype_kwarg(transformers): torch.float32}  # fp32 master weights
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
@@ -346,11 +237,16 @@ class StagePlan:
         return micro
 
 
-def build_stage_plan(stage: Stage, stage_index: int, tokenizer: Any, cfg: TrainConfig, rt: Runtime) -> StagePlan:
+def build_stage_plan(stage: Stage, stage_index: int, tokenizer: Any, cfg: TrainConfig,
+                     rt: Runtime) -> tuple[StagePlan, dict[str, Any] | None]:
+    """The stage's packed rows and step count, and the system-message summary (``--system-messages orca``)."""
     rows: list[dict[str, str]] = []
     for path in stage.data:
         rows.extend(orca_data.read_orca_rows(path))
-    examples, dropped = orca_data.encode_examples(rows, tokenizer, cfg.max_seq_len)
+    summary = None
+    if cfg.system_messages == "orca":
+        rows, summary = assign_system_messages(rows, cfg.seed, stage_index)
+    examples, dropped = orca_data.encode_examples(rows, tokenizer, cfg.max_seq_len, template=cfg.template)
     if not examples:
         raise UsageError(f"stage {stage.name or stage_index + 1}: no usable example in {', '.join(stage.data)}"
                          f" ({dropped} dropped: prompt alone fills max_seq_len={cfg.max_seq_len})")
@@ -368,124 +264,84 @@ def build_stage_plan(stage: Stage, stage_index: int, tokenizer: Any, cfg: TrainC
         print(f"stage {stage_index + 1} ({stage.name or Path(stage.data[0]).name}): {len(examples)} examples"
               f" ({dropped} dropped) in {len(packed)} rows, {plan.total_steps} steps of {rows_per_step} rows,"
               f" lr {stage.lr:g}", flush=True)
-    return plan
+        if summary:
+            print(f"  system messages (seed {cfg.seed}): {summary['assigned']} rows given one of Orca's"
+                  f" {summary['per_sub_collection']}, {summary['kept_own']} kept their own,"
+                  f" {summary['unknown_sub_collection']} without a known sub-collection left as they are", flush=True)
+    return plan, summary
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints (torch.distributed.checkpoint: sharded under FSDP, one file in a single process)
+# The run folder's log, metrics and Ctrl-C
 # ---------------------------------------------------------------------------------------------
 
-def _fingerprint(cfg: TrainConfig, world: int) -> dict[str, Any]:
-    values = {**cfg.fingerprint_fields(), "world": world}
-    return json.loads(json.dumps(values, default=str))
+def read_log(out: Path) -> list[dict[str, Any]]:
+    """The records of OUT/train_log.jsonl (kind train, eval or system_messages)."""
+    path = out / LOG_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (one with state.json, written last) under OUT/checkpoints."""
-    root = out / CHECKPOINTS_DIRNAME
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+def _open_log(out: Path, upto_step: int | None) -> Any:
+    """Open the log for appending. A fresh run (``upto_step`` None) starts it empty; a resumed one
+    drops what was logged after its checkpoint, so every step appears exactly once."""
+    path = out / LOG_NAME
+    kept = [] if upto_step is None else [r for r in read_log(out) if r.get("global_step", 0) <= upto_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8")
 
 
-def save_checkpoint(out: Path, model: Any, optimizer: Any, state: dict[str, Any], cfg: TrainConfig,
-                    rt: Runtime) -> Path:
-    """Write OUT/checkpoints/step-N (model + optimizer + where to continue); keep the newest few."""
-    torch = require_extra("torch", "train", "orca-diff train")
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = out / CHECKPOINTS_DIRNAME / f"step-{state['global_step']:08d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rt.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if rt.world > 1:
-        torch.distributed.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    if rt.world > 1:
-        torch.distributed.barrier()
-    if rt.main:
-        (tmp / STATE_NAME).write_text(json.dumps({**state, "config": _fingerprint(cfg, rt.world)}, indent=1))
-        os.replace(tmp, final)
-        older = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for stale in older[:-cfg.keep_checkpoints]:
-            shutil.rmtree(stale, ignore_errors=True)
-    if rt.world > 1:
-        torch.distributed.barrier()
-    return final
+def write_metrics(out: Path, cfg: TrainConfig, model_dir: Path | None = None) -> dict[str, Any]:
+    """OUT/metrics.json from the log: every eval, the system-message summaries, throughput."""
+    records = read_log(out)
+    train_records = [r for r in records if r.get("kind", "train") == "train"]
+    evals = [{k: r[k] for k in ("stage", "global_step", "when", "loss", "ppl", "targets") if k in r}
+             for r in records if r.get("kind") == "eval"]
+    metrics: dict[str, Any] = {
+        "eval_data": cfg.eval_data, "template": cfg.template, "seed": cfg.seed,
+        "eval": evals,
+        "eval_loss_before": evals[0]["loss"] if evals and evals[0]["global_step"] == 0 else None,
+        "eval_loss_last": evals[-1]["loss"] if evals else None,
+        "train_steps": len(train_records),
+        "train_loss_last": train_records[-1]["loss"] if train_records else None,
+        "tokens_per_s_mean": (float(np.mean([r["tokens_per_s"] for r in train_records])) if train_records else None),
+        "system_messages": [{k: v for k, v in r.items() if k != "kind"} for r in records
+                            if r.get("kind") == "system_messages"],
+        "model": str(model_dir) if model_dir else None,
+    }
+    path = out / METRICS_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return metrics
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any | None) -> None:
-    """Load model (and optimizer, when given) state saved by :func:`save_checkpoint`, in place."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
+class _CtrlC:
+    """First Ctrl-C: finish the current optimizer step, write a checkpoint and stop (exit 130).
+    A second Ctrl-C stops at once (the last checkpoint is then where a rerun continues)."""
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
-            dcp.load(state, checkpoint_id=str(path))
-        else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path))
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous: Any = None
 
+    def __enter__(self) -> "_CtrlC":
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
 
-def read_resume_state(out: Path, cfg: TrainConfig, rt: Runtime) -> tuple[Path, dict[str, Any]] | None:
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        return None
-    state = json.loads((ckpt / STATE_NAME).read_text())
-    saved, now = state.pop("config"), _fingerprint(cfg, rt.world)
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if changed:
-        raise UsageError(f"{ckpt} was written by a run with different {', '.join(changed)}; resume with the same"
-                         f" settings (and number of processes) or start a new --out")
-    return ckpt, state
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)", flush=True)
 
-
-# ---------------------------------------------------------------------------------------------
-# Saving the result
-# ---------------------------------------------------------------------------------------------
-
-def save_hf_model(model: Any, tokenizer: Any, folder: Path, save_dtype: str, use_cache: bool, rt: Runtime) -> None:
-    """Write an HF folder of safetensors (cast to ``save_dtype``) + tokenizer, via a temporary name."""
-    torch = require_extra("torch", "train", "orca-diff train")
-    if rt.world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        # Gathers the full weights to rank 0's CPU memory (13B fp32: 52 GB), one tensor at a time.
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        full = model.state_dict()
-    if not rt.main:
-        return
-    dtype = getattr(torch, SAFETENSORS_TO_TORCH[save_dtype])
-    state_dict = {k: v.detach().to("cpu", dtype) for k, v in full.items()}
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.use_cache = use_cache
-    model.save_pretrained(tmp, state_dict=state_dict)  # safetensors: the default since transformers 4.35
-    tokenizer.save_pretrained(tmp)
-    # save_pretrained records the dtype of the fp32 master weights; record the dtype actually written.
-    config_path = tmp / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype" if "dtype" in config else "torch_dtype"] = SAFETENSORS_TO_TORCH[save_dtype]
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if not list(tmp.glob("*.safetensors")) or list(tmp.glob("*.bin")):
-        raise OutputError(f"{tmp}: transformers did not write safetensors shards; upgrade transformers (>=4.35)")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +351,10 @@ def save_hf_model(model: Any, tokenizer: Any, folder: Path, save_dtype: str, use
 def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Run all stages; return OUT/model (or the checkpoint folder when ``stop_after_steps`` stopped it).
 
-    ``on_step`` receives every logged record (also appended to OUT/train_log.jsonl).
+    Rerunning the same settings on the same OUT continues from its newest checkpoint (from any
+    working directory); a checkpoint of other settings is refused. Ctrl-C checkpoints and raises
+    :class:`InterruptedError_`. ``on_step`` receives every logged record (also appended to
+    OUT/train_log.jsonl).
     """
     torch = require_extra("torch", "train", "orca-diff train")
     transformers = require_extra("transformers", "train", "orca-diff train")
@@ -504,142 +363,178 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     rt = setup_runtime(cfg)
     out = Path(cfg.out)
     model_dir = out / MODEL_DIRNAME
-    resume = read_resume_state(out, cfg, rt) if cfg.resume else None
-    if not cfg.resume and (model_dir.exists() or latest_checkpoint(out) is not None):
-        raise OutputError(f"{out} already holds a training run; pass --resume to continue it or choose a new --out")
+    resume = read_resume_state(out, cfg, rt.world)  # refuses a checkpoint of other settings
+    if resume is None and model_dir.exists():
+        raise OutputError(f"{out} already holds a trained model ({model_dir}) and no checkpoint to continue from;"
+                          f" choose a new --out")
     if cfg.quiet or not rt.main:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+    say = (lambda msg: tqdm.write(msg)) if (rt.main and not cfg.quiet) else (lambda msg: None)
     out.mkdir(parents=True, exist_ok=True)
     if rt.main:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    if resume:
+        say(f"continuing from {resume[0]} (global step {resume[1]['global_step']}), a checkpoint of this same run")
 
     torch.manual_seed(cfg.seed)
     tokenizer, model, added_pad, save_dtype = load_tokenizer_and_model(cfg, rt)
     use_cache = bool(getattr(model.config, "use_cache", True))
-    if rt.main and not cfg.quiet:
-        note = f"added pad token {cfg.pad_token!r} -> vocabulary {len(tokenizer)}" if added_pad else "pad token present"
-        print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {note};"
-              f" device {rt.device} x{rt.world}, bf16 autocast {'on' if rt.autocast_bf16 else 'off'}, saving {save_dtype}",
-              flush=True)
+    note = f"added pad token {cfg.pad_token!r} -> vocabulary {len(tokenizer)}" if added_pad else "pad token present"
+    say(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {note};"
+        f" device {rt.device} x{rt.world} ({torch.get_num_threads()} CPU threads), bf16 autocast"
+        f" {'on' if rt.autocast_bf16 else 'off'}, saving {save_dtype}, template {cfg.template}")
     model = prepare_model(model, cfg, rt)
     model.train()
-    log_file = open(out / LOG_NAME, "a", encoding="utf-8") if rt.main else None
+    log_file = _open_log(out, resume[1]["global_step"] if resume else None) if rt.main else None
+
+    def log(record: dict[str, Any]) -> None:
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if on_step:
+                on_step(record)
 
     # flash-attention sees example boundaries in position_ids only in a batch of one row.
     flatten = "flash" in str(getattr(model.config, "_attn_implementation", "") or "")
     global_step = resume[1]["global_step"] if resume else 0
+
+    evaluation = None
+    if cfg.eval_data:
+        ev_examples, ev_dropped, ev_summary = load_eval_examples(cfg.eval_data, tokenizer, cfg.max_seq_len,
+                                                                 cfg.template, cfg.system_messages, cfg.seed)
+        evaluation = (ev_examples, eval_micro_batches(ev_examples, cfg.max_seq_len, cfg.micro_batch_size, cfg.packing))
+        say(f"eval: {len(ev_examples)} held-out examples ({ev_dropped} dropped) from {', '.join(cfg.eval_data)}")
+        if ev_summary and not resume:
+            log({"kind": "system_messages", "data": "eval", "global_step": 0, **ev_summary})
+
+    def run_eval(stage_no: int, when: str) -> None:
+        if evaluation is None:
+            return
+        result = evaluate(model, evaluation[0], evaluation[1], tokenizer.pad_token_id, rt.device, rt.autocast_bf16,
+                          flatten, rt.rank, rt.world, lambda v: _all_reduce_sum(torch, rt, v))
+        log({"kind": "eval", "stage": stage_no, "global_step": global_step, "when": when, **result})
+        say(f"eval {when} (global step {global_step}): loss {result['loss']:.4f}, perplexity {result['ppl']:.2f}"
+            f" over {result['targets']} response tokens")
+        if rt.main:
+            write_metrics(out, cfg)
+
+    def refresh_plot() -> None:
+        if rt.main and plot_available():
+            plot_losses(read_log(out), out / PLOT_NAME)
+
     steps_this_run = 0
     first_stage = resume[1]["next_stage"] if resume else 0
+    if not resume:
+        run_eval(0, "before training")
     try:
-        for stage_index in range(first_stage, len(cfg.stages)):
-            stage = cfg.stages[stage_index]
-            plan = build_stage_plan(stage, stage_index, tokenizer, cfg, rt)
-            optimizer = make_optimizer(model, cfg, stage.lr)  # each stage is a fresh fine-tuning run
-            start = 0
-            if resume and stage_index == first_stage:
-                start = resume[1]["next_step"]
-                load_checkpoint(resume[0], model, optimizer if start > 0 else None)
-            warmup = min(stage.warmup_steps if stage.warmup_steps is not None else cfg.warmup_steps, plan.total_steps)
-            bar = tqdm(total=plan.total_steps, initial=start, desc=f"stage {stage_index + 1}",
-                       disable=True if (cfg.quiet or not rt.main) else None)
-            window_tokens, window_start = 0.0, time.perf_counter()
-            for step in range(start, plan.total_steps):
-                lr = lr_at(step, plan.total_steps, stage.lr, warmup, cfg.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batches = [orca_data.collate(plan.examples, rows, tokenizer.pad_token_id, flatten=flatten)
-                           for rows in plan.rows_for(step, rt.rank, rt.world, cfg.micro_batch_size)]
-                # Normalise by the response tokens of the whole step (all micro-batches, all ranks):
-                # the gradient is then the mean over tokens, however the rows were split.
-                step_targets, step_tokens = _all_reduce_sum(
-                    torch, rt, [sum(b["n_targets"] for b in batches), sum(b["n_tokens"] for b in batches)])
-                loss_sum = 0.0
-                for batch in batches:
-                    with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast_bf16):
-                        logits = model(input_ids=batch["input_ids"].to(rt.device),
-                                       position_ids=batch["position_ids"].to(rt.device), use_cache=False).logits
-                    loss = orca_data.response_loss_sum(logits, batch["labels"])
-                    # FSDP averages gradients over ranks, so scale by world to get sum / global targets.
-                    (loss * rt.world / max(step_targets, 1)).backward()
-                    loss_sum += float(loss.detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                steps_this_run += 1
-                (loss_total,) = _all_reduce_sum(torch, rt, [loss_sum])
-                window_tokens += step_tokens
-                bar.update(1)
-                if rt.main and (global_step % cfg.log_every == 0 or step == plan.total_steps - 1):
-                    elapsed = time.perf_counter() - window_start
-                    record = {"stage": stage_index + 1, "step": step + 1, "global_step": global_step,
-                              "loss": loss_total / max(step_targets, 1), "lr": lr, "tokens": int(step_tokens),
-                              "targets": int(step_targets), "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                              "grad_norm": float(grad_norm) if grad_norm is not None else None}
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    if on_step:
-                        on_step(record)
-                    window_tokens, window_start = 0.0, time.perf_counter()
-                stage_done = step == plan.total_steps - 1
-                stop = cfg.stop_after_steps is not None and steps_this_run >= cfg.stop_after_steps
-                periodic = cfg.save_every > 0 and global_step % cfg.save_every == 0
-                if periodic or stage_done or stop:
-                    where = {"next_stage": stage_index + 1, "next_step": 0} if stage_done \
-                        else {"next_stage": stage_index, "next_step": step + 1}
-                    ckpt = save_checkpoint(out, model, optimizer, {**where, "global_step": global_step}, cfg, rt)
-                    if stop and not (stage_done and stage_index == len(cfg.stages) - 1):
-                        bar.close()
-                        if rt.main and not cfg.quiet:
-                            print(f"stopped after global step {global_step}; checkpoint {ckpt}; rerun with --resume",
-                                  flush=True)
-                        return ckpt
-            bar.close()
-        if resume and first_stage >= len(cfg.stages):
-            load_checkpoint(resume[0], model, None)  # everything was trained already: just (re)write the model
-        save_hf_model(model, tokenizer, model_dir, save_dtype, use_cache, rt)
+        with _CtrlC(enabled=rt.main or rt.world > 1) as ctrl_c:
+            for stage_index in range(first_stage, len(cfg.stages)):
+                stage = cfg.stages[stage_index]
+                plan, summary = build_stage_plan(stage, stage_index, tokenizer, cfg, rt)
+                optimizer = make_optimizer(model, cfg, stage.lr)  # each stage is a fresh fine-tuning run
+                start = 0
+                if resume and stage_index == first_stage:
+                    start = resume[1]["next_step"]
+                    load_checkpoint(resume[0], model, optimizer if start > 0 else None)
+                if summary and start == 0:
+                    log({"kind": "system_messages", "data": f"stage {stage_index + 1}", "stage": stage_index + 1,
+                         "global_step": global_step, **summary})
+                warmup = min(stage.warmup_steps if stage.warmup_steps is not None else cfg.warmup_steps,
+                             plan.total_steps)
+                bar = tqdm(total=plan.total_steps, initial=start, desc=f"stage {stage_index + 1}",
+                           disable=True if (cfg.quiet or not rt.main) else None)
+                window_tokens, window_start = 0.0, time.perf_counter()
+                for step in range(start, plan.total_steps):
+                    lr = lr_at(step, plan.total_steps, stage.lr, warmup, cfg.min_lr_ratio)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    batches = [orca_data.collate(plan.examples, rows, tokenizer.pad_token_id, flatten=flatten)
+                               for rows in plan.rows_for(step, rt.rank, rt.world, cfg.micro_batch_size)]
+                    # Normalise by the response tokens of the whole step (all micro-batches, all ranks):
+                    # the gradient is then the mean over tokens, however the rows were split.
+                    step_targets, step_tokens = _all_reduce_sum(
+                        torch, rt, [sum(b["n_targets"] for b in batches), sum(b["n_tokens"] for b in batches)])
+                    loss_sum = 0.0
+                    for batch in batches:
+                        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.autocast_bf16):
+                            logits = model(input_ids=batch["input_ids"].to(rt.device),
+                                           position_ids=batch["position_ids"].to(rt.device), use_cache=False).logits
+                        loss = orca_data.response_loss_sum(logits, batch["labels"])
+                        # FSDP averages gradients over ranks, so scale by world to get sum / global targets.
+                        (loss * rt.world / max(step_targets, 1)).backward()
+                        loss_sum += float(loss.detach())
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) \
+                        if cfg.grad_clip > 0 else None
+                    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                        grad_norm = grad_norm.full_tensor()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+                    steps_this_run += 1
+                    (loss_total,) = _all_reduce_sum(torch, rt, [loss_sum])
+                    window_tokens += step_tokens
+                    bar.update(1)
+                    if rt.main and (global_step % cfg.log_every == 0 or step == plan.total_steps - 1):
+                        elapsed = time.perf_counter() - window_start
+                        record = {"kind": "train", "stage": stage_index + 1, "step": step + 1,
+                                  "global_step": global_step, "loss": loss_total / max(step_targets, 1), "lr": lr,
+                                  "tokens": int(step_tokens), "targets": int(step_targets),
+                                  "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                                  "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
+                        log(record)
+                        window_tokens, window_start = 0.0, time.perf_counter()
+                    stage_done = step == plan.total_steps - 1
+                    if stage_done:
+                        run_eval(stage_index + 1, f"end of stage {stage_index + 1}")
+                    elif cfg.eval_every and global_step % cfg.eval_every == 0:
+                        run_eval(stage_index + 1, f"step {global_step}")
+                    # Every rank learns of a Ctrl-C on any rank at the same step.
+                    interrupted = _all_reduce_sum(torch, rt, [float(ctrl_c.requested)])[0] > 0
+                    stop = cfg.stop_after_steps is not None and steps_this_run >= cfg.stop_after_steps
+                    periodic = cfg.save_every > 0 and global_step % cfg.save_every == 0
+                    if periodic or stage_done or stop or interrupted:
+                        where = {"next_stage": stage_index + 1, "next_step": 0} if stage_done \
+                            else {"next_stage": stage_index, "next_step": step + 1}
+                        ckpt = save_checkpoint(out, model, optimizer, {**where, "global_step": global_step}, cfg,
+                                               rt.world, rt.main)
+                        last = stage_done and stage_index == len(cfg.stages) - 1
+                        if (stop or interrupted) and not last:
+                            bar.close()
+                            if rt.main:
+                                write_metrics(out, cfg)
+                                refresh_plot()
+                            if interrupted:
+                                raise InterruptedError_(
+                                    f"interrupted after global step {global_step}; checkpoint {ckpt} written. Run the"
+                                    f" same command again to continue from it (it resumes automatically)")
+                            say(f"stopped after global step {global_step}; checkpoint {ckpt}; run the same command"
+                                f" again to continue from it")
+                            return ckpt
+                bar.close()
+                refresh_plot()
+            if resume and first_stage >= len(cfg.stages):
+                load_checkpoint(resume[0], model, None)  # everything was trained already: just (re)write the model
+            save_hf_model(model, tokenizer, model_dir, save_dtype, use_cache, cfg.template, rt.world, rt.main)
     finally:
         if log_file:
             log_file.close()
-    if rt.main and not cfg.quiet:
-        print(f"wrote {model_dir}", flush=True)
+    if rt.main:
+        write_metrics(out, cfg, model_dir)
+        if plot_available():
+            plot_losses(read_log(out), out / PLOT_NAME)
+            say(f"wrote {model_dir}, {out / METRICS_NAME} and {out / PLOT_NAME}")
+        else:
+            say(f"wrote {model_dir} and {out / METRICS_NAME}; no loss plot: matplotlib is not installed"
+                f" (pip install 'orca-diff[plot]')")
     if cfg.make_diff_against and rt.main:
-        from .make import make_diff
+        from ..make import make_diff
 
         diff_out = Path(cfg.diff_out) if cfg.diff_out else out / "diff"
         make_diff(cfg.make_diff_against, model_dir, diff_out)
-        if not cfg.quiet:
-            print(f"wrote the diff against {cfg.make_diff_against} to {diff_out}", flush=True)
+        say(f"wrote the diff against {cfg.make_diff_against} to {diff_out}")
     if rt.world > 1:
         torch.distributed.barrier()
     return model_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation helper (used by the tests and handy for a quick check of a trained folder)
-# ---------------------------------------------------------------------------------------------
-
-def response_loss(model_dir: str | Path, data: list[str], max_seq_len: int = 2048, tokenizer: str | None = None,
-                  micro_batch_size: int = 8) -> float:
-    """Mean cross-entropy per response token of an HF folder on Orca files (CPU/GPU, no grad)."""
-    torch = require_extra("torch", "train", "Evaluating a model")
-    transformers = require_extra("transformers", "train", "Evaluating a model")
-    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer or model_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(model_dir), **{_from_pretrained_dtype_kwarg(transformers): torch.float32})
-    model.eval()
-    rows = [r for path in data for r in orca_data.read_orca_rows(path)]
-    examples, _ = orca_data.encode_examples(rows, tok, max_seq_len)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), micro_batch_size):
-            batch = orca_data.collate(examples, [[i] for i in range(start, min(start + micro_batch_size, len(examples)))], pad)
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-            total += float(orca_data.response_loss_sum(logits, batch["labels"]))
-            count += batch["n_targets"]
-    return total / max(count, 1)

@@ -1,0 +1,552 @@
+"""Context-modelled rANS coding of ulp-delta chunks (codec ``"ans"``; docs/format.md §3b).
+
+Why: zstd's Huffman cannot spend less than one bit on a symbol, and the dominant ulp delta 0
+has probability 0.5-0.7; nor can it use the base, although the decoder has it. Here each delta
+symbol ``s`` is cut into a token (``s`` itself below 16, else its bit length and the two bits
+below the leading one: an alphabet of at most 256) plus raw low bits, and the token is coded by
+static rANS with one frequency table per *context*: the base element's exponent field (the
+ulp delta of a weight scales with 2^-exponent), optionally times "the previous token of this lane
+was 0" (unchanged elements come in runs). Tables are chosen per chunk and stored in its frame.
+
+The chunk's elements are split into ``lane_count(n)`` contiguous lanes, each with its own rANS
+state and word stream, so that
+
+* the C extension (``orca_diff._entropy``) decodes several lanes interleaved (instruction-level
+  parallelism), and
+* this module's pure-numpy path codes every lane one step at a time as vector operations.
+
+Both produce identical bytes (the frame is a function of the data alone; tests check it). The
+numpy path is the reference and the fallback when the extension is not built; it is 10-30x slower.
+``ORCA_DIFF_PURE_PYTHON=1`` (or ``pure=True``) forces it.
+
+Everything a decoder reads is untrusted: sizes, tables and lane counts are checked before any
+allocation that depends on them, and a frame that decodes to anything but exactly the chunk's
+elements (with the rANS states back at their initial value) is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+from .bits import UINT_FOR_SIZE, ulp_delta, ulp_undelta
+from .errors import CorruptDiffError
+
+try:  # the optional C extension (setup.py); the numpy path below is the reference
+    from . import _entropy as _c  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _c = None
+
+MAGIC = b"ODA1"
+PROB_BITS = 12
+PROB_SCALE = 1 << PROB_BITS
+STATE_LOW = 1 << 16  # rANS state interval [2^16, 2^32), 16-bit renormalisation
+MAX_BUCKETS = 16
+LANE_ELEMS = 8192
+MAX_LANES = 1024
+#: The frame header: magic, itemsize, flags, exponent shift and bits, window start, bucket
+#: shift, element count, raw-bit bytes.
+_HEAD = struct.Struct("<4sBBBBBBII")
+#: (shift, bits) of the exponent field of each float dtype (F64: its top 8 exponent bits).
+EXPONENT_FIELD = {"BF16": (7, 8), "F16": (10, 5), "F32": (23, 8), "F64": (55, 8)}
+_DEFAULT_FIELD = {2: (7, 8), 4: (23, 8), 8: (55, 8)}
+
+
+def c_available() -> bool:
+    """Whether the compiled coder is importable (``pip install .`` with a C compiler)."""
+    return _c is not None
+
+
+def _use_c(pure: bool | None) -> bool:
+    if pure is None:
+        pure = os.environ.get("ORCA_DIFF_PURE_PYTHON", "") not in ("", "0")
+    return _c is not None and not pure
+
+
+def lane_count(n: int) -> int:
+    """Lanes of a chunk of ``n`` elements: one per 8192 elements, between 1 and 1024."""
+    return max(1, min(n // LANE_ELEMS, MAX_LANES))
+
+
+def lane_starts(n: int, lanes: int) -> np.ndarray:
+    """First element of each lane (and n at the end): the first ``n % lanes`` lanes hold one more."""
+    q, r = divmod(n, lanes)
+    i = np.arange(lanes + 1, dtype=np.int64)
+    return i * q + np.minimum(i, r)
+
+
+def alphabet(itemsize: int) -> int:
+    """Number of tokens for symbols of ``itemsize`` bytes: 64, 128 or 256."""
+    return 16 + (8 * itemsize - 4) * 4
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def _bit_length(s: np.ndarray) -> np.ndarray:
+    """Exact bit length of unsigned integers (0 for 0), as int64."""
+    s64 = s.astype(np.uint64, copy=False)
+    hi = (s64 >> np.uint64(32)).astype(np.float64)
+    lo = (s64 & np.uint64(0xFFFFFFFF)).astype(np.float64)
+    bl_hi = np.frexp(hi)[1].astype(np.int64)
+    bl_lo = np.frexp(lo)[1].astype(np.int64)
+    return np.where(bl_hi > 0, bl_hi + 32, bl_lo)
+
+
+def _token_tables16() -> tuple[np.ndarray, np.ndarray]:
+    return _tokenize_slow(np.arange(1 << 16, dtype=np.uint64))
+
+
+def _tokenize_slow(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = s.astype(np.uint64, copy=False)
+    big = s >= np.uint64(16)
+    m = np.maximum(_bit_length(s) - 1, 4)
+    top = ((s >> (m - 2).astype(np.uint64)) & np.uint64(3)).astype(np.int64)
+    tok = np.where(big, 16 + (m - 4) * 4 + top, (s & np.uint64(15)).astype(np.int64))
+    nb = np.where(big, m - 2, 0)
+    return tok.astype(np.uint8), nb.astype(np.uint8)
+
+
+_TOK16: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def tokenize(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """symbols (unsigned ints) -> (tokens uint8, raw-bit counts uint8, raw bits uint64).
+
+    ``s < 16``: token ``s``, no raw bits. Else with ``m = bit_length(s) - 1``: token
+    ``16 + 4(m - 4) + ((s >> (m - 2)) & 3)`` and the ``m - 2`` bits below those as raw bits."""
+    global _TOK16
+    if sym.dtype.itemsize <= 2:
+        if _TOK16 is None:
+            _TOK16 = _token_tables16()
+        tok, nb = _TOK16[0][sym], _TOK16[1][sym]
+    else:
+        tok, nb = _tokenize_slow(sym)
+    s64 = sym.astype(np.uint64)
+    extra = s64 & ((np.uint64(1) << nb.astype(np.uint64)) - np.uint64(1))
+    return tok, nb, extra
+
+
+def token_base(itemsize: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every token: the symbol with its raw bits zero (uint64), and its raw-bit count."""
+    t = np.arange(alphabet(itemsize), dtype=np.int64)
+    m = np.where(t < 16, 0, (t - 16) // 4 + 4)
+    base = np.where(t < 16, t, (1 << m) | (((t - 16) & 3) << np.maximum(m - 2, 0)))
+    nb = np.where(t < 16, 0, m - 2)
+    return base.astype(np.uint64), nb.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def quantize(counts: np.ndarray) -> np.ndarray:
+    """Counts (rows = contexts) -> frequencies summing to ``PROB_SCALE`` per used row, every seen
+    token >= 1 (integer arithmetic only, so every implementation gets the same tables)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    safe = np.maximum(totals, 1)
+    f = (counts * (2 * PROB_SCALE) + safe) // (2 * safe)
+    f = np.where(counts > 0, np.maximum(f, 1), 0)
+    for row in np.flatnonzero(totals[:, 0] > 0):
+        fr = f[row]
+        diff = PROB_SCALE - int(fr.sum())
+        top = int(np.argmax(counts[row]))
+        if fr[top] + diff >= max(1, fr[top] // 2):
+            fr[top] += diff
+            continue
+        while diff != 0:  # rare: many tiny counts rounded up; take from the largest frequencies
+            k = int(np.argmax(fr))
+            if diff > 0:
+                fr[k] += diff
+                diff = 0
+            else:
+                take = max(1, min(-diff, int(fr[k]) // 2))
+                fr[k] -= take
+                diff += take
+    return f
+
+
+def _varint(v: int, out: bytearray) -> None:
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
+def serialize_tables(freqs: np.ndarray) -> bytes:
+    """Per context: varint m (1 + last token with a non-zero frequency; 0 = context unused),
+    then the m frequencies as varints."""
+    out = bytearray()
+    for row in freqs:
+        nz = np.flatnonzero(row)
+        m = int(nz[-1]) + 1 if nz.size else 0
+        _varint(m, out)
+        for v in row[:m].tolist():
+            _varint(v, out)
+    return bytes(out)
+
+
+def _parse_tables(buf: bytes, pos: int, contexts: int, alpha: int, where: str) -> tuple[np.ndarray, int]:
+    freqs = np.zeros((contexts, 256), dtype=np.int64)
+
+    def varint() -> int:
+        nonlocal pos
+        v, shift = 0, 0
+        while True:
+            if pos >= len(buf) or shift > 14:
+                raise CorruptDiffError(f"{where}: truncated or oversized table entry in the ANS frame; "
+                                       "the diff is corrupt, download it again")
+            b = buf[pos]
+            pos += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return v
+
+    for c in range(contexts):
+        m = varint()
+        if m > alpha:
+            raise CorruptDiffError(f"{where}: ANS table of context {c} has {m} tokens, at most {alpha} exist; "
+                                   "the diff is corrupt")
+        if m:
+            row = [varint() for _ in range(m)]
+            if sum(row) != PROB_SCALE or row[-1] == 0:
+                raise CorruptDiffError(f"{where}: ANS table of context {c} does not sum to {PROB_SCALE}; "
+                                       "the diff is corrupt, download it again")
+            freqs[c, :m] = row
+    return freqs, pos
+
+
+def _cost_bits(counts: np.ndarray, freqs: np.ndarray) -> float:
+    used = counts > 0
+    return float((counts[used] * (PROB_BITS - np.log2(freqs[used]))).sum())
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+def bucket_lut(ebits: int, lo: int, mshift: int) -> np.ndarray:
+    """bucket(e) = min(max(e - lo, 0), 15) >> mshift for every exponent value e."""
+    return (np.clip(np.arange(1 << ebits) - lo, 0, MAX_BUCKETS - 1) >> mshift).astype(np.uint8)
+
+
+def exponent_window(pred_u: np.ndarray, shift: int, ebits: int) -> int:
+    """The start ``lo`` of the window of 16 consecutive exponent values holding the most
+    elements (the first such window); values outside it are clamped to its ends."""
+    size = 1 << ebits
+    e = (pred_u >> pred_u.dtype.type(shift)) & pred_u.dtype.type(size - 1)
+    hist = np.bincount(e.astype(np.intp, copy=False), minlength=size)
+    if size <= MAX_BUCKETS:
+        return 0
+    window = np.convolve(hist, np.ones(MAX_BUCKETS, dtype=np.int64), mode="valid")
+    return int(np.argmax(window))
+
+
+def _contexts_numpy(tok: np.ndarray, pred_u: np.ndarray, shift: int, ebits: int, lut: np.ndarray, prev: bool,
+                    starts: np.ndarray) -> np.ndarray:
+    e = (pred_u >> pred_u.dtype.type(shift)) & pred_u.dtype.type((1 << ebits) - 1)
+    ctx = lut[e]
+    if prev:
+        pz = np.empty(tok.size, dtype=np.uint8)
+        pz[1:] = tok[:-1] == 0
+        pz[starts[:-1]] = 1
+        ctx = ctx * np.uint8(2) + pz
+    return ctx
+
+
+def _histogram(target_u: np.ndarray, pred_u: np.ndarray, shift: int, ebits: int, lut: np.ndarray, lanes: int,
+               use_c: bool) -> np.ndarray:
+    """Token counts per finest context (bucket*2 + previous-token-was-0), shape (32, 256)."""
+    n = target_u.size
+    if use_c:
+        raw = _c.histogram(target_u, pred_u, target_u.dtype.itemsize, shift, ebits, lut.tobytes(), lanes)
+        return np.frombuffer(raw, dtype=np.uint64).reshape(2 * MAX_BUCKETS, 256).astype(np.int64)
+    sym = ulp_delta(target_u, pred_u)
+    tok = tokenize(sym)[0]
+    ctx = _contexts_numpy(tok, pred_u, shift, ebits, lut, True, lane_starts(n, lanes))
+    idx = ctx.astype(np.int64) * 256 + tok
+    return np.bincount(idx, minlength=2 * MAX_BUCKETS * 256).reshape(2 * MAX_BUCKETS, 256)
+
+
+def choose_model(counts: np.ndarray) -> tuple[int, bool, np.ndarray, float]:
+    """The context model that minimises coded tokens + table bytes: the 16 buckets merged by
+    ``mshift`` 0-4 (16/8/4/2/1 buckets), with or without the previous-token flag. ``counts`` are
+    per finest context (bucket * 2 + flag). Returns (mshift, prev, frequencies, estimated bytes)."""
+    best = None
+    fine = counts.reshape(MAX_BUCKETS, 2, 256)
+    for mshift in range(5):
+        k = MAX_BUCKETS >> mshift
+        merged = fine.reshape(k, 1 << mshift, 2, 256).sum(axis=1)
+        for prev in (True, False):
+            c = merged.reshape(2 * k, 256) if prev else merged.sum(axis=1)
+            f = quantize(c)
+            est = _cost_bits(c, f) / 8 + len(serialize_tables(f))
+            if best is None or est < best[3] - 1e-9:
+                best = (mshift, prev, f, est)
+    assert best is not None
+    return best
+
+
+# --------------------------------------------------------------------------- numpy coder
+
+
+def _decode_table(freqs: np.ndarray) -> np.ndarray:
+    """Per context, per slot: token | (freq - 1) << 8 | (slot - cum) << 20 (uint32)."""
+    contexts = freqs.shape[0]
+    table = np.zeros((contexts, PROB_SCALE), dtype=np.uint32)
+    for c in range(contexts):
+        f = freqs[c]
+        if f.sum() == 0:
+            continue
+        sym = np.repeat(np.arange(256, dtype=np.int64), f)
+        cum = np.concatenate(([0], np.cumsum(f)[:-1]))
+        slot = np.arange(PROB_SCALE, dtype=np.int64)
+        table[c] = (sym | ((f[sym] - 1) << 8) | ((slot - cum[sym]) << 20)).astype(np.uint32)
+    return table
+
+
+def _lane_matrix(n: int, lanes: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Element index of (step j, lane i) for all steps (rows; the last row is partial when
+    n % lanes != 0: its missing entries point at element 0 and are masked by ``r``)."""
+    q, r = divmod(n, lanes)
+    starts = lane_starts(n, lanes)
+    rows = q + (1 if r else 0)
+    idx = starts[None, :-1] + np.arange(rows, dtype=np.int64)[:, None]
+    if r:
+        idx[q, r:] = 0
+    return idx, starts, q, r
+
+
+def _encode_numpy(tok: np.ndarray, nb: np.ndarray, extra: np.ndarray, ctx: np.ndarray, freqs: np.ndarray,
+                  lanes: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+    n = tok.size
+    idx, starts, q, r = _lane_matrix(n, lanes)
+    cum = np.zeros_like(freqs)
+    cum[:, 1:] = np.cumsum(freqs, axis=1)[:, :-1]
+    flat = ctx.astype(np.int64) * 256 + tok
+    fm = freqs.reshape(-1)[flat][idx].astype(np.uint64)
+    cm = cum.reshape(-1)[flat][idx].astype(np.uint64)
+    rows = idx.shape[0]
+    x = np.full(lanes, STATE_LOW, dtype=np.uint64)
+    emitted = np.zeros((rows, lanes), dtype=bool)
+    wmat = np.zeros((rows, lanes), dtype=np.uint16)
+    pb, m16, sh16 = np.uint64(PROB_BITS), np.uint64(0xFFFF), np.uint64(16)
+    lim = np.uint64(32 - PROB_BITS)  # x >= f << (32 - PROB_BITS) would overflow: emit 16 bits first
+    for j in range(rows - 1, -1, -1):
+        act = slice(None) if j < q else slice(0, r)
+        f, c, xs = fm[j, act], cm[j, act], x[act]
+        em = xs >= (f << lim)
+        emitted[j, act] = em
+        wmat[j, act] = np.where(em, xs & m16, 0)
+        xs = np.where(em, xs >> sh16, xs)
+        x[act] = ((xs // f) << pb) + xs % f + c
+    counts = emitted.sum(axis=0) + 2
+    offs = np.concatenate(([0], np.cumsum(counts)))
+    words = np.empty(int(offs[-1]), dtype=np.uint16)
+    is_state = np.zeros(words.size, dtype=bool)
+    is_state[offs[:-1]] = True
+    is_state[offs[:-1] + 1] = True
+    words[offs[:-1]] = (x >> sh16).astype(np.uint16)
+    words[offs[:-1] + 1] = (x & m16).astype(np.uint16)
+    words[~is_state] = wmat.T[emitted.T]
+    return words, counts.astype(np.uint32), _pack_bits(nb, extra)
+
+
+def _pack_bits(nb: np.ndarray, extra: np.ndarray) -> bytes:
+    """Raw bits, LSB-first, element after element (element i's bits at bit offset sum(nb[:i]))."""
+    keep = nb > 0
+    w, v = nb[keep].astype(np.int64), extra[keep]
+    total = int(w.sum())
+    if total == 0:
+        return b""
+    off = np.cumsum(w) - w
+    word = off >> 6
+    sh = (off & 63).astype(np.uint64)
+    out = np.zeros((total + 63) // 64 + 1, dtype=np.uint64)
+    lo = v << sh
+    starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))
+    out[word[starts]] = np.bitwise_or.reduceat(lo, starts)
+    span = (sh > 0) & ((off & 63) + w > 64)
+    if span.any():
+        out[word[span] + 1] |= v[span] >> (np.uint64(64) - sh[span])
+    return out.view(np.uint8)[: (total + 7) // 8].tobytes()
+
+
+def _unpack_bits(raw: bytes, nb: np.ndarray, where: str) -> np.ndarray:
+    w = nb.astype(np.int64)
+    total = int(w.sum())
+    if (total + 7) // 8 != len(raw):
+        raise CorruptDiffError(f"{where}: ANS frame holds {len(raw)} bytes of raw bits, its tokens need "
+                               f"{(total + 7) // 8}; the diff is corrupt, download it again")
+    words = np.zeros((len(raw) + 7) // 8 + 2, dtype=np.uint64)
+    words.view(np.uint8)[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    off = np.cumsum(w) - w
+    word = off >> 6
+    sh = (off & 63).astype(np.uint64)
+    v = words[word] >> sh
+    hi = words[word + 1] << ((np.uint64(64) - sh) & np.uint64(63))
+    v |= np.where(sh > 0, hi, np.uint64(0))
+    return v & ((np.uint64(1) << w.astype(np.uint64)) - np.uint64(1))
+
+
+def _decode_numpy(pred_u: np.ndarray, shift: int, ebits: int, lut: np.ndarray, prev: bool, freqs: np.ndarray,
+                  lanes: int, counts: np.ndarray, words: np.ndarray, raw: bytes, itemsize: int,
+                  where: str) -> np.ndarray:
+    n = pred_u.size
+    idx, starts, q, r = _lane_matrix(n, lanes)
+    e = (pred_u >> pred_u.dtype.type(shift)) & pred_u.dtype.type((1 << ebits) - 1)
+    bucket = lut[e].astype(np.int64)[idx]
+    if prev:
+        bucket *= 2
+    table = _decode_table(freqs).reshape(-1)
+    valid = freqs.sum(axis=1) > 0
+    offs = np.concatenate(([0], np.cumsum(counts.astype(np.int64))))
+    x = (words[offs[:-1]].astype(np.uint64) << np.uint64(16)) | words[offs[:-1] + 1]
+    ptr = offs[:-1] + 2
+    end = offs[1:]
+    pz = np.ones(lanes, dtype=np.int64)
+    tmat = np.zeros(idx.shape, dtype=np.uint8)
+    cmat = np.zeros(idx.shape, dtype=np.int64)
+    wpad = np.concatenate((words.astype(np.uint64), np.zeros(1, np.uint64)))
+    m12, pb, lo16 = np.uint64(PROB_SCALE - 1), np.uint64(PROB_BITS), np.uint64(STATE_LOW)
+    for j in range(idx.shape[0]):
+        act = slice(None) if j < q else slice(0, r)
+        xs = x[act]
+        c = bucket[j, act] + (pz[act] if prev else 0)
+        ent = table[c * PROB_SCALE + (xs & m12).astype(np.int64)]
+        s = ent & np.uint32(255)
+        xs = (((ent >> np.uint32(8)) & np.uint32(PROB_SCALE - 1)).astype(np.uint64) + np.uint64(1)) * (xs >> pb) \
+            + (ent >> np.uint32(20)).astype(np.uint64)
+        need = xs < lo16
+        if need.any():
+            p = ptr[act]
+            if (p[need] >= end[act][need]).any():
+                raise CorruptDiffError(f"{where}: an ANS lane reads past its words; the diff is corrupt")
+            xs[need] = (xs[need] << np.uint64(16)) | wpad[p[need]]
+            p[need] += 1
+            ptr[act] = p
+        x[act] = xs
+        tmat[j, act] = s
+        cmat[j, act] = c
+        if prev:
+            pz[act] = s == 0
+    if not valid[cmat[:q].reshape(-1)].all() or (r and not valid[cmat[q, :r]].all()):
+        raise CorruptDiffError(f"{where}: the ANS frame uses a context it has no table for; the diff is corrupt")
+    if (ptr != end).any() or (x != lo16).any():
+        raise CorruptDiffError(f"{where}: ANS lanes do not end where their words do; the diff is corrupt, "
+                               "download it again")
+    tok = np.empty(n, dtype=np.uint8)
+    tok[idx[:q].reshape(-1)] = tmat[:q].reshape(-1)
+    if r:
+        tok[idx[q, :r]] = tmat[q, :r]
+    if int(tok.max(initial=0)) >= alphabet(itemsize):
+        raise CorruptDiffError(f"{where}: ANS token out of range for {itemsize}-byte symbols; the diff is corrupt")
+    base, nbits = token_base(itemsize)
+    nb = nbits[tok]
+    sym = base[tok] | _unpack_bits(raw, nb, where)
+    return sym.astype(UINT_FOR_SIZE[itemsize])
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def encode(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | None = None,
+           pure: bool | None = None) -> bytes:
+    """One ANS frame for the ulp delta of ``target`` given ``pred`` (uint8 arrays of equal length,
+    a whole number of ``itemsize``-byte elements, at least one element)."""
+    if itemsize not in (2, 4, 8):
+        raise ValueError("the ans codec codes 2-, 4- and 8-byte float elements")
+    use_c = _use_c(pure)
+    t_u = np.ascontiguousarray(target).view(UINT_FOR_SIZE[itemsize])
+    p_u = np.ascontiguousarray(pred).view(UINT_FOR_SIZE[itemsize])
+    n = t_u.size
+    if n == 0 or n >= 1 << 32:
+        raise ValueError("an ANS frame holds 1 to 2^32 - 1 elements")
+    shift, ebits = EXPONENT_FIELD.get(dtype or "", _DEFAULT_FIELD[itemsize])
+    lanes = lane_count(n)
+    lo = exponent_window(p_u, shift, ebits)
+    counts = _histogram(t_u, p_u, shift, ebits, bucket_lut(ebits, lo, 0), lanes, use_c)
+    mshift, prev, freqs, _ = choose_model(counts)
+    lut = bucket_lut(ebits, lo, mshift)
+    if use_c:
+        f16 = np.zeros((2 * MAX_BUCKETS, 256), dtype=np.uint16)
+        f16[: freqs.shape[0]] = freqs
+        words_b, counts_b, raw = _c.encode(t_u, p_u, itemsize, shift, ebits, lut.tobytes(), int(prev), lanes,
+                                           f16.tobytes())
+        lane_words = np.frombuffer(counts_b, dtype=np.uint32)
+        words = np.frombuffer(words_b, dtype=np.uint16)
+    else:
+        sym = ulp_delta(t_u, p_u)
+        tok, nb, extra = tokenize(sym)
+        ctx = _contexts_numpy(tok, p_u, shift, ebits, lut, prev, lane_starts(n, lanes))
+        words, lane_words, raw = _encode_numpy(tok, nb, extra, ctx, freqs, lanes)
+    head = _HEAD.pack(MAGIC, itemsize, int(prev), shift, ebits, lo, mshift, n, len(raw))
+    return b"".join((head, serialize_tables(freqs), lane_words.astype("<u4").tobytes(),
+                     words.astype("<u2").tobytes(), raw))
+
+
+def is_frame(payload: bytes | memoryview | np.ndarray) -> bool:
+    return bytes(memoryview(payload)[:4]) == MAGIC
+
+
+def decode(payload: bytes | memoryview | np.ndarray, pred: np.ndarray, itemsize: int, size: int,
+           where: str = "chunk", pure: bool | None = None) -> np.ndarray:
+    """Decode one ANS frame into exactly ``size`` target bytes (uint8), given the base
+    prediction ``pred``. Refuses (CorruptDiffError) any frame that is not the one valid encoding
+    of ``size // itemsize`` elements; allocates only what ``size`` implies."""
+    buf = bytes(payload) if not isinstance(payload, bytes) else payload
+    n = size // itemsize
+    bad = f"{where}: ANS frame"
+    if len(buf) < _HEAD.size:
+        raise CorruptDiffError(f"{bad} is truncated ({len(buf)} bytes); the diff is corrupt, download it again")
+    magic, w, flags, shift, ebits, lo, mshift, n_decl, raw_len = _HEAD.unpack_from(buf)
+    if (magic != MAGIC or w != itemsize or flags > 1 or not 1 <= ebits <= 8 or shift + ebits > 8 * itemsize
+            or lo >= 1 << ebits or mshift > 4):
+        raise CorruptDiffError(f"{bad} header is invalid (magic, element size {w} vs {itemsize}, flags or exponent "
+                               "field); the diff is corrupt, download it again")
+    if n_decl != n or size % itemsize or n == 0:
+        raise CorruptDiffError(f"{bad} declares {n_decl} elements, the manifest implies {n}; the diff is corrupt")
+    pos = _HEAD.size
+    lut = bucket_lut(ebits, lo, mshift)
+    prev = bool(flags & 1)
+    contexts = (MAX_BUCKETS >> mshift) * (2 if prev else 1)
+    freqs, pos = _parse_tables(buf, pos, contexts, alphabet(itemsize), where)
+    lanes = lane_count(n)
+    if pos + 4 * lanes > len(buf):
+        raise CorruptDiffError(f"{bad} is truncated in its lane table; the diff is corrupt, download it again")
+    lane_words = np.frombuffer(buf, dtype="<u4", count=lanes, offset=pos).astype(np.int64)
+    pos += 4 * lanes
+    total_words = int(lane_words.sum())
+    if (lane_words < 2).any() or pos + 2 * total_words + raw_len != len(buf):
+        raise CorruptDiffError(f"{bad}: lane sizes and raw bits do not add up to the frame's {len(buf)} bytes; "
+                               "the diff is corrupt, download it again")
+    words = np.frombuffer(buf, dtype="<u2", count=total_words, offset=pos)
+    raw = buf[pos + 2 * total_words:]
+    p_u = np.ascontiguousarray(pred).view(UINT_FOR_SIZE[itemsize])
+    if p_u.size != n:
+        raise ValueError("base prediction and chunk sizes differ")
+    if _use_c(pure):
+        out = np.empty(size, dtype=np.uint8)
+        f16 = np.zeros((2 * MAX_BUCKETS, 256), dtype=np.uint16)
+        f16[:contexts] = freqs
+        try:
+            _c.decode(out, p_u, itemsize, shift, ebits, lut.tobytes(), int(prev), lanes, f16.tobytes(),
+                      lane_words.astype(np.uint32).tobytes(), words, raw)
+        except ValueError as exc:
+            raise CorruptDiffError(f"{bad}: {exc}; the diff is corrupt, download it again") from None
+        return out
+    sym = _decode_numpy(p_u, shift, ebits, lut, prev, freqs, lanes, lane_words, words.astype(np.uint16), raw,
+                        itemsize, where)
+    return ulp_undelta(sym, p_u).view(np.uint8)
+
+
+def order0_bits(counts: np.ndarray) -> float:
+    """Plug-in entropy in bits of a histogram (for reports)."""
+    c = counts[counts > 0].astype(np.float64)
+    t = c.sum()
+    return float(-(c * np.log2(c / t)).sum()) if t else 0.0
+
+
+__all__ = ["encode", "decode", "is_frame", "c_available", "lane_count", "tokenize", "quantize", "MAGIC"]
