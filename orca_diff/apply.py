@@ -43,6 +43,7 @@ from .outdir import (OutputSession, StagedFile, describe_os_error, hidden_siblin
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar, human_bytes as _human
 from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, read_exact, read_range
+from .containers.base import open_regular
 from .verify import (check_base, check_measured_tensors, check_payload_presence, describe_file_mismatch, measure_file,
                      measured_base_fingerprint, measured_target_fingerprint)
 
@@ -178,7 +179,7 @@ def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payload
 
 def _read_base_file(path: Path, offset: int, size: int) -> np.ndarray:
     buf = np.empty(size, dtype=np.uint8)
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path, "base file")
     try:
         read_exact(fd, buf, offset, str(path))
     finally:
@@ -373,7 +374,8 @@ def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
                                   "writes 16 MiB ones). Remake the diff with smaller chunks")
             worst = max(worst, c.length + int(c.size * ((ratio if c.mode == "delta" else 0) + 4)))
     for f in manifest.files:
-        for c in f.chunks:
+        segment_chunks = [c for seg in getattr(f, "segments", ()) or () for c in seg.chunks]
+        for c in [*f.chunks, *segment_chunks]:
             if c.size > MAX_APPLY_CHUNK_BYTES:
                 raise FormatError(f"manifest: file {shown(f.path)!r} has a {_human(c.size)} chunk; orca-diff apply "
                                   f"accepts chunks of at most {_human(MAX_APPLY_CHUNK_BYTES)} (its memory bound)")

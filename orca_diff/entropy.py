@@ -8,12 +8,17 @@ static rANS with one frequency table per *context*: the base element's exponent 
 ulp delta of a weight scales with 2^-exponent), optionally times "the previous token of this lane
 was 0" (unchanged elements come in runs). Tables are chosen per chunk and stored in its frame.
 
-The chunk's elements are split into ``lane_count(n)`` contiguous lanes, each with its own rANS
-state and word stream, so that
+The chunk's elements are split into ``L = lane_count(n)`` contiguous lanes, each with its own
+rANS state and word stream, so that
 
-* the C extension (``orca_diff._entropy``) decodes several lanes interleaved (instruction-level
-  parallelism), and
+* the C extension (``orca_diff._entropy``) decodes 8 lanes per AVX2 instruction (three gathers:
+  the base elements, the table entries, the next words), or runs independent lanes back to back
+  in scalar code, and
 * this module's pure-numpy path codes every lane one step at a time as vector operations.
+
+Lanes are contiguous (not interleaved) because the previous-element context needs the previous
+element's token, which an interleaved split would decode in the same step: on the real MiniLM
+pair the context on the element one lane-stride back gains nothing, the previous element 5 %.
 
 Both produce identical bytes (the frame is a function of the data alone; tests check it). The
 numpy path is the reference and the fallback when the extension is not built; it is 10-30x slower.
@@ -71,7 +76,8 @@ def lane_count(n: int) -> int:
 
 
 def lane_starts(n: int, lanes: int) -> np.ndarray:
-    """First element of each lane (and n at the end): the first ``n % lanes`` lanes hold one more."""
+    """First element of each lane (and n at the end): lanes are contiguous runs of elements, and
+    the first ``n % lanes`` lanes hold one more."""
     q, r = divmod(n, lanes)
     i = np.arange(lanes + 1, dtype=np.int64)
     return i * q + np.minimum(i, r)
@@ -232,42 +238,53 @@ def bucket_lut(ebits: int, lo: int, mshift: int) -> np.ndarray:
     return (np.clip(np.arange(1 << ebits) - lo, 0, MAX_BUCKETS - 1) >> mshift).astype(np.uint8)
 
 
-def exponent_window(pred_u: np.ndarray, shift: int, ebits: int) -> int:
+def exponent_window(exp_counts: np.ndarray) -> int:
     """The start ``lo`` of the window of 16 consecutive exponent values holding the most
     elements (the first such window); values outside it are clamped to its ends."""
-    size = 1 << ebits
-    e = (pred_u >> pred_u.dtype.type(shift)) & pred_u.dtype.type(size - 1)
-    hist = np.bincount(e.astype(np.intp, copy=False), minlength=size)
-    if size <= MAX_BUCKETS:
+    if exp_counts.size <= MAX_BUCKETS:
         return 0
-    window = np.convolve(hist, np.ones(MAX_BUCKETS, dtype=np.int64), mode="valid")
+    window = np.convolve(exp_counts, np.ones(MAX_BUCKETS, dtype=np.int64), mode="valid")
     return int(np.argmax(window))
 
 
 def _contexts_numpy(tok: np.ndarray, pred_u: np.ndarray, shift: int, ebits: int, lut: np.ndarray, prev: bool,
-                    starts: np.ndarray) -> np.ndarray:
+                    lanes: int) -> np.ndarray:
+    """Context of every element: its bucket, times 2 plus "the previous element of its lane has
+    token 0" (1 for a lane's first element) when ``prev``."""
     e = (pred_u >> pred_u.dtype.type(shift)) & pred_u.dtype.type((1 << ebits) - 1)
     ctx = lut[e]
     if prev:
-        pz = np.empty(tok.size, dtype=np.uint8)
-        pz[1:] = tok[:-1] == 0
-        pz[starts[:-1]] = 1
-        ctx = ctx * np.uint8(2) + pz
+        ctx = ctx * np.uint8(2) + _prev_zero(tok, lanes)
     return ctx
 
 
-def _histogram(target_u: np.ndarray, pred_u: np.ndarray, shift: int, ebits: int, lut: np.ndarray, lanes: int,
+def _prev_zero(tok: np.ndarray, lanes: int) -> np.ndarray:
+    pz = np.empty(tok.size, dtype=np.uint8)
+    pz[1:] = tok[:-1] == 0
+    pz[lane_starts(tok.size, lanes)[:-1]] = 1
+    return pz
+
+
+def _histogram(target_u: np.ndarray, pred_u: np.ndarray, shift: int, ebits: int, lanes: int,
                use_c: bool) -> np.ndarray:
-    """Token counts per finest context (bucket*2 + previous-token-was-0), shape (32, 256)."""
-    n = target_u.size
+    """Token counts per (exponent value, previous-token-in-lane-was-0), shape (2^ebits, 2, 256)."""
+    size = 1 << ebits
     if use_c:
-        raw = _c.histogram(target_u, pred_u, target_u.dtype.itemsize, shift, ebits, lut.tobytes(), lanes)
-        return np.frombuffer(raw, dtype=np.uint64).reshape(2 * MAX_BUCKETS, 256).astype(np.int64)
+        raw = _c.histogram(target_u, pred_u, target_u.dtype.itemsize, shift, ebits, lanes)
+        return np.frombuffer(raw, dtype=np.uint32).reshape(size, 2, 256).astype(np.int64)
     sym = ulp_delta(target_u, pred_u)
     tok = tokenize(sym)[0]
-    ctx = _contexts_numpy(tok, pred_u, shift, ebits, lut, True, lane_starts(n, lanes))
-    idx = ctx.astype(np.int64) * 256 + tok
-    return np.bincount(idx, minlength=2 * MAX_BUCKETS * 256).reshape(2 * MAX_BUCKETS, 256)
+    e = (pred_u >> pred_u.dtype.type(shift)) & pred_u.dtype.type(size - 1)
+    idx = (e.astype(np.int64) * 2 + _prev_zero(tok, lanes)) * 256 + tok
+    return np.bincount(idx, minlength=size * 512).reshape(size, 2, 256)
+
+
+def _bucket_counts(hist: np.ndarray, lo: int) -> np.ndarray:
+    """(2^ebits, 2, 256) counts -> per finest context (bucket * 2 + flag, 256), bucket = the
+    exponent clamped into [lo, lo + 15]."""
+    out = np.zeros((MAX_BUCKETS, 2, 256), dtype=np.int64)
+    np.add.at(out, bucket_lut(int(np.log2(hist.shape[0])), lo, 0), hist)
+    return out.reshape(2 * MAX_BUCKETS, 256)
 
 
 def choose_model(counts: np.ndarray) -> tuple[int, bool, np.ndarray, float]:
@@ -307,22 +324,21 @@ def _decode_table(freqs: np.ndarray) -> np.ndarray:
     return table
 
 
-def _lane_matrix(n: int, lanes: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Element index of (step j, lane i) for all steps (rows; the last row is partial when
-    n % lanes != 0: its missing entries point at element 0 and are masked by ``r``)."""
+def _lane_matrix(n: int, lanes: int) -> tuple[np.ndarray, int, int]:
+    """Element index of (step j, lane k) = start(k) + j, for all steps (rows; the last row is
+    partial when n % lanes != 0: only its first ``r`` lanes exist, the others point at element 0)."""
     q, r = divmod(n, lanes)
-    starts = lane_starts(n, lanes)
     rows = q + (1 if r else 0)
-    idx = starts[None, :-1] + np.arange(rows, dtype=np.int64)[:, None]
+    idx = lane_starts(n, lanes)[None, :-1] + np.arange(rows, dtype=np.int64)[:, None]
     if r:
         idx[q, r:] = 0
-    return idx, starts, q, r
+    return idx, q, r
 
 
 def _encode_numpy(tok: np.ndarray, nb: np.ndarray, extra: np.ndarray, ctx: np.ndarray, freqs: np.ndarray,
                   lanes: int) -> tuple[np.ndarray, np.ndarray, bytes]:
     n = tok.size
-    idx, starts, q, r = _lane_matrix(n, lanes)
+    idx, q, r = _lane_matrix(n, lanes)
     cum = np.zeros_like(freqs)
     cum[:, 1:] = np.cumsum(freqs, axis=1)[:, :-1]
     flat = ctx.astype(np.int64) * 256 + tok
@@ -395,7 +411,7 @@ def _decode_numpy(pred_u: np.ndarray, shift: int, ebits: int, lut: np.ndarray, p
                   lanes: int, counts: np.ndarray, words: np.ndarray, raw: bytes, itemsize: int,
                   where: str) -> np.ndarray:
     n = pred_u.size
-    idx, starts, q, r = _lane_matrix(n, lanes)
+    idx, q, r = _lane_matrix(n, lanes)
     e = (pred_u >> pred_u.dtype.type(shift)) & pred_u.dtype.type((1 << ebits) - 1)
     bucket = lut[e].astype(np.int64)[idx]
     if prev:
@@ -466,21 +482,21 @@ def encode(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | Non
         raise ValueError("an ANS frame holds 1 to 2^32 - 1 elements")
     shift, ebits = EXPONENT_FIELD.get(dtype or "", _DEFAULT_FIELD[itemsize])
     lanes = lane_count(n)
-    lo = exponent_window(p_u, shift, ebits)
-    counts = _histogram(t_u, p_u, shift, ebits, bucket_lut(ebits, lo, 0), lanes, use_c)
-    mshift, prev, freqs, _ = choose_model(counts)
+    hist = _histogram(t_u, p_u, shift, ebits, lanes, use_c)
+    lo = exponent_window(hist.sum(axis=(1, 2)))
+    mshift, prev, freqs, _ = choose_model(_bucket_counts(hist, lo))
     lut = bucket_lut(ebits, lo, mshift)
     if use_c:
         f16 = np.zeros((2 * MAX_BUCKETS, 256), dtype=np.uint16)
         f16[: freqs.shape[0]] = freqs
-        words_b, counts_b, raw = _c.encode(t_u, p_u, itemsize, shift, ebits, lut.tobytes(), int(prev), lanes,
+        words_b, counts_b, raw = _c.encode(t_u, p_u, itemsize, shift, ebits, lo, mshift, int(prev), lanes,
                                            f16.tobytes())
         lane_words = np.frombuffer(counts_b, dtype=np.uint32)
         words = np.frombuffer(words_b, dtype=np.uint16)
     else:
         sym = ulp_delta(t_u, p_u)
         tok, nb, extra = tokenize(sym)
-        ctx = _contexts_numpy(tok, p_u, shift, ebits, lut, prev, lane_starts(n, lanes))
+        ctx = _contexts_numpy(tok, p_u, shift, ebits, lut, prev, lanes)
         words, lane_words, raw = _encode_numpy(tok, nb, extra, ctx, freqs, lanes)
     head = _HEAD.pack(MAGIC, itemsize, int(prev), shift, ebits, lo, mshift, n, len(raw))
     return b"".join((head, serialize_tables(freqs), lane_words.astype("<u4").tobytes(),
@@ -532,7 +548,7 @@ def decode(payload: bytes | memoryview | np.ndarray, pred: np.ndarray, itemsize:
         f16 = np.zeros((2 * MAX_BUCKETS, 256), dtype=np.uint16)
         f16[:contexts] = freqs
         try:
-            _c.decode(out, p_u, itemsize, shift, ebits, lut.tobytes(), int(prev), lanes, f16.tobytes(),
+            _c.decode(out, p_u, itemsize, shift, ebits, lo, mshift, int(prev), lanes, f16.tobytes(),
                       lane_words.astype(np.uint32).tobytes(), words, raw)
         except ValueError as exc:
             raise CorruptDiffError(f"{bad}: {exc}; the diff is corrupt, download it again") from None

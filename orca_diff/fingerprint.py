@@ -42,7 +42,8 @@ def fingerprint_lines(hashes: Mapping[str, tuple[str, tuple[int, ...] | list[int
 
 def base_fingerprint_full(hashes: Mapping[str, tuple[str, tuple[int, ...] | list[int], str]]) -> str:
     """The full 64-hex digest over ``{name: (dtype, shape, sha256)}``."""
-    return hashlib.sha256("".join(fingerprint_lines(hashes)).encode("utf-8")).hexdigest()
+    # surrogatepass: a lone-surrogate name (valid JSON, not UTF-8) gets a fingerprint instead of a traceback
+    return hashlib.sha256("".join(fingerprint_lines(hashes)).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def base_fingerprint(hashes: Mapping[str, tuple[str, tuple[int, ...] | list[int], str]]) -> str:

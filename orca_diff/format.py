@@ -46,8 +46,9 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_PATH_DEPTH = 32
 MAX_COMPONENT_BYTES = 243  # 255 (NAME_MAX) less the 12 bytes of apply's partial name ".<name>.incomplete"
 #: Characters no path may hold: control characters (C0, DEL, C1), line/paragraph separators and
-#: bidirectional overrides (they make `info` and terminals show another name), and backslash.
-_BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\\\]")
+#: bidirectional overrides (they make `info` and terminals show another name), backslash, and the
+#: characters Windows cannot store in a name (< > : " | ? *; ':' would also name an NTFS stream).
+_BAD_CHARS = re.compile('[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\\\<>:"|?*]')
 #: Names orca-diff itself uses inside an output or staging folder (apply's partial files
 #: ``.<name>.incomplete`` or ``.<prefix>~<hash>.incomplete``, its state file ``.orca-diff-state.*``,
 #: the hidden siblings ``.<out>.orca-diff-partial|old|lock|output``) and git's folder, which no Hub
@@ -86,7 +87,7 @@ def path_problem(p: object) -> str | None:
         if len(c.encode("utf-8")) > MAX_COMPONENT_BYTES:
             return f"a name longer than {MAX_COMPONENT_BYTES} bytes"
         if _BAD_CHARS.search(c):
-            return "a control character, a bidirectional override or a backslash"
+            return 'a control character, a bidirectional override, a backslash or one of < > : " | ? *'
         if _RESERVED_COMPONENT.match(c):
             return f"the name {c!r}, which orca-diff reserves for its own staging files (or git's)"
     return None

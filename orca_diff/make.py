@@ -33,7 +33,7 @@ from .format import (
     FORMAT_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
     Segment, TensorEntry,
 )
-from .outdir import check_output, describe_os_error, fsync_path, publish, staging_dir
+from .outdir import OutputSession, create_staging, describe_os_error, fsync_path, output_session, remove_path
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar
 from .containers import (
@@ -323,13 +323,22 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
     commit are recorded unless given. Warnings (files excluded, a pair that looks swapped or
     unrelated) are appended to ``notes``.
     """
-    from .hub.resolve import identify_cached_repo
-
     out = Path(out)
     notes = notes if notes is not None else []
     if chunk_bytes <= 0 or chunk_bytes % 8 or chunk_bytes > MAX_CHUNK_BYTES:
         raise UsageError(f"chunk size must be a positive multiple of 8 bytes, at most {MAX_CHUNK_BYTES}")
-    check_output(out, force, (base, target))
+    with output_session(out, force, (base, target)) as session:  # checked and locked before any input is read
+        notes.extend(session.notes)
+        return _make_locked(session, base, target, out, notes, base_name, base_repo, base_revision, level, chunk_bytes,
+                            threads, progress, payload_file_bytes, base_files_known)
+
+
+def _make_locked(session: OutputSession, base: str | os.PathLike, target: str | os.PathLike, out: Path,
+                 notes: list[str], base_name: str | None, base_repo: str | None, base_revision: str | None,
+                 level: int, chunk_bytes: int, threads: int | None, progress: bool | None, payload_file_bytes: int,
+                 base_files_known: dict[str, BaseFile] | None) -> Manifest:
+    from .hub.resolve import identify_cached_repo
+
     threads = threads or default_threads()
     if base_repo is None and (cached := identify_cached_repo(Path(base))) is not None:
         base_repo, base_revision = cached[0], base_revision or cached[1]
@@ -343,11 +352,12 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
         base_model.close()
         raise
     notes.extend(target_notes)
-    staging = staging_dir(out)
+    staging = session.staging
     try:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
+        try:
+            staging = create_staging(out)
+        except OSError as exc:
+            raise describe_os_error(exc, staging, "choose another --out") from None
         manifest = _make_into(base_model, target_model, staging, base_name or Path(base).name, base_repo,
                               base_revision, level, chunk_bytes, threads, progress, payload_file_bytes, notes,
                               base_files_known)
@@ -357,17 +367,17 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
         (staging / MANIFEST_NAME).write_bytes(manifest.to_bytes())
         for p in staging.iterdir():
             fsync_path(p)
-        publish(staging, out, force)
+        session.publish(None)  # a diff folder: its manifest is its marker
         return manifest
     except KeyboardInterrupt:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_path(staging)
         raise InterruptedError_(f"interrupted; nothing was written to {out} (make does not resume: run it again "
                                 "to start over)") from None
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_path(staging)
         raise describe_os_error(exc, out, "run make again") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_path(staging)
         raise
     finally:
         base_model.close()

@@ -381,7 +381,8 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
     """Bytes and single-thread encode/decode seconds of each codec over every float delta chunk
     (16 MiB, as make cuts them; tensors with no same-shape base are skipped and counted apart).
     The numpy path of ``ans`` is timed on the first ``numpy_sample_bytes`` only (its bytes are the
-    C path's, checked). Every decode is checked bit-exact."""
+    C path's, checked). Every decode is checked bit-exact. Times are CPU seconds of this process
+    (``time.process_time``): MB/s per core, robust to other load on a shared machine."""
     import zstandard
 
     from orca_diff import entropy
@@ -394,11 +395,11 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
     ans_chunks = [0, 0]  # ANS frames, zstd fallback frames
 
     def timed(label: str, raw: int, enc, dec) -> None:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         z = enc()
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         out = dec(z)
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         if out != b"ok":
             raise SystemExit(f"{label}: decode is not bit-exact")
         a = acc[label]
@@ -476,11 +477,11 @@ def zipnn_delta(base_dir: Path, target_dir: Path) -> dict | None:
         if len(tb) != len(bb):
             return None
         z = ZipNN(input_format="byte", bytearray_dtype=dt, method="HUFFMAN", delta_compressed_type="byte", threads=1)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         c = z.compress(bytearray(tb), delta_second_data=bytearray(bb))
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         out = z.decompress(c, delta_second_data=bytearray(bb))
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         if bytes(out) != tb:
             raise SystemExit(f"{tp}: ZipNN delta round trip is not exact")
         total += len(c)

@@ -84,11 +84,12 @@ def test_orca2_shaped_diff_codes_storages_against_the_base_and_is_well_under_the
     assert sorted(placed) == sorted(m.tensors)
 
 
-def test_bf16_single_bin_target_rebuilds_byte_identical_without_torch(tmp_path):
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_single_bin_target_rebuilds_byte_identical_without_torch(tmp_path, dtype):
     shape = LlamaShape(vocab_size=256, hidden_size=32, intermediate_size=88, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4)
     base = write_llama(tmp_path / "base", shape, "BF16", seed=0)
-    target = write_finetune(tmp_path / "target", shape, base_seed=0, dtype="BF16", ft=FineTune(add_pad_row=True), form="bin")
+    target = write_finetune(tmp_path / "target", shape, base_seed=0, dtype=dtype, ft=FineTune(add_pad_row=True), form="bin")
     assert (target / "pytorch_model.bin").is_file() and not (target / "pytorch_model.bin.index.json").exists()
     make_diff(base, target, tmp_path / "diff", chunk_bytes=4096)
     out = tmp_path / "out"
@@ -119,7 +120,8 @@ def test_shared_storages_views_and_strided_tensors_rebuild_exactly(tmp_path, mak
     names = {st.info.name for st in named.values()}
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # one record, first name
     assert "model.layers.0.self_attn.q_proj.weight" not in names  # transposed: not row-major, verbatim
-    assert any("not exactly one contiguous tensor" in n for n in notes)
+    assert "row" in names  # a view: its bytes are a tensor, the rest of its storage verbatim
+    assert any("holds no contiguous tensor" in n for n in notes) and any("(a view)" in n for n in notes)
     pieces = file_pieces((target / "pytorch_model.bin").stat().st_size, records, named)
     assert sum(p.size for p in pieces) == (target / "pytorch_model.bin").stat().st_size
     make_diff(base, target, tmp_path / "diff", chunk_bytes=4096)
@@ -181,3 +183,76 @@ def _unknown_tensor(d: dict) -> None:
 def test_hostile_segments_are_refused(orca2, edit, message):
     with pytest.raises(FormatError, match=message):
         parse_manifest(rewrite(orca2["diff"], edit))
+
+
+def _zip64_file(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A stored zip whose central directory uses zip64 fields for every size and offset (what
+    torch writes for shards over 4 GiB, like Orca 2's ~10 GB ones), built by hand."""
+    import struct
+    import zlib
+
+    body, central = b"", b""
+    for name, data in members:
+        offset = len(body)
+        nb = name.encode()
+        pad = b"\0" * ((-(offset + 30 + len(nb) + 4)) % 64)
+        extra = struct.pack("<HH", 0xFB, len(pad)) + pad  # torch-style alignment padding
+        crc = zlib.crc32(data)
+        body += struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0, crc, len(data), len(data), len(nb),
+                            len(extra)) + nb + extra + data
+        z64 = struct.pack("<HHQQQ", 1, 24, len(data), len(data), offset)
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0, crc, 0xFFFFFFFF, 0xFFFFFFFF,
+                               len(nb), len(z64), 0, 0, 0, 0, 0xFFFFFFFF) + nb + z64
+    cd_offset = len(body)
+    eocd64_at = cd_offset + len(central)
+    eocd64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, len(members), len(members), len(central),
+                         cd_offset)
+    locator = struct.pack("<IIQI", 0x07064B50, 0, eocd64_at, 1)
+    eocd = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path.write_bytes(body + central + eocd64 + locator + eocd)
+
+
+def test_zip64_central_directories_are_read(tmp_path):
+    members = [("archive/data.pkl", b"pickle"), ("archive/data/0", bytes(range(256)) * 3), ("archive/version", b"3\n")]
+    _zip64_file(tmp_path / "z.bin", members)
+    import zipfile
+
+    assert zipfile.ZipFile(tmp_path / "z.bin").read("archive/data/0") == members[1][1]  # a valid zip
+    records = read_zip_records(tmp_path / "z.bin")
+    raw = (tmp_path / "z.bin").read_bytes()
+    assert [r.name for r in records] == [m[0] for m in members]
+    for r, (_, data) in zip(records, members):
+        assert raw[r.data_offset:r.data_offset + r.size] == data
+        assert r.data_offset % 64 == 0
+
+
+def test_a_compressed_or_truncated_zip_is_refused_by_name(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "c.bin", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data/0", b"x" * 1000)
+    with pytest.raises(FormatError, match="compressed"):
+        read_zip_records(tmp_path / "c.bin")
+    (tmp_path / "t.bin").write_bytes((tmp_path / "c.bin").read_bytes()[:-30])
+    with pytest.raises(FormatError, match="not a torch zip"):
+        read_zip_records(tmp_path / "t.bin")
+
+
+@pytest.mark.parametrize("kind", ["pre-1.6 format", "pickle torch refuses"])
+def test_a_bin_make_cannot_cut_travels_verbatim_and_still_rebuilds_exactly(make_pair, tmp_path, kind):
+    base, _ = make_pair("F32")
+    target = tmp_path / "target"
+    target.mkdir()
+    if kind == "pre-1.6 format":
+        torch.save({"model.norm.weight": torch.ones(32)}, target / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=False)
+    else:
+        torch.save({"model.norm.weight": torch.ones(32), "hook": print}, target / "pytorch_model.bin")
+    (target / "config.json").write_text("{}")
+    notes: list[str] = []
+    make_diff(base, target, tmp_path / "diff", notes=notes)
+    assert any("verbatim" in n for n in notes)
+    out = tmp_path / "out"
+    r = orca_without_torch("apply", "--base", str(base), "--diff", str(tmp_path / "diff"), "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    assert file_hashes(out) == file_hashes(target)

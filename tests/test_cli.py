@@ -33,7 +33,7 @@ def test_make_apply_verify_info_through_the_cli(make_pair, tmp_path):
     doc = json.loads(r.output)
     assert doc["base"]["name"] == "tiny" and doc["target"]["tensors"] == 21 and 0 < doc["ratio"] < 1
     r = run("info", str(diff))
-    assert "payload:" in r.output and "tiny" in r.output
+    assert "of payload" in r.output and "tiny" in r.output
 
 
 def test_wrong_base_exits_with_its_code_one_line_and_no_output(make_pair, tmp_path):

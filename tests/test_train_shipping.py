@@ -289,3 +289,17 @@ def test_threads_sets_torchs_cpu_threads(base_dir, tmp_path):
         torch.set_num_threads(1)
     assert seen and set(seen) == {2}
     assert "--threads" in CliRunner().invoke(_cli(), ["--help"]).output
+
+
+def test_a_tied_fine_tune_goes_through_make_apply_verify_byte_for_byte(tied_base, tmp_path):
+    from orca_diff.apply import apply_diff
+    from orca_diff.verify import verify_model
+
+    out = tmp_path / "run"
+    model_dir = train(quick_config(tied_base, out, stages=[Stage(data=[str(SAMPLE)], max_steps=2, lr=1e-3)],
+                                   make_diff_against=str(tied_base)))
+    rebuilt = tmp_path / "rebuilt"
+    apply_diff(tied_base, out / "diff", rebuilt, progress=False)
+    verify_model(rebuilt, out / "diff", progress=False)
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        assert (rebuilt / path.relative_to(model_dir)).read_bytes() == path.read_bytes(), path.name

@@ -172,7 +172,8 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
 @cli.command()
 @click.option("--diff", "diff", required=True, help="The diff: a folder, a catalog name or a Hub repo id[@rev].")
 @click.option("--base", default=None, help="Also check this base against the diff (folder, catalog name or repo id).")
-@click.option("--model", default=None, help="Also check this rebuilt model folder: byte-identical files.")
+@click.option("--model", default=None, help="Also check this model: a rebuilt folder, or a Hub repo id[@rev] "
+              "(byte-identical files).")
 @threads_option
 @quiet_option
 def verify(diff: str, base: str | None, model: str | None, threads: int | None, quiet: bool) -> None:
@@ -188,10 +189,10 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
     from ..verify import check_base, measured_base_fingerprint, verify_diff, verify_model
 
     progress = False if quiet else None
-    if model is not None and not Path(model).exists():
-        from ..errors import InputNotFoundError
+    if model is not None:  # a folder, or a model repo on the Hub (all its files are fetched)
+        from ..hub.resolve import resolve_model_spec
 
-        raise InputNotFoundError(f"{model}: no such model folder")
+        model = str(resolve_model_spec(model, "target", progress=progress))
     diff = str(resolve_diff(_diff_arg(diff), progress=progress))
     m = verify_diff(diff, progress=progress)
     click.echo(f"diff OK: {len(m.payloads)} payload files, {len(m.tensors)} tensors, checksums match")
@@ -220,7 +221,8 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
 def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool) -> None:
     """Describe a diff: its base, the model it rebuilds, sizes and compression ratio.
 
-    DIFF (or --diff DIFF) is a folder, a catalog name or a Hub repo id[@rev].
+    DIFF (or --diff DIFF) is a folder, a catalog name or a Hub repo id[@rev] (of which only the
+    manifest is fetched).
 
     The fingerprints shown are what the manifest records (consistent with its own tensor
     records, which is checked); they are claims. To measure: `orca-diff verify --diff D --model
@@ -234,7 +236,8 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
         raise UsageError("give the diff once: as DIFF or as --diff")
     if not (diff_arg or diff_opt):
         raise UsageError("which diff? orca-diff info DIFF (a folder, a catalog name or a Hub repo id)")
-    m = load_manifest(resolve_diff(_diff_arg(diff_arg or diff_opt), progress=False if quiet else None))  # type: ignore[arg-type]
+    m = load_manifest(resolve_diff(_diff_arg(diff_arg or diff_opt), progress=False if quiet else None,  # type: ignore[arg-type]
+                                   manifest_only=True))
     dtypes: dict[str, int] = {}
     encodings: dict[str, int] = {}
     for t in m.tensors.values():
@@ -259,7 +262,8 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
     b = m.base
     where = " ".join(x for x in (
         f"Hub repo {shown(b.repo)}" if b.repo else "", f"at commit {shown(b.revision)}" if b.revision else "",
-        f"named {shown(b.name)!r}" if b.name else "") if x) or "not recorded (users must pass --base)"
+        f"named {shown(b.name)!r}" if b.name else "",
+        "" if b.repo else "(no Hub repo recorded: apply looks the name up in the catalog, else needs --base)") if x)
     kinds: dict[str, int] = {"safetensors": 0, "segments": 0, "blob": 0}
     for f in m.files:
         kinds[f.kind] = kinds.get(f.kind, 0) + 1

@@ -137,7 +137,8 @@ def _eval_only(config_file: str | None, data: tuple[str, ...], flags: dict[str, 
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = evaluate_folder(flags["model"], flags["eval_data"], device=device, **kwargs)
+    result = evaluate_folder(flags["model"], flags["eval_data"], device=device, progress=not flags.get("quiet"),
+                             **kwargs)
     if not flags.get("quiet"):
         click.echo(f"{flags['model']}: loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} over"
                    f" {result['targets']} response tokens of {result['examples']} examples")

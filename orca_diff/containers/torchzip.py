@@ -10,11 +10,12 @@ into segments: every byte outside a storage record is *verbatim* (headers, pickl
 directory), every storage record is a candidate tensor.
 
 Which tensor a storage holds is known only from the pickle; :func:`name_storages` asks torch
-(``torch.load(weights_only=True, mmap=True)``, make only) and names a record after a tensor that
-covers it exactly (offset 0, contiguous, same byte count). A storage no tensor covers exactly (a
-view, a transposed or strided tensor, an unsupported dtype) stays verbatim: it is still rebuilt
-byte for byte, only not delta-coded. Tied weights (two names, one storage) give one record, named
-after the first name in the pickle's order.
+(``torch.load(weights_only=True, mmap=True)``, make only) and names a record's bytes after the
+largest contiguous tensor held in it (normally one that covers it exactly; for a view, the bytes
+around it stay verbatim). A storage holding no contiguous tensor (a transposed or strided view,
+an unsupported dtype) stays verbatim: it is still rebuilt byte for byte, only not delta-coded.
+Tied weights (two names, one storage) give one tensor, named after the first name in the
+pickle's order.
 """
 
 from __future__ import annotations
@@ -170,10 +171,12 @@ def _zip64_fields(extra: bytes, usize: int, csize: int, lho: int, bad: str) -> t
 # --------------------------------------------------------------------------- naming storages (make only)
 @dataclass(frozen=True)
 class StorageTensor:
-    """A storage record that one tensor covers exactly: the record's bytes are that tensor."""
+    """A tensor held contiguously in a storage record: its bytes are the record's bytes
+    ``[offset, offset + info.nbytes)`` (the whole record when it covers it exactly)."""
 
     record: ZipRecord
     info: TensorInfo
+    offset: int = 0
 
 
 def name_storages(path: Path, records: list[ZipRecord]) -> tuple[dict[str, StorageTensor], list[str]]:
@@ -206,18 +209,23 @@ def name_storages(path: Path, records: list[ZipRecord]) -> tuple[dict[str, Stora
     at = {r.data_offset: r for r in storages}
     for ptr, tensors in by_ptr.items():
         rec = at[ptr - shift]
-        chosen = None
-        for name, t in tensors:
+        best: StorageTensor | None = None
+        for name, t in tensors:  # in the pickle's order: the first of equal ones wins (tied weights)
             dtype = dtypes.get(t.dtype)
-            if (dtype is not None and t.storage_offset() == 0 and t.is_contiguous()
-                    and t.numel() * DTYPE_SIZES[dtype] == rec.size):
-                chosen = TensorInfo(name, dtype, tuple(int(d) for d in t.shape))
-                break
-        if chosen is None:
-            notes.append(f"{path.name}: storage {rec.name} ({', '.join(n for n, _ in tensors)}) is not exactly one "
-                         "contiguous tensor; stored verbatim")
+            if dtype is None or not t.is_contiguous() or t.numel() == 0:
+                continue
+            info = TensorInfo(name, dtype, tuple(int(d) for d in t.shape))
+            offset = t.storage_offset() * DTYPE_SIZES[dtype]
+            if offset + info.nbytes <= rec.size and (best is None or info.nbytes > best.info.nbytes):
+                best = StorageTensor(rec, info, offset)
+        if best is None:
+            notes.append(f"{path.name}: storage {rec.name} ({', '.join(n for n, _ in tensors)}) holds no contiguous "
+                         "tensor; stored verbatim")
             continue
-        out[rec.name] = StorageTensor(rec, chosen)
+        if best.info.nbytes != rec.size:
+            notes.append(f"{path.name}: storage {rec.name} is larger than the tensor {best.info.name!r} it holds "
+                         "(a view); the rest of it is stored verbatim")
+        out[rec.name] = best
     del sd
     return out, notes
 
@@ -261,10 +269,12 @@ def file_pieces(file_size: int, records: list[ZipRecord], named: dict[str, Stora
     pieces: list[Piece] = []
     cursor = 0
     for r in sorted((r for r in records if r.name in named), key=lambda r: r.data_offset):
-        if r.data_offset > cursor:
-            pieces.append(Piece(cursor, r.data_offset - cursor))
-        pieces.append(Piece(r.data_offset, r.size, named[r.name].info.name))
-        cursor = r.data_offset + r.size
+        st = named[r.name]
+        begin = r.data_offset + st.offset
+        if begin > cursor:
+            pieces.append(Piece(cursor, begin - cursor))
+        pieces.append(Piece(begin, st.info.nbytes, st.info.name))
+        cursor = begin + st.info.nbytes
     if file_size > cursor:
         pieces.append(Piece(cursor, file_size - cursor))
     return pieces
@@ -287,14 +297,22 @@ class TorchZipModel:
         for file in files:
             rel = file.relative_to(path).as_posix()
             size = file.stat().st_size
+            if not is_torch_zip(file):  # torch's pre-1.6 format: no zip to cut, the file travels whole
+                self.notes.append(f"{file.name}: not in torch's zip format (saved by torch < 1.6?); carried verbatim")
+                self.pieces[rel] = file_pieces(size, [], {})
+                self.files[rel] = file
+                continue
             records = read_zip_records(file)
-            named, notes = name_storages(file, records)
+            try:
+                named, notes = name_storages(file, records)
+            except FormatError as exc:  # a pickle torch refuses to load safely: its bytes still travel
+                named, notes = {}, [f"{exc}; its bytes are carried verbatim (not delta-coded)"]
             self.notes += notes
             for st in named.values():
                 if st.info.name in self.tensors:
                     raise FormatError(f"{file}: tensor {st.info.name!r} also appears in another shard")
                 self.tensors[st.info.name] = st.info
-                self._where[st.info.name] = (file, st.record.data_offset)
+                self._where[st.info.name] = (file, st.record.data_offset + st.offset)
             self.pieces[rel] = file_pieces(size, records, named)
             self.files[rel] = file
 

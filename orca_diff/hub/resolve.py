@@ -64,8 +64,9 @@ def _unknown(spec: str, kind: str) -> InputNotFoundError:
                               f" or a Hub repo id org/name[@revision]")
 
 
-def resolve_diff(spec: str, *, progress: bool | None = None) -> Path:
-    """The local folder of the diff ``spec`` names, downloading (and verifying) it if needed."""
+def resolve_diff(spec: str, *, progress: bool | None = None, manifest_only: bool = False) -> Path:
+    """The local folder of the diff ``spec`` names, downloading (and verifying) it if needed
+    (``manifest_only``: only its manifest, for ``info``)."""
     if (path := _local(spec)) is not None:
         return path
     entry = lookup(spec, "diff")
@@ -76,9 +77,9 @@ def resolve_diff(spec: str, *, progress: bool | None = None) -> Path:
                 f"{entry.name!r} is a legacy {entry.format} release, not an orca-diff diff: rebuild it with "
                 f"`orca-diff apply --diff {entry.name} --out DIR` (the format comes from the catalog) or "
                 f"re-publish it with `orca-diff convert` (docs/legacy.md)")
-        return download_diff(RepoRef(entry.repo, entry.revision), progress=progress)
+        return download_diff(RepoRef(entry.repo, entry.revision), progress=progress, manifest_only=manifest_only)
     if (ref := _hub_ref(spec)) is not None:
-        return download_diff(ref, progress=progress)
+        return download_diff(ref, progress=progress, manifest_only=manifest_only)
     raise _unknown(spec, "diff")
 
 

@@ -192,9 +192,10 @@ class NotADiffError(HubError):
     """The repo exists but holds no orca-diff.json."""
 
 
-def download_diff(ref: RepoRef, *, progress: bool | None = None) -> Path:
+def download_diff(ref: RepoRef, *, progress: bool | None = None, manifest_only: bool = False) -> Path:
     """Fetch a diff (manifest + payload files, nothing else) into the HF cache, verify every
-    payload against the manifest, and return the snapshot folder."""
+    payload against the manifest, and return the snapshot folder. ``manifest_only``: just the
+    manifest (what ``info`` needs)."""
     hf = _hf()
     with _progress(progress), hub_errors(ref, "diff"):
         # snapshot_download rather than hf_hub_download for the manifest: when the Hub is down it
@@ -202,9 +203,12 @@ def download_diff(ref: RepoRef, *, progress: bool | None = None) -> Path:
         folder = Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=[MANIFEST_NAME]))
         if not (folder / MANIFEST_NAME).is_file():
             raise NotADiffError(f"{ref} on {endpoint()} has no {MANIFEST_NAME}: it is not an orca-diff diff"
-                                " (a model repo? pass it as --base)")
+                                " (a model repo? pass it as --base; a legacy delta such as FastChat/Vicuna or an"
+                                " Alpaca/WizardLM weight diff? add --format fastchat|alpaca|oa-xor, docs/legacy.md)")
         commit = folder.name  # the snapshot folder is named after the commit the manifest came from
         manifest = load_manifest(folder)
+        if manifest_only:
+            return folder
         files = sorted(p.path for p in manifest.payloads)
         if files:
             hf.snapshot_download(ref.repo_id, revision=commit, allow_patterns=_exact_patterns(files))
@@ -314,6 +318,10 @@ def match_base_files(ref: RepoRef, expected: dict, files: dict[str, RepoFileMeta
         return found
     suffixes = {Path(rel).suffix for rel in expected}
     if not any(Path(p).suffix in suffixes for p in files):
+        return None
+    # files kept in git rather than LFS have no sha256 in the listing: one of them may be it
+    unknown_sizes = {m.size for p, m in files.items() if m.sha256 is None and Path(p).suffix in suffixes}
+    if all(expected[rel].size in unknown_sizes for rel in missing):
         return None
     rel = missing[0]
     bf = expected[rel]

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..errors import FormatError, InputNotFoundError, OrcaDiffError, UsageError, VerificationError
+from ..errors import FormatError, InputNotFoundError, InterruptedError_, OrcaDiffError, UsageError, VerificationError
 from ..outdir import (OutputSession, check_output, create_staging, describe_os_error, hidden_sibling_name, name_max,
                       output_session, remove_path)
 from ..containers import FLOAT_DTYPES, TensorInfo, file_sha256
@@ -464,6 +464,10 @@ def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, 
         except OSError as exc:
             _discard(staging)
             raise _os_error(exc, out, staging, hint) from None
+        except KeyboardInterrupt:
+            _discard(staging)
+            raise InterruptedError_("interrupted; nothing was kept (a legacy rebuild does not resume): run the "
+                                    "command again") from None
         except BaseException:
             _discard(staging)
             raise
@@ -512,6 +516,9 @@ def convert_legacy(fmt: str, legacy: str, base: str | None, out: str | os.PathLi
                             base_revision=base_revision, t0=t0, notes=list(session.notes))
         except OSError as exc:
             raise _os_error(exc, out, target, "free space or fix the output, and run the command again") from None
+        except KeyboardInterrupt:
+            raise InterruptedError_("interrupted; nothing was kept (convert does not resume): run the command "
+                                    "again") from None
         finally:
             _discard(target)
 

@@ -44,13 +44,15 @@ def eval_micro_batches(examples: Sequence[orca_data.Example], max_seq_len: int, 
 def evaluate(model: Any, examples: Sequence[orca_data.Example], micro_batches: list[list[list[int]]],
              pad_token_id: int, device: Any, autocast_bf16: bool = False, flatten: bool = False,
              rank: int = 0, world: int = 1,
-             all_reduce: Callable[[list[float]], list[float]] = lambda v: v) -> dict[str, float]:
+             all_reduce: Callable[[list[float]], list[float]] = lambda v: v, progress: bool = False) -> dict[str, float]:
     """``{"loss", "ppl", "targets"}`` of ``model`` on the examples; leaves the model in the mode it was in.
 
     Under FSDP every rank must run the same number of forward passes, so a rank that runs out of
     micro-batches repeats the first one with weight 0.
     """
     torch = require_extra("torch", "train", "Evaluating a model")
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     mine = micro_batches[rank::world]
@@ -59,7 +61,7 @@ def evaluate(model: Any, examples: Sequence[orca_data.Example], micro_batches: l
     total = count = 0.0
     try:
         with torch.no_grad():
-            for rows, weight in padded:
+            for rows, weight in tqdm(padded, desc="eval", leave=False, disable=None if progress else True):
                 batch = orca_data.collate(examples, rows, pad_token_id, flatten=flatten)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
                     logits = model(input_ids=batch["input_ids"].to(device),
@@ -75,7 +77,8 @@ def evaluate(model: Any, examples: Sequence[orca_data.Example], micro_batches: l
 
 def evaluate_folder(model_dir: str | Path, data: Sequence[str], tokenizer: str | None = None, max_seq_len: int = 2048,
                     micro_batch_size: int = 8, template: str = "orca", system_messages: str = "keep", seed: int = 0,
-                    packing: bool = True, threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
+                    packing: bool = True, threads: int | None = None, device: str = "cpu",
+                    progress: bool = False) -> dict[str, Any]:
     """Evaluate a saved HF folder on Orca files (fp32, no grad): loss, perplexity, targets, examples."""
     torch = require_extra("torch", "train", "Evaluating a model")
     transformers = require_extra("transformers", "train", "Evaluating a model")
@@ -89,7 +92,7 @@ def evaluate_folder(model_dir: str | Path, data: Sequence[str], tokenizer: str |
     examples, dropped, summary = load_eval_examples(list(data), tok, max_seq_len, template, system_messages, seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     result = evaluate(model, examples, eval_micro_batches(examples, max_seq_len, micro_batch_size, packing), pad,
-                      torch.device(device))
+                      torch.device(device), progress=progress)
     return {**result, "examples": len(examples), "dropped": dropped, "model": str(model_dir),
             "data": [str(p) for p in data], "template": template,
             **({"system_messages": summary} if summary else {})}

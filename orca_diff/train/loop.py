@@ -323,9 +323,9 @@ class _CtrlC:
     """First Ctrl-C: finish the current optimizer step, write a checkpoint and stop (exit 130).
     A second Ctrl-C stops at once (the last checkpoint is then where a rerun continues)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self) -> None:
         self.requested = False
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.enabled = threading.current_thread() is threading.main_thread()  # signal handlers live there
         self._previous: Any = None
 
     def __enter__(self) -> "_CtrlC":
@@ -412,7 +412,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
         if evaluation is None:
             return
         result = evaluate(model, evaluation[0], evaluation[1], tokenizer.pad_token_id, rt.device, rt.autocast_bf16,
-                          flatten, rt.rank, rt.world, lambda v: _all_reduce_sum(torch, rt, v))
+                          flatten, rt.rank, rt.world, lambda v: _all_reduce_sum(torch, rt, v),
+                          progress=rt.main and not cfg.quiet)
         log({"kind": "eval", "stage": stage_no, "global_step": global_step, "when": when, **result})
         say(f"eval {when} (global step {global_step}): loss {result['loss']:.4f}, perplexity {result['ppl']:.2f}"
             f" over {result['targets']} response tokens")
@@ -428,7 +429,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     if not resume:
         run_eval(0, "before training")
     try:
-        with _CtrlC(enabled=rt.main or rt.world > 1) as ctrl_c:
+        with _CtrlC() as ctrl_c:
             for stage_index in range(first_stage, len(cfg.stages)):
                 stage = cfg.stages[stage_index]
                 plan, summary = build_stage_plan(stage, stage_index, tokenizer, cfg, rt)
