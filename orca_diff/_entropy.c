@@ -41,8 +41,8 @@
 #define NBUCKETS 16
 #define RAW_PAD 256 /* zero bytes after the raw bits: > 64 elements x 29 bits / 8 + 8 */
 
-static int bit_length64(uint64_t v) {
-    if (!v) return 0;
+/* bit length of v > 0 */
+static inline int bit_length64(uint64_t v) {
 #if defined(__GNUC__) || defined(__clang__)
     return 64 - __builtin_clzll(v);
 #elif defined(_MSC_VER) && defined(_M_X64)
@@ -59,10 +59,12 @@ static int bit_length64(uint64_t v) {
 /* token of symbol s and its raw-bit count (format: s < 16 -> s; else m = bitlen - 1,
  * 16 + 4 (m - 4) + the two bits below the leading one, and m - 2 raw bits). */
 static inline unsigned token_of(uint64_t s, unsigned *nb) {
-    if (s < 16) { *nb = 0; return (unsigned)s; }
-    int m = bit_length64(s) - 1;
-    *nb = (unsigned)(m - 2);
-    return 16u + 4u * (unsigned)(m - 4) + (unsigned)((s >> (m - 2)) & 3u);
+    /* branch-free: fine-tune deltas mix small and large symbols unpredictably */
+    unsigned big = 0u - (unsigned)(s >= 16);  /* all ones or 0: masks, not branches */
+    unsigned m = (unsigned)bit_length64(s | 16) - 1;
+    *nb = (m - 2) & big;
+    unsigned t = 16u + 4u * (m - 4) + (unsigned)((s >> (m - 2)) & 3u);
+    return (t & big) | ((unsigned)s & ~big & 15u);
 }
 
 typedef struct {
@@ -110,13 +112,13 @@ static size_t tokens##B(const T *t, const T *p, size_t n, uint8_t *tok, uint8_t 
     for (size_t i = 0; i < n; i++) {                                                              \
         uint64_t s = delta##B(t[i], p[i]);                                                        \
         tok[i] = (uint8_t)token_of(s, &nb);                                                       \
-        if (raw && nb) {                                                                          \
+        if (raw) { /* no branch on nb: 0 raw bits OR in nothing */                                \
             uint64_t v = s & ((1ull << nb) - 1);                                                  \
             acc |= v << accbits;                                                                  \
             if (accbits + nb >= 64) {                                                             \
                 memcpy(raw + out, &acc, 8);                                                       \
                 out += 8;                                                                         \
-                acc = v >> (64 - accbits);                                                        \
+                acc = accbits ? v >> (64 - accbits) : 0;                                          \
                 accbits = accbits + nb - 64;                                                      \
             } else {                                                                              \
                 accbits += nb;                                                                    \
@@ -443,10 +445,13 @@ static int encode_lanes(const uint8_t *tok, const uint8_t *ctx, size_t n, size_t
             uint32_t f = freq[idx], c = cum[idx];
             if (!f) { free(x); return -1; }
             uint32_t xs = x[k];
-            if ((uint64_t)xs >= ((uint64_t)f << (32 - PROB_BITS))) {
-                *--wp[k] = (uint16_t)(xs & 0xFFFF);
-                xs >>= 16;
-            }
+            /* branch-free renormalisation: the word is always written below the lane's pointer
+             * (inside its region: at least 2 slots stay free for the final state) and kept only
+             * when emitted */
+            uint32_t emit = (uint64_t)xs >= ((uint64_t)f << (32 - PROB_BITS));
+            wp[k][-1] = (uint16_t)(xs & 0xFFFF);
+            wp[k] -= emit;
+            xs = emit ? xs >> 16 : xs;
             uint32_t qt = div_freq(xs, f);
             x[k] = (qt << PROB_BITS) + (xs - qt * f) + c;
         }
@@ -639,7 +644,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     /* any lane reads at most one word per step past its start: `steps` words of zero padding (+16
      * for the 4-byte gathers) keep every read inside this buffer */
     wpad = (uint16_t *)calloc(nwords + steps + 16, sizeof(uint16_t));
-    tab = (uint32_t *)calloc((size_t)NCTX * PROB_SCALE, sizeof(uint32_t));
+    tab = (uint32_t *)malloc((size_t)contexts * PROB_SCALE * sizeof(uint32_t));  /* valid rows filled below */
     tok = (uint8_t *)malloc(n + 16);
     raw = (uint8_t *)calloc((size_t)rb.len + RAW_PAD, 1);
     if (!x || !off || !end || !pzv || !tt || !wpad || !tab || !tok || !raw) { PyErr_NoMemory(); goto done; }
@@ -658,8 +663,11 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     memcpy(raw, rb.buf, (size_t)rb.len);
     {
         const uint16_t *f = (const uint16_t *)fb.buf;
-        for (unsigned c = 0; c < NCTX; c++) {
-            if (!(validmask >> c & 1)) continue;
+        for (unsigned c = 0; c < contexts; c++) {
+            if (!(validmask >> c & 1)) {  /* never used by a valid frame: refused after decoding */
+                memset(tab + (size_t)c * PROB_SCALE, 0, PROB_SCALE * sizeof(uint32_t));
+                continue;
+            }
             uint32_t slot = 0;
             for (unsigned k = 0; k < 256; k++)
                 for (uint32_t j = 0; j < f[c * 256 + k]; j++, slot++)

@@ -37,15 +37,15 @@ from .codec import base_prediction, decode_chunk
 from .digests import digest_bytes, new_hasher
 from .errors import (CorruptDiffError, FormatError, InputNotFoundError, InterruptedError_, OrcaDiffError,
                      OutputError, VerificationError, shown)
-from .format import MANIFEST_NAME, Chunk, FileEntry, Manifest, file_segments, load_manifest
-from .outdir import (OutputSession, StagedFile, describe_os_error, hidden_sibling_name, name_max, output_session,
+from .format import Chunk, FileEntry, Manifest, file_segments, load_manifest
+from .outdir import (OutputSession, StagedFile, describe_os_error, hidden_sibling_name, output_session,
                      remove_path)
 from .pipeline import default_threads, ordered_map
 from .progress import byte_bar, human_bytes as _human
 from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, read_exact, read_range
 from .containers.base import open_regular
-from .verify import (check_base, check_measured_tensors, check_payload_presence, describe_file_mismatch, measure_file,
-                     measured_base_fingerprint, measured_target_fingerprint)
+from .verify import (check_base, check_measured_tensors, check_payload_presence, describe_file_mismatch, diff_folder,
+                     measure_file, measured_base_fingerprint, measured_target_fingerprint)
 
 #: The staging folder's log of finished files (append-only: one line per file, so recording a
 #: file costs the same whatever the number of files).
@@ -385,19 +385,11 @@ def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
     return max(1, min(threads, window)), window
 
 
-def _diff_folder(diff: str | os.PathLike) -> Path:
-    """The diff folder; ``DIR/orca-diff.json`` names it too."""
-    d = Path(diff)
-    if d.name == MANIFEST_NAME and d.is_file():
-        return d.parent
-    return d
-
-
 def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                threads: int | None = None, progress: bool | None = None) -> ApplyReport:
     """Rebuild the target model of ``diff`` from ``base`` into the folder ``out``."""
     t0 = time.perf_counter()
-    diff_dir, out = _diff_folder(diff), Path(out)
+    diff_dir, out = diff_folder(diff), Path(out)
     manifest = load_manifest(diff_dir)
     threads, window = memory_plan(manifest, threads or default_threads())
     with output_session(out, force, (base, diff_dir)) as session:

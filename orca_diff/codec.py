@@ -35,6 +35,7 @@ bombs).
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -54,6 +55,9 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 #: Chunks up to this many raw bytes are also compressed with zstd and the smaller frame kept
 #: (for larger ones the ANS frame is smaller unless it is tiny: see ``_ans_or_zstd``).
 ANS_TRY_ZSTD_BYTES = 1 << 20
+#: Chunks under this many bytes are not worth an ANS frame (its tables cost about as much as the
+#: context saves): zstd only.
+ANS_MIN_BYTES = 8 << 10
 _local = threading.local()
 
 
@@ -217,9 +221,12 @@ def encode_chunk(target: np.ndarray, base: np.ndarray | None, itemsize: int, tra
 
 def _ans_or_zstd(target: np.ndarray, pred: np.ndarray, itemsize: int, layout: str, level: int,
                  dtype: str | None) -> bytes:
-    """The ANS frame, or the zstd frame when that is smaller: always tried for chunks up to
-    ANS_TRY_ZSTD_BYTES and for ANS frames under 1/64 of the chunk (constant or near-constant
-    data, where zstd's matches win); elsewhere the ANS frame is smaller by construction."""
+    """The ANS frame, or the zstd frame when that is smaller: zstd alone under ANS_MIN_BYTES;
+    both tried for chunks up to ANS_TRY_ZSTD_BYTES and for ANS frames under 1/64 of the chunk
+    (constant or near-constant data, where zstd's matches win); elsewhere the ANS frame is
+    smaller by construction."""
+    if target.size < ANS_MIN_BYTES:
+        return encode_chunk(target, pred, itemsize, "ulp", layout, level)
     frame = entropy.encode(target, pred, itemsize, dtype)
     if target.size <= ANS_TRY_ZSTD_BYTES or len(frame) * 64 < target.size:
         z = encode_chunk(target, pred, itemsize, "ulp", layout, level)
@@ -278,9 +285,10 @@ def choose_encoding(target: np.ndarray, base: np.ndarray | None, itemsize: int, 
                     level: int = DEFAULT_LEVEL, dtype: str | None = None) -> tuple[str, str]:
     """(layout, codec) that compress a sample chunk smallest: the zstd layout as
     :func:`choose_layout`, then ``ans`` for float ulp deltas when its frame is smaller (with that
-    layout kept for the chunks that fall back to zstd)."""
+    layout kept for the chunks that fall back to zstd). ``ORCA_DIFF_CODEC=zstd`` keeps zstd (the
+    format-version-1 encoding; for comparisons)."""
     layout = choose_layout(target, base, itemsize, transform, level)
-    if transform != "ulp" or itemsize not in (2, 4, 8) or not target.size:
+    if transform != "ulp" or itemsize not in (2, 4, 8) or not target.size or os.environ.get("ORCA_DIFF_CODEC") == "zstd":
         return layout, "zstd"
     z = len(encode_chunk(target, base, itemsize, transform, layout, level))
     a = len(entropy.encode(target, base, itemsize, dtype))  # type: ignore[arg-type]

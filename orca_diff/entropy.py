@@ -21,7 +21,8 @@ element's token, which an interleaved split would decode in the same step: on th
 pair the context on the element one lane-stride back gains nothing, the previous element 5 %.
 
 Both produce identical bytes (the frame is a function of the data alone; tests check it). The
-numpy path is the reference and the fallback when the extension is not built; it is 10-30x slower.
+numpy path is the reference and the fallback when the extension is not built; it is 40-100x
+slower (about 10-30 MB/s, docs/performance.md).
 ``ORCA_DIFF_PURE_PYTHON=1`` (or ``pure=True``) forces it.
 
 Everything a decoder reads is untrusted: sizes, tables and lane counts are checked before any
@@ -155,74 +156,85 @@ def quantize(counts: np.ndarray) -> np.ndarray:
     safe = np.maximum(totals, 1)
     f = (counts * (2 * PROB_SCALE) + safe) // (2 * safe)
     f = np.where(counts > 0, np.maximum(f, 1), 0)
-    for row in np.flatnonzero(totals[:, 0] > 0):
+    diff = PROB_SCALE - f.sum(axis=1)
+    top = np.argmax(counts, axis=1)
+    rows = np.arange(f.shape[0])
+    simple = (totals[:, 0] > 0) & (f[rows, top] + diff >= np.maximum(1, f[rows, top] // 2))
+    f[rows[simple], top[simple]] += diff[simple]  # the usual case: the most frequent token absorbs it
+    for row in np.flatnonzero((totals[:, 0] > 0) & ~simple):
         fr = f[row]
-        diff = PROB_SCALE - int(fr.sum())
-        top = int(np.argmax(counts[row]))
-        if fr[top] + diff >= max(1, fr[top] // 2):
-            fr[top] += diff
-            continue
-        while diff != 0:  # rare: many tiny counts rounded up; take from the largest frequencies
+        d = int(diff[row])
+        while d != 0:  # rare: many tiny counts rounded up; take from the largest frequencies
             k = int(np.argmax(fr))
-            if diff > 0:
-                fr[k] += diff
-                diff = 0
+            if d > 0:
+                fr[k] += d
+                d = 0
             else:
-                take = max(1, min(-diff, int(fr[k]) // 2))
+                take = max(1, min(-d, int(fr[k]) // 2))
                 fr[k] -= take
-                diff += take
+                d += take
     return f
 
 
-def _varint(v: int, out: bytearray) -> None:
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
+def _table_lengths(freqs: np.ndarray) -> np.ndarray:
+    """m of every context: 1 + its last token with a non-zero frequency (0 = unused)."""
+    nz = freqs > 0
+    return np.where(nz.any(axis=1), freqs.shape[1] - np.argmax(nz[:, ::-1], axis=1), 0)
 
 
 def serialize_tables(freqs: np.ndarray) -> bytes:
     """Per context: varint m (1 + last token with a non-zero frequency; 0 = context unused),
-    then the m frequencies as varints."""
-    out = bytearray()
-    for row in freqs:
-        nz = np.flatnonzero(row)
-        m = int(nz[-1]) + 1 if nz.size else 0
-        _varint(m, out)
-        for v in row[:m].tolist():
-            _varint(v, out)
-    return bytes(out)
+    then the m frequencies as varints (LEB128, values < 16384: 1 or 2 bytes)."""
+    m = _table_lengths(freqs)
+    keep = np.arange(freqs.shape[1])[None, :] < m[:, None]
+    values = np.concatenate([np.concatenate(([mm], row[:mm])) for mm, row in zip(m.tolist(), freqs)]) \
+        if keep.any() else m
+    values = values.astype(np.int64)
+    two = values >= 0x80
+    out = np.empty(values.size + int(two.sum()), dtype=np.uint8)
+    pos = np.arange(values.size) + np.concatenate(([0], np.cumsum(two)[:-1]))
+    out[pos] = np.where(two, (values & 0x7F) | 0x80, values)
+    out[pos[two] + 1] = values[two] >> 7
+    return out.tobytes()
+
+
+def _tables_size(freqs: np.ndarray) -> int:
+    """len(serialize_tables(freqs)), without building it."""
+    m = _table_lengths(freqs)
+    keep = np.arange(freqs.shape[1])[None, :] < m[:, None]
+    return int(m.size + (m >= 0x80).sum() + keep.sum() + ((freqs >= 0x80) & keep).sum())
 
 
 def _parse_tables(buf: bytes, pos: int, contexts: int, alpha: int, where: str) -> tuple[np.ndarray, int]:
+    """The frequency tables at ``buf[pos:]`` -> ((contexts, 256) frequencies, end position).
+    Varints are decoded vectorised: every value is at most 4096, so at most 2 bytes long."""
     freqs = np.zeros((contexts, 256), dtype=np.int64)
-
-    def varint() -> int:
-        nonlocal pos
-        v, shift = 0, 0
-        while True:
-            if pos >= len(buf) or shift > 14:
-                raise CorruptDiffError(f"{where}: truncated or oversized table entry in the ANS frame; "
-                                       "the diff is corrupt, download it again")
-            b = buf[pos]
-            pos += 1
-            v |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return v
-
+    bad = CorruptDiffError(f"{where}: the ANS frame's frequency tables are invalid or truncated; the diff is corrupt, "
+                           "download it again")
+    window = np.frombuffer(buf, dtype=np.uint8, count=min(len(buf) - pos, 2 * contexts * (alpha + 1)), offset=pos)
+    ends = np.flatnonzero(window < 0x80)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    too_long = np.flatnonzero((ends - starts) > 1)
+    if too_long.size:  # a varint of 3+ bytes ends the values (an error if the tables need more)
+        ends, starts = ends[: too_long[0]], starts[: too_long[0]]
+    two = (ends - starts) == 1
+    values = window[starts].astype(np.int64) & 0x7F
+    values[two] |= window[ends[two]].astype(np.int64) << 7
+    j = 0
     for c in range(contexts):
-        m = varint()
-        if m > alpha:
-            raise CorruptDiffError(f"{where}: ANS table of context {c} has {m} tokens, at most {alpha} exist; "
-                                   "the diff is corrupt")
+        if j >= values.size:
+            raise bad
+        m = int(values[j])
+        if m > alpha or j + 1 + m > values.size:
+            raise bad
         if m:
-            row = [varint() for _ in range(m)]
-            if sum(row) != PROB_SCALE or row[-1] == 0:
-                raise CorruptDiffError(f"{where}: ANS table of context {c} does not sum to {PROB_SCALE}; "
-                                       "the diff is corrupt, download it again")
+            row = values[j + 1: j + 1 + m]
+            if int(row.sum()) != PROB_SCALE or row[-1] == 0:
+                raise bad
             freqs[c, :m] = row
-    return freqs, pos
+        j += 1 + m
+    end = pos + (int(ends[j - 1]) + 1 if j else 0)
+    return freqs, end
 
 
 def _cost_bits(counts: np.ndarray, freqs: np.ndarray) -> float:
@@ -283,7 +295,12 @@ def _bucket_counts(hist: np.ndarray, lo: int) -> np.ndarray:
     """(2^ebits, 2, 256) counts -> per finest context (bucket * 2 + flag, 256), bucket = the
     exponent clamped into [lo, lo + 15]."""
     out = np.zeros((MAX_BUCKETS, 2, 256), dtype=np.int64)
-    np.add.at(out, bucket_lut(int(np.log2(hist.shape[0])), lo, 0), hist)
+    size = hist.shape[0]
+    for b in range(MAX_BUCKETS):  # bucket b: exponent lo + b; the end buckets also take the tails
+        first = 0 if b == 0 else lo + b
+        last = size - 1 if b == MAX_BUCKETS - 1 else lo + b
+        if first <= last and first < size:
+            out[b] = hist[first: last + 1].sum(axis=0)
     return out.reshape(2 * MAX_BUCKETS, 256)
 
 
@@ -298,12 +315,24 @@ def choose_model(counts: np.ndarray) -> tuple[int, bool, np.ndarray, float]:
         merged = fine.reshape(k, 1 << mshift, 2, 256).sum(axis=1)
         for prev in (True, False):
             c = merged.reshape(2 * k, 256) if prev else merged.sum(axis=1)
-            f = quantize(c)
-            est = _cost_bits(c, f) / 8 + len(serialize_tables(f))
+            # the plug-in entropy of the counts + the table bytes (about 1.2 bytes per entry):
+            # the quantised tables cost a nearly constant fraction more, so they rank the same
+            est = _entropy_bits(c) / 8 + 1.2 * float((_table_lengths(c) + (c.sum(axis=1) > 0)).sum())
             if best is None or est < best[3] - 1e-9:
-                best = (mshift, prev, f, est)
+                best = (mshift, prev, c, est)
     assert best is not None
-    return best
+    mshift, prev, c, _ = best
+    f = quantize(c)
+    return mshift, prev, f, _cost_bits(c, f) / 8 + _tables_size(f)
+
+
+def _entropy_bits(counts: np.ndarray) -> float:
+    """Sum over rows of the plug-in code length of their counts, in bits."""
+    c = counts.astype(np.float64)
+    tot = c.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.where(c > 0, c * np.log2(np.where(c > 0, tot / np.maximum(c, 1), 1.0)), 0.0)
+    return float(v.sum())
 
 
 # --------------------------------------------------------------------------- numpy coder
@@ -478,8 +507,8 @@ def encode(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | Non
     t_u = np.ascontiguousarray(target).view(UINT_FOR_SIZE[itemsize])
     p_u = np.ascontiguousarray(pred).view(UINT_FOR_SIZE[itemsize])
     n = t_u.size
-    if n == 0 or n >= 1 << 32:
-        raise ValueError("an ANS frame holds 1 to 2^32 - 1 elements")
+    if n == 0 or n >= 1 << 31:
+        raise ValueError("an ANS frame holds 1 to 2^31 - 1 elements")
     shift, ebits = EXPONENT_FIELD.get(dtype or "", _DEFAULT_FIELD[itemsize])
     lanes = lane_count(n)
     hist = _histogram(t_u, p_u, shift, ebits, lanes, use_c)

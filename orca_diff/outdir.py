@@ -128,7 +128,10 @@ def _resolved_inputs(given: object) -> Iterator[Path]:
             if seen > _MAX_INPUT_ENTRIES:
                 return
             if q.is_symlink():
-                yield q.resolve()
+                try:
+                    yield q.resolve()
+                except (OSError, RuntimeError):  # a link loop cannot lead into --out
+                    continue
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -138,7 +141,15 @@ def _inside(a: Path, b: Path) -> bool:
 def check_output(out: Path, force: bool, inputs: tuple[object, ...] = ()) -> None:
     """Refuse, before any input is read, an output path that cannot or must not be written
     (see the module docstring, promise 1). Raises OutputError with one line saying what to do."""
-    out = Path(out)
+    try:
+        _check_output(Path(out), force, inputs)
+    except OSError as exc:  # a path that cannot even be looked at (permissions, loops, names)
+        raise describe_os_error(exc, Path(out), "choose another --out") from None
+    except RuntimeError as exc:  # pathlib's symlink loop
+        raise OutputError(f"{out}: cannot be resolved ({exc}); choose another --out") from None
+
+
+def _check_output(out: Path, force: bool, inputs: tuple[object, ...]) -> None:
     if out.name in ("", ".", ".."):
         raise OutputError(f"--out {shown(str(out))!r}: give the output folder by its own name (for example "
                           "../model or /data/model): the hidden staging folder is created beside it and renamed "
@@ -292,9 +303,13 @@ class OutputLock:
             if not same:  # the previous holder removed it after we opened it: lock the new one
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
             cmd = " ".join(sys.argv) if sys.argv and sys.argv[0] else "python"
-            os.pwrite(fd, f"{os.getpid()}\n{cmd}\n".encode("utf-8", "backslashreplace"), 0)
+            try:  # who holds it, for the refusal of a second run; best effort (a full disk is said later)
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)  # (no pwrite on Windows)
+                os.write(fd, f"{os.getpid()}\n{cmd}\n".encode("utf-8", "backslashreplace"))
+            except OSError:
+                pass
             with _HELD_LOCK:
                 _HELD[self._key] = [fd, 1]
             return
@@ -345,7 +360,8 @@ def _try_lock(fd: int) -> bool:
 
 def _read_holder(fd: int) -> str:
     try:
-        text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 4096).decode("utf-8", "replace")
     except OSError:
         text = ""
     lines = text.splitlines()
@@ -418,6 +434,8 @@ def publish(staging: Path, out: Path, force: bool) -> None:
     non-empty ``out`` is replaced only with ``force`` and only if it is a previous orca-diff
     output; it is moved aside first, so a kill between the two renames leaves both (see
     :func:`recover_publish`)."""
+    if staging.is_symlink() or not staging.is_dir():
+        raise OutputError(f"{staging}: the staging folder was replaced while this run wrote it; nothing was published")
     fsync_path(staging)
     if _lexists(out):
         if out.is_symlink() or not out.is_dir():

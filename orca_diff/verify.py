@@ -153,10 +153,18 @@ def check_payload_presence(diff_dir: Path, manifest: Manifest) -> None:
                                    "incomplete download); download the diff again")
 
 
+def diff_folder(diff: str | os.PathLike) -> Path:
+    """The diff folder; ``DIR/orca-diff.json`` names it too (payloads are found beside the manifest)."""
+    from .format import MANIFEST_NAME
+
+    d = Path(diff)
+    return d.parent if d.name == MANIFEST_NAME and d.is_file() else d
+
+
 def verify_diff(diff: str | os.PathLike, progress: bool | None = None) -> Manifest:
     """Check a diff's own integrity: manifest checksum and structure, every payload file's size
     and sha256 and, when a file is damaged, which chunk (and so which tensor) is affected."""
-    diff_dir = Path(diff)
+    diff_dir = diff_folder(diff)
     manifest = load_manifest(diff_dir)
     check_payload_presence(diff_dir, manifest)
     with byte_bar(manifest.payload_bytes, "verifying diff", progress) as bar:

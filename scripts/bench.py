@@ -648,7 +648,7 @@ def main() -> None:
     ap.add_argument("--shard-bytes", type=int, default=1 << 30, help="max shard size of the synthetic pair")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--codecs-only", action="store_true", help="skip make/apply timing: only the floors, the "
-                    "per-codec table and zstd --patch-from, on the first pair")
+                    "per-codec table and zstd --patch-from (not with --compare-sizes ''), on the first pair")
     ap.add_argument("--explore", action="store_true", help="only compare candidate encodings on each tensor's "
                     "first 16 MiB (sizes and single-thread speeds) at the first size")
     args = ap.parse_args()
@@ -673,7 +673,7 @@ def main() -> None:
              "rel_change_median": float(np.median(fl.rel_changes)) if fl.rel_changes else None}
         work = args.work / "run-codecs"
         work.mkdir(parents=True, exist_ok=True)
-        r["patch_from_bytes"] = patch_from_bytes(b, t, work)
+        r["patch_from_bytes"] = patch_from_bytes(b, t, work) if args.compare_sizes != "" else None
         print(f"== {label}: {b} -> {t}; {100 * r['changed_fraction']:.1f} % of elements changed, median relative "
               f"L2 change {r['rel_change_median']:.2e}")
         print_codecs(r)

@@ -18,6 +18,7 @@ still designates the descriptor this run wrote and hashed.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -104,8 +105,6 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_publishes_its_
         ledger.record(SUITE, f"in-process second run: {second}", "silent" if res == "exit 0" else "unhandled")
     assert isinstance(res, OutputError), res
     msg = str(res)
-    import os
-
     assert "another orca-diff run" in msg and f"pid {os.getpid()}" in msg, msg
     assert "writable folder" not in msg
     kit.assert_identical(out)

@@ -333,18 +333,23 @@ def test_an_interrupted_run_resumes_to_the_same_weights(base_dir, tmp_path):
 @pytest.mark.slow
 def test_two_process_fsdp_run_matches_one_process_with_the_same_global_batch(base_dir, tmp_path):
     """torchrun + FSDP2 (gloo on CPU): the same rows per step split over 2 ranks give the same
-    losses and, to float32 rounding of the reduction, the same weights as one process."""
+    losses and, to float32 rounding of the reduction, the same weights as one process; the
+    held-out evaluation, split over the ranks, gives the same numbers too."""
     import subprocess
 
     args = ["--model", str(base_dir), "--data", str(SAMPLE), "--max-steps", "3", "--lr", "1e-3",
-            "--max-seq-len", "128", "--micro-batch-size", "1", "--save-dtype", "F32", "-q"]
+            "--max-seq-len", "128", "--micro-batch-size", "1", "--save-dtype", "F32", "--eval", str(SAMPLE), "-q"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "orca_diff.cli", "train", *args, "--grad-accum", "2", "--out", str(tmp_path / "fsdp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = train(quick_config(base_dir, tmp_path / "one", micro_batch_size=1, grad_accum=4, save_dtype="F32",
-                                stages=[Stage(data=[str(SAMPLE)], max_steps=3, lr=1e-3, name="orca_sample")]))
+                                stages=[Stage(data=[str(SAMPLE)], max_steps=3, lr=1e-3, name="orca_sample")],
+                                eval_data=[str(SAMPLE)]))
     np.testing.assert_allclose(losses(tmp_path / "fsdp"), losses(tmp_path / "one"), rtol=1e-6)
+    evals = [[(r["global_step"], r["targets"], r["loss"]) for r in records(tmp_path / run, "eval")] for run in ("fsdp", "one")]
+    assert [e[:2] for e in evals[0]] == [e[:2] for e in evals[1]] == [(0, evals[1][0][1]), (3, evals[1][0][1])]
+    np.testing.assert_allclose([e[2] for e in evals[0]], [e[2] for e in evals[1]], rtol=1e-5)
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "fsdp" / "model" / "model.safetensors"), load_file(next(single.glob("*.safetensors")))

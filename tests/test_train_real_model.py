@@ -97,11 +97,11 @@ def test_smollm2_learns_held_out_loss_falls_and_it_ships_tied_with_its_training_
 
     # The chat template it ships renders the training prompt, text and token ids, with the real BPE tokenizer.
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    row = json.loads(rows[0])
+    row = orca_data.read_orca_rows(tmp_path / "train.jsonl")[0]
     messages = [{"role": "system", "content": row["system_prompt"]}, {"role": "user", "content": row["question"]}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == tok.bos_token + render_prompt(row["system_prompt"], row["question"])
     ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    (example,), _ = orca_data.encode_examples([orca_data._check_row(row, "row 0")], tok, 256)
+    (example,), _ = orca_data.encode_examples([row], tok, 256)
     assert list(ids) == example.input_ids[:example.prompt_len].tolist()

@@ -303,3 +303,29 @@ def test_a_tied_fine_tune_goes_through_make_apply_verify_byte_for_byte(tied_base
     verify_model(rebuilt, out / "diff", progress=False)
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         assert (rebuilt / path.relative_to(model_dir)).read_bytes() == path.read_bytes(), path.name
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_keeps_a_tied_model_tied_and_resumes_it_bit_for_bit(tied_base, tmp_path):
+    """torchrun + FSDP2 (gloo on CPU) on a tied base, stopped after 2 steps and rerun with the same
+    command: the shared matrix is saved once, and the weights match one process to float32 rounding."""
+    import subprocess
+    import sys
+
+    from test_train import ROOT
+
+    args = ["--model", str(tied_base), "--data", str(SAMPLE), "--max-steps", "3", "--lr", "1e-3", "--max-seq-len", "128",
+            "--micro-batch-size", "1", "--save-dtype", "F32", "--grad-accum", "2", "--out", str(tmp_path / "fsdp"),
+            "--save-every", "1", "--stop-after-steps", "2", "-q"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "orca_diff.cli",
+           "train", *args]
+    for _ in range(2):  # the second run is literally the same command
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train(quick_config(tied_base, tmp_path / "one", micro_batch_size=1, grad_accum=4, save_dtype="F32",
+                                stages=[Stage(data=[str(SAMPLE)], max_steps=3, lr=1e-3, name="orca_sample")]))
+    a, b = load_file(tmp_path / "fsdp" / "model" / "model.safetensors"), load_file(next(single.glob("*.safetensors")))
+    assert a.keys() == b.keys() and "lm_head.weight" not in a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+    assert [r["global_step"] for r in records(tmp_path / "fsdp")] == [1, 2, 3]

@@ -20,7 +20,8 @@ EVAL_STREAM = 1_000_003  # system-message sampling stream of eval rows (stages u
 
 
 def load_eval_examples(paths: Sequence[str], tokenizer: Any, max_seq_len: int, template: str = "orca",
-                       system_messages: str = "keep", seed: int = 0) -> tuple[list[orca_data.Example], int, dict | None]:
+                       system_messages: str = "keep",
+                       seed: int = 0) -> tuple[list[orca_data.Example], int, dict | None]:
     """Tokenized held-out examples, the number dropped, and the system-message summary (or None)."""
     rows = [r for path in paths for r in orca_data.read_orca_rows(path)]
     summary = None
@@ -44,7 +45,8 @@ def eval_micro_batches(examples: Sequence[orca_data.Example], max_seq_len: int, 
 def evaluate(model: Any, examples: Sequence[orca_data.Example], micro_batches: list[list[list[int]]],
              pad_token_id: int, device: Any, autocast_bf16: bool = False, flatten: bool = False,
              rank: int = 0, world: int = 1,
-             all_reduce: Callable[[list[float]], list[float]] = lambda v: v, progress: bool = False) -> dict[str, float]:
+             all_reduce: Callable[[list[float]], list[float]] = lambda v: v,
+             progress: bool = False) -> dict[str, float]:
     """``{"loss", "ppl", "targets"}`` of ``model`` on the examples; leaves the model in the mode it was in.
 
     Under FSDP every rank must run the same number of forward passes, so a rank that runs out of
@@ -70,9 +72,23 @@ def evaluate(model: Any, examples: Sequence[orca_data.Example], micro_batches: l
                 count += weight * batch["n_targets"]
     finally:
         model.train(was_training)
+        _reshard(model)
     total, count = all_reduce([total, count])
     loss = total / max(count, 1.0)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "targets": int(count)}
+
+
+def _reshard(model: Any) -> None:
+    """Under FSDP2 a forward without backward leaves the root's parameters gathered (the root does
+    not reshard after forward, expecting the backward); reshard so that checkpointing and the next
+    step see the sharded parameters the optimizer holds."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2: nothing can be sharded
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def evaluate_folder(model_dir: str | Path, data: Sequence[str], tokenizer: str | None = None, max_seq_len: int = 2048,

@@ -47,7 +47,8 @@ def cast_state_dict(state_dict: dict[str, Any], dtype: Any, tied: dict[str, str]
     cast: dict[str, Any] = {}
     memo: dict[tuple, Any] = {}
     for name, tensor in state_dict.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        storage = tensor.untyped_storage().data_ptr()
+        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
         if key not in memo:
             memo[key] = tensor.detach().to("cpu", dtype)
         cast[name] = memo[key]

@@ -66,7 +66,8 @@ def candidates(sub_collection: str, question: str) -> list[int]:
     return list(entry["messages"])
 
 
-def assign_system_messages(rows: Sequence[dict[str, str]], seed: int, stream: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+def assign_system_messages(rows: Sequence[dict[str, str]], seed: int,
+                           stream: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Give every row with an empty system prompt one of the messages of its sub-collection.
 
     Deterministic in (``seed``, ``stream``, row order): the trainer uses the stage index as the
