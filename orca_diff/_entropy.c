@@ -151,25 +151,30 @@ static int finish##B(const uint8_t *tok, const T *p, size_t n, const uint8_t *ra
     }                                                                                             \
     const uint64_t limit = (uint64_t)rawlen * 8;                                                  \
     uint64_t pos = 0;                                                                             \
-    if (B == 16) { /* at most 13 raw bits: a 64-bit buffer refilled 32 bits at a time */          \
-        const uint8_t *rp = raw;                                                                  \
-        uint64_t buf = 0;                                                                         \
-        unsigned avail = 0;                                                                       \
-        for (size_t i = 0; i < n; i++) {                                                          \
-            unsigned k = tok[i], nb = nbits[k];                                                   \
-            if (avail < 32) {                                                                     \
-                uint32_t w32;                                                                     \
-                if ((size_t)(rp - raw) > rawlen + 4) return -1; /* reads stay in the padding */   \
-                memcpy(&w32, rp, 4);                                                              \
-                buf |= (uint64_t)w32 << avail;                                                    \
-                rp += 4;                                                                          \
-                avail += 32;                                                                      \
+    if (B == 16) { /* at most 13 raw bits: one 8-byte load (>= 57 bits) serves 4 elements */      \
+        for (size_t i0 = 0; i0 < n; i0 += 64) {                                                   \
+            /* checked every 64 elements: pos <= limit + 64 * 13 bits keeps every load inside the \
+             * RAW_PAD bytes of padding */                                                        \
+            if (pos > limit) return -1;                                                           \
+            size_t i1 = n - i0 < 64 ? n : i0 + 64, i = i0;                                        \
+            for (; i + 4 <= i1; i += 4) {                                                         \
+                uint64_t peek;                                                                    \
+                memcpy(&peek, raw + (pos >> 3), 8);                                               \
+                peek >>= (pos & 7);                                                               \
+                for (int kk = 0; kk < 4; kk++) {                                                  \
+                    unsigned k = tok[i + kk], nb = nbits[k];                                      \
+                    out[i + kk] = (T)(base[k] | (peek & ((1ull << nb) - 1)));                     \
+                    peek >>= nb;                                                                  \
+                    pos += nb;                                                                    \
+                }                                                                                 \
             }                                                                                     \
-            uint64_t v = buf & ((1ull << nb) - 1);                                                \
-            buf >>= nb;                                                                           \
-            avail -= nb;                                                                          \
-            pos += nb;                                                                            \
-            out[i] = (T)(base[k] | v);                                                            \
+            for (; i < i1; i++) {                                                                 \
+                unsigned k = tok[i], nb = nbits[k];                                               \
+                uint64_t peek;                                                                    \
+                memcpy(&peek, raw + (pos >> 3), 8);                                               \
+                out[i] = (T)(base[k] | ((peek >> (pos & 7)) & ((1ull << nb) - 1)));              \
+                pos += nb;                                                                        \
+            }                                                                                     \
         }                                                                                         \
     } else if (B == 32) { /* at most 29 raw bits: one unaligned 8-byte load per element */        \
         for (size_t i0 = 0; i0 < n; i0 += 64) {                                                   \

@@ -3,17 +3,18 @@
 A chunk of a target tensor is rebuilt from its payload and, for delta chunks, the matching
 elements of the base tensor cast to the target dtype (:func:`base_prediction`):
 
-    encode: transform(target, base) -> symbols -> layout -> one zstd frame
-    decode: zstd frame (size-checked) -> un-layout -> inverse transform(., base)
+    encode: transform(target, base) -> symbols -> layout -> one zstd frame (or one ANS frame)
+    decode: frame (size-checked) -> un-layout -> inverse transform(., base)
 
 Codecs (``Encoding.codec``, docs/format.md §3a/§3b):
 
 * ``zstd``: the symbols, laid out as below, in one zstd frame (format version 1).
 * ``ans``: for ``ulp`` deltas of floats, a context-modelled rANS frame (:mod:`orca_diff.entropy`:
-  tokens conditioned on the base element's exponent, raw low bits), about 0.8x the size of the
-  zstd frame on real fine-tunes. A chunk where that frame would not be smaller (tiny or constant
-  chunks) is stored as a zstd frame with the tensor's ``layout`` instead; the frame's magic
-  number tells the two apart.
+  tokens conditioned on the base element's exponent and the previous element, raw low bits):
+  0.81-0.95x the size of the zstd frames, 0.85x (bf16) / 0.89x (fp16) the order-0 entropy floor
+  on a real fine-tune (docs/performance.md §0). A chunk where that frame would not be smaller
+  (tiny or constant chunks) is stored as a zstd frame with the tensor's ``layout`` instead; the
+  frame's magic number tells the two apart.
 
 Layouts (docs/format.md, "Layouts"; measurements in docs/performance.md):
 

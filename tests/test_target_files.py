@@ -113,7 +113,7 @@ def test_a_file_growing_while_make_reads_it_still_gives_a_diff_that_applies(make
         return data
 
     monkeypatch.setattr(make_mod, "_read_file", read_then_change)
-    make_diff(base, target, tmp_path / "diff", chunk_bytes=4096)
+    make_diff(base, target, tmp_path / "diff", chunk_bytes=4096, threads=1)  # chunks read in order
     out = tmp_path / "out"
     apply_diff(base, tmp_path / "diff", out)  # applies and verifies: what make read, consistently
     verify_model(out, tmp_path / "diff")
