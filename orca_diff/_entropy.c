@@ -4,14 +4,18 @@
  * quantising tables, the frame header) is Python shared with the pure-numpy path, so that both
  * produce identical bytes:
  *
- *   histogram(target, pred, w, shift, ebits, lo, lanes) -> bytes: uint64 counts[32][256]
+ *   histogram(target, pred, w, shift, ebits, lanes) -> bytes: uint32 counts[2^ebits][2][256]
+ *       (per exponent value and "previous element of the lane has token 0")
  *   encode(target, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs) -> (words, lane_words, raw)
  *   decode(out, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs, lane_words, words, raw) -> None
  *
- * Lanes are interleaved: element i belongs to lane i % L and is its (i / L)-th symbol, so one
- * decoding step of lanes k..k+7 reads 8 consecutive base elements and writes 8 consecutive
- * tokens: with AVX2 (chosen at run time, GCC/Clang on x86-64) a step is one vector operation with
- * two gathers; elsewhere a scalar loop whose iterations (lanes) are independent.
+ * Lanes are contiguous runs of elements (the context needs the previous element's token). The
+ * decoder runs 8 lanes per AVX2 vector (chosen at run time, GCC/Clang on x86-64), two groups of 8
+ * interleaved to hide the gathers' latency: 8 steps of base elements are loaded per lane and
+ * transposed, the table entries and the next words are gathered, and the 8 x 8 tokens are
+ * transposed back. Elsewhere (other compilers, no AVX2, 8-byte elements, leftover lanes and
+ * steps) a scalar loop whose iterations (lanes) are independent. A second pass adds the raw bits
+ * and applies the ulp inverse.
  *
  * Everything decode reads is untrusted: every table, count and size is checked, stream reads stay
  * inside buffers padded by more than any lane can over-read, and a stream that does not end
@@ -628,7 +632,6 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     ctxparams cp;
     uint32_t validmask, used = 0;
     uint32_t *tab = NULL, *x = NULL, *off = NULL, *end = NULL, *pzv = NULL;
-    uint8_t *tt = NULL;
     uint16_t *wpad = NULL;
     uint8_t *tok = NULL, *raw = NULL;
     const char *err = NULL;
@@ -645,14 +648,13 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     off = (uint32_t *)malloc(L * sizeof(uint32_t));
     end = (uint32_t *)malloc(L * sizeof(uint32_t));
     pzv = (uint32_t *)malloc(L * sizeof(uint32_t));
-    tt = (uint8_t *)malloc(16);
     /* any lane reads at most one word per step past its start: `steps` words of zero padding (+16
      * for the 4-byte gathers) keep every read inside this buffer */
     wpad = (uint16_t *)calloc(nwords + steps + 16, sizeof(uint16_t));
     tab = (uint32_t *)malloc((size_t)contexts * PROB_SCALE * sizeof(uint32_t));  /* valid rows filled below */
     tok = (uint8_t *)malloc(n + 16);
     raw = (uint8_t *)calloc((size_t)rb.len + RAW_PAD, 1);
-    if (!x || !off || !end || !pzv || !tt || !wpad || !tab || !tok || !raw) { PyErr_NoMemory(); goto done; }
+    if (!x || !off || !end || !pzv || !wpad || !tab || !tok || !raw) { PyErr_NoMemory(); goto done; }
     {
         const uint32_t *cnt = (const uint32_t *)lc.buf;
         uint64_t total = 0;
@@ -725,7 +727,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_INCREF(Py_None);
     res = Py_None;
 done:
-    free(x); free(off); free(end); free(pzv); free(tt); free(wpad); free(tab); free(tok); free(raw);
+    free(x); free(off); free(end); free(pzv); free(wpad); free(tab); free(tok); free(raw);
     PyBuffer_Release(&o); PyBuffer_Release(&p); PyBuffer_Release(&fb);
     PyBuffer_Release(&lc); PyBuffer_Release(&wb); PyBuffer_Release(&rb);
     return res;

@@ -587,11 +587,4 @@ def decode(payload: bytes | memoryview | np.ndarray, pred: np.ndarray, itemsize:
     return ulp_undelta(sym, p_u).view(np.uint8)
 
 
-def order0_bits(counts: np.ndarray) -> float:
-    """Plug-in entropy in bits of a histogram (for reports)."""
-    c = counts[counts > 0].astype(np.float64)
-    t = c.sum()
-    return float(-(c * np.log2(c / t)).sum()) if t else 0.0
-
-
 __all__ = ["encode", "decode", "is_frame", "c_available", "lane_count", "tokenize", "quantize", "MAGIC"]
