@@ -71,6 +71,16 @@ static inline unsigned token_of(uint64_t s, unsigned *nb) {
     return (t & big) | ((unsigned)s & ~big & 15u);
 }
 
+/* token and raw-bit count of every 16-bit symbol, and the raw-bit count of every token */
+static uint8_t tok16_lut[1 << 16], tok_nbits[256];
+static void init_tokens(void) {
+    unsigned nb;
+    for (uint32_t s = 0; s < (1u << 16); s++) {
+        tok16_lut[s] = (uint8_t)token_of(s, &nb);
+        tok_nbits[tok16_lut[s]] = (uint8_t)nb;
+    }
+}
+
 typedef struct {
     unsigned shift, emask, lo, mshift, prev;
 } ctxparams;
@@ -108,37 +118,62 @@ static inline T undelta##B(T z, T b) {                                          
     T d = (T)((T)(z >> 1) ^ (T)((T)0 - (T)(z & 1)));                                              \
     return ord##B((T)(ord##B(b) + d));                                                            \
 }                                                                                                 \
-/* tokens (and, when raw != NULL, the raw bits packed LSB-first; returns their byte count) */     \
-static size_t tokens##B(const T *t, const T *p, size_t n, uint8_t *tok, uint8_t *raw) {           \
+/* One pass over the chunk for the encoder: the tokens (tok[i]), the raw bits packed LSB-first in   \
+ * element order (returns their byte count; raw needs n * B / 8 + 16 bytes), and the token counts   \
+ * per (exponent value, "previous token of the lane was 0") in two interleaved copies h (element i  \
+ * counts in copy i & 1, so that runs of one cell do not wait on their own increments), cell       \
+ * ((e << 1 | z) << tb) | token, copy 1 at h + hcopy. */                                             \
+static size_t analyze##B(const T *t, const T *p, size_t n, size_t L, unsigned sh, unsigned em,      \
+                         unsigned tb, uint8_t *tok, uint8_t *raw, uint32_t *h, size_t hcopy) {     \
     uint64_t acc = 0;                                                                             \
     unsigned accbits = 0, nb;                                                                     \
     size_t out = 0;                                                                               \
-    for (size_t i = 0; i < n; i++) {                                                              \
-        uint64_t s = delta##B(t[i], p[i]);                                                        \
-        tok[i] = (uint8_t)token_of(s, &nb);                                                       \
-        if (raw) { /* no branch on nb: 0 raw bits OR in nothing */                                \
-            uint64_t v = s & ((1ull << nb) - 1);                                                  \
-            acc |= v << accbits;                                                                  \
-            if (accbits + nb >= 64) {                                                             \
-                memcpy(raw + out, &acc, 8);                                                       \
-                out += 8;                                                                         \
-                acc = accbits ? v >> (64 - accbits) : 0;                                          \
-                accbits = accbits + nb - 64;                                                      \
-            } else {                                                                              \
-                accbits += nb;                                                                    \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
-    if (raw) memcpy(raw + out, &acc, 8);                                                          \
-    return out + (accbits + 7) / 8;                                                               \
-}                                                                                                 \
-static void contexts##B(const T *p, const uint8_t *tok, size_t n, size_t L, const ctxparams *cp, \
-                        int prev, uint8_t *ctx) {                                                 \
     for (size_t k = 0; k < L; k++) {                                                              \
         size_t a = lane_start(n, L, k), e = lane_start(n, L, k + 1);                              \
+        unsigned z = 1;                                                                           \
         for (size_t i = a; i < e; i++) {                                                          \
-            unsigned b = bucket_of(p[i], cp);                                                     \
-            ctx[i] = (uint8_t)(prev ? 2u * b + (i == a ? 1u : tok[i - 1] == 0) : b);              \
+            uint64_t s = delta##B(t[i], p[i]);                                                    \
+            unsigned tk;                                                                          \
+            if (B == 16) { tk = tok16_lut[s]; nb = tok_nbits[tk]; }                               \
+            else tk = token_of(s, &nb);                                                           \
+            tok[i] = (uint8_t)tk;                                                                 \
+            h[(i & 1) * hcopy + (((((unsigned)(p[i] >> sh) & em) << 1 | z) << tb) | tk)]++;        \
+            z = tk == 0;                                                                          \
+            /* no branches: 0 raw bits OR in nothing, and the word is stored every time and   \
+             * kept when full (the flush would mispredict every ~16 elements) */                \
+            uint64_t v = s & ((1ull << nb) - 1);                                                  \
+            acc |= v << accbits;                                                                  \
+            memcpy(raw + out, &acc, 8);                                                           \
+            unsigned full = (accbits + nb) >> 6; /* nb < 64, so full implies accbits > 0 */       \
+            uint64_t rest = (v >> 1) >> (63 - accbits);  /* v >> (64 - accbits), 0 if accbits 0 */ \
+            out += 8 * (size_t)full;                                                              \
+            acc = full ? rest : acc;                                                              \
+            accbits = (accbits + nb) & 63;                                                        \
+        }                                                                                         \
+    }                                                                                             \
+    memcpy(raw + out, &acc, 8);                                                                   \
+    return out + (accbits + 7) / 8;                                                               \
+}                                                                                                 \
+/* the index ctx * 256 + token into the [32][256] tables of every element of lanes [kb, ke)      \
+ * (element i at idx[i - start of lane kb]; scalar) */                                            \
+static void ctxindex##B(const T *p, const uint8_t *tok, size_t n, size_t L, size_t kb, size_t ke, \
+                        const ctxparams *cp, uint16_t *idx) {                                     \
+    uint16_t cb[256];                                                                             \
+    for (unsigned e = 0; e <= cp->emask; e++) {                                                   \
+        int d = (int)e - (int)cp->lo;                                                             \
+        unsigned b = (unsigned)(d < 0 ? 0 : d > NBUCKETS - 1 ? NBUCKETS - 1 : d) >> cp->mshift;   \
+        cb[e] = (uint16_t)((cp->prev ? 2u * b : b) << 8);                                         \
+    }                                                                                             \
+    const unsigned zadd = cp->prev ? 0x100u : 0u;                                                 \
+    const size_t ib = lane_start(n, L, kb);                                                       \
+    for (size_t k = kb; k < ke; k++) {                                                            \
+        size_t a = lane_start(n, L, k), e = lane_start(n, L, k + 1);                              \
+        unsigned z = 1;                                                                           \
+        for (size_t i = a; i < e; i++) {                                                          \
+            unsigned tk = tok[i];                                                                 \
+            idx[i - ib] = (uint16_t)(cb[(unsigned)(p[i] >> cp->shift) & cp->emask] +              \
+                                ((0u - z) & zadd) + tk);                                          \
+            z = tk == 0;                                                                          \
         }                                                                                         \
     }                                                                                             \
 }                                                                                                 \
@@ -415,62 +450,400 @@ static int have_avx2(void) {
 }
 #endif
 
-/* ------------------------------------------------------------------ rANS encode */
-
-/* x / f for 32-bit x and 1 <= f <= 4096: by multiplication with ceil(2^64 / f) where the
- * compiler has 128-bit products (exact for every 32-bit x: Lemire, Kaser & Kurz 2019), else by
- * division */
-#if defined(__SIZEOF_INT128__)
-static uint64_t recip[PROB_SCALE + 1];
-static void init_recip(void) {
-    if (recip[2]) return;
-    for (uint32_t f = 2; f <= PROB_SCALE; f++) recip[f] = UINT64_MAX / f + 1;
+#ifdef HAVE_AVX2_KERNEL
+/* finish16 in AVX2 (same results): 8 elements at a time, their raw-bit offsets by a prefix sum of
+ * the raw-bit counts; each element's at most 13 bits (+ 7 bits of offset) are picked out of one
+ * 16-byte window of the stream by a byte shuffle; then the ulp inverse. Every window starts at or
+ * before the stream's end (pos is checked first) and RAW_PAD zero bytes follow it. */
+static AVX2 int finish16_avx2(const uint8_t *tok, const uint16_t *p, size_t n, const uint8_t *raw, size_t rawlen,
+                              uint16_t *out) {
+    const uint64_t limit = (uint64_t)rawlen * 8;
+    uint64_t pos = 0;
+    const __m256i c15 = _mm256_set1_epi32(15), c3 = _mm256_set1_epi32(3), c4 = _mm256_set1_epi32(4);
+    const __m256i c2 = _mm256_set1_epi32(2), one = _mm256_set1_epi32(1), c7 = _mm256_set1_epi32(7);
+    const __m256i rep = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                         0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+    const __m256i inc = _mm256_set1_epi32(0x03020100);
+    const __m128i m7f = _mm_set1_epi16(0x7FFF), one16 = _mm_set1_epi16(1);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        if (pos > limit) return -1;
+        __m256i tk = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(tok + i)));
+        __m256i big = _mm256_cmpgt_epi32(tk, c15);
+        __m256i nb = _mm256_and_si256(big, _mm256_sub_epi32(_mm256_srli_epi32(tk, 2), c2));
+        __m256i base = _mm256_blendv_epi8(tk, _mm256_sllv_epi32(_mm256_or_si256(c4, _mm256_and_si256(tk, c3)), nb), big);
+        __m256i incl = _mm256_add_epi32(nb, _mm256_slli_si256(nb, 4));
+        incl = _mm256_add_epi32(incl, _mm256_slli_si256(incl, 8));
+        incl = _mm256_add_epi32(incl, _mm256_shuffle_epi32(_mm256_permute2x128_si256(incl, incl, 0x08), 0xFF));
+        __m256i off = _mm256_add_epi32(_mm256_sub_epi32(incl, nb), _mm256_set1_epi32((int)(pos & 7)));
+        __m256i ctrl = _mm256_add_epi32(_mm256_shuffle_epi8(_mm256_srli_epi32(off, 3), rep), inc);
+        __m256i win = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(raw + (pos >> 3))));
+        __m256i v = _mm256_srlv_epi32(_mm256_shuffle_epi8(win, ctrl), _mm256_and_si256(off, c7));
+        v = _mm256_and_si256(v, _mm256_sub_epi32(_mm256_sllv_epi32(one, nb), one));
+        __m256i sym = _mm256_or_si256(base, v);
+        __m128i z = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(sym, sym), 0x08));
+        __m128i d = _mm_xor_si128(_mm_srli_epi16(z, 1), _mm_sub_epi16(_mm_setzero_si128(), _mm_and_si128(z, one16)));
+        __m128i b = _mm_loadu_si128((const __m128i *)(p + i));
+        __m128i o = _mm_add_epi16(_mm_xor_si128(b, _mm_and_si128(_mm_srai_epi16(b, 15), m7f)), d);
+        _mm_storeu_si128((__m128i *)(out + i), _mm_xor_si128(o, _mm_and_si128(_mm_srai_epi16(o, 15), m7f)));
+        pos += (uint32_t)_mm256_extract_epi32(incl, 7);
+    }
+    for (; i < n; i++) {  /* the last < 8 elements */
+        if (pos > limit) return -1;
+        unsigned k = tok[i], nb = tok_nbits[k];
+        uint64_t peek;
+        memcpy(&peek, raw + (pos >> 3), 8);
+        unsigned bs = k < 16 ? k : (4u | (k & 3u)) << nb;
+        uint16_t s = (uint16_t)(bs | ((peek >> (pos & 7)) & ((1ull << nb) - 1)));
+        pos += nb;
+        out[i] = undelta16(s, p[i]);
+    }
+    if (pos > limit || (pos + 7) / 8 != rawlen) return -1;
+    return 0;
 }
-static inline uint32_t div_freq(uint32_t x, uint32_t f) {
-    return f == 1 ? x : (uint32_t)(((unsigned __int128)recip[f] * x) >> 64);
-}
-#else
-static void init_recip(void) {}
-static inline uint32_t div_freq(uint32_t x, uint32_t f) { return x / f; }
 #endif
 
-/* encode every lane in reverse (last symbol first), all lanes step by step; lane k's words are
- * written backwards ending at wp[k] (state last, so they read forwards); -1 on a zero frequency */
-static int encode_lanes(const uint8_t *tok, const uint8_t *ctx, size_t n, size_t L, const uint16_t *freq,
-                        const uint16_t *cum, uint16_t **wp) {
-    uint32_t *x = (uint32_t *)malloc(L * sizeof(uint32_t));
-    if (!x) return -2;
-    for (size_t k = 0; k < L; k++) x[k] = STATE_LOW;
+#ifdef HAVE_AVX2_KERNEL
+/* analyze16 in AVX2 (same results): per block of ANB elements, 16 at a time, the symbols'
+ * tokens (bit length from the float conversion, whose two mantissa bits below the leading one are
+ * the token's), their raw bits merged by 4 (at most 4 x 13 bits) and their histogram cells; then
+ * the cells are counted and the merged raw bits appended in scalar code */
+#define ANB 2048
+static AVX2 size_t analyze16_avx2(const uint16_t *t, const uint16_t *p, size_t n, size_t L, unsigned sh,
+                                  unsigned em, uint8_t *tok, uint8_t *raw, uint32_t *h, size_t hcopy) {
+    uint16_t key[ANB];
+    uint64_t Q[ANB / 4];
+    uint32_t QN[ANB / 4];
+    uint64_t acc = 0;
+    unsigned accbits = 0;
+    size_t out = 0, kn = 0, next = 0;  /* the next lane's first element */
+    const size_t n16 = n & ~(size_t)15;
+    const __m256i m7f = _mm256_set1_epi16(0x7FFF), emv = _mm256_set1_epi16((short)em);
+    const __m256i one32 = _mm256_set1_epi32(1), c15 = _mm256_set1_epi32(15), c127 = _mm256_set1_epi32(127 + 2);
+    const __m256i c508 = _mm256_set1_epi32(508), lo32 = _mm256_set1_epi64x(0xFFFFFFFF);
+    const __m128i shv = _mm_cvtsi32_si128((int)sh), z1 = _mm_set1_epi8(1);
+    __m128i Tprev = _mm_set1_epi8(1);
+    for (size_t i0 = 0; i0 < n16; i0 += ANB) {
+        size_t i1 = n16 - i0 < ANB ? n16 : i0 + ANB;
+        for (size_t i = i0; i < i1; i += 16) {
+            __m256i tv = _mm256_loadu_si256((const __m256i *)(t + i)), pv = _mm256_loadu_si256((const __m256i *)(p + i));
+            __m256i ot = _mm256_xor_si256(tv, _mm256_and_si256(_mm256_srai_epi16(tv, 15), m7f));
+            __m256i ob = _mm256_xor_si256(pv, _mm256_and_si256(_mm256_srai_epi16(pv, 15), m7f));
+            __m256i d = _mm256_sub_epi16(ot, ob);
+            __m256i s = _mm256_xor_si256(_mm256_add_epi16(d, d), _mm256_srai_epi16(d, 15));
+            __m256i tk[2], qv[2], qn[2];
+            for (int hh = 0; hh < 2; hh++) {
+                __m256i s32 = _mm256_cvtepu16_epi32(hh ? _mm256_extracti128_si256(s, 1) : _mm256_castsi256_si128(s));
+                __m256i fb = _mm256_castps_si256(_mm256_cvtepi32_ps(s32));
+                __m256i big = _mm256_cmpgt_epi32(s32, c15);
+                tk[hh] = _mm256_blendv_epi8(s32, _mm256_sub_epi32(_mm256_srli_epi32(fb, 21), c508), big);
+                __m256i nb = _mm256_and_si256(big, _mm256_sub_epi32(_mm256_srli_epi32(fb, 23), c127));
+                __m256i v = _mm256_and_si256(s32, _mm256_sub_epi32(_mm256_sllv_epi32(one32, nb), one32));
+                /* pairs (2j, 2j + 1) in 64-bit lanes, then pairs of pairs */
+                __m256i nbe = _mm256_and_si256(nb, lo32), nbo = _mm256_srli_epi64(nb, 32);
+                __m256i pr = _mm256_or_si256(_mm256_and_si256(v, lo32), _mm256_sllv_epi64(_mm256_srli_epi64(v, 32), nbe));
+                __m256i pn = _mm256_add_epi64(nbe, nbo);
+                pr = _mm256_permute4x64_epi64(pr, 0xD8);  /* [p0, p2, p1, p3] */
+                pn = _mm256_permute4x64_epi64(pn, 0xD8);
+                __m128i plo = _mm256_castsi256_si128(pr), phi = _mm256_extracti128_si256(pr, 1);
+                __m128i nlo = _mm256_castsi256_si128(pn), nhi = _mm256_extracti128_si256(pn, 1);
+                /* quads q0 = p0 | p1 << n(p0), q1 = p2 | p3 << n(p2) */
+                qv[hh] = _mm256_castsi128_si256(_mm_or_si128(plo, _mm_sllv_epi64(phi, nlo)));
+                qn[hh] = _mm256_castsi128_si256(_mm_add_epi64(nlo, nhi));
+            }
+            __m256i t16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(tk[0], tk[1]), 0xD8);
+            __m128i T = _mm_packus_epi16(_mm256_castsi256_si128(t16), _mm256_extracti128_si256(t16, 1));
+            _mm_storeu_si128((__m128i *)(tok + i), T);
+            __m128i z = _mm_and_si128(_mm_cmpeq_epi8(_mm_alignr_epi8(T, Tprev, 15), _mm_setzero_si128()), z1);
+            Tprev = T;
+            __m256i e = _mm256_and_si256(_mm256_srl_epi16(pv, shv), emv);
+            __m256i kv = _mm256_or_si256(_mm256_slli_epi16(_mm256_or_si256(_mm256_add_epi16(e, e), _mm256_cvtepu8_epi16(z)), 6),
+                                         _mm256_cvtepu8_epi16(T));
+            _mm256_storeu_si256((__m256i *)(key + (i - i0)), kv);
+            size_t qi = (i - i0) / 4;
+            _mm_storeu_si128((__m128i *)(Q + qi), _mm256_castsi256_si128(qv[0]));
+            _mm_storeu_si128((__m128i *)(Q + qi + 2), _mm256_castsi256_si128(qv[1]));
+            QN[qi] = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(qn[0]));
+            QN[qi + 1] = (uint32_t)_mm_extract_epi32(_mm256_castsi256_si128(qn[0]), 2);
+            QN[qi + 2] = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(qn[1]));
+            QN[qi + 3] = (uint32_t)_mm_extract_epi32(_mm256_castsi256_si128(qn[1]), 2);
+        }
+        while (next < i1) {  /* a lane's first element: z = 1 */
+            key[next - i0] |= 1u << 6;
+            next = ++kn < L ? lane_start(n, L, kn) : n;
+        }
+        for (size_t i = 0; i < i1 - i0; i++) h[(i & 1) * hcopy + key[i]]++;
+        for (size_t j = 0; j < (i1 - i0) / 4; j++) {  /* append (branch-free, as in analyze16) */
+            uint64_t v = Q[j];
+            unsigned nb = QN[j];
+            acc |= v << accbits;
+            memcpy(raw + out, &acc, 8);
+            unsigned full = (accbits + nb) >> 6;
+            uint64_t rest = (v >> 1) >> (63 - accbits);
+            out += 8 * (size_t)full;
+            acc = full ? rest : acc;
+            accbits = (accbits + nb) & 63;
+        }
+    }
+    unsigned prevz = n16 ? tok[n16 - 1] == 0 : 1;
+    for (size_t i = n16; i < n; i++) {  /* the last < 16 elements */
+        uint64_t s = delta16(t[i], p[i]);
+        unsigned tk = tok16_lut[s], nb = tok_nbits[tk];
+        unsigned z = prevz;
+        if (i == next) { z = 1; next = ++kn < L ? lane_start(n, L, kn) : n; }
+        tok[i] = (uint8_t)tk;
+        h[(i & 1) * hcopy + (((((unsigned)(p[i] >> sh) & em) << 1 | z) << 6) | tk)]++;
+        prevz = tk == 0;
+        uint64_t v = s & ((1ull << nb) - 1);
+        acc |= v << accbits;
+        memcpy(raw + out, &acc, 8);
+        unsigned full = (accbits + nb) >> 6;
+        uint64_t rest = (v >> 1) >> (63 - accbits);
+        out += 8 * (size_t)full;
+        acc = full ? rest : acc;
+        accbits = (accbits + nb) & 63;
+    }
+    memcpy(raw + out, &acc, 8);
+    return out + (accbits + 7) / 8;
+}
+#endif
+
+#ifdef HAVE_AVX2_KERNEL
+/* ctxindex for 2- and 4-byte elements, 16 or 8 elements per vector in element order (the bucket
+ * by arithmetic, z from the token one element back); the lanes' first elements (z = 1) are
+ * redone afterwards */
+static AVX2 void ctxindex_avx2(const void *pred, int w, const uint8_t *tok, size_t n, size_t L, size_t kb, size_t ke,
+                               const ctxparams *cp, uint16_t *idx) {
+    const size_t ib = lane_start(n, L, kb), ie = lane_start(n, L, ke);
+    idx -= ib;  /* element i at idx[i]: only [ib, ie) is written */
+    const __m128i sh = _mm_cvtsi32_si128((int)cp->shift), msh = _mm_cvtsi32_si128((int)cp->mshift);
+    const __m128i zsh = _mm_cvtsi32_si128(cp->prev ? 8 : 16);  /* z << 16 leaves a 16-bit lane: 0 */
+    const int bs = cp->prev ? 9 : 8;
+    size_t i = ib + 1;
+    if (w == 2) {
+        const uint16_t *p = (const uint16_t *)pred;
+        const __m256i em = _mm256_set1_epi16((short)cp->emask), lo = _mm256_set1_epi16((short)cp->lo);
+        const __m256i top = _mm256_set1_epi16(NBUCKETS - 1), zero = _mm256_setzero_si256();
+        for (; i + 16 <= ie; i += 16) {
+            __m256i e = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(p + i)), sh), em);
+            __m256i b = _mm256_srl_epi16(_mm256_min_epi16(_mm256_max_epi16(_mm256_sub_epi16(e, lo), zero), top), msh);
+            __m256i t = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(tok + i)));
+            __m256i z = _mm256_cvtepu8_epi16(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(tok + i - 1)),
+                                                            _mm_setzero_si128()));
+            z = _mm256_sll_epi16(_mm256_and_si256(z, _mm256_set1_epi16(1)), zsh);
+            __m256i v = _mm256_add_epi16(_mm256_add_epi16(_mm256_slli_epi16(b, 8), t), z);
+            if (bs == 9) v = _mm256_add_epi16(v, _mm256_slli_epi16(b, 8));
+            _mm256_storeu_si256((__m256i *)(idx + i), v);
+        }
+    } else {
+        const uint32_t *p = (const uint32_t *)pred;
+        const __m256i em = _mm256_set1_epi32((int)cp->emask), lo = _mm256_set1_epi32((int)cp->lo);
+        const __m256i top = _mm256_set1_epi32(NBUCKETS - 1), zero = _mm256_setzero_si256();
+        for (; i + 8 <= ie; i += 8) {
+            __m256i e = _mm256_and_si256(_mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(p + i)), sh), em);
+            __m256i b = _mm256_srl_epi32(_mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(e, lo), zero), top), msh);
+            __m128i t8 = _mm_loadl_epi64((const __m128i *)(tok + i));
+            __m128i z8 = _mm_cmpeq_epi8(_mm_loadl_epi64((const __m128i *)(tok + i - 1)), _mm_setzero_si128());
+            __m256i t = _mm256_cvtepu8_epi32(t8);
+            __m256i z = _mm256_sll_epi32(_mm256_and_si256(_mm256_cvtepu8_epi32(z8), _mm256_set1_epi32(1)),
+                                         cp->prev ? _mm_cvtsi32_si128(8) : _mm_cvtsi32_si128(32));
+            __m256i v = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(b, bs), t), z);
+            __m256i v16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(v, v), 0x08);
+            _mm_storeu_si128((__m128i *)(idx + i), _mm256_castsi256_si128(v16));
+        }
+    }
+    uint16_t cb[256];
+    for (unsigned e = 0; e <= cp->emask; e++) {
+        int d = (int)e - (int)cp->lo;
+        unsigned b = (unsigned)(d < 0 ? 0 : d > NBUCKETS - 1 ? NBUCKETS - 1 : d) >> cp->mshift;
+        cb[e] = (uint16_t)((cp->prev ? 2u * b : b) << 8);
+    }
+    const unsigned zadd = cp->prev ? 0x100u : 0u;
+    for (; i < ie; i++) {
+        uint64_t pv = w == 2 ? ((const uint16_t *)pred)[i] : ((const uint32_t *)pred)[i];
+        idx[i] = (uint16_t)(cb[(unsigned)(pv >> cp->shift) & cp->emask] + ((0u - (unsigned)(tok[i - 1] == 0)) & zadd)
+                            + tok[i]);
+    }
+    for (size_t k = kb; k < ke; k++) {
+        size_t a = lane_start(n, L, k);
+        uint64_t pv = w == 2 ? ((const uint16_t *)pred)[a] : ((const uint32_t *)pred)[a];
+        idx[a] = (uint16_t)(cb[(unsigned)(pv >> cp->shift) & cp->emask] + zadd + tok[a]);
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------ rANS encode */
+
+/* Per table entry idx = ctx * 256 + token: A = f | l << 13 | cum << 17 (f = 0: the token may not
+ * occur) and M = m' with l = ceil(log2 f) and m' = ceil(2^(32 + l) / f) - 2^32, so that for every
+ * 32-bit x, x div f = (((x * m') >> 32) + x) >> l exactly: with m = m' + 2^32 = (2^(32+l) + d) / f,
+ * 0 <= d < f <= 2^l, x m / 2^(32+l) exceeds x / f by less than x / 2^(32+l) < 2^-l <= 1/f, too
+ * little to reach the next integer. Plain 64-bit arithmetic, the same in scalar and AVX2 code. */
+static void encode_tables(const uint16_t *freq, uint32_t *symA, uint32_t *symM) {
+    for (unsigned c = 0; c < NCTX; c++) {
+        uint32_t cum = 0;
+        for (unsigned k = 0; k < 256; k++) {
+            uint32_t f = freq[c * 256 + k], l = 0;
+            while ((1u << l) < f) l++;
+            symA[c * 256 + k] = f | l << 13 | (cum & 0xFFF) << 17;
+            symM[c * 256 + k] = f ? (uint32_t)((((uint64_t)1 << (32 + l)) + f - 1) / f - ((uint64_t)1 << 32)) : 0;
+            cum += f;
+        }
+    }
+}
+
+/* lanes [k0, k1), each from its last step down to step j0 (inclusive), in blocks of 16 lanes (16
+ * independent chains over 16 memory streams); lane k's words are written backwards ending at
+ * wp[k]; -1 on a zero frequency */
+static int encode_scalar(const uint16_t *idx, size_t ib, size_t n, size_t L, size_t k0, size_t k1, size_t j0,
+                         const uint32_t *symA, const uint32_t *symM, uint32_t *x, uint16_t **wp) {
     const size_t q = n / L, r = n % L;
-    /* blocks of 16 lanes, each walked from its last step to its first: 16 independent chains
-     * (instruction-level parallelism) over 16 memory streams (prefetch-friendly) */
-    for (size_t k0 = 0; k0 < L; k0 += 16)
-    for (size_t j = q + (r > 0); j-- > 0;) {
-        size_t k1 = L - k0 < 16 ? L : k0 + 16;
-        for (size_t k = k0; k < k1; k++) {
+    for (size_t kb = k0; kb < k1; kb += 16)
+    for (size_t j = q + (r > kb); j-- > j0;) {
+        size_t kend = k1 - kb < 16 ? k1 : kb + 16;
+        for (size_t k = kb; k < kend; k++) {
             if (j >= q + (k < r)) continue;
-            size_t i = k * q + (k < r ? k : r) + j;
-            unsigned idx = (unsigned)ctx[i] * 256u + tok[i];
-            uint32_t f = freq[idx], c = cum[idx];
-            if (!f) { free(x); return -1; }
+            unsigned id = idx[k * q + (k < r ? k : r) + j - ib];
+            uint32_t sa = symA[id], f = sa & 0x1FFF;
+            if (!f) return -1;
             uint32_t xs = x[k];
             /* branch-free renormalisation: the word is always written below the lane's pointer
              * (inside its region: at least 2 slots stay free for the final state) and kept only
-             * when emitted */
-            uint32_t emit = (uint64_t)xs >= ((uint64_t)f << (32 - PROB_BITS));
+             * when emitted; x >= f 2^20 <=> x >> 20 >= f */
+            uint32_t emit = (xs >> 20) >= f;
             wp[k][-1] = (uint16_t)(xs & 0xFFFF);
             wp[k] -= emit;
             xs = emit ? xs >> 16 : xs;
-            uint32_t qt = div_freq(xs, f);
-            x[k] = (qt << PROB_BITS) + (xs - qt * f) + c;
+            uint32_t qt = (uint32_t)(((((uint64_t)xs * symM[id]) >> 32) + xs) >> ((sa >> 13) & 15));
+            x[k] = xs + qt * (PROB_SCALE - f) + (sa >> 17);
         }
     }
-    for (size_t k = 0; k < L; k++) {
-        *--wp[k] = (uint16_t)(x[k] & 0xFFFF);
-        *--wp[k] = (uint16_t)(x[k] >> 16);
-    }
-    free(x);
     return 0;
+}
+
+#ifdef HAVE_AVX2_KERNEL
+/* one encoding step of 8 lanes (iv: their table indices): the 8 candidate words go to W[0..7]
+ * and the lanes that emit theirs to the bits of *M (compacted per lane afterwards: a branch per
+ * step on whether any lane emits would mispredict about every other step) */
+static inline AVX2 void enc_step8(__m256i iv, __m256i *x, const uint32_t *symA, const uint32_t *symM,
+                                  uint16_t *W, uint8_t *M, __m256i *zf) {
+    const __m256i zero = _mm256_setzero_si256(), lo32 = _mm256_set1_epi64x(0xFFFFFFFF);
+    __m256i sa = _mm256_i32gather_epi32((const int *)symA, iv, 4);
+    __m256i mp = _mm256_i32gather_epi32((const int *)symM, iv, 4);
+    __m256i f = _mm256_and_si256(sa, _mm256_set1_epi32(0x1FFF));
+    *zf = _mm256_or_si256(*zf, _mm256_cmpeq_epi32(f, zero));
+    __m256i keep = _mm256_cmpgt_epi32(f, _mm256_srli_epi32(*x, 20));  /* no word emitted */
+    *M = (uint8_t)~_mm256_movemask_ps(_mm256_castsi256_ps(keep));
+    __m256i lw = _mm256_and_si256(*x, _mm256_set1_epi32(0xFFFF));
+    __m256i w16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(lw, lw), 0x08);
+    _mm_storeu_si128((__m128i *)W, _mm256_castsi256_si128(w16));
+    __m256i xv = _mm256_blendv_epi8(_mm256_srli_epi32(*x, 16), *x, keep);
+    __m256i l = _mm256_and_si256(_mm256_srli_epi32(sa, 13), _mm256_set1_epi32(15));
+    __m256i xe = _mm256_and_si256(xv, lo32), xo = _mm256_srli_epi64(xv, 32);
+    __m256i te = _mm256_add_epi64(_mm256_srli_epi64(_mm256_mul_epu32(xe, mp), 32), xe);
+    __m256i to = _mm256_add_epi64(_mm256_srli_epi64(_mm256_mul_epu32(xo, _mm256_srli_epi64(mp, 32)), 32), xo);
+    __m256i qe = _mm256_srlv_epi64(te, _mm256_and_si256(l, lo32));
+    __m256i qo = _mm256_srlv_epi64(to, _mm256_srli_epi64(l, 32));
+    __m256i q = _mm256_blend_epi32(qe, _mm256_slli_epi64(qo, 32), 0xAA);
+    __m256i cmpl = _mm256_sub_epi32(_mm256_set1_epi32(PROB_SCALE), f);
+    *x = _mm256_add_epi32(_mm256_add_epi32(xv, _mm256_mullo_epi32(q, cmpl)), _mm256_srli_epi32(sa, 17));
+}
+
+/* AVX2 encode of NG groups of 8 lanes [k, k + 8 NG), steps j1 - 1 down to 0 (j1 a multiple of 8
+ * that every lane has), the groups interleaved to overlap their latencies; the 8 x 8 table
+ * indices of a block are loaded and transposed as the decoder does with 16-bit base elements.
+ * W (8 j1 NG words) and M (j1 NG bytes) stage the candidate words and emit masks. */
+static inline __attribute__((target("avx2"), always_inline)) void encode_avx2_ng(
+        const uint16_t *idx, size_t ib, size_t n, size_t L, size_t k, size_t j1, const uint32_t *symA,
+        const uint32_t *symM, uint32_t *xs, uint16_t **wp, __m256i *zf, uint16_t *W, uint8_t *M, const int NG) {
+    size_t a[NG_MAX][8];
+    __m256i x[NG_MAX], pv[NG_MAX][8];
+    for (int g = 0; g < NG; g++) {
+        for (int kk = 0; kk < 8; kk++) a[g][kk] = lane_start(n, L, k + 8 * (size_t)g + (size_t)kk) - ib;
+        x[g] = _mm256_loadu_si256((const __m256i *)(xs + k + 8 * g));
+    }
+    for (size_t j = j1; j >= 8;) {
+        j -= 8;
+        for (int g = 0; g < NG; g++) load_steps(idx, 2, a[g], j, pv[g]);
+        for (int s = 7; s >= 0; s--)
+            for (int g = 0; g < NG; g++)
+                enc_step8(pv[g][s], &x[g], symA, symM, W + 8 * (g * j1 + j + s), M + g * j1 + j + s, zf);
+    }
+    for (int g = 0; g < NG; g++) {
+        _mm256_storeu_si256((__m256i *)(xs + k + 8 * g), x[g]);
+        for (int kk = 0; kk < 8; kk++) {  /* each lane's emitted words, last step first */
+            uint16_t *o = wp[k + 8 * g + kk];
+            const uint16_t *Wg = W + 8 * g * j1 + kk;
+            const uint8_t *Mg = M + g * j1;
+            for (size_t j = j1; j-- > 0;) {
+                o[-1] = Wg[8 * j];
+                o -= (Mg[j] >> kk) & 1;
+            }
+            wp[k + 8 * g + kk] = o;
+        }
+    }
+}
+
+
+/* lanes [k, k + 8 NG) (NG = 1 or 2), steps j1 - 1 down to 0; -1 if a token has frequency 0 */
+static AVX2 int encode_avx2(const uint16_t *idx, size_t ib, size_t n, size_t L, size_t k, int NG, size_t j1,
+                            const uint32_t *symA, const uint32_t *symM, uint32_t *x, uint16_t **wp, uint16_t *W,
+                            uint8_t *M) {
+    __m256i zf = _mm256_setzero_si256();
+    if (NG == 2) encode_avx2_ng(idx, ib, n, L, k, j1, symA, symM, x, wp, &zf, W, M, 2);
+    else encode_avx2_ng(idx, ib, n, L, k, j1, symA, symM, x, wp, &zf, W, M, 1);
+    return _mm256_testz_si256(zf, zf) ? 0 : -1;
+}
+#endif
+
+/* encode every lane in reverse (last symbol first); lane k's words are written backwards ending
+ * at wp[k] (state last, so they read forwards); -1 on a zero frequency, -2 out of memory. Blocks
+ * of 16 lanes: their table indices (ctx * 256 + token; 2 (q + 1) 16 bytes, reused), then the
+ * steps the vector code does not cover (the lanes' ends, lanes beyond a multiple of 8), then the
+ * rest in AVX2, 2 groups of 8 lanes interleaved. */
+#define ENC_LANES 16
+static int encode_lanes(const void *p, const uint8_t *tok, int w, const ctxparams *cp, size_t n, size_t L,
+                        const uint16_t *freq, uint16_t **wp, int simd) {
+    const size_t q = n / L, qmax = q + (n % L > 0);
+    uint32_t *x = (uint32_t *)malloc(L * sizeof(uint32_t));
+    uint32_t *symA = (uint32_t *)malloc(NCTX * 256 * sizeof(uint32_t));
+    uint32_t *symM = (uint32_t *)malloc(NCTX * 256 * sizeof(uint32_t));
+    uint16_t *idx = (uint16_t *)malloc(ENC_LANES * qmax * sizeof(uint16_t));
+    size_t j1 = 0;
+#ifdef HAVE_AVX2_KERNEL
+    if (simd && q >= 8) j1 = q & ~(size_t)7;  /* steps [0, j1) of lanes in groups of 8 in AVX2 */
+#endif
+    uint16_t *W = (uint16_t *)malloc(8 * (j1 + 1) * 2 * sizeof(uint16_t));
+    uint8_t *M = (uint8_t *)malloc((j1 + 1) * 2);
+    int bad = 0;
+    if (!x || !symA || !symM || !idx || !W || !M) bad = -2;
+    if (!bad) {
+        encode_tables(freq, symA, symM);
+        for (size_t k = 0; k < L; k++) x[k] = STATE_LOW;
+    }
+    for (size_t kb = 0; kb < L && !bad; kb += ENC_LANES) {
+        size_t ke = L - kb < ENC_LANES ? L : kb + ENC_LANES, ib = lane_start(n, L, kb);
+        size_t kv = j1 ? kb + ((ke - kb) & ~(size_t)7) : kb;  /* lanes [kb, kv) in AVX2 */
+#ifdef HAVE_AVX2_KERNEL
+        if (simd && w <= 4) ctxindex_avx2(p, w, tok, n, L, kb, ke, cp, idx);
+        else
+#endif
+        if (w == 2) ctxindex16(p, tok, n, L, kb, ke, cp, idx);
+        else if (w == 4) ctxindex32(p, tok, n, L, kb, ke, cp, idx);
+        else ctxindex64(p, tok, n, L, kb, ke, cp, idx);
+        bad |= encode_scalar(idx, ib, n, L, kb, kv, j1, symA, symM, x, wp);
+        bad |= encode_scalar(idx, ib, n, L, kv, ke, 0, symA, symM, x, wp);
+#ifdef HAVE_AVX2_KERNEL
+        if (kv > kb && !bad) bad = encode_avx2(idx, ib, n, L, kb, (int)((kv - kb) / 8), j1, symA, symM, x, wp, W, M);
+#endif
+    }
+    if (!bad)
+        for (size_t k = 0; k < L; k++) {
+            *--wp[k] = (uint16_t)(x[k] & 0xFFFF);
+            *--wp[k] = (uint16_t)(x[k] >> 16);
+        }
+    free(x); free(symA); free(symM); free(idx); free(W); free(M);
+    return bad == -2 ? -2 : bad ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------ argument checks */
@@ -522,86 +895,91 @@ static int check_freqs(Py_buffer *fb, unsigned contexts, unsigned alpha, uint32_
 
 /* ------------------------------------------------------------------ Python functions */
 
-/* counts[(e * 2 + z) * 256 + token] for every exponent value e (before bucketing) and z =
- * "the previous symbol of the lane has token 0": the encoder picks its window and model from it */
-static PyObject *py_histogram(PyObject *self, PyObject *args) {
-    Py_buffer t, p;
+/* analyze(target, pred, w, shift, ebits, lanes, tok) -> (counts, raw): the encoder's one pass over
+ * the chunk. Writes the tokens into tok (n bytes), returns counts[(e * 2 + z) * 256 + token] for
+ * every exponent value e (before bucketing) and z = "the previous symbol of the lane has token 0"
+ * (uint32; the encoder picks its window and model from them) and the raw-bit stream */
+static PyObject *py_analyze(PyObject *self, PyObject *args) {
+    Py_buffer t, p, tb;
     int w, shift, ebits;
     Py_ssize_t lanes;
-    if (!PyArg_ParseTuple(args, "y*y*iiin", &t, &p, &w, &shift, &ebits, &lanes)) return NULL;
-    PyObject *res = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*iiinw*", &t, &p, &w, &shift, &ebits, &lanes, &tb)) return NULL;
+    PyObject *res = NULL, *cnt = NULL;
     size_t n;
     ctxparams cp;
-    uint8_t *tok = NULL;
-    if (check_common(&t, &p, w, shift, ebits, 0, 0, lanes, &n, &cp) == 0) {
-        tok = (uint8_t *)malloc(n);
-        size_t cells = ((size_t)2 << ebits) * 256;
-        res = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(cells * 4));
-        if (!tok) { Py_CLEAR(res); PyErr_NoMemory(); }
-        if (res) {
-            uint32_t *counts = (uint32_t *)PyBytes_AS_STRING(res);
-            memset(counts, 0, cells * 4);
-            size_t L = (size_t)lanes;
-            const unsigned sh = cp.shift, em = cp.emask;
-            Py_BEGIN_ALLOW_THREADS
-            if (w == 2) tokens16(t.buf, p.buf, n, tok, NULL);
-            else if (w == 4) tokens32(t.buf, p.buf, n, tok, NULL);
-            else tokens64(t.buf, p.buf, n, tok, NULL);
-            for (size_t k = 0; k < L; k++) {
-                size_t a = lane_start(n, L, k), e = lane_start(n, L, k + 1);
-                for (size_t i = a; i < e; i++) {
-                    uint64_t pv = w == 2 ? ((const uint16_t *)p.buf)[i] : w == 4 ? ((const uint32_t *)p.buf)[i]
-                                                                                 : ((const uint64_t *)p.buf)[i];
-                    unsigned z = i == a ? 1u : tok[i - 1] == 0;
-                    counts[(((unsigned)(pv >> sh) & em) * 2u + z) * 256u + tok[i]]++;
-                }
-            }
-            Py_END_ALLOW_THREADS
-        }
+    uint32_t *h = NULL;
+    uint8_t *raw = NULL;
+    if (check_common(&t, &p, w, shift, ebits, 0, 0, lanes, &n, &cp) != 0) goto done;
+    if ((size_t)tb.len != n) { PyErr_SetString(PyExc_ValueError, "token buffer must hold one byte per element"); goto done; }
+    {
+        const unsigned tbits = w == 2 ? 6u : w == 4 ? 7u : 8u;  /* log2 of the alphabet (a row) */
+        const size_t rows = (size_t)2 << ebits, hcopy = rows << tbits;
+        h = (uint32_t *)calloc(2 * hcopy, sizeof(uint32_t));
+        raw = (uint8_t *)malloc(n * (size_t)w + 16);
+        cnt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(rows * 256 * 4));
+        if (!h || !raw || !cnt) { if (!PyErr_Occurred()) PyErr_NoMemory(); goto done; }
+        uint32_t *counts = (uint32_t *)PyBytes_AS_STRING(cnt);
+        size_t rawlen = 0, L = (size_t)lanes;
+        int simd = 0;
+#ifdef HAVE_AVX2_KERNEL
+        simd = have_avx2() && !getenv("ORCA_DIFF_NO_SIMD");
+#endif
+        (void)simd;
+        Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_KERNEL
+        if (w == 2 && simd) rawlen = analyze16_avx2(t.buf, p.buf, n, L, cp.shift, cp.emask, tb.buf, raw, h, hcopy);
+        else
+#endif
+        if (w == 2) rawlen = analyze16(t.buf, p.buf, n, L, cp.shift, cp.emask, tbits, tb.buf, raw, h, hcopy);
+        else if (w == 4) rawlen = analyze32(t.buf, p.buf, n, L, cp.shift, cp.emask, tbits, tb.buf, raw, h, hcopy);
+        else rawlen = analyze64(t.buf, p.buf, n, L, cp.shift, cp.emask, tbits, tb.buf, raw, h, hcopy);
+        memset(counts, 0, rows * 256 * 4);
+        for (size_t row = 0; row < rows; row++)
+            for (size_t k = 0; k < ((size_t)1 << tbits); k++)
+                counts[row * 256 + k] = h[(row << tbits) + k] + h[hcopy + (row << tbits) + k];
+        Py_END_ALLOW_THREADS
+        res = Py_BuildValue("(Oy#)", cnt, (const char *)raw, (Py_ssize_t)rawlen);
     }
-    free(tok);
-    PyBuffer_Release(&t); PyBuffer_Release(&p);
+done:
+    Py_XDECREF(cnt);
+    free(h); free(raw);
+    PyBuffer_Release(&t); PyBuffer_Release(&p); PyBuffer_Release(&tb);
     return res;
 }
 
+/* encode(tok, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs) -> (words, lane_words): the
+ * rANS words of every lane, given the tokens analyze wrote */
 static PyObject *py_encode(PyObject *self, PyObject *args) {
-    Py_buffer t, p, fb;
+    Py_buffer tb, p, fb;
     int w, shift, ebits, lo, mshift, prev;
     Py_ssize_t lanes;
-    if (!PyArg_ParseTuple(args, "y*y*iiiiiiny*", &t, &p, &w, &shift, &ebits, &lo, &mshift, &prev, &lanes, &fb)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*iiiiiiny*", &tb, &p, &w, &shift, &ebits, &lo, &mshift, &prev, &lanes, &fb)) return NULL;
     PyObject *res = NULL;
     size_t n;
     ctxparams cp;
     uint32_t validmask;
-    uint8_t *tok = NULL, *ctx = NULL, *raw = NULL;
-    uint16_t *wbuf = NULL, *cum = NULL, **wp = NULL;
+    uint16_t *wbuf = NULL, **wp = NULL;
     uint32_t *counts = NULL;
-    if (check_common(&t, &p, w, shift, ebits, lo, mshift, lanes, &n, &cp) != 0) goto done;
+    if (check_common(&p, &p, w, shift, ebits, lo, mshift, lanes, &n, &cp) != 0) goto done;
+    if ((size_t)tb.len != n) { PyErr_SetString(PyExc_ValueError, "one token per element expected"); goto done; }
     cp.prev = prev ? 1 : 0;
     if (check_freqs(&fb, (NBUCKETS >> cp.mshift) * (cp.prev ? 2 : 1), ALPHABET(w), &validmask) != 0) goto done;
     size_t L = (size_t)lanes, steps = (n + L - 1) / L;
-    tok = (uint8_t *)malloc(n);
-    ctx = (uint8_t *)malloc(n);
-    raw = (uint8_t *)malloc(n * (size_t)w + 16);
     wbuf = (uint16_t *)malloc(L * (steps + 2) * sizeof(uint16_t));
-    cum = (uint16_t *)malloc(NCTX * 256 * sizeof(uint16_t));
     wp = (uint16_t **)malloc(L * sizeof(uint16_t *));
     counts = (uint32_t *)malloc(L * sizeof(uint32_t));
-    if (!tok || !ctx || !raw || !wbuf || !cum || !wp || !counts) { PyErr_NoMemory(); goto done; }
+    if (!wbuf || !wp || !counts) { PyErr_NoMemory(); goto done; }
     const uint16_t *freq = (const uint16_t *)fb.buf;
-    for (unsigned c = 0; c < NCTX; c++) {
-        uint32_t s = 0;
-        for (unsigned k = 0; k < 256; k++) { cum[c * 256 + k] = (uint16_t)s; s += freq[c * 256 + k]; }
-    }
-    int bad = 0;
-    size_t rawlen = 0, total = 0;
+    const uint8_t *tok = (const uint8_t *)tb.buf;
+    int bad = 0, simd = 0;
+    size_t total = 0;
+#ifdef HAVE_AVX2_KERNEL
+    simd = have_avx2() && !getenv("ORCA_DIFF_NO_SIMD");
+#endif
     Py_BEGIN_ALLOW_THREADS
-    if (w == 2) { rawlen = tokens16(t.buf, p.buf, n, tok, raw); contexts16(p.buf, tok, n, L, &cp, cp.prev, ctx); }
-    else if (w == 4) { rawlen = tokens32(t.buf, p.buf, n, tok, raw); contexts32(p.buf, tok, n, L, &cp, cp.prev, ctx); }
-    else { rawlen = tokens64(t.buf, p.buf, n, tok, raw); contexts64(p.buf, tok, n, L, &cp, cp.prev, ctx); }
     /* lane k's region: [k (steps + 2), (k + 1) (steps + 2)), filled backwards from its end */
     for (size_t k = 0; k < L; k++) wp[k] = wbuf + (k + 1) * (steps + 2);
-    bad = encode_lanes(tok, ctx, n, L, freq, cum, wp);
+    bad = encode_lanes(p.buf, tok, w, &cp, n, L, freq, wp, simd);
     if (!bad) {  /* compact the lanes' words to the front, in lane order */
         for (size_t k = 0; k < L; k++) {
             size_t c = (size_t)(wbuf + (k + 1) * (steps + 2) - wp[k]);
@@ -613,11 +991,11 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (bad == -2) { PyErr_NoMemory(); goto done; }
     if (bad) { PyErr_SetString(PyExc_ValueError, "a token has frequency 0 in its context's table"); goto done; }
-    res = Py_BuildValue("(y#y#y#)", (const char *)wbuf, (Py_ssize_t)(total * 2), (const char *)counts,
-                        (Py_ssize_t)(L * 4), (const char *)raw, (Py_ssize_t)rawlen);
+    res = Py_BuildValue("(y#y#)", (const char *)wbuf, (Py_ssize_t)(total * 2), (const char *)counts,
+                        (Py_ssize_t)(L * 4));
 done:
-    free(tok); free(ctx); free(raw); free(wbuf); free(cum); free(wp); free(counts);
-    PyBuffer_Release(&t); PyBuffer_Release(&p); PyBuffer_Release(&fb);
+    free(wbuf); free(wp); free(counts);
+    PyBuffer_Release(&tb); PyBuffer_Release(&p); PyBuffer_Release(&fb);
     return res;
 }
 
@@ -688,10 +1066,12 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     }
     lanestate st = {x, off, pzv};
     const size_t q = n / L;
-    int simd = 0;
+    int simd = 0, avx2 = 0;
 #ifdef HAVE_AVX2_KERNEL
-    simd = w <= 4 && L >= 8 && q >= 8 && have_avx2() && !getenv("ORCA_DIFF_NO_SIMD");
+    avx2 = have_avx2() && !getenv("ORCA_DIFF_NO_SIMD");
+    simd = w <= 4 && L >= 8 && q >= 8 && avx2;
 #endif
+    (void)avx2;
     Py_BEGIN_ALLOW_THREADS
     size_t k1 = 0, j1 = 0;
 #ifdef HAVE_AVX2_KERNEL
@@ -717,6 +1097,10 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         if (x[k] != STATE_LOW || off[k] != end[k]) err = "an ANS lane does not end with its words";
     if (!err) {
         int r;
+#ifdef HAVE_AVX2_KERNEL
+        if (w == 2 && avx2) r = finish16_avx2(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
+        else
+#endif
         if (w == 2) r = finish16(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
         else if (w == 4) r = finish32(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
         else r = finish64(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
@@ -734,8 +1118,8 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"histogram", py_histogram, METH_VARARGS, "token counts per (bucket, previous-token-in-lane-was-0) context"},
-    {"encode", py_encode, METH_VARARGS, "rANS-encode the lanes of one chunk -> (words, lane_words, raw)"},
+    {"analyze", py_analyze, METH_VARARGS, "tokens, raw bits and token counts per (exponent, previous-token-was-0) of one chunk"},
+    {"encode", py_encode, METH_VARARGS, "rANS-encode the lanes of one chunk's tokens -> (words, lane_words)"},
     {"decode", py_decode, METH_VARARGS, "decode one chunk's lanes and raw bits into out (ulp inverse included)"},
     {NULL, NULL, 0, NULL},
 };
@@ -744,6 +1128,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_entropy", "compiled
                                     methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__entropy(void) {
-    init_recip();
+    init_tokens();
     return PyModule_Create(&module);
 }

@@ -277,13 +277,9 @@ def _prev_zero(tok: np.ndarray, lanes: int) -> np.ndarray:
     return pz
 
 
-def _histogram(target_u: np.ndarray, pred_u: np.ndarray, shift: int, ebits: int, lanes: int,
-               use_c: bool) -> np.ndarray:
+def _histogram(target_u: np.ndarray, pred_u: np.ndarray, shift: int, ebits: int, lanes: int) -> np.ndarray:
     """Token counts per (exponent value, previous-token-in-lane-was-0), shape (2^ebits, 2, 256)."""
     size = 1 << ebits
-    if use_c:
-        raw = _c.histogram(target_u, pred_u, target_u.dtype.itemsize, shift, ebits, lanes)
-        return np.frombuffer(raw, dtype=np.uint32).reshape(size, 2, 256).astype(np.int64)
     sym = ulp_delta(target_u, pred_u)
     tok = tokenize(sym)[0]
     e = (pred_u >> pred_u.dtype.type(shift)) & pred_u.dtype.type(size - 1)
@@ -511,15 +507,19 @@ def encode(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | Non
         raise ValueError("an ANS frame holds 1 to 2^31 - 1 elements")
     shift, ebits = EXPONENT_FIELD.get(dtype or "", _DEFAULT_FIELD[itemsize])
     lanes = lane_count(n)
-    hist = _histogram(t_u, p_u, shift, ebits, lanes, use_c)
+    if use_c:  # one pass: tokens (kept for the coder), raw bits, counts
+        tok = np.empty(n, dtype=np.uint8)
+        counts_raw, raw = _c.analyze(t_u, p_u, itemsize, shift, ebits, lanes, tok)
+        hist = np.frombuffer(counts_raw, dtype=np.uint32).reshape(1 << ebits, 2, 256).astype(np.int64)
+    else:
+        hist = _histogram(t_u, p_u, shift, ebits, lanes)
     lo = exponent_window(hist.sum(axis=(1, 2)))
     mshift, prev, freqs, _ = choose_model(_bucket_counts(hist, lo))
     lut = bucket_lut(ebits, lo, mshift)
     if use_c:
         f16 = np.zeros((2 * MAX_BUCKETS, 256), dtype=np.uint16)
         f16[: freqs.shape[0]] = freqs
-        words_b, counts_b, raw = _c.encode(t_u, p_u, itemsize, shift, ebits, lo, mshift, int(prev), lanes,
-                                           f16.tobytes())
+        words_b, counts_b = _c.encode(tok, p_u, itemsize, shift, ebits, lo, mshift, int(prev), lanes, f16.tobytes())
         lane_words = np.frombuffer(counts_b, dtype=np.uint32)
         words = np.frombuffer(words_b, dtype=np.uint16)
     else:

@@ -192,14 +192,16 @@ FRAME = _frame(20000)
 
 
 @needs_c
+@pytest.mark.parametrize("lanes", [11, 35])  # 8 (resp. 2 x 16 + 1 x 8) lanes in AVX2, 3 scalar
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
-def test_simd_and_scalar_c_decoders_agree_with_numpy(monkeypatch, dtype):
-    t, b = fine_tune(11 * 8192 + 3, dtype, seed=5)
+def test_simd_and_scalar_c_coders_agree_with_numpy(monkeypatch, dtype, lanes):
+    t, b = fine_tune(lanes * 8192 + 3, dtype, seed=5, lr=1e-3 if lanes > 11 else 1e-4)
     w = SIZE[dtype]
     frame = entropy.encode(t, b, w, dtype)
     assert entropy.encode(t, b, w, dtype, pure=True) == frame
     assert entropy.decode(frame, b, w, t.size).tobytes() == t.tobytes()
     monkeypatch.setenv("ORCA_DIFF_NO_SIMD", "1")
+    assert entropy.encode(t, b, w, dtype) == frame
     assert entropy.decode(frame, b, w, t.size).tobytes() == t.tobytes()
     assert entropy.decode(frame, b, w, t.size, pure=True).tobytes() == t.tobytes()
 
@@ -230,16 +232,22 @@ def test_c_kernels_refuse_inconsistent_arguments_without_crashing():
     t, b = fine_tune(100, "BF16")
     freqs = np.zeros((32, 256), np.uint16)
     freqs[0, 0] = 4096
+    tok = np.empty(t.size // 2, np.uint8)
     with pytest.raises(ValueError):
-        c.histogram(t, b[:-2], 2, 7, 8, 1)
+        c.analyze(t, b[:-2], 2, 7, 8, 1, tok)
     with pytest.raises(ValueError):
-        c.histogram(t, b, 3, 7, 8, 1)
+        c.analyze(t, b, 3, 7, 8, 1, tok)
     with pytest.raises(ValueError):
-        c.histogram(t, b, 2, 7, 8, 0)
+        c.analyze(t, b, 2, 7, 8, 0, tok)
     with pytest.raises(ValueError):
-        c.histogram(t, b, 2, 7, 9, 1)
+        c.analyze(t, b, 2, 7, 9, 1, tok)
     with pytest.raises(ValueError):
-        c.encode(t, b, 2, 7, 8, 0, 4, 0, 1, freqs.tobytes())  # tokens other than 0 have no frequency
+        c.analyze(t, b, 2, 7, 8, 1, tok[:-1])  # one token per element
+    c.analyze(t, b, 2, 7, 8, 1, tok)
+    with pytest.raises(ValueError):
+        c.encode(tok[:-1], b, 2, 7, 8, 0, 4, 0, 1, freqs.tobytes())
+    with pytest.raises(ValueError):
+        c.encode(tok, b, 2, 7, 8, 0, 4, 0, 1, freqs.tobytes())  # tokens other than 0 have no frequency
     out = np.empty_like(t)
     with pytest.raises(ValueError):
         c.decode(out, b, 2, 7, 8, 0, 4, 0, 1, freqs.tobytes(), struct.pack("<I", 3), b"\0" * 4, b"")
