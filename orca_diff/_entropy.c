@@ -4,9 +4,10 @@
  * quantising tables, the frame header) is Python shared with the pure-numpy path, so that both
  * produce identical bytes:
  *
- *   histogram(target, pred, w, shift, ebits, lanes) -> bytes: uint32 counts[2^ebits][2][256]
- *       (per exponent value and "previous element of the lane has token 0")
- *   encode(target, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs) -> (words, lane_words, raw)
+ *   analyze(target, pred, w, shift, ebits, lanes, tok) -> (counts, lo, raw): one pass writing the
+ *       tokens into tok and returning the exponent window lo, uint32 counts[16][2][A] (per
+ *       bucket and "previous element of the lane has token 0"; A = the alphabet) and the raw bits
+ *   encode(tok, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs) -> (words, lane_words)
  *   decode(out, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs, lane_words, words, raw) -> None
  *
  * Lanes are contiguous runs of elements (the context needs the previous element's token). The
@@ -100,7 +101,7 @@ static inline size_t lane_start(size_t n, size_t L, size_t k) {
 
 /* per-lane decoder state */
 typedef struct {
-    uint32_t *x, *off, *pz;
+    uint32_t *x, *off, *pz;  /* per lane: state, previous token was 0; per group of 8 lanes: next word */
 } lanestate;
 
 /* ------------------------------------------------------------------ per-width kernels */
@@ -270,9 +271,9 @@ static void decode_scalar##B(const uint32_t *tab, const T *p, size_t n, size_t L
             uint32_t e = tab[(size_t)c * PROB_SCALE + (xs & (PROB_SCALE - 1))];                   \
             xs = (((e >> 8) & (PROB_SCALE - 1)) + 1) * (xs >> PROB_BITS) + (e >> 20);             \
             uint32_t need = xs < STATE_LOW;                                                       \
-            uint32_t nw = words[st.off[k]];                                                       \
+            uint32_t nw = words[st.off[k >> 3]];  /* the next word of the lane's group */        \
             st.x[k] = need ? ((xs << 16) | nw) : xs;                                              \
-            st.off[k] += need;                                                                    \
+            st.off[k >> 3] += need;                                                               \
             tok[i] = (uint8_t)(e & 0xFF);                                                         \
             st.pz[k] = (e & 0xFF) == 0;                                                           \
         }                                                                                         \
@@ -293,9 +294,20 @@ typedef struct {
     int prev;
 } avx2consts;
 
-/* one decoding step of 8 lanes: pv = their base elements; returns their 8 tokens (low 8 bytes) */
+/* expand_lut[m][i]: the number of set bits of m below bit i */
+static int32_t expand_lut[256][8] __attribute__((aligned(32)));
+static void init_expand(void) {
+    for (unsigned m = 0; m < 256; m++)
+        for (unsigned i = 0, c = 0; i < 8; i++) {
+            expand_lut[m][i] = (int32_t)c;
+            c += (m >> i) & 1;
+        }
+}
+
+/* one decoding step of 8 lanes (a group): pv = their base elements, off = the group's next word;
+ * returns their 8 tokens (low 8 bytes) */
 static inline AVX2 __m128i step8(const avx2consts *K, const uint32_t *tab, const uint16_t *words, __m256i pv,
-                                 __m256i *x, __m256i *off, __m256i *pz, __m256i *u) {
+                                 __m256i *x, uint32_t *off, __m256i *pz, __m256i *u) {
     __m256i e = _mm256_and_si256(_mm256_srl_epi32(pv, K->sh), K->emask);
     e = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(e, K->lo), K->zero), K->top);
     __m256i c = _mm256_srl_epi32(e, K->msh);
@@ -306,9 +318,13 @@ static inline AVX2 __m128i step8(const avx2consts *K, const uint32_t *tab, const
     __m256i f = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(ent, 8), K->m12), K->one);
     __m256i xs = _mm256_add_epi32(_mm256_mullo_epi32(f, _mm256_srli_epi32(*x, PROB_BITS)), _mm256_srli_epi32(ent, 20));
     __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xs, 16), K->zero);
-    __m256i nw = _mm256_and_si256(_mm256_i32gather_epi32((const int *)words, *off, 2), K->m16);
+    /* the lanes that need a word take the group's next ones in lane order: 8 words loaded and
+     * spread by a permutation (lane i gets word "lanes before i that need one") */
+    unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(need));
+    __m256i wv = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(words + *off)));
+    __m256i nw = _mm256_permutevar8x32_epi32(wv, _mm256_load_si256((const __m256i *)expand_lut[m]));
+    *off += (uint32_t)__builtin_popcount(m);
     *x = _mm256_blendv_epi8(xs, _mm256_or_si256(_mm256_slli_epi32(xs, 16), nw), need);
-    *off = _mm256_sub_epi32(*off, need);
     __m256i s = _mm256_and_si256(ent, K->m8);
     *pz = _mm256_and_si256(_mm256_cmpeq_epi32(s, K->zero), K->one);
     __m256i s16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(s, s), 0x08);
@@ -403,11 +419,12 @@ static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng
     K.msh = _mm_cvtsi32_si128((int)cp->mshift);
     K.prev = (int)cp->prev;
     size_t a[NG_MAX][8];
-    __m256i x[NG_MAX], off[NG_MAX], pz[NG_MAX], u = K.zero;
+    __m256i x[NG_MAX], pz[NG_MAX], u = K.zero;
+    uint32_t off[NG_MAX];
     for (int g = 0; g < NG; g++) {
         for (int kk = 0; kk < 8; kk++) a[g][kk] = lane_start(n, L, k + 8 * (size_t)g + (size_t)kk);
         x[g] = _mm256_loadu_si256((const __m256i *)(st.x + k + 8 * g));
-        off[g] = _mm256_loadu_si256((const __m256i *)(st.off + k + 8 * g));
+        off[g] = st.off[k / 8 + (size_t)g];
         pz[g] = _mm256_loadu_si256((const __m256i *)(st.pz + k + 8 * g));
     }
     __m256i pv[NG_MAX][8];
@@ -420,7 +437,7 @@ static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng
     }
     for (int g = 0; g < NG; g++) {
         _mm256_storeu_si256((__m256i *)(st.x + k + 8 * g), x[g]);
-        _mm256_storeu_si256((__m256i *)(st.off + k + 8 * g), off[g]);
+        st.off[k / 8 + (size_t)g] = off[g];
         _mm256_storeu_si256((__m256i *)(st.pz + k + 8 * g), pz[g]);
     }
     uint32_t ul[8];
@@ -429,7 +446,10 @@ static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng
 }
 
 #ifndef AVX2_GROUPS
-#define AVX2_GROUPS 2 /* measured: 1 group 0.73, 2 groups 1.0, 4 groups 0.97 GB/s (bf16) */
+#define AVX2_GROUPS 4 /* then 2, then 1. Measured with one word stream per lane (gathered): 1 group 0.73,
+                       * 2 groups 1.0, 4 groups 0.97 GB/s (bf16); with one stream per group (a
+                       * load + permute on the state's critical path) 4 groups decode 3-8 % faster
+                       * than 2 did with the gather */
 #endif
 /* lanes [0, k1) (k1 a multiple of 8), steps [0, j1) */
 static AVX2 void decode_avx2(const uint32_t *tab, const void *pred, int w, size_t n, size_t L, size_t k1, size_t j1,
@@ -437,6 +457,7 @@ static AVX2 void decode_avx2(const uint32_t *tab, const void *pred, int w, size_
     size_t k = 0;
     for (; k + 8 * AVX2_GROUPS <= k1; k += 8 * AVX2_GROUPS)
         decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, used, AVX2_GROUPS);
+    for (; k + 16 <= k1; k += 16) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, used, 2);
     for (; k < k1; k += 8) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, used, 1);
 }
 
@@ -683,8 +704,7 @@ static void encode_tables(const uint16_t *freq, uint32_t *symA, uint32_t *symM) 
     for (unsigned c = 0; c < NCTX; c++) {
         uint32_t cum = 0;
         for (unsigned k = 0; k < 256; k++) {
-            uint32_t f = freq[c * 256 + k], l = 0;
-            while ((1u << l) < f) l++;
+            uint32_t f = freq[c * 256 + k], l = f > 1 ? (uint32_t)bit_length64(f - 1) : 0;
             symA[c * 256 + k] = f | l << 13 | (cum & 0xFFF) << 17;
             symM[c * 256 + k] = f ? (uint32_t)((((uint64_t)1 << (32 + l)) + f - 1) / f - ((uint64_t)1 << 32)) : 0;
             cum += f;
@@ -692,16 +712,17 @@ static void encode_tables(const uint16_t *freq, uint32_t *symA, uint32_t *symM) 
     }
 }
 
-/* lanes [k0, k1), each from its last step down to step j0 (inclusive), in blocks of 16 lanes (16
- * independent chains over 16 memory streams); lane k's words are written backwards ending at
- * wp[k]; -1 on a zero frequency */
+/* lanes [k0, k1) (whole groups of 8, or the last lanes), each from its last step down to step j0
+ * (inclusive), in blocks of 16 lanes (16 independent chains); the words of lane k's group are
+ * written backwards ending at wp[k / 8], so within a step the lanes go in descending order (the
+ * decoder reads them in ascending order); -1 on a zero frequency */
 static int encode_scalar(const uint16_t *idx, size_t ib, size_t n, size_t L, size_t k0, size_t k1, size_t j0,
                          const uint32_t *symA, const uint32_t *symM, uint32_t *x, uint16_t **wp) {
     const size_t q = n / L, r = n % L;
     for (size_t kb = k0; kb < k1; kb += 16)
     for (size_t j = q + (r > kb); j-- > j0;) {
         size_t kend = k1 - kb < 16 ? k1 : kb + 16;
-        for (size_t k = kb; k < kend; k++) {
+        for (size_t k = kend; k-- > kb;) {
             if (j >= q + (k < r)) continue;
             unsigned id = idx[k * q + (k < r ? k : r) + j - ib];
             uint32_t sa = symA[id], f = sa & 0x1FFF;
@@ -711,8 +732,8 @@ static int encode_scalar(const uint16_t *idx, size_t ib, size_t n, size_t L, siz
              * (inside its region: at least 2 slots stay free for the final state) and kept only
              * when emitted; x >= f 2^20 <=> x >> 20 >= f */
             uint32_t emit = (xs >> 20) >= f;
-            wp[k][-1] = (uint16_t)(xs & 0xFFFF);
-            wp[k] -= emit;
+            wp[k >> 3][-1] = (uint16_t)(xs & 0xFFFF);
+            wp[k >> 3] -= emit;
             xs = emit ? xs >> 16 : xs;
             uint32_t qt = (uint32_t)(((((uint64_t)xs * symM[id]) >> 32) + xs) >> ((sa >> 13) & 15));
             x[k] = xs + qt * (PROB_SCALE - f) + (sa >> 17);
@@ -722,21 +743,36 @@ static int encode_scalar(const uint16_t *idx, size_t ib, size_t n, size_t L, siz
 }
 
 #ifdef HAVE_AVX2_KERNEL
-/* one encoding step of 8 lanes (iv: their table indices): the 8 candidate words go to W[0..7]
- * and the lanes that emit theirs to the bits of *M (compacted per lane afterwards: a branch per
- * step on whether any lane emits would mispredict about every other step) */
-static inline AVX2 void enc_step8(__m256i iv, __m256i *x, const uint32_t *symA, const uint32_t *symM,
-                                  uint16_t *W, uint8_t *M, __m256i *zf) {
+/* pshufb controls that move the 16-bit words selected by an 8-bit mask, in order, to the top of a
+ * 16-byte vector (the other bytes zero) */
+static uint8_t compress_lut[256][16];
+static void init_compress(void) {
+    for (unsigned m = 0; m < 256; m++) {
+        unsigned cnt = 0, r = 0;
+        for (unsigned s = 0; s < 8; s++) cnt += (m >> s) & 1;
+        memset(compress_lut[m], 0x80, 16);
+        for (unsigned s = 0; s < 8; s++)
+            if ((m >> s) & 1) {
+                compress_lut[m][2 * (8 - cnt + r)] = (uint8_t)(2 * s);
+                compress_lut[m][2 * (8 - cnt + r) + 1] = (uint8_t)(2 * s + 1);
+                r++;
+            }
+    }
+}
+
+/* one encoding step of 8 lanes (iv: their table indices): returns the 8 candidate words (low 16
+ * bits of the states) and sets *M to the lanes that emit theirs */
+static inline AVX2 __m128i enc_step8(__m256i iv, __m256i *x, const uint32_t *symA, const uint32_t *symM,
+                                     unsigned *M, __m256i *zf) {
     const __m256i zero = _mm256_setzero_si256(), lo32 = _mm256_set1_epi64x(0xFFFFFFFF);
     __m256i sa = _mm256_i32gather_epi32((const int *)symA, iv, 4);
     __m256i mp = _mm256_i32gather_epi32((const int *)symM, iv, 4);
     __m256i f = _mm256_and_si256(sa, _mm256_set1_epi32(0x1FFF));
     *zf = _mm256_or_si256(*zf, _mm256_cmpeq_epi32(f, zero));
     __m256i keep = _mm256_cmpgt_epi32(f, _mm256_srli_epi32(*x, 20));  /* no word emitted */
-    *M = (uint8_t)~_mm256_movemask_ps(_mm256_castsi256_ps(keep));
+    *M = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(keep)) & 0xFFu;
     __m256i lw = _mm256_and_si256(*x, _mm256_set1_epi32(0xFFFF));
     __m256i w16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(lw, lw), 0x08);
-    _mm_storeu_si128((__m128i *)W, _mm256_castsi256_si128(w16));
     __m256i xv = _mm256_blendv_epi8(_mm256_srli_epi32(*x, 16), *x, keep);
     __m256i l = _mm256_and_si256(_mm256_srli_epi32(sa, 13), _mm256_set1_epi32(15));
     __m256i xe = _mm256_and_si256(xv, lo32), xo = _mm256_srli_epi64(xv, 32);
@@ -747,17 +783,33 @@ static inline AVX2 void enc_step8(__m256i iv, __m256i *x, const uint32_t *symA, 
     __m256i q = _mm256_blend_epi32(qe, _mm256_slli_epi64(qo, 32), 0xAA);
     __m256i cmpl = _mm256_sub_epi32(_mm256_set1_epi32(PROB_SCALE), f);
     *x = _mm256_add_epi32(_mm256_add_epi32(xv, _mm256_mullo_epi32(q, cmpl)), _mm256_srli_epi32(sa, 17));
+    return _mm256_castsi256_si128(w16);
+}
+
+/* the words a group of 8 lanes emitted in 8 steps (R[s]: the candidate words of step s, M[s]: the
+ * lanes that emitted) pushed onto the group's stream, last step first: per step the emitted words
+ * (in lane order) compressed to the top of a vector stored just below the pointer. The 8 - count
+ * other words land below the new pointer, in free space (every group region keeps 8 spare words) */
+static inline AVX2 void enc_flush8(const __m128i *R, const unsigned *M, uint16_t **gp) {
+    uint16_t *o = *gp;
+    for (int s = 7; s >= 0; s--) {
+        __m128i v = _mm_shuffle_epi8(R[s], _mm_loadu_si128((const __m128i *)compress_lut[M[s]]));
+        _mm_storeu_si128((__m128i *)(o - 8), v);
+        o -= __builtin_popcount(M[s]);
+    }
+    *gp = o;
 }
 
 /* AVX2 encode of NG groups of 8 lanes [k, k + 8 NG), steps j1 - 1 down to 0 (j1 a multiple of 8
  * that every lane has), the groups interleaved to overlap their latencies; the 8 x 8 table
- * indices of a block are loaded and transposed as the decoder does with 16-bit base elements.
- * W (8 j1 NG words) and M (j1 NG bytes) stage the candidate words and emit masks. */
+ * indices of a block are loaded and transposed as the decoder does with 16-bit base elements */
 static inline __attribute__((target("avx2"), always_inline)) void encode_avx2_ng(
         const uint16_t *idx, size_t ib, size_t n, size_t L, size_t k, size_t j1, const uint32_t *symA,
-        const uint32_t *symM, uint32_t *xs, uint16_t **wp, __m256i *zf, uint16_t *W, uint8_t *M, const int NG) {
+        const uint32_t *symM, uint32_t *xs, uint16_t **wp, __m256i *zf, const int NG) {
     size_t a[NG_MAX][8];
     __m256i x[NG_MAX], pv[NG_MAX][8];
+    __m128i R[NG_MAX][8];
+    unsigned M[NG_MAX][8];
     for (int g = 0; g < NG; g++) {
         for (int kk = 0; kk < 8; kk++) a[g][kk] = lane_start(n, L, k + 8 * (size_t)g + (size_t)kk) - ib;
         x[g] = _mm256_loadu_si256((const __m256i *)(xs + k + 8 * g));
@@ -766,61 +818,47 @@ static inline __attribute__((target("avx2"), always_inline)) void encode_avx2_ng
         j -= 8;
         for (int g = 0; g < NG; g++) load_steps(idx, 2, a[g], j, pv[g]);
         for (int s = 7; s >= 0; s--)
-            for (int g = 0; g < NG; g++)
-                enc_step8(pv[g][s], &x[g], symA, symM, W + 8 * (g * j1 + j + s), M + g * j1 + j + s, zf);
+            for (int g = 0; g < NG; g++) R[g][s] = enc_step8(pv[g][s], &x[g], symA, symM, &M[g][s], zf);
+        for (int g = 0; g < NG; g++) enc_flush8(R[g], M[g], wp + k / 8 + (size_t)g);
     }
-    for (int g = 0; g < NG; g++) {
-        _mm256_storeu_si256((__m256i *)(xs + k + 8 * g), x[g]);
-        for (int kk = 0; kk < 8; kk++) {  /* each lane's emitted words, last step first */
-            uint16_t *o = wp[k + 8 * g + kk];
-            const uint16_t *Wg = W + 8 * g * j1 + kk;
-            const uint8_t *Mg = M + g * j1;
-            for (size_t j = j1; j-- > 0;) {
-                o[-1] = Wg[8 * j];
-                o -= (Mg[j] >> kk) & 1;
-            }
-            wp[k + 8 * g + kk] = o;
-        }
-    }
+    for (int g = 0; g < NG; g++) _mm256_storeu_si256((__m256i *)(xs + k + 8 * g), x[g]);
 }
-
 
 /* lanes [k, k + 8 NG) (NG = 1 or 2), steps j1 - 1 down to 0; -1 if a token has frequency 0 */
 static AVX2 int encode_avx2(const uint16_t *idx, size_t ib, size_t n, size_t L, size_t k, int NG, size_t j1,
-                            const uint32_t *symA, const uint32_t *symM, uint32_t *x, uint16_t **wp, uint16_t *W,
-                            uint8_t *M) {
+                            const uint32_t *symA, const uint32_t *symM, uint32_t *x, uint16_t **wp) {
     __m256i zf = _mm256_setzero_si256();
-    if (NG == 2) encode_avx2_ng(idx, ib, n, L, k, j1, symA, symM, x, wp, &zf, W, M, 2);
-    else encode_avx2_ng(idx, ib, n, L, k, j1, symA, symM, x, wp, &zf, W, M, 1);
+    if (NG == 2) encode_avx2_ng(idx, ib, n, L, k, j1, symA, symM, x, wp, &zf, 2);
+    else encode_avx2_ng(idx, ib, n, L, k, j1, symA, symM, x, wp, &zf, 1);
     return _mm256_testz_si256(zf, zf) ? 0 : -1;
 }
 #endif
 
-/* encode every lane in reverse (last symbol first); lane k's words are written backwards ending
- * at wp[k] (state last, so they read forwards); -1 on a zero frequency, -2 out of memory. Blocks
- * of 16 lanes: their table indices (ctx * 256 + token; 2 (q + 1) 16 bytes, reused), then the
- * steps the vector code does not cover (the lanes' ends, lanes beyond a multiple of 8), then the
- * rest in AVX2, 2 groups of 8 lanes interleaved. */
+/* encode every lane in reverse (last symbol first); the words of lane k's group are written
+ * backwards ending at wp[k / 8] (the states last, so they read forwards); -1 on a zero frequency.
+ * Blocks of 16 lanes: their table indices (ctx * 256 + token; 2 (q + 1) 16 bytes, reused), then
+ * the steps the vector code does not cover (the lanes' ends; lanes beyond a multiple of 8), then
+ * the rest in AVX2, 2 groups of 8 lanes interleaved. */
 #define ENC_LANES 16
+static size_t encode_work_size(size_t n, size_t L) {
+    return (L + 2 * NCTX * 256) * sizeof(uint32_t) + ENC_LANES * (n / L + 1) * sizeof(uint16_t);
+}
+
 static int encode_lanes(const void *p, const uint8_t *tok, int w, const ctxparams *cp, size_t n, size_t L,
-                        const uint16_t *freq, uint16_t **wp, int simd) {
-    const size_t q = n / L, qmax = q + (n % L > 0);
-    uint32_t *x = (uint32_t *)malloc(L * sizeof(uint32_t));
-    uint32_t *symA = (uint32_t *)malloc(NCTX * 256 * sizeof(uint32_t));
-    uint32_t *symM = (uint32_t *)malloc(NCTX * 256 * sizeof(uint32_t));
-    uint16_t *idx = (uint16_t *)malloc(ENC_LANES * qmax * sizeof(uint16_t));
+                        const uint16_t *freq, uint16_t **wp, int simd, void *work) {
+    const size_t q = n / L;
+    (void)q; (void)simd;
+    uint32_t *x = (uint32_t *)work;  /* work: encode_work_size(n, L) bytes */
+    uint32_t *symA = x + L;
+    uint32_t *symM = symA + NCTX * 256;
+    uint16_t *idx = (uint16_t *)(symM + NCTX * 256);
     size_t j1 = 0;
 #ifdef HAVE_AVX2_KERNEL
     if (simd && q >= 8) j1 = q & ~(size_t)7;  /* steps [0, j1) of lanes in groups of 8 in AVX2 */
 #endif
-    uint16_t *W = (uint16_t *)malloc(8 * (j1 + 1) * 2 * sizeof(uint16_t));
-    uint8_t *M = (uint8_t *)malloc((j1 + 1) * 2);
     int bad = 0;
-    if (!x || !symA || !symM || !idx || !W || !M) bad = -2;
-    if (!bad) {
-        encode_tables(freq, symA, symM);
-        for (size_t k = 0; k < L; k++) x[k] = STATE_LOW;
-    }
+    encode_tables(freq, symA, symM);
+    for (size_t k = 0; k < L; k++) x[k] = STATE_LOW;
     for (size_t kb = 0; kb < L && !bad; kb += ENC_LANES) {
         size_t ke = L - kb < ENC_LANES ? L : kb + ENC_LANES, ib = lane_start(n, L, kb);
         size_t kv = j1 ? kb + ((ke - kb) & ~(size_t)7) : kb;  /* lanes [kb, kv) in AVX2 */
@@ -834,16 +872,59 @@ static int encode_lanes(const void *p, const uint8_t *tok, int w, const ctxparam
         bad |= encode_scalar(idx, ib, n, L, kb, kv, j1, symA, symM, x, wp);
         bad |= encode_scalar(idx, ib, n, L, kv, ke, 0, symA, symM, x, wp);
 #ifdef HAVE_AVX2_KERNEL
-        if (kv > kb && !bad) bad = encode_avx2(idx, ib, n, L, kb, (int)((kv - kb) / 8), j1, symA, symM, x, wp, W, M);
+        if (kv > kb && !bad) bad = encode_avx2(idx, ib, n, L, kb, (int)((kv - kb) / 8), j1, symA, symM, x, wp);
 #endif
     }
-    if (!bad)
-        for (size_t k = 0; k < L; k++) {
-            *--wp[k] = (uint16_t)(x[k] & 0xFFFF);
-            *--wp[k] = (uint16_t)(x[k] >> 16);
+    if (!bad)  /* the final states: a group's lanes read in ascending order, so pushed descending */
+        for (size_t k = L; k-- > 0;) {
+            *--wp[k >> 3] = (uint16_t)(x[k] & 0xFFFF);
+            *--wp[k >> 3] = (uint16_t)(x[k] >> 16);
         }
-    free(x); free(symA); free(symM); free(idx); free(W); free(M);
-    return bad == -2 ? -2 : bad ? -1 : 0;
+    return bad ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ scratch memory */
+
+/* The kernels' working buffers (tokens, padded copies, tables, ...) come from a small cache of
+ * freed blocks, taken and given back only while holding the GIL (no other lock needed): with
+ * plain malloc/free, calls on chunks of a few hundred KB spent a third of their time in page
+ * faults and brk/munmap, as glibc hands large blocks back to the system at every free. Bound: at
+ * most SCRATCH_SLOTS blocks and SCRATCH_TOTAL bytes are kept between calls. */
+#define SCRATCH_SLOTS 8
+#ifndef SCRATCH_TOTAL /* (0 to test under a memory checker: every block is freed) */
+#define SCRATCH_TOTAL ((size_t)32 << 20)
+#endif
+typedef struct { size_t cap, pad; } scratch_head;  /* 16 bytes: blocks stay 16-byte aligned */
+static scratch_head *scratch_slot[SCRATCH_SLOTS];
+static size_t scratch_kept;
+
+static void *scratch_get(size_t size) {
+    int best = -1;
+    for (int i = 0; i < SCRATCH_SLOTS; i++)
+        if (scratch_slot[i] && scratch_slot[i]->cap >= size && (best < 0 || scratch_slot[i]->cap < scratch_slot[best]->cap))
+            best = i;
+    if (best >= 0) {
+        scratch_head *h = scratch_slot[best];
+        scratch_slot[best] = NULL;
+        scratch_kept -= h->cap;
+        return h + 1;
+    }
+    scratch_head *h = (scratch_head *)malloc(sizeof(scratch_head) + size);
+    if (!h) return NULL;
+    h->cap = size;
+    return h + 1;
+}
+
+static void scratch_put(void *p) {
+    if (!p) return;
+    scratch_head *h = (scratch_head *)p - 1;
+    for (int i = 0; i < SCRATCH_SLOTS && scratch_kept + h->cap <= SCRATCH_TOTAL; i++)
+        if (!scratch_slot[i]) {
+            scratch_slot[i] = h;
+            scratch_kept += h->cap;
+            return;
+        }
+    free(h);
 }
 
 /* ------------------------------------------------------------------ argument checks */
@@ -895,10 +976,12 @@ static int check_freqs(Py_buffer *fb, unsigned contexts, unsigned alpha, uint32_
 
 /* ------------------------------------------------------------------ Python functions */
 
-/* analyze(target, pred, w, shift, ebits, lanes, tok) -> (counts, raw): the encoder's one pass over
- * the chunk. Writes the tokens into tok (n bytes), returns counts[(e * 2 + z) * 256 + token] for
- * every exponent value e (before bucketing) and z = "the previous symbol of the lane has token 0"
- * (uint32; the encoder picks its window and model from them) and the raw-bit stream */
+/* analyze(target, pred, w, shift, ebits, lanes, tok) -> (counts, lo, raw): the encoder's one pass
+ * over the chunk. Writes the tokens into tok (n bytes); returns the start lo of the window of 16
+ * exponent values holding the most elements (the first such), counts[(bucket * 2 + z) * A + token]
+ * (uint32, A the alphabet: 64, 128, 256 for w = 2, 4, 8; bucket = the exponent clamped into [lo,
+ * lo + 15], z = "the previous symbol of the lane has token 0": the encoder picks its model from
+ * them) and the raw-bit stream. Integer arithmetic, as entropy.exponent_window/_bucket_counts. */
 static PyObject *py_analyze(PyObject *self, PyObject *args) {
     Py_buffer t, p, tb;
     int w, shift, ebits;
@@ -907,6 +990,7 @@ static PyObject *py_analyze(PyObject *self, PyObject *args) {
     PyObject *res = NULL, *cnt = NULL;
     size_t n;
     ctxparams cp;
+    int lo = 0;
     uint32_t *h = NULL;
     uint8_t *raw = NULL;
     if (check_common(&t, &p, w, shift, ebits, 0, 0, lanes, &n, &cp) != 0) goto done;
@@ -914,9 +998,10 @@ static PyObject *py_analyze(PyObject *self, PyObject *args) {
     {
         const unsigned tbits = w == 2 ? 6u : w == 4 ? 7u : 8u;  /* log2 of the alphabet (a row) */
         const size_t rows = (size_t)2 << ebits, hcopy = rows << tbits;
-        h = (uint32_t *)calloc(2 * hcopy, sizeof(uint32_t));
-        raw = (uint8_t *)malloc(n * (size_t)w + 16);
-        cnt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(rows * 256 * 4));
+        h = (uint32_t *)scratch_get(2 * hcopy * sizeof(uint32_t));
+        raw = (uint8_t *)scratch_get(n * (size_t)w + 16);
+        if (h) memset(h, 0, 2 * hcopy * sizeof(uint32_t));
+        cnt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(2 * NBUCKETS * 4) << tbits);
         if (!h || !raw || !cnt) { if (!PyErr_Occurred()) PyErr_NoMemory(); goto done; }
         uint32_t *counts = (uint32_t *)PyBytes_AS_STRING(cnt);
         size_t rawlen = 0, L = (size_t)lanes;
@@ -933,16 +1018,36 @@ static PyObject *py_analyze(PyObject *self, PyObject *args) {
         if (w == 2) rawlen = analyze16(t.buf, p.buf, n, L, cp.shift, cp.emask, tbits, tb.buf, raw, h, hcopy);
         else if (w == 4) rawlen = analyze32(t.buf, p.buf, n, L, cp.shift, cp.emask, tbits, tb.buf, raw, h, hcopy);
         else rawlen = analyze64(t.buf, p.buf, n, L, cp.shift, cp.emask, tbits, tb.buf, raw, h, hcopy);
-        memset(counts, 0, rows * 256 * 4);
-        for (size_t row = 0; row < rows; row++)
-            for (size_t k = 0; k < ((size_t)1 << tbits); k++)
-                counts[row * 256 + k] = h[(row << tbits) + k] + h[hcopy + (row << tbits) + k];
+        const size_t A = (size_t)1 << tbits, erows = (size_t)1 << ebits;
+        for (size_t c = 0; c < hcopy; c++) h[c] += h[hcopy + c];
+        /* lo: the first window of 16 consecutive exponent values holding the most elements */
+        uint64_t best = 0, win = 0;
+        uint64_t *ecount = (uint64_t *)(h + hcopy);  /* the second copy, no longer needed (>= 2^ebits x 8 bytes) */
+        for (size_t e = 0; e < erows; e++) {
+            uint64_t c = 0;
+            for (size_t k = 0; k < 2 * A; k++) c += h[e * 2 * A + k];
+            ecount[e] = c;
+        }
+        if (erows > NBUCKETS) {
+            for (size_t e = 0; e < erows; e++) {
+                win += ecount[e];
+                if (e >= NBUCKETS) win -= ecount[e - NBUCKETS];
+                if (e >= NBUCKETS - 1 && (e == NBUCKETS - 1 || win > best)) { best = win; lo = (int)(e + 1 - NBUCKETS); }
+            }
+        }
+        /* counts per finest context: bucket = min(max(e - lo, 0), 15), then z, then the token */
+        memset(counts, 0, (2 * NBUCKETS * sizeof(uint32_t)) << tbits);
+        for (size_t e = 0; e < erows; e++) {
+            int d = (int)e - lo;
+            size_t b = (size_t)(d < 0 ? 0 : d > NBUCKETS - 1 ? NBUCKETS - 1 : d);
+            for (size_t k = 0; k < 2 * A; k++) counts[b * 2 * A + k] += h[e * 2 * A + k];
+        }
         Py_END_ALLOW_THREADS
-        res = Py_BuildValue("(Oy#)", cnt, (const char *)raw, (Py_ssize_t)rawlen);
+        res = Py_BuildValue("(Oiy#)", cnt, lo, (const char *)raw, (Py_ssize_t)rawlen);
     }
 done:
     Py_XDECREF(cnt);
-    free(h); free(raw);
+    scratch_put(h); scratch_put(raw);
     PyBuffer_Release(&t); PyBuffer_Release(&p); PyBuffer_Release(&tb);
     return res;
 }
@@ -960,15 +1065,21 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     uint32_t validmask;
     uint16_t *wbuf = NULL, **wp = NULL;
     uint32_t *counts = NULL;
+    void *work = NULL;
     if (check_common(&p, &p, w, shift, ebits, lo, mshift, lanes, &n, &cp) != 0) goto done;
     if ((size_t)tb.len != n) { PyErr_SetString(PyExc_ValueError, "one token per element expected"); goto done; }
     cp.prev = prev ? 1 : 0;
     if (check_freqs(&fb, (NBUCKETS >> cp.mshift) * (cp.prev ? 2 : 1), ALPHABET(w), &validmask) != 0) goto done;
     size_t L = (size_t)lanes, steps = (n + L - 1) / L;
-    wbuf = (uint16_t *)malloc(L * (steps + 2) * sizeof(uint16_t));
-    wp = (uint16_t **)malloc(L * sizeof(uint16_t *));
-    counts = (uint32_t *)malloc(L * sizeof(uint32_t));
-    if (!wbuf || !wp || !counts) { PyErr_NoMemory(); goto done; }
+    /* the stream of group g (lanes 8g .. 8g + 7): [g R, (g + 1) R), R = 8 (steps + 2) + 8: at
+     * most one word per lane and step and the 2 of each final state, and 8 spare words below them
+     * for the vector code's stores */
+    const size_t G = (L + 7) / 8, R = 8 * (steps + 2) + 8;
+    wbuf = (uint16_t *)scratch_get(G * R * sizeof(uint16_t));
+    wp = (uint16_t **)malloc(G * sizeof(uint16_t *));
+    counts = (uint32_t *)malloc(G * sizeof(uint32_t));
+    work = scratch_get(encode_work_size(n, L));
+    if (!wbuf || !wp || !counts || !work) { PyErr_NoMemory(); goto done; }
     const uint16_t *freq = (const uint16_t *)fb.buf;
     const uint8_t *tok = (const uint8_t *)tb.buf;
     int bad = 0, simd = 0;
@@ -977,24 +1088,22 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     simd = have_avx2() && !getenv("ORCA_DIFF_NO_SIMD");
 #endif
     Py_BEGIN_ALLOW_THREADS
-    /* lane k's region: [k (steps + 2), (k + 1) (steps + 2)), filled backwards from its end */
-    for (size_t k = 0; k < L; k++) wp[k] = wbuf + (k + 1) * (steps + 2);
-    bad = encode_lanes(p.buf, tok, w, &cp, n, L, freq, wp, simd);
-    if (!bad) {  /* compact the lanes' words to the front, in lane order */
-        for (size_t k = 0; k < L; k++) {
-            size_t c = (size_t)(wbuf + (k + 1) * (steps + 2) - wp[k]);
-            memmove(wbuf + total, wp[k], c * sizeof(uint16_t));
-            counts[k] = (uint32_t)c;
+    for (size_t g = 0; g < G; g++) wp[g] = wbuf + (g + 1) * R;  /* filled backwards from its end */
+    bad = encode_lanes(p.buf, tok, w, &cp, n, L, freq, wp, simd, work);
+    if (!bad) {  /* compact the groups' words to the front, in group order */
+        for (size_t g = 0; g < G; g++) {
+            size_t c = (size_t)(wbuf + (g + 1) * R - wp[g]);
+            memmove(wbuf + total, wp[g], c * sizeof(uint16_t));
+            counts[g] = (uint32_t)c;
             total += c;
         }
     }
     Py_END_ALLOW_THREADS
-    if (bad == -2) { PyErr_NoMemory(); goto done; }
     if (bad) { PyErr_SetString(PyExc_ValueError, "a token has frequency 0 in its context's table"); goto done; }
     res = Py_BuildValue("(y#y#)", (const char *)wbuf, (Py_ssize_t)(total * 2), (const char *)counts,
-                        (Py_ssize_t)(L * 4));
+                        (Py_ssize_t)(G * 4));
 done:
-    free(wbuf); free(wp); free(counts);
+    scratch_put(wbuf); scratch_put(work); free(wp); free(counts);
     PyBuffer_Release(&tb); PyBuffer_Release(&p); PyBuffer_Release(&fb);
     return res;
 }
@@ -1017,35 +1126,38 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     cp.prev = prev ? 1 : 0;
     unsigned contexts = (NBUCKETS >> cp.mshift) * (cp.prev ? 2 : 1);
     if (check_freqs(&fb, contexts, ALPHABET(w), &validmask) != 0) goto done;
-    size_t L = (size_t)lanes, steps = (n + L - 1) / L, nwords = (size_t)(wb.len / 2);
-    if ((size_t)lc.len != 4 * L || wb.len % 2 || nwords >= ((size_t)1 << 30)) {
-        PyErr_SetString(PyExc_ValueError, "lane table has the wrong size");
+    size_t L = (size_t)lanes, G = (L + 7) / 8, steps = (n + L - 1) / L, nwords = (size_t)(wb.len / 2);
+    if ((size_t)lc.len != 4 * G || wb.len % 2 || nwords >= ((size_t)1 << 30) || steps >= ((size_t)1 << 26)) {
+        PyErr_SetString(PyExc_ValueError, "group table has the wrong size");
         goto done;
     }
     x = (uint32_t *)malloc(L * sizeof(uint32_t));
-    off = (uint32_t *)malloc(L * sizeof(uint32_t));
-    end = (uint32_t *)malloc(L * sizeof(uint32_t));
+    off = (uint32_t *)malloc(G * sizeof(uint32_t));
+    end = (uint32_t *)malloc(G * sizeof(uint32_t));
     pzv = (uint32_t *)malloc(L * sizeof(uint32_t));
-    /* any lane reads at most one word per step past its start: `steps` words of zero padding (+16
-     * for the 4-byte gathers) keep every read inside this buffer */
-    wpad = (uint16_t *)calloc(nwords + steps + 16, sizeof(uint16_t));
-    tab = (uint32_t *)malloc((size_t)contexts * PROB_SCALE * sizeof(uint32_t));  /* valid rows filled below */
-    tok = (uint8_t *)malloc(n + 16);
-    raw = (uint8_t *)calloc((size_t)rb.len + RAW_PAD, 1);
+    /* a group reads at most 8 words per step past its start: 8 steps + 16 words of zero padding
+     * (the vector code loads 8 words at a time) keep every read inside this buffer */
+    wpad = (uint16_t *)scratch_get((nwords + 8 * steps + 16) * sizeof(uint16_t));
+    tab = (uint32_t *)scratch_get((size_t)contexts * PROB_SCALE * sizeof(uint32_t));  /* valid rows filled below */
+    tok = (uint8_t *)scratch_get(n + 16);
+    raw = (uint8_t *)scratch_get((size_t)rb.len + RAW_PAD);
     if (!x || !off || !end || !pzv || !wpad || !tab || !tok || !raw) { PyErr_NoMemory(); goto done; }
     {
         const uint32_t *cnt = (const uint32_t *)lc.buf;
         uint64_t total = 0;
-        for (size_t k = 0; k < L; k++) {
-            if (cnt[k] < 2 || total + cnt[k] > nwords) { PyErr_SetString(PyExc_ValueError, "lane sizes do not match the words"); goto done; }
-            off[k] = (uint32_t)total;
-            total += cnt[k];
-            end[k] = (uint32_t)total;
+        for (size_t g = 0; g < G; g++) {  /* each group holds at least the states of its lanes */
+            size_t states = 2 * ((g + 1) * 8 < L ? 8 : L - g * 8);
+            if (cnt[g] < states || total + cnt[g] > nwords) { PyErr_SetString(PyExc_ValueError, "group sizes do not match the words"); goto done; }
+            off[g] = (uint32_t)total;
+            total += cnt[g];
+            end[g] = (uint32_t)total;
         }
-        if (total != nwords) { PyErr_SetString(PyExc_ValueError, "lane sizes do not match the words"); goto done; }
+        if (total != nwords) { PyErr_SetString(PyExc_ValueError, "group sizes do not match the words"); goto done; }
     }
     memcpy(wpad, wb.buf, (size_t)wb.len);
+    memset(wpad + nwords, 0, (8 * steps + 16) * sizeof(uint16_t));
     memcpy(raw, rb.buf, (size_t)rb.len);
+    memset(raw + rb.len, 0, RAW_PAD);
     {
         const uint16_t *f = (const uint16_t *)fb.buf;
         for (unsigned c = 0; c < contexts; c++) {
@@ -1053,15 +1165,17 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
                 memset(tab + (size_t)c * PROB_SCALE, 0, PROB_SCALE * sizeof(uint32_t));
                 continue;
             }
-            uint32_t slot = 0;
-            for (unsigned k = 0; k < 256; k++)
-                for (uint32_t j = 0; j < f[c * 256 + k]; j++, slot++)
-                    tab[(size_t)c * PROB_SCALE + slot] = k | ((uint32_t)(f[c * 256 + k] - 1) << 8) | (j << 20);
+            uint32_t *t = tab + (size_t)c * PROB_SCALE;
+            for (unsigned k = 0; k < 256; k++) {  /* a run of f slots per token (vectorises) */
+                const uint32_t fk = f[c * 256 + k], base = k | (fk - 1) << 8;
+                for (uint32_t j = 0; j < fk; j++) t[j] = base + (j << 20);
+                t += fk;
+            }
         }
     }
-    for (size_t k = 0; k < L; k++) {
-        x[k] = ((uint32_t)wpad[off[k]] << 16) | wpad[off[k] + 1];
-        off[k] += 2;
+    for (size_t k = 0; k < L; k++) {  /* the initial states, a group's lanes in order */
+        x[k] = ((uint32_t)wpad[off[k >> 3]] << 16) | wpad[off[k >> 3] + 1];
+        off[k >> 3] += 2;
         pzv[k] = 1;
     }
     lanestate st = {x, off, pzv};
@@ -1071,7 +1185,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     avx2 = have_avx2() && !getenv("ORCA_DIFF_NO_SIMD");
     simd = w <= 4 && L >= 8 && q >= 8 && avx2;
 #endif
-    (void)avx2;
+    (void)avx2; (void)simd; (void)q;
     Py_BEGIN_ALLOW_THREADS
     size_t k1 = 0, j1 = 0;
 #ifdef HAVE_AVX2_KERNEL
@@ -1094,7 +1208,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     }
     if (used & ~validmask) err = "the token stream uses a context that has no table";
     for (size_t k = 0; k < L && !err; k++)
-        if (x[k] != STATE_LOW || off[k] != end[k]) err = "an ANS lane does not end with its words";
+        if (x[k] != STATE_LOW || off[k >> 3] != end[k >> 3]) err = "an ANS lane group does not end with its words";
     if (!err) {
         int r;
 #ifdef HAVE_AVX2_KERNEL
@@ -1111,7 +1225,8 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_INCREF(Py_None);
     res = Py_None;
 done:
-    free(x); free(off); free(end); free(pzv); free(wpad); free(tab); free(tok); free(raw);
+    free(x); free(off); free(end); free(pzv);
+    scratch_put(wpad); scratch_put(tab); scratch_put(tok); scratch_put(raw);
     PyBuffer_Release(&o); PyBuffer_Release(&p); PyBuffer_Release(&fb);
     PyBuffer_Release(&lc); PyBuffer_Release(&wb); PyBuffer_Release(&rb);
     return res;
@@ -1129,5 +1244,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_entropy", "compiled
 
 PyMODINIT_FUNC PyInit__entropy(void) {
     init_tokens();
+#ifdef HAVE_AVX2_KERNEL
+    init_compress();
+    init_expand();
+#endif
     return PyModule_Create(&module);
 }

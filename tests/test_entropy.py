@@ -84,13 +84,15 @@ def test_lane_split_edges_round_trip(n):
     t, b = fine_tune(n, "BF16", seed=n)
     frame = entropy.encode(t, b, 2, "BF16")
     assert entropy.decode(frame, b, 2, t.size).tobytes() == t.tobytes()
-    if n < 200_000:  # 12 lanes: 8 in AVX2 (where available), 4 scalar, then a partial step
+    if n < 200_000:  # 8 lanes in AVX2 (where available), then the last steps in scalar code
         assert entropy.encode(t, b, 2, "BF16", pure=True) == frame
         assert entropy.decode(frame, b, 2, t.size, pure=True).tobytes() == t.tobytes()
 
 
-def test_lanes_are_one_per_8192_elements_between_1_and_1024():
-    assert [entropy.lane_count(n) for n in (1, 8191, 8192, 16384 + 1, 1024 * 8192, 10**9)] == [1, 1, 1, 2, 1024, 1024]
+def test_lanes_are_one_per_8192_elements_in_whole_vector_groups_up_to_1024():
+    ns = (1, 8191, 8192, 16384 + 1, 7 * 8192 + 9, 8 * 8192, 15 * 8192 + 5, 16 * 8192, 18 * 8192 + 7, 47 * 8192,
+          1024 * 8192, 10**9)
+    assert [entropy.lane_count(n) for n in ns] == [1, 1, 1, 2, 7, 8, 8, 16, 16, 32, 1024, 1024]
     assert entropy.lane_starts(10, 3).tolist() == [0, 4, 7, 10]  # contiguous; the first n % lanes hold one more
     idx, q, r = entropy._lane_matrix(10, 3)
     assert idx[:q].T.tolist() == [[0, 1, 2], [4, 5, 6], [7, 8, 9]] and (q, r) == (3, 1) and idx[3, 0] == 3
@@ -137,8 +139,8 @@ def test_frame_header_is_the_specified_layout():
     assert entropy.bucket_lut(5, 3, 1).tolist() == [0] * 4 + [i // 2 for i in range(1, 16)] + [7] * 13
     contexts = (16 >> mshift) * (2 if flags else 1)
     _, pos = entropy._parse_tables(frame, 18, contexts, 64, "test")
-    lane_words = np.frombuffer(frame, "<u4", 2, pos)  # 20000 elements: 2 lanes
-    assert pos + 8 + 2 * int(lane_words.sum()) + raw_len == len(frame)
+    group_words = np.frombuffer(frame, "<u4", 1, pos)  # 20000 elements: 2 lanes, one group of 8
+    assert group_words[0] >= 4 and pos + 4 + 2 * int(group_words[0]) + raw_len == len(frame)
 
 
 # --------------------------------------------------------------------------- hostile frames
@@ -192,7 +194,7 @@ FRAME = _frame(20000)
 
 
 @needs_c
-@pytest.mark.parametrize("lanes", [11, 35])  # 8 (resp. 2 x 16 + 1 x 8) lanes in AVX2, 3 scalar
+@pytest.mark.parametrize("lanes", [11, 40])  # 8 lanes (resp. 2 x 16 + 1 x 8) in AVX2
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
 def test_simd_and_scalar_c_coders_agree_with_numpy(monkeypatch, dtype, lanes):
     t, b = fine_tune(lanes * 8192 + 3, dtype, seed=5, lr=1e-3 if lanes > 11 else 1e-4)
@@ -204,6 +206,30 @@ def test_simd_and_scalar_c_coders_agree_with_numpy(monkeypatch, dtype, lanes):
     assert entropy.encode(t, b, w, dtype) == frame
     assert entropy.decode(frame, b, w, t.size).tobytes() == t.tobytes()
     assert entropy.decode(frame, b, w, t.size, pure=True).tobytes() == t.tobytes()
+
+
+@needs_c
+@pytest.mark.parametrize("mode", ["random", "special", "equal"])
+@pytest.mark.parametrize("w", [2, 4, 8])
+def test_vector_coders_agree_with_numpy_on_arbitrary_bits(monkeypatch, w, mode):
+    """16 lanes (2 groups of 8 in AVX2) of data that emits a word at almost every step (random),
+    hits the largest tokens (special) or only token 0 (equal)."""
+    rng = np.random.default_rng(w)
+    n = 17 * 8192 + 5
+    top = np.iinfo(UINT[w]).max
+    if mode == "special":
+        sp = np.array(SPECIAL[w], dtype=UINT[w])
+        b, t = sp[rng.integers(0, sp.size, n)], sp[rng.integers(0, sp.size, n)]
+    else:
+        b = rng.integers(0, top, n, dtype=UINT[w], endpoint=True)
+        t = rng.integers(0, top, n, dtype=UINT[w], endpoint=True) if mode == "random" else b.copy()
+    t, b = t.view(np.uint8), b.view(np.uint8)
+    frame = entropy.encode(t, b, w)
+    assert entropy.encode(t, b, w, pure=True) == frame
+    assert entropy.decode(frame, b, w, t.size).tobytes() == t.tobytes()
+    monkeypatch.setenv("ORCA_DIFF_NO_SIMD", "1")
+    assert entropy.encode(t, b, w) == frame
+    assert entropy.decode(frame, b, w, t.size).tobytes() == t.tobytes()
 
 
 @needs_c
@@ -222,7 +248,7 @@ def test_corrupt_frames_with_many_lanes_are_refused_by_the_simd_path(data):
         pass
 
 
-FRAME_WIDE = _frame(9 * 8192 + 1)
+FRAME_WIDE = _frame(33 * 8192 + 1)  # 32 lanes: 4 groups of 8 decoded together in AVX2
 
 
 @needs_c
