@@ -7,19 +7,21 @@
  *   analyze(target, pred, w, shift, ebits, lanes, tok) -> (counts, lo, raw): one pass writing the
  *       tokens into tok and returning the exponent window lo, uint32 counts[16][2][A] (per
  *       bucket and "previous element of the lane has token 0"; A = the alphabet) and the raw bits
- *   encode(tok, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs) -> (words, lane_words)
- *   decode(out, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs, lane_words, words, raw) -> None
+ *   encode(tok, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs) -> (words, group_words)
+ *   decode(out, pred, w, shift, ebits, lo, mshift, prev, lanes, freqs, group_words, words, raw) -> None
  *
- * Lanes are contiguous runs of elements (the context needs the previous element's token). The
- * decoder runs 8 lanes per AVX2 vector (chosen at run time, GCC/Clang on x86-64), two groups of 8
- * interleaved to hide the gathers' latency: 8 steps of base elements are loaded per lane and
- * transposed, the table entries and the next words are gathered, and the 8 x 8 tokens are
- * transposed back. Elsewhere (other compilers, no AVX2, 8-byte elements, leftover lanes and
- * steps) a scalar loop whose iterations (lanes) are independent. A second pass adds the raw bits
- * and applies the ulp inverse.
+ * Lanes are contiguous runs of elements (the context needs the previous element's token); each
+ * group of 8 lanes shares one word stream. With AVX2 (chosen at run time, GCC/Clang on x86-64)
+ * a vector holds a group's 8 lanes: 8 steps of base elements (decode) or table indices (encode)
+ * are loaded per lane and transposed, the table entries are gathered, and the words a step needs
+ * (decode: one 16-byte load spread by a permutation) or emits (encode: compressed by a byte
+ * shuffle) move through the group's stream; 4 (decode) or 2 (encode) groups are interleaved to
+ * hide the latencies. The encoder's analysis pass (tokens, raw bits, counts) and the decoder's
+ * raw-bit pass (with the ulp inverse) also have AVX2 versions for 2-byte elements. Elsewhere
+ * (other compilers, no AVX2, 8-byte elements, the last steps) scalar loops give the same bytes.
  *
  * Everything decode reads is untrusted: every table, count and size is checked, stream reads stay
- * inside buffers padded by more than any lane can over-read, and a stream that does not end
+ * inside buffers padded by more than any group can over-read, and a stream that does not end
  * exactly where it should raises ValueError (never a crash, a hang or an access outside the
  * buffers). The GIL is released around the loops. Plain C99 with the CPython API; builds with
  * GCC, Clang and MSVC. Data are little-endian (as the format); the host is assumed little-endian,

@@ -9,11 +9,12 @@ ulp delta of a weight scales with 2^-exponent), optionally times "the previous t
 was 0" (unchanged elements come in runs). Tables are chosen per chunk and stored in its frame.
 
 The chunk's elements are split into ``L = lane_count(n)`` contiguous lanes, each with its own
-rANS state and word stream, so that
+rANS state; each group of 8 lanes shares one word stream, read (and written, in reverse) step by
+step in lane order, so that
 
-* the C extension (``orca_diff._entropy``) decodes 8 lanes per AVX2 instruction (three gathers:
-  the base elements, the table entries, the next words), or runs independent lanes back to back
-  in scalar code, and
+* the C extension (``orca_diff._entropy``) codes a group's 8 lanes per AVX2 instruction (the
+  table entries gathered, the group's next words loaded at once and spread to the lanes that need
+  one), or runs independent lanes back to back in scalar code, and
 * this module's pure-numpy path codes every lane one step at a time as vector operations.
 
 Lanes are contiguous (not interleaved) because the previous-element context needs the previous
@@ -203,13 +204,6 @@ def serialize_tables(freqs: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def _tables_size(freqs: np.ndarray) -> int:
-    """len(serialize_tables(freqs)), without building it."""
-    m = _table_lengths(freqs)
-    keep = np.arange(freqs.shape[1])[None, :] < m[:, None]
-    return int(m.size + (m >= 0x80).sum() + keep.sum() + ((freqs >= 0x80) & keep).sum())
-
-
 def _parse_tables(buf: bytes, pos: int, contexts: int, alpha: int, where: str) -> tuple[np.ndarray, int]:
     """The frequency tables at ``buf[pos:]`` -> ((contexts, 256) frequencies, end position).
     Varints are decoded vectorised: every value is at most 4096, so at most 2 bytes long."""
@@ -240,11 +234,6 @@ def _parse_tables(buf: bytes, pos: int, contexts: int, alpha: int, where: str) -
         j += 1 + m
     end = pos + (int(ends[j - 1]) + 1 if j else 0)
     return freqs, end
-
-
-def _cost_bits(counts: np.ndarray, freqs: np.ndarray) -> float:
-    used = counts > 0
-    return float((counts[used] * (PROB_BITS - np.log2(freqs[used]))).sum())
 
 
 # --------------------------------------------------------------------------- contexts
@@ -313,7 +302,7 @@ def choose_model(counts: np.ndarray) -> tuple[int, bool, np.ndarray, float]:
     """The context model that minimises coded tokens + table bytes: the 16 buckets merged by
     ``mshift`` 0-4 (16/8/4/2/1 buckets), with or without the previous-token flag. ``counts`` are
     per finest context (bucket * 2 + flag), one column per token (any width up to 256). Returns
-    (mshift, prev, frequencies (contexts, 256), estimated bytes).
+    (mshift, prev, frequencies (contexts, 256), the winner's estimated bytes).
 
     The estimate of a model is the plug-in entropy of its counts + its table bytes (about 1.2
     bytes per entry; the quantised tables cost a nearly constant fraction more, so they rank the
@@ -340,7 +329,7 @@ def choose_model(counts: np.ndarray) -> tuple[int, bool, np.ndarray, float]:
     mshift, prev, c = cands[best]
     f = np.zeros((c.shape[0], 256), dtype=np.int64)
     f[:, : c.shape[1]] = quantize(c)
-    return mshift, prev, f, _cost_bits(c, f[:, : c.shape[1]]) / 8 + _tables_size(f)
+    return mshift, prev, f, float(est[best])
 
 
 def _entropy_bits_rows(counts: np.ndarray) -> np.ndarray:
@@ -541,20 +530,19 @@ def encode(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | Non
         lo = exponent_window(hist.sum(axis=(1, 2), dtype=np.int64))
         counts = _bucket_counts(hist, lo)
     mshift, prev, freqs, _ = choose_model(counts)
-    lut = bucket_lut(ebits, lo, mshift)
     if use_c:
         f16 = np.zeros((2 * MAX_BUCKETS, 256), dtype=np.uint16)
         f16[: freqs.shape[0]] = freqs
         words_b, counts_b = _c.encode(tok, p_u, itemsize, shift, ebits, lo, mshift, int(prev), lanes, f16.tobytes())
-        lane_words = np.frombuffer(counts_b, dtype=np.uint32)
+        group_words = np.frombuffer(counts_b, dtype=np.uint32)
         words = np.frombuffer(words_b, dtype=np.uint16)
     else:
         sym = ulp_delta(t_u, p_u)
         tok, nb, extra = tokenize(sym)
-        ctx = _contexts_numpy(tok, p_u, shift, ebits, lut, prev, lanes)
-        words, lane_words, raw = _encode_numpy(tok, nb, extra, ctx, freqs, lanes)
+        ctx = _contexts_numpy(tok, p_u, shift, ebits, bucket_lut(ebits, lo, mshift), prev, lanes)
+        words, group_words, raw = _encode_numpy(tok, nb, extra, ctx, freqs, lanes)
     head = _HEAD.pack(MAGIC, itemsize, int(prev), shift, ebits, lo, mshift, n, len(raw))
-    return b"".join((head, serialize_tables(freqs), lane_words.astype("<u4").tobytes(),
+    return b"".join((head, serialize_tables(freqs), group_words.astype("<u4").tobytes(),
                      words.astype("<u2").tobytes(), raw))
 
 
@@ -580,7 +568,6 @@ def decode(payload: bytes | memoryview | np.ndarray, pred: np.ndarray, itemsize:
     if n_decl != n or size % itemsize or n == 0:
         raise CorruptDiffError(f"{bad} declares {n_decl} elements, the manifest implies {n}; the diff is corrupt")
     pos = _HEAD.size
-    lut = bucket_lut(ebits, lo, mshift)
     prev = bool(flags & 1)
     contexts = (MAX_BUCKETS >> mshift) * (2 if prev else 1)
     freqs, pos = _parse_tables(buf, pos, contexts, alphabet(itemsize), where)
@@ -588,11 +575,11 @@ def decode(payload: bytes | memoryview | np.ndarray, pred: np.ndarray, itemsize:
     groups = -(-lanes // GROUP_LANES)
     if pos + 4 * groups > len(buf):
         raise CorruptDiffError(f"{bad} is truncated in its group table; the diff is corrupt, download it again")
-    lane_words = np.frombuffer(buf, dtype="<u4", count=groups, offset=pos).astype(np.int64)  # per group
+    group_words = np.frombuffer(buf, dtype="<u4", count=groups, offset=pos).astype(np.int64)
     pos += 4 * groups
-    total_words = int(lane_words.sum())
+    total_words = int(group_words.sum())
     states = 2 * np.minimum(GROUP_LANES, lanes - GROUP_LANES * np.arange(groups))
-    if (lane_words < states).any() or pos + 2 * total_words + raw_len != len(buf):
+    if (group_words < states).any() or pos + 2 * total_words + raw_len != len(buf):
         raise CorruptDiffError(f"{bad}: group sizes and raw bits do not add up to the frame's {len(buf)} bytes; "
                                "the diff is corrupt, download it again")
     words = np.frombuffer(buf, dtype="<u2", count=total_words, offset=pos)
@@ -606,12 +593,12 @@ def decode(payload: bytes | memoryview | np.ndarray, pred: np.ndarray, itemsize:
         f16[:contexts] = freqs
         try:
             _c.decode(out, p_u, itemsize, shift, ebits, lo, mshift, int(prev), lanes, f16.tobytes(),
-                      lane_words.astype(np.uint32).tobytes(), words, raw)
+                      group_words.astype(np.uint32).tobytes(), words, raw)
         except ValueError as exc:
             raise CorruptDiffError(f"{bad}: {exc}; the diff is corrupt, download it again") from None
         return out
-    sym = _decode_numpy(p_u, shift, ebits, lut, prev, freqs, lanes, lane_words, words.astype(np.uint16), raw,
-                        itemsize, where)
+    sym = _decode_numpy(p_u, shift, ebits, bucket_lut(ebits, lo, mshift), prev, freqs, lanes, group_words,
+                        words.astype(np.uint16), raw, itemsize, where)
     return ulp_undelta(sym, p_u).view(np.uint8)
 
 
