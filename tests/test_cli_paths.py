@@ -108,3 +108,20 @@ def test_the_readme_exit_code_table_matches_the_error_classes():
                 errors.BaseMismatchError, errors.VerificationError, errors.OutputError, errors.HubError,
                 errors.MissingExtraError, errors.InterruptedError_):
         assert f"| {cls.exit_code} |" in table, cls
+
+
+def test_a_rerun_of_a_finished_apply_exits_0_after_checking_the_output(pair_and_diff, tmp_path):
+    base, target, diff = pair_and_diff
+    out = tmp_path / "out"
+    args = ["apply", "--base", str(base), "--diff", str(diff), "--out", str(out), "-q"]
+    assert run(*args).exit_code == 0
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert "already holds this model" in r.output and "checked now" in r.output
+    # a damaged output is not "finished": the usual refusal of a non-empty folder, exit 8
+    victim = next(out.glob("*.safetensors"))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    r = run(*args)
+    assert r.exit_code == 8, r.output

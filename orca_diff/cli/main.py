@@ -103,6 +103,32 @@ def _diff_arg(diff: str) -> str:
     return str(p.parent) if p.name == MANIFEST_NAME and p.is_file() else diff
 
 
+def _already_rebuilt(out: Path, diff: str, quiet: bool):
+    """A rerun of a finished ``apply`` (same command): if ``out`` already holds every file of the
+    diff's model with its size, hash them all; the ModelReport when every one matches, else None
+    (and apply then refuses the non-empty folder as usual). The base is not even resolved."""
+    from ..errors import VerificationError
+    from ..format import load_manifest
+    from ..hub.resolve import resolve_diff
+    from ..verify import verify_model
+
+    try:
+        if out.is_symlink() or not out.is_dir() or not any(out.iterdir()):
+            return None
+    except OSError:
+        return None
+    progress = False if quiet else None
+    manifest = load_manifest(resolve_diff(diff, progress=progress))
+    for f in manifest.files:
+        p = out / f.path
+        if p.is_symlink() or not p.is_file() or p.stat().st_size != f.size:
+            return None
+    try:
+        return verify_model(out, manifest, progress=progress)
+    except VerificationError:
+        return None
+
+
 def _catalog_base_name(spec: str) -> str | None:
     """The catalog name ``spec`` is, if it is one (recorded so users can type it back)."""
     from ..hub.catalog import lookup
@@ -156,6 +182,12 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
 
         click.echo(apply_legacy(fmt, base, diff, out, force=force, threads=threads,
                                 progress=False if quiet else None).summary())
+        return
+    if not force and (done := _already_rebuilt(Path(out), _diff_arg(diff), quiet)) is not None:
+        click.echo(f"{out} already holds this model: {len(done.ok)} files byte-identical to the publisher's "
+                   "(checked now); nothing to do")
+        for extra in done.extra:
+            click.echo(f"note: {shown(extra)} is not part of the diff's model (left alone)", err=True)
         return
     diff_dir, base_dir = _resolve(_diff_arg(diff), base, quiet)
     r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None)

@@ -63,14 +63,15 @@ def open_target(path: str | os.PathLike) -> tuple[ModelReader, list[str]]:
                          "bytes (a large diff); remove one form from the folder to make it small")
     else:
         from .pickled import _bin_files, _torch  # noqa: PLC0415 - .bin targets need torch (make only)
-        from .torchzip import TorchZipModel
+        from .torchzip import TorchZipModel, is_torch_zip
 
         try:
             files = _bin_files(p)
         except InputNotFoundError:
             raise InputNotFoundError(f"{p}: no model weights found (expected *.safetensors, pytorch_model.bin or "
                                      "pytorch_model.bin.index.json with its shards)") from None
-        _torch()
+        if any(is_torch_zip(f) for f in files):
+            _torch()  # naming storages reads the pickle (weights_only); a non-zip file travels whole without it
         model = TorchZipModel(p, files, {})
         weights = set(files)
     try:
