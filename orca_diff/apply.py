@@ -301,8 +301,9 @@ def finished_files(staging: Path) -> dict[str, list[int]]:
 
 
 def _partial_path(staging: Path, rel: str) -> Path:
-    """Where ``rel`` is written before it is complete: a hidden name, which no target file can
-    have (manifest paths never start with a dot), so it can never clobber a finished file."""
+    """Where ``rel`` is written before it is complete: a hidden name that no target file can have
+    (the manifest path rule reserves every ``.<name>.incomplete`` form, hashed ones included:
+    ``format.path_problem``), so it can never clobber a finished file."""
     final = staging / rel
     return final.with_name(hidden_sibling_name(final.name, INCOMPLETE, 255))
 

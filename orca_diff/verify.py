@@ -180,6 +180,7 @@ def verify_diff(diff: str | os.PathLike, progress: bool | None = None) -> Manife
 def _locate_bad_chunk(diff_dir: Path, manifest: Manifest, payload: str) -> str:
     owners = [(f"tensor {t.name!r}", c) for t in manifest.tensors.values() for c in t.chunks]
     owners += [(f"file {f.path!r}", c) for f in manifest.files for c in f.chunks]
+    owners += [(f"file {f.path!r}", c) for f in manifest.files for s in f.segments for c in s.chunks]
     fd = os.open(diff_dir / payload, os.O_RDONLY)
     try:
         for owner, c in sorted((o for o in owners if o[1].payload == payload), key=lambda o: o[1].offset):

@@ -79,6 +79,7 @@ def test_make_of_a_real_pair_warns_of_nothing_but_the_unidentified_base(make_pai
     ["info", "--diff", "{missing}"],
     ["fingerprint", "{missing}"],
     ["push", "{missing}", "--repo", "org/name"],
+    ["train", "--data", "{tmp}/x.jsonl", "--model", "{base}", "--out", "{tmp}/run", "--make-diff-against", "{missing}"],
 ])
 def test_a_missing_path_is_exit_code_3_everywhere(pair_and_diff, tmp_path, args):
     base, target, diff = pair_and_diff

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..errors import UsageError
+from ..errors import InputNotFoundError, UsageError
 
 STAGE_FLAGS = ("epochs", "max_steps", "lr", "warmup_steps")
 
@@ -62,7 +62,7 @@ STAGE_FLAGS = ("epochs", "max_steps", "lr", "warmup_steps")
 @click.option("--eval-only", is_flag=True, default=False,
               help="Only measure --model on --eval (no training); with --out, also write OUT/metrics.json.")
 @click.option("--seed", type=int, default=None, help="Data order and new embedding rows [0].")
-@click.option("--make-diff-against", "make_diff_against", default=None, type=click.Path(exists=True, file_okay=False),
+@click.option("--make-diff-against", "make_diff_against", default=None, type=click.Path(file_okay=False),
               help="After training, run `orca-diff make` with this base folder.")
 @click.option("--diff-out", default=None, type=click.Path(), help="Where --make-diff-against writes [OUT/diff].")
 @click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bars or messages.")
@@ -99,6 +99,9 @@ def train(config_file: str | None, data: tuple[str, ...], **flags: Any) -> None:
     if eval_only:
         _eval_only(config_file, data, flags)
         return
+    against = flags.get("make_diff_against")
+    if against is not None and not Path(against).is_dir():  # exit 3 like every missing input, not click's 2
+        raise InputNotFoundError(f"--make-diff-against {against}: no such base folder")
     stage_flags = {k: flags.pop(k) for k in STAGE_FLAGS}
     settings = {k: v for k, v in flags.items() if v is not None}
     stages = None
