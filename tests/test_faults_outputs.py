@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-import orca_diff.legacy as legacy_mod
+import orca_diff.legacy.common as legacy_mod
 from faultkit import Kit, expect_refusal, expect_safe, kit, ledger, previous_output, run_cli, tree_snapshot  # noqa: F401
 from orca_diff.apply import apply_diff
 from orca_diff.containers import open_model

@@ -88,7 +88,7 @@ def release(tmp_path: Path):
 def with_entry(monkeypatch, diff: Path, legacy: dict) -> None:
     """Make ``diff`` resolve with a catalog entry carrying ``legacy`` (the integrity data)."""
     entry = {"repo": "tatsu-lab/tiny-alpaca-wdiff", "format": "alpaca", "legacy": legacy}
-    monkeypatch.setattr("orca_diff.legacy.resolve_legacy_diff", lambda spec, fmt, progress: (diff, entry))
+    monkeypatch.setattr("orca_diff.legacy.run.resolve_legacy_diff", lambda spec, fmt, progress: (diff, entry))
 
 
 def tensors_of(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:

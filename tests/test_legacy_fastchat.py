@@ -220,7 +220,7 @@ def test_a_same_shape_wrong_base_is_refused_when_the_catalog_knows_the_base(pair
         "repo": "lmsys/tiny-vicuna-delta", "format": "fastchat", "base": "tiny-llama",
         "legacy": {"base_fingerprint": effective_base_fingerprint(open_model(base), names)}}}}))
     monkeypatch.setenv("ORCA_DIFF_CATALOG", str(catalog))
-    monkeypatch.setattr("orca_diff.legacy.resolve_legacy_diff", lambda spec, fmt, progress: (delta, json.loads(
+    monkeypatch.setattr("orca_diff.legacy.run.resolve_legacy_diff", lambda spec, fmt, progress: (delta, json.loads(
         catalog.read_text())["diffs"]["tiny-vicuna"]))
     with pytest.raises(BaseMismatchError, match="nothing was written"):
         apply_legacy("auto", str(other), "tiny-vicuna", tmp_path / "out", progress=False)

@@ -34,7 +34,7 @@ from ..bits import cast_bits
 from ..errors import BaseMismatchError, VerificationError, require_extra
 from ..progress import byte_bar
 from ..containers import DTYPE_SIZES, ModelReader, TensorInfo, open_model
-from . import LegacyReport, SafetensorsWriter, adds_pad_row, require_floats, copy_model_files, model_fingerprint, state_dict_order, verify_written
+from .common import LegacyReport, SafetensorsWriter, adds_pad_row, require_floats, copy_model_files, model_fingerprint, state_dict_order, verify_written
 
 COMPUTE_DTYPE = "F32"
 DEFAULT_ATOL = 1e-2

@@ -33,7 +33,7 @@ from ..errors import BaseMismatchError, FormatError, VerificationError
 from ..pipeline import default_threads, ordered_map
 from ..progress import byte_bar
 from ..containers import DTYPE_SIZES, ModelReader, TensorInfo, open_model, read_range
-from . import (CHUNK_ELEMENTS, PAD_ROW_TENSORS, adds_pad_row, require_floats, LegacyReport, SafetensorsWriter, copy_model_files, model_fingerprint,
+from .common import (CHUNK_ELEMENTS, PAD_ROW_TENSORS, adds_pad_row, require_floats, LegacyReport, SafetensorsWriter, copy_model_files, model_fingerprint,
                state_dict_order, verify_written)
 
 COMPUTE_DTYPE = "F16"

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import BaseMismatchError, FormatError, InputNotFoundError, OrcaDiffError, VerificationError
 from ..progress import byte_bar
-from . import LegacyReport, SafetensorsWriter, state_dict_order
+from .common import LegacyReport, SafetensorsWriter, state_dict_order
 
 BLOCK_BYTES = 16 << 20
 COPIED_FIRST = "added_tokens.json"

@@ -1,0 +1,178 @@
+"""Running a legacy release: ``apply --format X`` (rebuild exactly as the original tool did, with
+orca-diff's checks) and ``convert`` (re-publish it as an orca-diff diff)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputNotFoundError, InterruptedError_, OrcaDiffError, UsageError
+from ..outdir import (OutputSession, check_output, create_staging, describe_os_error, hidden_sibling_name, name_max,
+                      output_session, remove_path)
+from .common import FORMATS, ConvertReport, LegacyReport
+from .sources import detect_format, resolve_base_for, resolve_legacy_diff
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _module(fmt: str):
+    if fmt == "fastchat":
+        from . import fastchat as m
+    elif fmt == "alpaca":
+        from . import alpaca as m
+    elif fmt == "oa-xor":
+        from . import oa_xor as m
+    else:
+        raise UsageError(f"unknown legacy format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return m
+
+
+def _settle_format(fmt: str | None, spec: str) -> tuple[str, Any]:
+    if fmt in ("auto", None):
+        fmt = detect_format(spec) or ""
+        if not fmt:
+            raise UsageError(f"{spec}: cannot tell which legacy format this is; pass --format fastchat|alpaca|oa-xor")
+    return fmt, _module(fmt)
+
+
+def _resolve_inputs(session: OutputSession, fmt: str, spec: str, base: str | None,
+                    progress: bool | None) -> tuple[Path, dict[str, Any] | None, Path]:
+    """Resolve (and download) the release and its base, then check the output against the
+    resolved folders too (a catalog name or repo id only becomes a path here)."""
+    diff_dir, entry = resolve_legacy_diff(spec, fmt, progress=progress)
+    base_dir = resolve_base_for(base, entry, progress=progress)
+    check_output(session.out, session.force, (diff_dir, base_dir))
+    return diff_dir, entry, base_dir
+
+
+def _os_error(exc: OSError, out: Path, work: Path, hint: str) -> OrcaDiffError:
+    """An OSError of a legacy rebuild as one line: a file of the output side (the staging or
+    work folder, ``out``) is an output problem; any other named file is an input that cannot be
+    read; an error with no file name comes from a write."""
+    name = Path(str(exc.filename)) if exc.filename else None
+    if name is not None:
+        resolved = name.resolve() if name.is_absolute() else (Path.cwd() / name).resolve()
+        ours = [p.resolve() for p in (work, out)]
+        if not any(resolved == p or resolved.is_relative_to(p) for p in ours) and resolved.parent != out.parent.resolve():
+            return InputNotFoundError(f"{name}: cannot read ({exc.strerror}); check the release and base folders")
+    return describe_os_error(exc, name or work, hint)
+
+
+def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, *, force: bool = False,
+                 threads: int | None = None, progress: bool | None = None,
+                 check_integrity: bool = True) -> LegacyReport:
+    """Rebuild the model of a legacy release from ``base`` into ``out``, exactly as the release's
+    own script would have (see docs/legacy.md), then verify it. ``out`` appears only when done.
+
+    ``fmt`` is "fastchat", "alpaca" or "oa-xor" (``auto`` uses the catalog or detection).
+    ``base`` and ``diff`` are local folders, catalog names or Hub repo ids. The output discipline
+    is the main path's (:func:`orca_diff.outdir.output_session`): checked before anything is
+    read, locked against a concurrent run, staged, published whole; an OSError is one line.
+    """
+    t0 = time.perf_counter()
+    fmt, module = _settle_format(fmt, diff)
+    out = Path(out)
+    with output_session(out, force, (diff, base)) as session:
+        diff_dir, entry, base_dir = _resolve_inputs(session, fmt, diff, base, progress)
+        staging = session.staging
+        hint = "free space or fix the output, and run the command again"
+        try:
+            staging = create_staging(out)
+            report = module.rebuild(base_dir, diff_dir, staging, entry=entry or {}, threads=threads,
+                                    progress=progress, check_integrity=check_integrity)
+            files = [p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if not p.is_dir()]
+            session.publish(files)
+        except OSError as exc:
+            _discard(staging)
+            raise _os_error(exc, out, staging, hint) from None
+        except KeyboardInterrupt:
+            _discard(staging)
+            raise InterruptedError_("interrupted; nothing was kept (a legacy rebuild does not resume): run the "
+                                    "command again") from None
+        except BaseException:
+            _discard(staging)
+            raise
+    report.out = out
+    report.format = fmt
+    report.seconds = time.perf_counter() - t0
+    report.notes += session.notes
+    return report
+
+
+def _discard(folder: Path) -> None:
+    try:
+        remove_path(folder)
+    except OSError:
+        pass
+
+
+def legacy_payload_bytes(diff_dir: Path) -> int:
+    """Size of a legacy release as downloaded: every file of its folder (weights, config,
+    tokenizer), excluding the model card and git metadata."""
+    return sum(p.stat().st_size for p in diff_dir.iterdir()
+               if p.is_file() and p.name not in ("README.md", ".gitattributes"))
+
+
+def convert_legacy(fmt: str, legacy: str, base: str | None, out: str | os.PathLike, *, force: bool = False,
+                   threads: int | None = None, progress: bool | None = None, level: int | None = None,
+                   base_name: str | None = None, base_repo: str | None = None,
+                   base_revision: str | None = None) -> ConvertReport:
+    """Re-publish a legacy release as an orca-diff diff against ``base``.
+
+    The legacy target is rebuilt (streaming, as ``apply --format`` does) into a hidden staging
+    folder beside ``out`` as safetensors, ``make_diff(base, staging, out)`` encodes it, the
+    staging files are checked against the new manifest (so the diff provably rebuilds these
+    bytes), and the staging folder is deleted. Disk: one copy of the model, temporarily. The
+    output lock is held throughout (make, called inside, takes the same lock re-entrantly).
+    """
+    t0 = time.perf_counter()
+    fmt, module = _settle_format(fmt, legacy)
+    out = Path(out)
+    with output_session(out, force, (legacy, base)) as session:
+        diff_dir, entry, base_dir = _resolve_inputs(session, fmt, legacy, base, progress)
+        target = out.parent / hidden_sibling_name(out.name, ".legacy-target", name_max(out.parent))
+        try:
+            return _convert(fmt, module, out, diff_dir, entry, base_dir, base, target, force=force, threads=threads,
+                            progress=progress, level=level, base_name=base_name, base_repo=base_repo,
+                            base_revision=base_revision, t0=t0, notes=list(session.notes))
+        except OSError as exc:
+            raise _os_error(exc, out, target, "free space or fix the output, and run the command again") from None
+        except KeyboardInterrupt:
+            raise InterruptedError_("interrupted; nothing was kept (convert does not resume): run the command "
+                                    "again") from None
+        finally:
+            _discard(target)
+
+
+def _convert(fmt: str, module: Any, out: Path, diff_dir: Path, entry: dict[str, Any] | None, base_dir: Path,
+             base: str | None, target: Path, *, force: bool, threads: int | None, progress: bool | None,
+             level: int | None, base_name: str | None, base_repo: str | None, base_revision: str | None,
+             t0: float, notes: list[str]) -> ConvertReport:
+    from ..codec import DEFAULT_LEVEL
+    from ..make import make_diff
+    from ..verify import verify_model
+
+    if entry:
+        from ..hub.catalog import lookup
+
+        b = lookup(entry.get("base") or "", "base") if entry.get("base") else None
+        base_name = base_name or entry.get("base")
+        if b is not None and base is None:
+            base_repo, base_revision = base_repo or b.repo, base_revision or b.revision
+    remove_path(target)  # our own work folder (we hold the output's lock), links not followed
+    target.mkdir()
+    report = module.rebuild(base_dir, diff_dir, target, entry=entry or {}, threads=threads,
+                            progress=progress, check_integrity=True)
+    notes += report.notes
+    if fmt == "oa-xor":
+        notes.append(module.resave_as_safetensors(target))
+    manifest = make_diff(base_dir, target, out, base_name=base_name or Path(base_dir).name, base_repo=base_repo,
+                         base_revision=base_revision, level=level or DEFAULT_LEVEL, threads=threads,
+                         progress=progress, force=force)
+    verify_model(target, manifest, progress=progress)
+    return ConvertReport(out, fmt, legacy_payload_bytes(diff_dir), manifest.payload_bytes, manifest.target_bytes,
+                         time.perf_counter() - t0, manifest.base.fingerprint, manifest.target_fingerprint, notes)
+
+

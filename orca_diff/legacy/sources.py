@@ -1,0 +1,108 @@
+"""Where a legacy release and its base come from: the catalog, format detection, downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputNotFoundError, UsageError
+from .common import FORMATS
+
+# --------------------------------------------------------------------------- catalog
+
+
+def catalog_legacy(name: str) -> dict[str, Any] | None:
+    """The raw catalog entry of a legacy release called ``name`` (``diffs`` entries that carry a
+    ``format`` other than orca-diff), later catalog files overriding earlier ones; else None.
+
+    Read from the catalog files directly: the ``format`` and ``legacy`` keys are specific to
+    these releases (docs/legacy.md), and the shared CatalogEntry does not carry them.
+    """
+    from ..hub.catalog import catalog_files
+
+    found: dict[str, Any] | None = None
+    for path in catalog_files():
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # the catalog module reports unreadable files itself
+        diffs = doc.get("diffs") if isinstance(doc, dict) else None
+        if not isinstance(diffs, dict):
+            continue
+        for key, entry in diffs.items():
+            if key.lower() == name.lower() and isinstance(entry, dict):
+                found = entry if entry.get("format") in FORMATS else None
+    return found
+
+
+def detect_format(spec: str) -> str | None:
+    """The legacy format ``spec`` stands for, where that is unambiguous: a catalog entry with a
+    legacy ``format``, or a local folder holding an OpenAssistant XOR payload (its config.json
+    is not JSON but XOR noise). FastChat and Alpaca folders look alike (both are HF model
+    folders of differences), so they need ``--format``. None: not a legacy release we know."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if (path / "orca-diff.json").is_file():
+            return None
+        from .oa_xor import looks_like_xor_payload
+
+        return "oa-xor" if looks_like_xor_payload(path) else None
+    entry = catalog_legacy(spec)
+    return entry["format"] if entry else None
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_legacy_diff(spec: str, fmt: str, *, progress: bool | None) -> tuple[Path, dict[str, Any] | None]:
+    """The local folder of a legacy release (a path, a catalog name or a Hub repo id) and its
+    catalog entry when it has one. Hub downloads go through :mod:`orca_diff.hub` (cached)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if fmt == "oa-xor":
+            from .oa_xor import payload_folder
+
+            path = payload_folder(path)  # a clone of the Hub repo keeps the files in a subfolder
+        return path, None
+    entry = catalog_legacy(spec)
+    if entry is not None and entry.get("format") != fmt:
+        raise UsageError(f"catalog diff {spec!r} is a {entry['format']} release, not {fmt}; "
+                         f"use --format {entry['format']} (or leave --format out)")
+    from ..hub.catalog import is_repo_id
+    from ..hub import RepoRef, parse_repo_spec
+
+    if entry is not None:
+        ref = RepoRef(entry["repo"], entry.get("revision") or None)
+    else:
+        ref = parse_repo_spec(spec)
+        if not is_repo_id(ref.repo_id):
+            raise InputNotFoundError(f"{spec}: not a local folder, a catalog name or a Hub repo id org/name")
+    return _download_release(ref, fmt, progress), entry
+
+
+def _download_release(ref: Any, fmt: str, progress: bool | None) -> Path:
+    from ..hub.transfer import _progress, download_base, hub_errors
+
+    if fmt in ("fastchat", "alpaca"):
+        return download_base(ref, progress=progress)  # an HF model folder: weights, config, tokenizer
+    import huggingface_hub
+
+    with _progress(progress), hub_errors(ref, "XOR release"):
+        root = Path(huggingface_hub.snapshot_download(ref.repo_id, revision=ref.revision))
+    from .oa_xor import payload_folder
+
+    return payload_folder(root)
+
+
+def resolve_base_for(base: str | None, entry: dict[str, Any] | None, *, progress: bool | None) -> Path:
+    """``--base`` as given, or the base the catalog entry names."""
+    from ..hub.resolve import resolve_base_spec
+
+    if base is None:
+        if entry is None or not entry.get("base"):
+            raise UsageError("pass --base: the legacy release does not name its base")
+        base = entry["base"]
+    return resolve_base_spec(base, progress=progress)
+
+
