@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-import shutil
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
