@@ -123,8 +123,11 @@ def _already_rebuilt(out: Path, diff: str, quiet: bool):
         p = out / f.path
         if p.is_symlink() or not p.is_file() or p.stat().st_size != f.size:
             return None
-    try:
-        return verify_model(out, manifest, progress=progress)
+    from ..outdir import OutputLock
+
+    try:  # under the output's lock: no other run may be replacing the folder while it is checked
+        with OutputLock(out):
+            return verify_model(out, manifest, progress=progress)
     except VerificationError:
         return None
 
@@ -185,7 +188,7 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
         return
     if not force and (done := _already_rebuilt(Path(out), _diff_arg(diff), quiet)) is not None:
         click.echo(f"{out} already holds this model: {len(done.ok)} files byte-identical to the publisher's "
-                   "(checked now); nothing to do")
+                   f"(checked now; model fingerprint {done.fingerprint}, measured); nothing to do")
         for extra in done.extra:
             click.echo(f"note: {shown(extra)} is not part of the diff's model (left alone)", err=True)
         return
