@@ -1,3 +1,3 @@
 """orca-diff: publish fine-tuned LLaMA-family models as exact weight diffs, and rebuild them bit-exactly."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
