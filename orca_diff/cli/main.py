@@ -62,7 +62,7 @@ threads_option = click.option("--threads", type=click.IntRange(1, 512), default=
               "repo --base came from, when it is a Hub id, a catalog name or an HF cache folder).")
 @click.option("--base-revision", default=None, help="Hub revision (commit sha) of the base (default: the resolved "
               "commit of --base).")
-@click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level (default 1: tuned fast parameters; 4 and above use zstd's own, slow to encode).")
+@click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level of the chunks stored as zstd frames (small tensors, raw rows, other files; float deltas use the `ans` coder). Default 1: tuned fast parameters; 4 and above use zstd's own, slow to encode.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
 @quiet_option
