@@ -636,6 +636,8 @@ def _segments(v: object, path: str, size: int, key: str, tensors: dict[str, Tens
                 raise FormatError(f"manifest: {w}: data is not valid base64") from None
             if len(data) != n:
                 raise FormatError(f"manifest: {w}: data holds {len(data)} bytes, the segment {n}")
+            if n > MAX_INLINE_BYTES:
+                raise FormatError(f"manifest: {w}: {n} bytes of inline data, more than the {MAX_INLINE_BYTES} allowed")
             out.append(Segment(cursor, n, data=data))
         else:
             chunks = tuple(_chunks(d["chunks"], w, n, key))

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError, InputNotFoundError
-from .base import DTYPE_SIZES, TensorInfo, read_exact
+from .base import DTYPE_SIZES, TensorInfo, open_regular, read_exact
 
 _EOCD = 0x06054B50
 _EOCD64 = 0x06064B50
@@ -58,10 +58,13 @@ class ZipRecord:
 
 def is_torch_zip(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
+        fd = open_regular(path, "checkpoint")  # a FIFO or device is refused, never blocked on
     except OSError:
         return False
+    try:
+        return os.pread(fd, 4, 0) == b"PK\x03\x04"
+    finally:
+        os.close(fd)
 
 
 def read_zip_records(path: Path) -> list[ZipRecord]:
@@ -69,7 +72,7 @@ def read_zip_records(path: Path) -> list[ZipRecord]:
     encrypted members, overlapping members and anything that does not fit the file."""
     try:
         size = path.stat().st_size
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path, "checkpoint")
     except OSError as exc:
         raise InputNotFoundError(f"{path}: cannot read ({exc.strerror})") from None
     try:
@@ -112,6 +115,7 @@ def _records(fd: int, size: int, where: str) -> list[ZipRecord]:
         raise FormatError(f"{bad} (central directory outside the file)")
     cd = _pread(fd, cd_offset, cd_size, where)
     records: list[ZipRecord] = []
+    names: set[str] = set()
     p = 0
     for _ in range(n_total):
         if p + 46 > len(cd):
@@ -137,6 +141,9 @@ def _records(fd: int, size: int, where: str) -> list[ZipRecord]:
         data_offset = lho + 30 + lnlen + lxlen
         if data_offset + usize > size:
             raise FormatError(f"{bad} (member {name!r} runs past the end of the file)")
+        if name in names:  # two members of one name: zip readers disagree on which is meant (torch never writes it)
+            raise FormatError(f"{bad} (member {name!r} appears twice)")
+        names.add(name)
         records.append(ZipRecord(name, lho, data_offset, usize))
     records.sort(key=lambda r: r.header_offset)
     end = 0
@@ -329,7 +336,7 @@ class TorchZipModel:
         buf = np.empty(length, dtype=np.uint8)
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            fd = self._fds[file] = open_regular(file, "checkpoint")
         read_exact(fd, buf, offset, str(file))
         return buf
 
