@@ -53,9 +53,12 @@ LAYOUTS = ("planes", "escape", "bytes")
 CODECS = ("zstd", "ans")
 ESCAPE = 255
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-#: Chunks up to this many raw bytes are also compressed with zstd and the smaller frame kept
-#: (for larger ones the ANS frame is smaller unless it is tiny: see ``_ans_or_zstd``).
-ANS_TRY_ZSTD_BYTES = 1 << 20
+#: Chunks under this many raw bytes are also compressed with zstd and the smaller frame kept;
+#: larger ones only when their ANS frame is under 1/ANS_TRY_ZSTD_RATIO of the chunk (see
+#: ``_ans_or_zstd``).
+ANS_TRY_ZSTD_BYTES = 64 << 10
+#: An ANS frame under 1/this of its chunk (constant or near-constant data) is also tried as zstd.
+ANS_TRY_ZSTD_RATIO = 64
 #: Chunks under this many bytes are not worth an ANS frame (its tables cost about as much as the
 #: context saves): zstd only.
 ANS_MIN_BYTES = 8 << 10
@@ -223,13 +226,16 @@ def encode_chunk(target: np.ndarray, base: np.ndarray | None, itemsize: int, tra
 def _ans_or_zstd(target: np.ndarray, pred: np.ndarray, itemsize: int, layout: str, level: int,
                  dtype: str | None) -> bytes:
     """The ANS frame, or the zstd frame when that is smaller: zstd alone under ANS_MIN_BYTES;
-    both tried for chunks up to ANS_TRY_ZSTD_BYTES and for ANS frames under 1/64 of the chunk
+    both tried for chunks under ANS_TRY_ZSTD_BYTES and for ANS frames under 1/64 of the chunk
     (constant or near-constant data, where zstd's matches win); elsewhere the ANS frame is
-    smaller by construction."""
+    smaller in practice, and the zstd trial is skipped. On the real MiniLM (bf16/fp16/fp32) and
+    SmolLM2 (bf16/fp16) pairs zstd won only on chunks whose ANS frame was under 0.7 % of the
+    chunk, and lost by 0.3-60 % on every chunk above 1/64 (docs/performance.md §0), so this picks
+    the same frames as always trying zstd there."""
     if target.size < ANS_MIN_BYTES:
         return encode_chunk(target, pred, itemsize, "ulp", layout, level)
     frame = entropy.encode(target, pred, itemsize, dtype)
-    if target.size <= ANS_TRY_ZSTD_BYTES or len(frame) * 64 < target.size:
+    if target.size < ANS_TRY_ZSTD_BYTES or len(frame) * ANS_TRY_ZSTD_RATIO < target.size:
         z = encode_chunk(target, pred, itemsize, "ulp", layout, level)
         if len(z) <= len(frame):
             return z
