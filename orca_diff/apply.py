@@ -328,7 +328,7 @@ def _prune(staging: Path, manifest: Manifest) -> None:
                 dirs.remove(d)
 
 
-def _open_new(staging: Path, rel: str) -> StagedFile:
+def _open_new(staging: Path, rel: str, hash_pool: ThreadPoolExecutor | None = None) -> StagedFile:
     """Create ``staging/.rel.incomplete`` for writing, never following a symlink."""
     parent = staging
     for part in rel.split("/")[:-1]:
@@ -336,7 +336,7 @@ def _open_new(staging: Path, rel: str) -> StagedFile:
         if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
             raise OutputError(f"{parent}: unexpected non-folder in the output; remove it and rerun")
         parent.mkdir(exist_ok=True)
-    return StagedFile(parent, rel.split("/")[-1], temp=_partial_path(staging, rel))
+    return StagedFile(parent, rel.split("/")[-1], temp=_partial_path(staging, rel), hash_pool=hash_pool)
 
 
 def _finished(staging: Path, state: _State, f: FileEntry, manifest: Manifest) -> dict[str, str] | None:
@@ -444,6 +444,8 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
         raise describe_os_error(exc, state.path, resume_hint) from None
     payloads = _Payloads(diff_dir, manifest.digest_algo)
     hashes = _TensorHashes(manifest.digest_algo)
+    # files' sha256 on a thread of their own: the consumer then only writes (and BLAKE3 has its own)
+    file_hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orca-diff-sha256") if threads > 1 else None
     sf: StagedFile | None = None
     path = staging
     written = 0
@@ -454,7 +456,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
                 f = job.file
                 if job.first:
                     path = _partial_path(staging, f.path)
-                    sf = _open_new(staging, f.path)
+                    sf = _open_new(staging, f.path, file_hash_pool)
                 assert sf is not None
                 if job.tensor is not None:
                     hashes.update(job.tensor, data)
@@ -473,7 +475,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
                             "the base changed while applying, or the manifest contradicts itself); rerun")
                     measured[name] = found  # type: ignore[index]
                 if job.last:
-                    if sf.sha256.hexdigest() != f.sha256:
+                    if sf.hexdigest() != f.sha256:
                         sf.close()
                         raise VerificationError(f"{path}: {describe_file_mismatch(path, f, manifest)} after rebuilding; "
                                                 "the diff or base changed while applying; rerun")
@@ -486,6 +488,8 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
     finally:
         if sf is not None:
             sf.close()
+        if file_hash_pool is not None:
+            file_hash_pool.shutdown(wait=True, cancel_futures=True)
         hashes.close()
         payloads.close()
         state.close()

@@ -278,14 +278,26 @@ def decode_chunk(payload: bytes | memoryview | np.ndarray, base: np.ndarray | No
     return inverse(sym, base, itemsize, transform)
 
 
+def _layout_sizes(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,
+                  level: int) -> dict[str, int]:
+    """{layout: zstd frame bytes of the sample} for the layouts the data has a choice of."""
+    if transform != "ulp" or itemsize != 2:
+        lay = "planes" if itemsize > 1 else "bytes"
+        return {lay: -1}
+    return {lay: len(encode_chunk(target, base, itemsize, transform, lay, level)) for lay in ("planes", "escape")}
+
+
+def _smallest_layout(sizes: dict[str, int]) -> str:
+    if "escape" in sizes and sizes["escape"] < sizes["planes"]:
+        return "escape"
+    return next(iter(sizes))
+
+
 def choose_layout(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,
                   level: int = DEFAULT_LEVEL) -> str:
     """The layout that compresses a sample chunk smallest (the per-tensor choice make stores in
     the manifest). Only ulp deltas of 16-bit floats have a choice; ties keep planes."""
-    if transform != "ulp" or itemsize != 2:
-        return "planes" if itemsize > 1 else "bytes"
-    sizes = {lay: len(encode_chunk(target, base, itemsize, transform, lay, level)) for lay in ("planes", "escape")}
-    return "escape" if sizes["escape"] < sizes["planes"] else "planes"
+    return _smallest_layout(_layout_sizes(target, base, itemsize, transform, level))
 
 
 def choose_encoding(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,
@@ -294,9 +306,11 @@ def choose_encoding(target: np.ndarray, base: np.ndarray | None, itemsize: int, 
     :func:`choose_layout`, then ``ans`` for float ulp deltas when its frame is smaller (with that
     layout kept for the chunks that fall back to zstd). ``ORCA_DIFF_CODEC=zstd`` keeps zstd (the
     format-version-1 encoding; for comparisons)."""
-    layout = choose_layout(target, base, itemsize, transform, level)
+    sizes = _layout_sizes(target, base, itemsize, transform, level)
+    layout = _smallest_layout(sizes)
     if transform != "ulp" or itemsize not in (2, 4, 8) or not target.size or os.environ.get("ORCA_DIFF_CODEC") == "zstd":
         return layout, "zstd"
-    z = len(encode_chunk(target, base, itemsize, transform, layout, level))
+    # the chosen layout's sample frame was compressed once already (16-bit); 4/8-byte have one layout
+    z = sizes[layout] if sizes[layout] >= 0 else len(encode_chunk(target, base, itemsize, transform, layout, level))
     a = len(entropy.encode(target, base, itemsize, dtype))  # type: ignore[arg-type]
     return layout, ("ans" if a < z else "zstd")

@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import os
 import struct
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -255,7 +256,8 @@ def _hf_blob_sha256(path: Path) -> str | None:
     return None
 
 
-def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | None, threads: int) -> dict[str, BaseFile]:
+def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | None, threads: int,
+                             stop: threading.Event | None = None) -> dict[str, BaseFile]:
     """{path relative to the base folder: size, sha256} of the base's weight files: from ``known``
     (the Hub's listing), from the HF cache's blob names, else hashed."""
     files = base_weight_files(base)
@@ -266,9 +268,40 @@ def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | Non
         size = p.stat().st_size
         if known and rel in known and known[rel].size == size:
             return rel, known[rel]
-        return rel, BaseFile(size, _hf_blob_sha256(p) or file_sha256(p))
+        return rel, BaseFile(size, _hf_blob_sha256(p) or file_sha256(p, stop=stop))
 
     return dict(ordered_map(one, files, threads))
+
+
+class _BaseFilesInBackground:
+    """record_base_weight_files on one daemon thread, started before encoding: the base's files
+    are hashed while the target is encoded instead of after it (on a one-file base that tail ran
+    on one core). ``result`` joins it; ``stop`` (on any failure of make) makes it give up within
+    one 16 MiB block, so Ctrl-C never waits for a base hash."""
+
+    def __init__(self, base: ModelReader, known: dict[str, BaseFile] | None):
+        self._stop = threading.Event()
+        self._out: dict[str, BaseFile] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(base, known), name="orca-diff-base-files",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, base: ModelReader, known: dict[str, BaseFile] | None) -> None:
+        try:
+            self._out = record_base_weight_files(base, known, 1, self._stop)
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+
+    def result(self) -> dict[str, BaseFile]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._out is not None
+        return self._out
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class _PayloadWriter:
@@ -387,6 +420,19 @@ def _make_into(base: ModelReader, target: ModelReader, folder: Path, base_name: 
                base_revision: str | None, level: int, chunk_bytes: int, threads: int, progress: bool | None,
                payload_file_bytes: int, notes: list[str], base_files_known: dict[str, BaseFile] | None) -> Manifest:
     algo = TENSOR_DIGEST_OF_VERSION[FORMAT_VERSION]  # tensor, chunk and base digests
+    base_files_job = _BaseFilesInBackground(base, base_files_known) if threads > 1 else None
+    try:
+        return _make_body(base, target, folder, base_name, base_repo, base_revision, level, chunk_bytes, threads,
+                          progress, payload_file_bytes, notes, base_files_known, algo, base_files_job)
+    finally:
+        if base_files_job is not None:
+            base_files_job.stop()  # a no-op once its result was taken
+
+
+def _make_body(base: ModelReader, target: ModelReader, folder: Path, base_name: str, base_repo: str | None,
+               base_revision: str | None, level: int, chunk_bytes: int, threads: int, progress: bool | None,
+               payload_file_bytes: int, notes: list[str], base_files_known: dict[str, BaseFile] | None, algo: str,
+               base_files_job: _BaseFilesInBackground | None) -> Manifest:
     plans = plan_all(target, base, level, threads)
     notes.extend(relatedness_notes(target, base, plans))
     plans = dict(zip(plans, ordered_map(lambda n: _with_layout(n, plans[n], target, base, level), list(plans), threads)))
@@ -530,7 +576,9 @@ def _make_into(base: ModelReader, target: ModelReader, folder: Path, base_name: 
 
     base_id = BaseIdentity(base_name, base_repo, base_revision,
                            base_fingerprint({n: (t.dtype, t.shape, t.digest) for n, t in base_tensors.items()}),
-                           base_tensors, base_files, record_base_weight_files(base, base_files_known, threads))
+                           base_tensors, base_files,
+                           base_files_job.result() if base_files_job is not None
+                           else record_base_weight_files(base, base_files_known, threads))
     target_fp = base_fingerprint({n: (t.dtype, t.shape, t.digest) for n, t in tensors.items()})
     dropped = sorted(set(base.tensors) - set(target.tensors))
     return Manifest(tool=f"orca-diff {__version__}", chunk_bytes=chunk_bytes, base=base_id,

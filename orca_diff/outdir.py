@@ -38,7 +38,10 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import OrcaDiffError, OutputError, shown
 
@@ -461,9 +464,12 @@ class StagedFile:
 
     ``write`` hashes (sha256) what it writes; ``commit`` fsyncs and renames the temporary to
     ``name`` only if the temporary name still designates the file this descriptor wrote: a file
-    someone else put there is never published."""
+    someone else put there is never published. With ``hash_pool`` (one worker thread) the sha256
+    of each write runs there while the caller writes the next bytes (hashlib releases the GIL):
+    the same bytes, hashed in the same order, one update in flight, off the writer's path."""
 
-    def __init__(self, folder: Path, name: str, temp: Path | None = None):
+    def __init__(self, folder: Path, name: str, temp: Path | None = None,
+                 hash_pool: "ThreadPoolExecutor | None" = None):
         self.final = folder / name
         self.temp = temp or folder / hidden_sibling_name(name, ".incomplete", name_max(folder))
         remove_path(self.temp)
@@ -471,16 +477,32 @@ class StagedFile:
                           | getattr(os, "O_CLOEXEC", 0), 0o644)
         st = os.fstat(self.fd)
         self._id = (st.st_dev, st.st_ino)
-        self.sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256()
+        self._pool = hash_pool
+        self._pending: "Future | None" = None
         self.size = 0
 
     def write(self, data: bytes | memoryview | object) -> None:
         view = memoryview(data).cast("B")  # type: ignore[arg-type]
-        self.sha256.update(view)
+        if self._pool is None:
+            self._sha256.update(view)
+        else:
+            self._wait()
+            self._pending = self._pool.submit(self._sha256.update, view)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
             self.size += n
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            p, self._pending = self._pending, None
+            p.result()
+
+    def hexdigest(self) -> str:
+        """sha256 of everything written so far."""
+        self._wait()
+        return self._sha256.hexdigest()
 
     def commit(self) -> os.stat_result:
         """fsync, check identity, rename into place; returns the final file's stat."""
@@ -497,6 +519,10 @@ class StagedFile:
         return st
 
     def close(self) -> None:
+        if self._pending is not None:  # never leave a hash running on a buffer past close
+            p, self._pending = self._pending, None
+            if not p.cancel():
+                p.exception()  # wait for it; its error, if any, no longer matters
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -16,6 +16,10 @@ One run, on the same pair(s):
 * time: make and apply (each in a fresh subprocess, best of ``--repeats``), next to a pure I/O
   baseline measured in the same run: read base and target, write the diff bytes, fsync (make);
   read base and diff, write the output bytes, fsync (apply). Ratios are printed;
+* whole pipelines side by side (where sizes are compared): orca-diff make/apply, ZipNN's delta
+  mode and ``zstd -3 --patch-from``, each in fresh processes, imports apart
+  (scripts/peer_pipelines.py), and the compute floor: the pure-I/O baseline plus the CPU work
+  make and apply cannot skip (coding, sha256 of files, BLAKE3 of tensors) spread over every core;
 * memory: peak RSS (VmHWM, read by each subprocess itself) of each subprocess;
 * at 1x, 4x and 16x size (layers and vocabulary scaled), to show linear time and flat memory.
 
@@ -55,6 +59,9 @@ from orca_diff.bits import UINT_FOR_SIZE, cast_bits, ulp_delta  # noqa: E402
 from orca_diff.codec import base_prediction  # noqa: E402
 from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama  # noqa: E402
 from orca_diff.containers import FLOAT_DTYPES, open_model, read_range  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer_pipelines  # noqa: E402
 
 BLOCK = 16 << 20
 EXP_FIELD = {"BF16": (7, 0xFF), "F16": (10, 0x1F), "F32": (23, 0xFF), "F64": (52, 0x7FF)}
@@ -548,7 +555,28 @@ def bench_pair(base_dir: Path, target_dir: Path, work: Path, repeats: int, compa
         t0 = time.perf_counter()
         res["fastchat_bytes"], res["fastchat_wrong"], res["fastchat_elems"] = fastchat_bytes(base_dir, target_dir)
         res["fastchat_s"] = time.perf_counter() - t0
+        res["pipelines"] = peer_pipelines.run(base_dir, target_dir, work / "pipelines", repeats)
+        res["hash_GBps"] = peer_pipelines.hash_speeds()
+        res["base_weight_bytes"] = sum(p.stat().st_size for p in weight_files(base_dir))
     return res
+
+
+def compute_floors(r: dict) -> dict | None:
+    """Lower bounds on make and apply time on this machine's cores: the pure-I/O baseline plus
+    the CPU work neither can skip, spread perfectly over every core (single-thread speeds from
+    this run). apply: ans decode of the target, sha256 of every rebuilt file, BLAKE3 of every
+    rebuilt tensor and of the base (its pre-check). make: ans encode of the target, sha256 of
+    the target's files and of the base's (the Hub pre-check record), BLAKE3 of both."""
+    c, h = r.get("codecs"), r.get("hash_GBps")
+    if not c or not h or not c["ans"].get("decode_MBps"):
+        return None
+    cores = len(os.sched_getaffinity(0))
+    t, b = r["target_weight_bytes"] / 1e9, r["base_weight_bytes"] / 1e9
+    dec, enc = c["ans"]["decode_MBps"] / 1e3, c["ans"]["encode_MBps"] / 1e3
+    apply_cpu = t / dec + t / h["sha256"] + (t + b) / h["blake3"]
+    make_cpu = t / enc + (t + b) / h["sha256"] + (t + b) / h["blake3"]
+    return {"cores": cores, "apply_cpu_s": apply_cpu, "make_cpu_s": make_cpu,
+            "apply_floor_s": r["apply_io_s"] + apply_cpu / cores, "make_floor_s": r["make_io_s"] + make_cpu / cores}
 
 
 def build_pair(work: Path, scale: int, dtype: str, shard_bytes: int) -> tuple[Path, Path]:
@@ -624,6 +652,15 @@ def print_report(results: list[dict]) -> None:
             print()
         if "codecs" in r:
             print_codecs(r)
+        if "pipelines" in r:
+            peer_pipelines.print_table(r["pipelines"], tb)
+        if (fl := compute_floors(r)) is not None:
+            r["floors"] = fl
+            print(f"   compute floor on {fl['cores']} cores (pure I/O + unavoidable CPU work / cores; sha256 "
+                  f"{r['hash_GBps']['sha256']:.2f} GB/s, BLAKE3 {r['hash_GBps']['blake3']:.2f} GB/s per core): "
+                  f"apply {fl['apply_floor_s']:.2f} s ({fl['apply_cpu_s']:.2f} CPU-s), measured {r['apply_s']:.2f} s = "
+                  f"{r['apply_s'] / fl['apply_floor_s']:.2f}x; make {fl['make_floor_s']:.2f} s ({fl['make_cpu_s']:.2f} "
+                  f"CPU-s), measured {r['make_s']:.2f} s = {r['make_s'] / fl['make_floor_s']:.2f}x")
         print(f"   layouts: {r['layouts']}")
     print("\n size | weights MB | diff %  | make s | make I/O s | make/IO | apply s | apply I/O s | apply/IO "
           "| make RSS MiB | apply RSS MiB | I/O RSS MiB")

@@ -12,7 +12,10 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import threading
 
 import numpy as np
 
@@ -168,12 +171,16 @@ def tensor_sha256(reader: "ModelReader", name: str, block: int = 16 << 20) -> st
     return tensor_digest(reader, name, "sha256", block)
 
 
-def file_sha256(path: Path, block: int = 16 << 20) -> str:
+def file_sha256(path: Path, block: int = 16 << 20, stop: "threading.Event | None" = None) -> str:
+    """sha256 of a file's bytes; with ``stop``, gives up (InterruptedError) once it is set, so a
+    background hash never outlives the command that started it by more than one block."""
     h = hashlib.sha256()
     buf = bytearray(block)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"{path}: hashing stopped")
             h.update(view[:n])
     return h.hexdigest()
 
