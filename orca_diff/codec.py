@@ -62,6 +62,8 @@ ANS_TRY_ZSTD_RATIO = 64
 #: Chunks under this many bytes are not worth an ANS frame (its tables cost about as much as the
 #: context saves): zstd only.
 ANS_MIN_BYTES = 8 << 10
+#: Bytes of a sample that choose the zstd layout of a tensor coded with ans (its fallback chunks).
+LAYOUT_FALLBACK_SAMPLE_BYTES = 64 << 10
 _local = threading.local()
 
 
@@ -302,15 +304,21 @@ def choose_layout(target: np.ndarray, base: np.ndarray | None, itemsize: int, tr
 
 def choose_encoding(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,
                     level: int = DEFAULT_LEVEL, dtype: str | None = None) -> tuple[str, str]:
-    """(layout, codec) that compress a sample chunk smallest: the zstd layout as
-    :func:`choose_layout`, then ``ans`` for float ulp deltas when its frame is smaller (with that
-    layout kept for the chunks that fall back to zstd). ``ORCA_DIFF_CODEC=zstd`` keeps zstd (the
-    format-version-1 encoding; for comparisons)."""
+    """(layout, codec) that compress a sample chunk smallest: ``ans`` for float ulp deltas when
+    its frame is smaller than the zstd frame of the best layout (:func:`choose_layout`), which
+    is kept for the chunks that fall back to zstd. A sample of at least ANS_TRY_ZSTD_BYTES whose
+    ANS frame is over 1/ANS_TRY_ZSTD_RATIO of it is ``ans`` without a zstd trial (the rule of
+    ``_ans_or_zstd``, where zstd never won); its layout then only serves fallback chunks (small
+    or near-constant ones) and is chosen on the sample's first LAYOUT_FALLBACK_SAMPLE_BYTES.
+    ``ORCA_DIFF_CODEC=zstd`` keeps zstd (the format-version-1 encoding; for comparisons)."""
+    if transform != "ulp" or itemsize not in (2, 4, 8) or not target.size or os.environ.get("ORCA_DIFF_CODEC") == "zstd":
+        return choose_layout(target, base, itemsize, transform, level), "zstd"
+    a = len(entropy.encode(target, base, itemsize, dtype))  # type: ignore[arg-type]
+    if target.size >= ANS_TRY_ZSTD_BYTES and a * ANS_TRY_ZSTD_RATIO >= target.size:
+        k = min(target.size, LAYOUT_FALLBACK_SAMPLE_BYTES) // itemsize * itemsize
+        return choose_layout(target[:k], None if base is None else base[:k], itemsize, transform, level), "ans"
     sizes = _layout_sizes(target, base, itemsize, transform, level)
     layout = _smallest_layout(sizes)
-    if transform != "ulp" or itemsize not in (2, 4, 8) or not target.size or os.environ.get("ORCA_DIFF_CODEC") == "zstd":
-        return layout, "zstd"
     # the chosen layout's sample frame was compressed once already (16-bit); 4/8-byte have one layout
     z = sizes[layout] if sizes[layout] >= 0 else len(encode_chunk(target, base, itemsize, transform, layout, level))
-    a = len(entropy.encode(target, base, itemsize, dtype))  # type: ignore[arg-type]
     return layout, ("ans" if a < z else "zstd")

@@ -505,7 +505,8 @@ def zipnn_delta(base_dir: Path, target_dir: Path) -> dict | None:
 # --------------------------------------------------------------------------- one size
 
 
-def bench_pair(base_dir: Path, target_dir: Path, work: Path, repeats: int, compare: bool) -> dict:
+def bench_pair(base_dir: Path, target_dir: Path, work: Path, repeats: int, compare: bool,
+               patch_from_19: bool = True) -> dict:
     diff_dir, out_dir, io_dir = work / "diff", work / "out", work / "io"
     target_weight_bytes = sum(p.stat().st_size for p in weight_files(target_dir))
     target_sizes = [p.stat().st_size for p in sorted(target_dir.rglob("*")) if p.is_file()]
@@ -550,7 +551,7 @@ def bench_pair(base_dir: Path, target_dir: Path, work: Path, repeats: int, compa
                    rel_change_max=float(np.max(fl.rel_changes)) if fl.rel_changes else None)
         res["codecs"] = codec_comparison(base_dir, target_dir)
         t0 = time.perf_counter()
-        res["patch_from_bytes"] = patch_from_bytes(base_dir, target_dir, work)
+        res["patch_from_bytes"] = patch_from_bytes(base_dir, target_dir, work) if patch_from_19 else None
         res["patch_from_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         res["fastchat_bytes"], res["fastchat_wrong"], res["fastchat_elems"] = fastchat_bytes(base_dir, target_dir)
@@ -692,6 +693,8 @@ def main() -> None:
                     "per-codec table and zstd --patch-from (not with --compare-sizes ''), on the first pair")
     ap.add_argument("--explore", action="store_true", help="only compare candidate encodings on each tensor's "
                     "first 16 MiB (sizes and single-thread speeds) at the first size")
+    ap.add_argument("--no-patch-from-19", action="store_true", help="skip the zstd -19 --patch-from size (about "
+                    "1 MB/s: 5 minutes on a 270 MB model); the -3 pipeline timing still runs")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
@@ -736,7 +739,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         print(f"[{time.strftime('%H:%M:%S')}] {label}: {b} -> {t} (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
-        r = bench_pair(b, t, work, args.repeats, compare)
+        r = bench_pair(b, t, work, args.repeats, compare, not args.no_patch_from_19)
         r["label"] = label
         r["dtype"] = args.dtype if label != "real" else None
         r["loadavg_end"] = os.getloadavg()

@@ -297,6 +297,29 @@ def test_ans_chunks_are_smaller_than_zstd_on_fine_tune_deltas(dtype):
     assert decode_chunk(a, b, w, "ulp", t.size, layout, codec="ans").tobytes() == t.tobytes()
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_the_tensor_choice_skips_the_zstd_trial_only_where_zstd_cannot_win(dtype, monkeypatch):
+    """A sample of 64 KiB or more whose ANS frame is over 1/64 of it is ans without compressing
+    it with zstd (the rule of the chunk-level fallback); a near-constant one is still tried."""
+    from orca_diff import codec
+
+    w = SIZE[dtype]
+    t, b = fine_tune((256 << 10) // w, dtype)
+    sampled = []
+    real = codec.encode_chunk
+    monkeypatch.setattr(codec, "encode_chunk", lambda tt, *a, **k: sampled.append(tt.size) or real(tt, *a, **k))
+    layout, chosen = choose_encoding(t, b, w, "ulp", dtype=dtype)
+    assert chosen == "ans" and max(sampled, default=0) <= codec.LAYOUT_FALLBACK_SAMPLE_BYTES
+    assert layout == codec.choose_layout(t[: codec.LAYOUT_FALLBACK_SAMPLE_BYTES], b[: codec.LAYOUT_FALLBACK_SAMPLE_BYTES],
+                                         w, "ulp")
+    full = len(real(t, b, w, "ulp", layout))
+    assert len(entropy.encode(t, b, w, dtype)) < full  # what trying zstd on the whole sample would have chosen
+    sampled.clear()
+    same = np.tile(b[: 64 * w], (256 << 10) // (64 * w))  # unchanged elements: ANS frame far under 1/64
+    assert choose_encoding(same, same, w, "ulp", dtype=dtype)[1] == "zstd"
+    assert max(sampled) == same.size
+
+
 def test_tiny_or_constant_chunks_fall_back_to_a_zstd_frame_in_the_tensor_layout():
     t, b = fine_tune(6, "BF16")
     a = encode_chunk(t, b, 2, "ulp", "escape", codec="ans", dtype="BF16")
