@@ -20,7 +20,6 @@ within ``MEMORY_BUDGET`` (see :func:`memory_plan`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -410,7 +409,7 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
 def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: OutputSession, threads: int,
              window: int, progress: bool | None, t0: float) -> ApplyReport:
     out, staging = session.out, session.staging
-    state = _State(staging, hashlib.sha256(manifest.to_bytes()).hexdigest())
+    state = _State(staging, manifest.identity())
     if staging.is_symlink():
         raise OutputError(f"{staging}: is a symbolic link; remove it and rerun")
     measured: dict[str, str] = {}

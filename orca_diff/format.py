@@ -371,6 +371,8 @@ class Manifest:
     dropped: list[str]
     payloads: list[PayloadFile]
     format_version: int = FORMAT_VERSION
+    #: the checksum a parsed manifest carried and was checked against (None: built in memory)
+    checked_sha256: str | None = field(default=None, compare=False, repr=False)
 
     # ---------------------------------------------------------------- derived views
     @property
@@ -411,6 +413,11 @@ class Manifest:
             "payloads": [{"path": p.path, "size": p.size, "sha256": p.sha256} for p in self.payloads],
         }
 
+    def identity(self) -> str:
+        """The manifest's checksum (canonical sha256 of its body): what the file carried, already
+        checked when it was parsed, or computed."""
+        return self.checked_sha256 or canonical_sha256(self.body())
+
     def to_bytes(self) -> bytes:
         body = self.body()
         body["manifest_sha256"] = canonical_sha256(body)
@@ -450,7 +457,9 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
             f"{where}: manifest checksum mismatch (the file was modified or damaged); download the diff again"
         )
     try:
-        return _manifest_from_doc(doc, version)
+        m = _manifest_from_doc(doc, version)
+        m.checked_sha256 = claimed
+        return m
     except (KeyError, TypeError, AttributeError) as exc:  # shapes we did not foresee: still a format error
         raise FormatError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
 

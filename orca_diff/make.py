@@ -163,6 +163,14 @@ def plan_all(target: ModelReader, base: ModelReader, level: int, threads: int) -
     return plans
 
 
+def _median(x: np.ndarray) -> float:
+    """np.median of a non-empty integer array without its NaN check (which imports numpy.ma:
+    25 ms, a tenth of a small make)."""
+    k = x.size // 2
+    part = np.partition(x.astype(np.float64), [k - 1, k] if x.size % 2 == 0 else [k])
+    return float((part[k - 1] + part[k]) / 2 if x.size % 2 == 0 else part[k])
+
+
 def relatedness_notes(target: ModelReader, base: ModelReader, plans: dict[str, Encoding]) -> list[str]:
     """Warnings when the pair does not look like base -> its fine-tune: rows removed (a swapped
     pair: fine-tunes add tokens, they do not remove them), or most same-name tensors far apart
@@ -186,7 +194,7 @@ def relatedness_notes(target: ModelReader, base: ModelReader, plans: dict[str, E
         pred = base_prediction(read_range(base, n, 0, size // t.itemsize * b.itemsize), b.dtype, t.dtype)
         raw = read_range(target, n, 0, size)
         width = UINT_FOR_SIZE[t.itemsize]
-        dist = np.median(ulp_delta(raw.view(width).copy(), pred.view(width).copy()).astype(np.float64)) / 2
+        dist = _median(ulp_delta(raw.view(width).copy(), pred.view(width).copy())) / 2
         total += 1
         far += dist > 2.0 ** (mantissa[t.dtype] - 2)
     if total and far > total / 2:

@@ -185,9 +185,7 @@ def _plant_staging(kit: Kit, out: Path, victims: Path, diff: Path | None = None)
     manifest = load_manifest(diff or kit.diff)
     staging = staging_dir(out)
     staging.mkdir()
-    import hashlib
-
-    state = {"manifest": hashlib.sha256(manifest.to_bytes()).hexdigest()}
+    state = {"manifest": manifest.identity()}
     (staging / STATE_NAME).write_text(json.dumps(state) + "\n")
     names = [".orca-diff-state.tmp", STATE_NAME + ".tmp", ".orca-diff-state.json"]
     for f in manifest.files:

@@ -98,3 +98,18 @@ def test_not_a_diff_folder(tmp_path):
     from orca_diff.errors import InputNotFoundError
     with pytest.raises(InputNotFoundError, match="not an orca-diff diff"):
         load_manifest(tmp_path)
+
+
+def test_a_manifest_has_one_identity_parsed_or_built(diff):
+    """The identity apply keys its resume state to: the checksum the file carried (checked when
+    parsed), equal to the checksum of the same manifest built in memory."""
+    from dataclasses import replace
+
+    from orca_diff.format import canonical_sha256
+
+    m = load_manifest(diff)
+    built = replace(m, checked_sha256=None)
+    assert m.identity() == built.identity() == canonical_sha256(m.body())
+    assert parse_manifest(built.to_bytes()).identity() == m.identity()
+    changed = replace(built, dropped=[*built.dropped, "x"])
+    assert changed.identity() != m.identity()
