@@ -91,6 +91,7 @@ def _child(op: str, base: Path, src: Path, out: Path) -> dict:
     """One timed operation: ``src`` is the target folder (``*-make``) or the diff (``*-apply``)."""
     t0 = time.perf_counter()
     if op.startswith("orca"):
+        import orca_diff.cli  # noqa: F401  (what the orca-diff command loads first: its numpy settings)
         from orca_diff.apply import apply_diff
         from orca_diff.make import make_diff
     elif op.startswith("zipnn"):
