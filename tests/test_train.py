@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +357,48 @@ def test_two_process_fsdp_run_matches_one_process_with_the_same_global_batch(bas
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_checkpoints_every_rank_and_the_same_command_resumes(base_dir, tmp_path):
+    """Ctrl-C in a terminal signals torchrun's process group; its agent forwards one SIGINT to
+    each worker (they run in their own groups) and SIGKILLs them 30 s later. Every rank finishes
+    its step, they agree on it, write one checkpoint and exit; the same command then resumes and
+    logs every step exactly once."""
+    import os
+    import signal
+    import subprocess
+
+    out = tmp_path / "run"
+    args = ["--model", str(base_dir), "--data", str(SAMPLE), "--max-steps", "60", "--lr", "1e-3",
+            "--max-seq-len", "128", "--micro-batch-size", "1", "--grad-accum", "2", "--save-dtype", "F32", "-q",
+            "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "orca_diff.cli", "train", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "train_log.jsonl").exists() and len(records(out)) >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert output.count("interrupted after global step") == 2, output[-3000:]  # both ranks, the same step
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if p.is_dir())
+    assert steps and 3 <= steps[-1] < 60, steps
+    assert f"global step {steps[-1]};" in output
+    assert not (out / "model").exists()  # nothing presented as a trained model
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["global_step"] for r in records(out)] == list(range(1, 61))
+    assert (out / "model" / "model.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------------------
