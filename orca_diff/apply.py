@@ -25,7 +25,6 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -39,7 +38,7 @@ from .errors import (CorruptDiffError, FormatError, InputNotFoundError, Interrup
 from .format import Chunk, FileEntry, Manifest, file_segments, load_manifest
 from .outdir import (OutputSession, StagedFile, describe_os_error, hidden_sibling_name, output_session,
                      remove_path)
-from .pipeline import default_threads, ordered_map
+from .pipeline import SerialWorker, default_threads, ordered_map
 from .progress import byte_bar, human_bytes as _human
 from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, read_exact, read_range
 from .containers.base import open_regular
@@ -209,31 +208,25 @@ class _TensorHashes:
 
     def __init__(self, algo: str):
         self.algo = algo
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orca-diff-digest")
+        self._worker = SerialWorker("orca-diff-digest")
         self._hashers: dict[str, object] = {}
-        self._pending: Future | None = None
 
     def update(self, tensor: str, data: bytes | np.ndarray) -> None:
         h = self._hashers.get(tensor)
         if h is None:
             h = self._hashers[tensor] = new_hasher(self.algo)
-        self._wait()
         if len(data):
-            self._pending = self._pool.submit(h.update, data)  # type: ignore[attr-defined]
+            self._worker.submit(h.update, data)  # type: ignore[attr-defined]
+        else:
+            self._worker.wait()
 
     def finish(self, tensor: str) -> str:
-        self._wait()
+        self._worker.wait()
         h = self._hashers.pop(tensor, None) or new_hasher(self.algo)
         return h.hexdigest()  # type: ignore[attr-defined]
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            p, self._pending = self._pending, None
-            p.result()
-
     def close(self) -> None:
-        self._pending = None
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._worker.close()
 
 
 class _State:
@@ -327,7 +320,7 @@ def _prune(staging: Path, manifest: Manifest) -> None:
                 dirs.remove(d)
 
 
-def _open_new(staging: Path, rel: str, hash_pool: ThreadPoolExecutor | None = None) -> StagedFile:
+def _open_new(staging: Path, rel: str, hasher: SerialWorker | None = None) -> StagedFile:
     """Create ``staging/.rel.incomplete`` for writing, never following a symlink."""
     parent = staging
     for part in rel.split("/")[:-1]:
@@ -335,7 +328,7 @@ def _open_new(staging: Path, rel: str, hash_pool: ThreadPoolExecutor | None = No
         if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
             raise OutputError(f"{parent}: unexpected non-folder in the output; remove it and rerun")
         parent.mkdir(exist_ok=True)
-    return StagedFile(parent, rel.split("/")[-1], temp=_partial_path(staging, rel), hash_pool=hash_pool)
+    return StagedFile(parent, rel.split("/")[-1], temp=_partial_path(staging, rel), hasher=hasher)
 
 
 def _finished(staging: Path, state: _State, f: FileEntry, manifest: Manifest) -> dict[str, str] | None:
@@ -444,7 +437,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
     payloads = _Payloads(diff_dir, manifest.digest_algo)
     hashes = _TensorHashes(manifest.digest_algo)
     # files' sha256 on a thread of their own: the consumer then only writes (and BLAKE3 has its own)
-    file_hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orca-diff-sha256") if threads > 1 else None
+    file_hasher = SerialWorker("orca-diff-sha256") if threads > 1 else None
     sf: StagedFile | None = None
     path = staging
     written = 0
@@ -455,7 +448,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
                 f = job.file
                 if job.first:
                     path = _partial_path(staging, f.path)
-                    sf = _open_new(staging, f.path, file_hash_pool)
+                    sf = _open_new(staging, f.path, file_hasher)
                 assert sf is not None
                 if job.tensor is not None:
                     hashes.update(job.tensor, data)
@@ -487,8 +480,8 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
     finally:
         if sf is not None:
             sf.close()
-        if file_hash_pool is not None:
-            file_hash_pool.shutdown(wait=True, cancel_futures=True)
+        if file_hasher is not None:
+            file_hasher.close()
         hashes.close()
         payloads.close()
         state.close()

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from .pipeline import SerialWorker
 
 from .errors import OrcaDiffError, OutputError, shown
 
@@ -464,12 +464,12 @@ class StagedFile:
 
     ``write`` hashes (sha256) what it writes; ``commit`` fsyncs and renames the temporary to
     ``name`` only if the temporary name still designates the file this descriptor wrote: a file
-    someone else put there is never published. With ``hash_pool`` (one worker thread) the sha256
-    of each write runs there while the caller writes the next bytes (hashlib releases the GIL):
-    the same bytes, hashed in the same order, one update in flight, off the writer's path."""
+    someone else put there is never published. With ``hasher`` the sha256 of each write runs on
+    that thread while the caller writes the next bytes (hashlib releases the GIL): the same
+    bytes, hashed in the same order, one update in flight, off the writer's path. One file at a
+    time per hasher."""
 
-    def __init__(self, folder: Path, name: str, temp: Path | None = None,
-                 hash_pool: "ThreadPoolExecutor | None" = None):
+    def __init__(self, folder: Path, name: str, temp: Path | None = None, hasher: "SerialWorker | None" = None):
         self.final = folder / name
         self.temp = temp or folder / hidden_sibling_name(name, ".incomplete", name_max(folder))
         remove_path(self.temp)
@@ -478,30 +478,24 @@ class StagedFile:
         st = os.fstat(self.fd)
         self._id = (st.st_dev, st.st_ino)
         self._sha256 = hashlib.sha256()
-        self._pool = hash_pool
-        self._pending: "Future | None" = None
+        self._hasher = hasher
         self.size = 0
 
     def write(self, data: bytes | memoryview | object) -> None:
         view = memoryview(data).cast("B")  # type: ignore[arg-type]
-        if self._pool is None:
+        if self._hasher is None:
             self._sha256.update(view)
         else:
-            self._wait()
-            self._pending = self._pool.submit(self._sha256.update, view)
+            self._hasher.submit(self._sha256.update, view)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
             self.size += n
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            p, self._pending = self._pending, None
-            p.result()
-
     def hexdigest(self) -> str:
         """sha256 of everything written so far."""
-        self._wait()
+        if self._hasher is not None:
+            self._hasher.wait()
         return self._sha256.hexdigest()
 
     def commit(self) -> os.stat_result:
@@ -519,10 +513,6 @@ class StagedFile:
         return st
 
     def close(self) -> None:
-        if self._pending is not None:  # never leave a hash running on a buffer past close
-            p, self._pending = self._pending, None
-            if not p.cancel():
-                p.exception()  # wait for it; its error, if any, no longer matters
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

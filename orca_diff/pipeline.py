@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,3 +47,28 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, window: 
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class SerialWorker:
+    """One helper thread running calls in submission order with at most one in flight: ``submit``
+    first waits for the previous call, so a buffer handed to it is held no longer than the
+    caller's loop holds the next one (the digests apply measures while it writes)."""
+
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: Future[Any] | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Wait for the call in flight; its exception, if any, is raised here."""
+        if self._pending is not None:
+            p, self._pending = self._pending, None
+            p.result()
+
+    def close(self) -> None:
+        """Drop the call in flight (waiting for it if it already started) and stop the thread."""
+        self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -18,16 +17,18 @@ from orca_diff.errors import InterruptedError_
 from orca_diff.format import load_manifest
 from orca_diff.make import make_diff
 from orca_diff.outdir import StagedFile
+from orca_diff.pipeline import SerialWorker
 
 from conftest import file_hashes
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.binary(max_size=5000), max_size=12))
-def test_a_staged_file_hashed_on_a_pool_has_the_sha256_of_its_bytes(tmp_path_factory, parts):
+def test_a_staged_file_hashed_on_a_helper_thread_has_the_sha256_of_its_bytes(tmp_path_factory, parts):
     folder = tmp_path_factory.mktemp("staged")
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pooled, inline = StagedFile(folder, "a", hash_pool=pool), StagedFile(folder, "b")
+    worker = SerialWorker("test-sha256")
+    try:
+        pooled, inline = StagedFile(folder, "a", hasher=worker), StagedFile(folder, "b")
         for p in parts:
             pooled.write(p)
             inline.write(p)
@@ -35,6 +36,8 @@ def test_a_staged_file_hashed_on_a_pool_has_the_sha256_of_its_bytes(tmp_path_fac
         assert pooled.hexdigest() == inline.hexdigest() == want
         pooled.commit()
         inline.commit()
+    finally:
+        worker.close()
     assert hashlib.sha256((folder / "a").read_bytes()).hexdigest() == want
 
 
@@ -88,3 +91,19 @@ def test_ctrl_c_during_make_stops_the_background_base_hash(make_pair, tmp_path, 
     assert not any(t.name == "orca-diff-base-files" for t in threading.enumerate())
     assert time.monotonic() - t0 < 10
     assert not (tmp_path / "diff").exists()
+
+
+def test_the_helper_thread_runs_calls_in_order_one_at_a_time_and_reports_their_errors():
+    worker = SerialWorker("test")
+    seen: list[int] = []
+    try:
+        for i in range(50):
+            worker.submit(seen.append, i)
+        worker.wait()
+        assert seen == list(range(50))
+        worker.submit(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            worker.wait()
+        worker.wait()  # reported once
+    finally:
+        worker.close()
