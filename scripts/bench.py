@@ -44,7 +44,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from orca_diff.containers import FLOAT_DTYPES, open_model, read_range  # noqa: E
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_pipelines  # noqa: E402
+from peer_pipelines import peak_rss, weight_files  # noqa: E402
 
 BLOCK = 16 << 20
 EXP_FIELD = {"BF16": (7, 0xFF), "F16": (10, 0x1F), "F32": (23, 0xFF), "F64": (52, 0x7FF)}
@@ -113,15 +113,6 @@ def _child(argv: list[str]) -> None:
         raise SystemExit(f"unknown child op {op}")
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "maxrss_bytes": peak_rss()}))
-
-
-def peak_rss() -> int:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the
-    parent across fork+exec, so a child would report the benchmark's own peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(*args: str) -> dict:
@@ -214,10 +205,6 @@ def _as_f64(bits: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
     return bits.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]).astype(np.float64)
-
-
-def weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
 
 
 def folder_bytes(folder: Path) -> int:

@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -134,14 +135,18 @@ def _child(op: str, base: Path, src: Path, out: Path) -> dict:
     else:
         raise SystemExit(f"unknown op {op}")
     t2 = time.perf_counter()
-    rss = 0
+    # zstd runs as a child process of this one: its peak is its own
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"import_s": t1 - t0, "seconds": t2 - t1, "maxrss_bytes": max(peak_rss(), child_rss)}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent across fork+exec, so a child would report the benchmark's own peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            rss = int(line.split()[1]) * 1024
-    # zstd runs as a child process of this one: its peak is its own
-    import resource
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"import_s": t1 - t0, "seconds": t2 - t1, "maxrss_bytes": max(rss, child_rss)}
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def prime_free_pages(folder: Path, nbytes: int) -> None:
