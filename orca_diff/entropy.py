@@ -212,6 +212,8 @@ def _parse_tables(buf: bytes, pos: int, contexts: int, alpha: int, where: str) -
                            "download it again")
     window = np.frombuffer(buf, dtype=np.uint8, count=min(len(buf) - pos, 2 * contexts * (alpha + 1)), offset=pos)
     ends = np.flatnonzero(window < 0x80)
+    if ends.size == 0:  # no complete varint at all (a bare header, or only continuation bytes)
+        raise bad
     starts = np.concatenate(([0], ends[:-1] + 1))
     too_long = np.flatnonzero((ends - starts) > 1)
     if too_long.size:  # a varint of 3+ bytes ends the values (an error if the tables need more)

@@ -161,6 +161,17 @@ def test_truncated_or_extended_frames_are_refused(pure):
 
 
 @pytest.mark.parametrize("pure", PATHS)
+def test_every_prefix_of_a_frame_is_refused_in_one_line(pure):
+    """Issue 20.8: an 18-byte frame (a valid header, nothing after) raised IndexError in the table
+    parser; every prefix, the bare header included, is a CorruptDiffError."""
+    frame, t, b = _frame(3000)
+    assert entropy._HEAD.size == 18
+    for k in list(range(0, 40)) + [len(frame) // 3, len(frame) - 2]:
+        with pytest.raises(CorruptDiffError):
+            entropy.decode(frame[:k], b, 2, t.size, pure=pure)
+
+
+@pytest.mark.parametrize("pure", PATHS)
 def test_a_frame_for_another_size_or_width_is_refused(pure):
     frame, t, b = _frame()
     with pytest.raises(CorruptDiffError, match="elements"):
