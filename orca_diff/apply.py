@@ -354,7 +354,14 @@ def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
 
     A chunk in flight holds its compressed bytes, the base bytes it predicts from (up to 8x the
     chunk for an F64 base of a 1-byte target), the prediction and the decoded bytes (and about
-    as much again inside the decoder). Chunks over MAX_APPLY_CHUNK_BYTES are refused."""
+    as much again inside the decoder). Chunks over MAX_APPLY_CHUNK_BYTES are refused.
+
+    The coder in use counts too (issue 20.5): the pure-numpy ``ans`` decoder needs, per decoding
+    thread, ``entropy.NUMPY_DECODE_SCRATCH`` bytes beyond a token byte per element (which the 4x
+    covers), so with it the threads are capped to keep that scratch within a quarter of the budget
+    and the window is planned on what is left. The C coder needs nothing beyond its output."""
+    from . import entropy
+
     worst = 1
     for t in manifest.tensors.values():
         ratio = 0
@@ -374,7 +381,12 @@ def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
                                   f"accepts chunks of at most {_human(MAX_APPLY_CHUNK_BYTES)} (its memory bound)")
             worst = max(worst, c.length + 3 * c.size)
     worst = max(worst, 2 * BASE_COPY_BLOCK)
-    window = max(1, min(threads + 2, MEMORY_BUDGET // worst))
+    budget = MEMORY_BUDGET
+    if not entropy.c_in_use():
+        if any(t.encoding.codec == "ans" for t in manifest.tensors.values()):
+            threads = max(1, min(threads, MEMORY_BUDGET // 4 // entropy.NUMPY_DECODE_SCRATCH))
+            budget -= threads * entropy.NUMPY_DECODE_SCRATCH
+    window = max(1, min(threads + 2, budget // worst))
     return max(1, min(threads, window)), window
 
 

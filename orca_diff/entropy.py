@@ -67,6 +67,11 @@ def c_available() -> bool:
     return _c is not None
 
 
+def c_in_use() -> bool:
+    """Whether decoding uses the C coder now (built, and not forced off by ORCA_DIFF_PURE_PYTHON)."""
+    return _use_c(None)
+
+
 def _use_c(pure: bool | None) -> bool:
     if pure is None:
         pure = os.environ.get("ORCA_DIFF_PURE_PYTHON", "") not in ("", "0")
@@ -426,14 +431,21 @@ def _pack_bits(nb: np.ndarray, extra: np.ndarray) -> bytes:
 
 
 def _unpack_bits(raw: bytes, nb: np.ndarray, where: str) -> np.ndarray:
-    w = nb.astype(np.int64)
-    total = int(w.sum())
+    """The raw bits of elements with bit counts ``nb`` (all of them; tests and small inputs)."""
+    total = int(nb.astype(np.int64).sum())
     if (total + 7) // 8 != len(raw):
         raise CorruptDiffError(f"{where}: ANS frame holds {len(raw)} bytes of raw bits, its tokens need "
                                f"{(total + 7) // 8}; the diff is corrupt, download it again")
     words = np.zeros((len(raw) + 7) // 8 + 2, dtype=np.uint64)
     words.view(np.uint8)[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-    off = np.cumsum(w) - w
+    return _unpack_slice(words, nb, 0)
+
+
+def _unpack_slice(words: np.ndarray, nb: np.ndarray, bit0: int) -> np.ndarray:
+    """The raw bits of consecutive elements whose first bit is at ``bit0`` of ``words`` (the raw-bit
+    stream as uint64 words, two zero words of padding after it)."""
+    w = nb.astype(np.int64)
+    off = np.cumsum(w) - w + bit0
     word = off >> 6
     sh = (off & 63).astype(np.uint64)
     v = words[word] >> sh
@@ -442,15 +454,25 @@ def _unpack_bits(raw: bytes, nb: np.ndarray, where: str) -> np.ndarray:
     return v & ((np.uint64(1) << w.astype(np.uint64)) - np.uint64(1))
 
 
+#: Elements the numpy decoder handles per slice: its int64/uint64 temporaries (about 60 bytes an
+#: element at the peak, in the raw-bit pass) then take ~16 MiB, whatever the chunk size
+#: (issue 20.5: whole-chunk matrices cost ~40 bytes an element, 10 GiB for a 256 MiB chunk).
+DECODE_SLICE = 1 << 18
+#: Bytes of scratch one numpy decode needs beyond its output and one token byte per element
+#: (the decode tables, (32, 4096) uint32, and the per-slice temporaries): apply's memory plan.
+NUMPY_DECODE_SCRATCH = 32 << 20
+
+
 def _decode_numpy(pred_u: np.ndarray, shift: int, ebits: int, lut: np.ndarray, prev: bool, freqs: np.ndarray,
                   lanes: int, counts: np.ndarray, words: np.ndarray, raw: bytes, itemsize: int,
                   where: str) -> np.ndarray:
+    """The target elements (uint of ``itemsize``). Working set: the output, one token byte per
+    element and O(DECODE_SLICE) temporaries: the lane steps are decoded a block of rows at a time
+    and the raw bits are read a slice of elements at a time."""
     n = pred_u.size
-    idx, q, r = _lane_matrix(n, lanes)
-    e = (pred_u >> pred_u.dtype.type(shift)) & pred_u.dtype.type((1 << ebits) - 1)
-    bucket = lut[e].astype(np.int64)[idx]
-    if prev:
-        bucket *= 2
+    q, r = divmod(n, lanes)
+    rows = q + (1 if r else 0)
+    starts = lane_starts(n, lanes)[:-1]
     table = _decode_table(freqs).reshape(-1)
     valid = freqs.sum(axis=1) > 0
     groups = -(-lanes // GROUP_LANES)
@@ -461,49 +483,70 @@ def _decode_numpy(pred_u: np.ndarray, shift: int, ebits: int, lut: np.ndarray, p
     ptr = offs[:-1] + 2 * np.minimum(GROUP_LANES, lanes - np.arange(groups) * GROUP_LANES)
     end = offs[1:]
     pz = np.ones(lanes, dtype=np.int64)
-    tmat = np.zeros(idx.shape, dtype=np.uint8)
-    cmat = np.zeros(idx.shape, dtype=np.int64)
-    wpad = np.concatenate((words.astype(np.uint64), np.zeros(1, np.uint64)))
+    tok = np.zeros(n, dtype=np.uint8)
     m12, pb, lo16 = np.uint64(PROB_SCALE - 1), np.uint64(PROB_BITS), np.uint64(STATE_LOW)
-    for j in range(idx.shape[0]):
-        act = slice(None) if j < q else slice(0, r)
-        xs = x[act]
-        c = bucket[j, act] + (pz[act] if prev else 0)
-        ent = table[c * PROB_SCALE + (xs & m12).astype(np.int64)]
-        s = ent & np.uint32(255)
-        xs = (((ent >> np.uint32(8)) & np.uint32(PROB_SCALE - 1)).astype(np.uint64) + np.uint64(1)) * (xs >> pb) \
-            + (ent >> np.uint32(20)).astype(np.uint64)
-        need = xs < lo16
-        if need.any():  # the group's next words, to its needing lanes in lane order
-            needs = np.zeros(groups * GROUP_LANES, dtype=np.int64)
-            needs[: xs.size] = need
-            needs = needs.reshape(groups, GROUP_LANES)
-            rank = (np.cumsum(needs, axis=1) - 1).reshape(-1)[: xs.size]
-            p = ptr[grp[: xs.size]] + rank
-            ptr += needs.sum(axis=1)
-            if (ptr > end).any():
-                raise CorruptDiffError(f"{where}: an ANS lane group reads past its words; the diff is corrupt")
-            xs[need] = (xs[need] << np.uint64(16)) | wpad[p[need]]
-        x[act] = xs
-        tmat[j, act] = s
-        cmat[j, act] = c
+    ftype = pred_u.dtype.type
+    block = max(1, DECODE_SLICE // lanes)
+    bad_ctx = CorruptDiffError(f"{where}: the ANS frame uses a context it has no table for; the diff is corrupt")
+    for j0 in range(0, rows, block):
+        j1 = min(rows, j0 + block)
+        idx = starts[None, :] + np.arange(j0, j1, dtype=np.int64)[:, None]  # element of (step, lane)
+        live = np.ones(idx.shape, dtype=bool)
+        if r and j1 > q:  # the last row: only its first r lanes exist
+            live[q - j0, r:] = False
+            idx[q - j0, r:] = 0
+        e = (pred_u[idx] >> ftype(shift)) & ftype((1 << ebits) - 1)
+        bucket = lut[e].astype(np.int32)
         if prev:
-            pz[act] = s == 0
-    if not valid[cmat[:q].reshape(-1)].all() or (r and not valid[cmat[q, :r]].all()):
-        raise CorruptDiffError(f"{where}: the ANS frame uses a context it has no table for; the diff is corrupt")
+            bucket *= 2
+        tmat = np.zeros(idx.shape, dtype=np.uint8)
+        for jj in range(j1 - j0):
+            act = slice(None) if j0 + jj < q else slice(0, r)
+            xs = x[act]
+            c = bucket[jj, act] + (pz[act] if prev else 0)
+            if not valid[c].all():
+                raise bad_ctx
+            ent = table[c * PROB_SCALE + (xs & m12).astype(np.int64)]
+            s = ent & np.uint32(255)
+            xs = (((ent >> np.uint32(8)) & np.uint32(PROB_SCALE - 1)).astype(np.uint64) + np.uint64(1)) \
+                * (xs >> pb) + (ent >> np.uint32(20)).astype(np.uint64)
+            need = xs < lo16
+            if need.any():  # the group's next words, to its needing lanes in lane order
+                needs = np.zeros(groups * GROUP_LANES, dtype=np.int64)
+                needs[: xs.size] = need
+                needs = needs.reshape(groups, GROUP_LANES)
+                rank = (np.cumsum(needs, axis=1) - 1).reshape(-1)[: xs.size]
+                p = ptr[grp[: xs.size]] + rank
+                ptr += needs.sum(axis=1)
+                if (ptr > end).any():
+                    raise CorruptDiffError(f"{where}: an ANS lane group reads past its words; the diff is corrupt")
+                xs[need] = (xs[need] << np.uint64(16)) | words[p[need]].astype(np.uint64)  # p < end: checked
+            x[act] = xs
+            tmat[jj, act] = s
+            if prev:
+                pz[act] = s == 0
+        tok[idx[live]] = tmat[live]
     if (ptr != end).any() or (x != lo16).any():
         raise CorruptDiffError(f"{where}: ANS lanes do not end where their words do; the diff is corrupt, "
                                "download it again")
-    tok = np.empty(n, dtype=np.uint8)
-    tok[idx[:q].reshape(-1)] = tmat[:q].reshape(-1)
-    if r:
-        tok[idx[q, :r]] = tmat[q, :r]
     if int(tok.max(initial=0)) >= alphabet(itemsize):
         raise CorruptDiffError(f"{where}: ANS token out of range for {itemsize}-byte symbols; the diff is corrupt")
     base, nbits = token_base(itemsize)
-    nb = nbits[tok]
-    sym = base[tok] | _unpack_bits(raw, nb, where)
-    return sym.astype(UINT_FOR_SIZE[itemsize])
+    total = int(np.bincount(tok, minlength=256)[: nbits.size].astype(np.int64) @ nbits.astype(np.int64))
+    if (total + 7) // 8 != len(raw):
+        raise CorruptDiffError(f"{where}: ANS frame holds {len(raw)} bytes of raw bits, its tokens need "
+                               f"{(total + 7) // 8}; the diff is corrupt, download it again")
+    rwords = np.zeros((len(raw) + 7) // 8 + 2, dtype=np.uint64)
+    rwords.view(np.uint8)[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    out = np.empty(n, dtype=UINT_FOR_SIZE[itemsize])
+    bit = 0
+    for a in range(0, n, DECODE_SLICE):  # symbols, then the target elements, a slice at a time
+        t = tok[a: a + DECODE_SLICE]
+        nb = nbits[t]
+        sym = (base[t] | _unpack_slice(rwords, nb, bit)).astype(out.dtype)
+        bit += int(nb.sum(dtype=np.int64))
+        out[a: a + t.size] = ulp_undelta(sym, pred_u[a: a + t.size])
+    return out
 
 
 # --------------------------------------------------------------------------- frames
@@ -599,9 +642,9 @@ def decode(payload: bytes | memoryview | np.ndarray, pred: np.ndarray, itemsize:
         except ValueError as exc:
             raise CorruptDiffError(f"{bad}: {exc}; the diff is corrupt, download it again") from None
         return out
-    sym = _decode_numpy(p_u, shift, ebits, bucket_lut(ebits, lo, mshift), prev, freqs, lanes, group_words,
-                        words.astype(np.uint16), raw, itemsize, where)
-    return ulp_undelta(sym, p_u).view(np.uint8)
+    out_u = _decode_numpy(p_u, shift, ebits, bucket_lut(ebits, lo, mshift), prev, freqs, lanes, group_words,
+                          words, raw, itemsize, where)
+    return out_u.view(np.uint8)
 
 
 __all__ = ["encode", "decode", "is_frame", "c_available", "lane_count", "tokenize", "quantize", "MAGIC"]

@@ -251,3 +251,27 @@ def test_manifest_refuses_the_ans_codec_outside_ulp_deltas(make_pair, tmp_path):
         d["manifest_sha256"] = canonical_sha256(d)
         with pytest.raises(FormatError, match=message):
             parse_manifest(json.dumps(d).encode())
+
+
+def test_apply_memory_plan_accounts_for_the_numpy_coder(make_pair, tmp_path, monkeypatch):
+    """Issue 20.5: the plan was the same for both coders. With the numpy coder each decoding
+    thread needs entropy.NUMPY_DECODE_SCRATCH more: threads are capped so the plan (chunks in
+    flight x their working set + threads x scratch) stays within MEMORY_BUDGET at any --threads."""
+    from orca_diff import entropy
+    from orca_diff.apply import MEMORY_BUDGET, memory_plan
+    from orca_diff.synth import LlamaShape
+
+    shape = LlamaShape(vocab_size=320, hidden_size=128, intermediate_size=344, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4)
+    base, target = make_pair("BF16", shape=shape)
+    m = make_diff(base, target, tmp_path / "diff", chunk_bytes=64 << 10, progress=False)
+    assert any(t.encoding.codec == "ans" for t in m.tensors.values())
+    worst = max(c.length + 5 * c.size for t in m.tensors.values() for c in t.chunks)
+    monkeypatch.setenv("ORCA_DIFF_PURE_PYTHON", "1")
+    for threads in (1, 2, 8, 64, 1000):
+        used, window = memory_plan(m, threads)
+        assert used <= threads and window * max(worst, 32 << 20) + used * entropy.NUMPY_DECODE_SCRATCH <= MEMORY_BUDGET
+    assert memory_plan(m, 1000)[0] < 1000
+    if entropy.c_available():
+        monkeypatch.delenv("ORCA_DIFF_PURE_PYTHON")
+        assert memory_plan(m, 1000)[0] > MEMORY_BUDGET // 4 // entropy.NUMPY_DECODE_SCRATCH  # C: no scratch cap

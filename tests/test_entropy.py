@@ -355,3 +355,23 @@ def test_the_numpy_path_is_forced_by_the_environment(monkeypatch):
     assert not entropy._use_c(None)
     monkeypatch.setenv("ORCA_DIFF_PURE_PYTHON", "0")
     assert entropy._use_c(None) == entropy.c_available()
+
+
+def test_numpy_decoder_working_set_is_bounded_by_slices_not_by_the_chunk():
+    """Issue 20.5: the numpy decoder held int64 (step, lane) matrices of the whole chunk, ~100
+    bytes an element at its peak (5.8 GiB for 16 MiB chunks at 8 threads, 10 GiB+ and a
+    MemoryError for a 256 MiB chunk). Now: the output, a token byte per element, and scratch
+    that does not grow with the chunk (numpy reports its allocations to tracemalloc)."""
+    import tracemalloc
+
+    n = 2_000_000
+    t, b = fine_tune(n, "BF16", seed=9, lr=1e-3)
+    frame = entropy.encode(t, b, 2, "BF16")
+    tracemalloc.start()
+    try:
+        out = entropy.decode(frame, b, 2, t.size, pure=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.tobytes() == t.tobytes()
+    assert peak <= t.size + n + entropy.NUMPY_DECODE_SCRATCH, peak
