@@ -42,7 +42,7 @@ import threading
 import numpy as np
 import zstandard
 
-from . import entropy
+from . import entropy, sparse
 from .bits import UINT_FOR_SIZE, cast_bits, ulp_delta, ulp_undelta
 from .errors import CorruptDiffError
 
@@ -236,12 +236,23 @@ def _ans_or_zstd(target: np.ndarray, pred: np.ndarray, itemsize: int, layout: st
     the same frames as always trying zstd there."""
     if target.size < ANS_MIN_BYTES:
         return encode_chunk(target, pred, itemsize, "ulp", layout, level)
-    frame = entropy.encode(target, pred, itemsize, dtype)
+    frame = ans_frame(target, pred, itemsize, dtype)
     if target.size < ANS_TRY_ZSTD_BYTES or len(frame) * ANS_TRY_ZSTD_RATIO < target.size:
         z = encode_chunk(target, pred, itemsize, "ulp", layout, level)
         if len(z) <= len(frame):
             return z
     return frame
+
+
+def ans_frame(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | None) -> bytes:
+    """The smaller of the dense ANS frame and, for chunks with at most 1/sparse.MAX_FRACTION of
+    their elements changed, the sparse one (gaps + changed deltas, docs/format.md §3c): measured
+    per chunk, so near-identical chunks pay ~their entropy and the rest are unaffected."""
+    if sparse.changed_count(target, pred, itemsize) * sparse.MAX_FRACTION <= target.size // itemsize:
+        dense = entropy.encode(target, pred, itemsize, dtype)
+        s = sparse.encode(target, pred, itemsize, dtype)
+        return s if s is not None and len(s) < len(dense) else dense
+    return entropy.encode(target, pred, itemsize, dtype)
 
 
 def decode_chunk(payload: bytes | memoryview | np.ndarray, base: np.ndarray | None, itemsize: int,
@@ -254,12 +265,16 @@ def decode_chunk(payload: bytes | memoryview | np.ndarray, base: np.ndarray | No
                                "the manifest is corrupt")
     _check_codec(codec, transform, itemsize)
     if codec == "ans" and bytes(memoryview(payload)[:4]) != ZSTD_MAGIC:
-        if not entropy.is_frame(payload):
-            raise CorruptDiffError(f"{where}: payload is neither an ANS nor a zstd frame; the diff is corrupt, "
-                                   "download it again")
+        dense = entropy.is_frame(payload)
+        if not dense and not sparse.is_frame(payload):
+            raise CorruptDiffError(f"{where}: payload is neither an ANS (dense or sparse) nor a zstd frame; the diff "
+                                   "is corrupt (download it again), or made by a newer orca-diff (pip install -U "
+                                   "orca-diff)")
         if base is None or base.size != size:
             raise ValueError("an ANS chunk needs the base prediction of its size")
-        return entropy.decode(payload, base, itemsize, size, where)
+        if dense:
+            return entropy.decode(payload, base, itemsize, size, where)
+        return sparse.decode(payload, base, itemsize, size, where)
     lo, hi = layout_size_range(layout, size, itemsize)
     try:
         declared = zstandard.get_frame_parameters(payload).content_size
@@ -309,11 +324,13 @@ def choose_encoding(target: np.ndarray, base: np.ndarray | None, itemsize: int, 
     is kept for the chunks that fall back to zstd. A sample of at least ANS_TRY_ZSTD_BYTES whose
     ANS frame is over 1/ANS_TRY_ZSTD_RATIO of it is ``ans`` without a zstd trial (the rule of
     ``_ans_or_zstd``, where zstd never won); its layout then only serves fallback chunks (small
-    or near-constant ones) and is chosen on the sample's first LAYOUT_FALLBACK_SAMPLE_BYTES.
+    or near-constant ones) and is chosen on the sample's first LAYOUT_FALLBACK_SAMPLE_BYTES. A
+    sample with at most 1/sparse.MAX_FRACTION of its elements changed is ``ans`` too (each chunk
+    then keeps the smallest of its dense, sparse and zstd frames).
     ``ORCA_DIFF_CODEC=zstd`` keeps zstd (the format-version-1 encoding; for comparisons)."""
     if transform != "ulp" or itemsize not in (2, 4, 8) or not target.size or os.environ.get("ORCA_DIFF_CODEC") == "zstd":
         return choose_layout(target, base, itemsize, transform, level), "zstd"
-    a = len(entropy.encode(target, base, itemsize, dtype))  # type: ignore[arg-type]
+    a = len(ans_frame(target, base, itemsize, dtype))  # type: ignore[arg-type]
     if target.size >= ANS_TRY_ZSTD_BYTES and a * ANS_TRY_ZSTD_RATIO >= target.size:
         k = min(target.size, LAYOUT_FALLBACK_SAMPLE_BYTES) // itemsize * itemsize
         return choose_layout(target[:k], None if base is None else base[:k], itemsize, transform, level), "ans"
@@ -321,4 +338,8 @@ def choose_encoding(target: np.ndarray, base: np.ndarray | None, itemsize: int, 
     layout = _smallest_layout(sizes)
     # the chosen layout's sample frame was compressed once already (16-bit); 4/8-byte have one layout
     z = sizes[layout] if sizes[layout] >= 0 else len(encode_chunk(target, base, itemsize, transform, layout, level))
-    return layout, ("ans" if a < z else "zstd")
+    # a near-identical sample is ans whatever its size: its fixed frame costs (tables, headers)
+    # weigh on a sample far more than on a whole chunk, and its chunks try zstd anyway (its frame
+    # is under 1/ANS_TRY_ZSTD_RATIO of the chunk) and keep the smaller
+    near_identical = sparse.changed_count(target, base, itemsize) * sparse.MAX_FRACTION <= target.size // itemsize
+    return layout, ("ans" if a < z or near_identical else "zstd")

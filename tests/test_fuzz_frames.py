@@ -1,6 +1,7 @@
-"""Coverage-guided fuzzing of the ANS frame parser (issue 20.8): atheris mutates real frames
-(bf16, f32, a sparse one and a bare header) and feeds them to ``entropy.decode`` on the numpy
-path and, where it is built, the C path. Any exception other than CorruptDiffError, or the two
+"""Coverage-guided fuzzing of the ANS frame parsers (issue 20.8): atheris mutates real frames
+(dense bf16 and f32 frames of dense and sparse changes, bare headers, sparse ``ODS1`` frames)
+and feeds them to ``codec.decode_chunk`` (codec ans: dense, sparse or zstd fallback) on the
+numpy path and, where it is built, the C path. Any exception other than CorruptDiffError, or the two
 paths disagreeing, is a crash that fails the test.
 
 Coverage must really attach: atheris instruments the Python modules it imports, and no sanitizer
@@ -22,17 +23,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orca_diff import entropy
+from orca_diff import entropy, sparse
 
 REPO = Path(__file__).resolve().parent.parent
 N = 3000  # elements of every seed frame (the harness decodes every input as N elements)
 
 HARNESS = textwrap.dedent(f"""
+    import os
     import sys
     import atheris
     with atheris.instrument_imports():
         import numpy as np
-        from orca_diff import entropy
+        from orca_diff import entropy, sparse
+        from orca_diff.codec import decode_chunk
         from orca_diff.errors import CorruptDiffError
 
     BASES = {{2: np.arange({N} * 2, dtype=np.uint8) * 7, 4: np.arange({N} * 4, dtype=np.uint8) * 3}}
@@ -44,8 +47,9 @@ HARNESS = textwrap.dedent(f"""
         w = 4 if data[4] == 4 else 2  # the itemsize byte of the header picks the base width
         results = []
         for pure in PATHS:
-            try:
-                out = entropy.decode(data, BASES[w], w, {N} * w, where="fuzz", pure=pure)
+            os.environ["ORCA_DIFF_PURE_PYTHON"] = "1" if pure else "0"
+            try:  # dense, sparse and zstd fallback frames, as apply decodes them
+                out = decode_chunk(data, BASES[w], w, "ulp", {N} * w, "planes", where="fuzz", codec="ans")
                 assert out.size == {N} * w
                 results.append(out.tobytes())
             except CorruptDiffError as exc:
@@ -63,12 +67,14 @@ def _seeds(folder: Path) -> None:
     for w, dtype in ((2, "BF16"), (4, "F32")):
         base = (np.arange(N * w, dtype=np.uint8) * (7 if w == 2 else 3)).view(entropy.UINT_FOR_SIZE[w])
         dense = base + rng.integers(0, 40, N).astype(base.dtype)
-        sparse = base.copy()
-        sparse[rng.integers(0, N, 30)] += 1
-        for name, t in (("dense", dense), ("sparse", sparse)):
+        sparse_t = base.copy()
+        sparse_t[rng.integers(0, N, 30)] += 1
+        for name, t in (("dense", dense), ("sparse", sparse_t)):
             frame = entropy.encode(t.view(np.uint8), base.view(np.uint8), w, dtype)
             (folder / f"{dtype}-{name}").write_bytes(frame)
             (folder / f"{dtype}-{name}-header").write_bytes(frame[: entropy._HEAD.size])
+        (folder / f"{dtype}-sparse-frame").write_bytes(sparse.encode(sparse_t.view(np.uint8), base.view(np.uint8),
+                                                                      w, dtype))
 
 
 def _cov(stderr: str, event: str) -> int:
