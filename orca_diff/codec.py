@@ -42,7 +42,7 @@ import threading
 import numpy as np
 import zstandard
 
-from . import entropy, sparse
+from . import entropy, nobase, sparse
 from .bits import UINT_FOR_SIZE, cast_bits, ulp_delta, ulp_undelta
 from .errors import CorruptDiffError
 
@@ -210,11 +210,15 @@ def encode_chunk(target: np.ndarray, base: np.ndarray | None, itemsize: int, tra
     """Compress one chunk. ``target`` and ``base`` are uint8 arrays of equal length (``base`` is
     the prediction already cast to the target dtype, or None for raw chunks). With ``codec="ans"``
     (ulp deltas only) ``layout`` is the zstd layout of the chunks that fall back to zstd, and
-    ``dtype`` (the target's, e.g. "BF16") tells where the exponent field is."""
+    ``dtype`` (the target's, e.g. "BF16") tells where the exponent field is. A raw chunk of a
+    float ``dtype`` (given) in byte planes is the no-base ANS frame where that is smaller."""
     _check_layout(layout, itemsize)
     _check_codec(codec, transform, itemsize)
     if codec == "ans" and target.size:
         return _ans_or_zstd(target, base, itemsize, layout, level, dtype)  # type: ignore[arg-type]
+    if (transform == "raw" and layout == "planes" and dtype in nobase.DTYPES and target.size >= ANS_MIN_BYTES
+            and os.environ.get("ORCA_DIFF_CODEC") != "zstd"):
+        return _nobase_or_zstd(target, itemsize, level, dtype)  # type: ignore[arg-type]
     sym = forward(target, base, itemsize, transform)
     if layout == "planes":
         sym = to_planes(sym, itemsize)
@@ -242,6 +246,14 @@ def _ans_or_zstd(target: np.ndarray, pred: np.ndarray, itemsize: int, layout: st
         if len(z) <= len(frame):
             return z
     return frame
+
+
+def _nobase_or_zstd(target: np.ndarray, itemsize: int, level: int, dtype: str) -> bytes:
+    """A raw float chunk (nothing predicts it): the no-base ANS frame (exponent coding,
+    docs/format.md §3d) or the byte-plane zstd frame, whichever is smaller."""
+    z = encode_chunk(target, None, itemsize, "raw", "planes", level)
+    a = nobase.encode(target, dtype)
+    return a if len(a) < len(z) else z
 
 
 def ans_frame(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | None) -> bytes:
@@ -275,6 +287,8 @@ def decode_chunk(payload: bytes | memoryview | np.ndarray, base: np.ndarray | No
         if dense:
             return entropy.decode(payload, base, itemsize, size, where)
         return sparse.decode(payload, base, itemsize, size, where)
+    if transform == "raw" and layout == "planes" and itemsize in (2, 4, 8) and nobase.is_frame(payload):
+        return nobase.decode(payload, itemsize, size, where)
     lo, hi = layout_size_range(layout, size, itemsize)
     try:
         declared = zstandard.get_frame_parameters(payload).content_size

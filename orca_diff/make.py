@@ -512,7 +512,8 @@ def _make_body(base: ModelReader, target: ModelReader, folder: Path, base_name: 
             pred = base_prediction(b_raw, b_info.dtype, info.dtype)
             payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.layout, level, enc.codec, info.dtype)
         else:
-            payload = encode_chunk(raw, None, info.itemsize, "raw", "planes", level)
+            # float rows nothing predicts: the no-base ANS frame where it is smaller (codec.encode_chunk)
+            payload = encode_chunk(raw, None, info.itemsize, "raw", "planes", level, dtype=info.dtype)
         return job, payload, digest_bytes(payload, algo), raw, b_raw
 
     writer = _PayloadWriter(folder, payload_file_bytes)
