@@ -94,6 +94,7 @@ class TrainConfig:
     save_every: int = 0                         # checkpoint every N optimizer steps (0: stage ends only)
     keep_checkpoints: int = 2
     resume: bool = False                        # kept for old scripts: a checkpoint of the same run is always resumed
+    trust_pickled_checkpoint: bool = False      # load a torch.distributed.checkpoint (pickled) checkpoint: only your own
     stop_after_steps: int | None = None         # checkpoint and stop after N steps of this invocation (time limits)
     eval_data: list[str] = field(default_factory=list)  # held-out Orca files: eval before, every N, at stage ends
     eval_every: int = 0                         # also evaluate every N optimizer steps (0: stage ends only)
@@ -135,7 +136,7 @@ class TrainConfig:
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The values a checkpoint depends on: resuming with other values would not continue the same run."""
-        skip = {"out", "resume", "save_every", "keep_checkpoints", "stop_after_steps", "log_every", "quiet",
+        skip = {"out", "resume", "trust_pickled_checkpoint", "save_every", "keep_checkpoints", "stop_after_steps", "log_every", "quiet",
                 "make_diff_against", "diff_out", "device", "threads", "eval_data", "eval_every"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 

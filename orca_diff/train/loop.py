@@ -437,7 +437,8 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                 start = 0
                 if resume and stage_index == first_stage:
                     start = resume[1]["next_step"]
-                    load_checkpoint(resume[0], model, optimizer if start > 0 else None)
+                    load_checkpoint(resume[0], model, optimizer if start > 0 else None, rt.rank, rt.world,
+                                    cfg.trust_pickled_checkpoint)
                 if summary and start == 0:
                     log({"kind": "system_messages", "data": f"stage {stage_index + 1}", "stage": stage_index + 1,
                          "global_step": global_step, **summary})
@@ -500,7 +501,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                         where = {"next_stage": stage_index + 1, "next_step": 0} if stage_done \
                             else {"next_stage": stage_index, "next_step": step + 1}
                         ckpt = save_checkpoint(out, model, optimizer, {**where, "global_step": global_step}, cfg,
-                                               rt.world, rt.main)
+                                               rt.world, rt.main, rt.rank)
                         last = stage_done and stage_index == len(cfg.stages) - 1
                         if (stop or interrupted) and not last:
                             bar.close()
@@ -517,7 +518,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                 bar.close()
                 refresh_plot()
             if resume and first_stage >= len(cfg.stages):
-                load_checkpoint(resume[0], model, None)  # everything was trained already: just (re)write the model
+                load_checkpoint(resume[0], model, None, rt.rank, rt.world, cfg.trust_pickled_checkpoint)  # everything was trained already: just (re)write the model
             save_hf_model(model, tokenizer, model_dir, save_dtype, use_cache, cfg.template, rt.world, rt.main)
     finally:
         if log_file:
