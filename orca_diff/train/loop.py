@@ -153,6 +153,11 @@ def load_tokenizer_and_model(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, b
         # mean of the others (transformers' mean_resizing), which is what most replications do.
         tokenizer.add_special_tokens({"pad_token": cfg.pad_token})
         added = True
+    if cfg.template == "chatml":  # Orca 2: <|im_start|> and <|im_end|> are single tokens (32,001 -> 32,003)
+        missing = [t for t in orca_data.END_OF_TURN_TOKENS["chatml"] + ("<|im_start|>",)
+                   if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
     kwargs: dict[str, Any] = {from_pretrained_dtype_kwarg(transformers): torch.float32}  # fp32 master weights
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
