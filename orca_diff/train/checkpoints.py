@@ -112,7 +112,7 @@ def _split_tree(obj: Any, tensors: dict[str, Any]) -> Any:
 
 
 def save_checkpoint(out: Path, model: Any, optimizer: Any, state: dict[str, Any], cfg: TrainConfig,
-                    world: int, main: bool, rank: int = 0) -> Path:
+                    world: int, main: bool, rank: int = 0, digests: dict[str, str] | None = None) -> Path:
     """Write OUT/checkpoints/step-N (model + optimizer + where to continue); keep the newest few."""
     torch = require_extra("torch", "train", "orca-diff train")
     from safetensors.torch import save_file
@@ -134,6 +134,8 @@ def save_checkpoint(out: Path, model: Any, optimizer: Any, state: dict[str, Any]
         torch.distributed.barrier()
     if main:
         record = {**state, "format": FORMAT, "world": world, "config": fingerprint(cfg, world)}
+        if digests is not None:
+            record["data_digests"] = digests
         (tmp / STATE_NAME).write_text(json.dumps(record, indent=1))
         os.replace(tmp, final)
         older = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
@@ -245,24 +247,68 @@ def _load_pickled_checkpoint(path: Path, model: Any, optimizer: Any | None) -> N
                        options=options)
 
 
-def read_resume_state(out: Path, cfg: TrainConfig, world: int) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint of *this* run in OUT and its state, or None when OUT has none.
+def read_resume_state(out: Path, cfg: TrainConfig, world: int, digests: dict[str, str] | None = None,
+                      ) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """The newest checkpoint of *this* run in OUT, its state and what to say about it; None when OUT has none.
 
-    A checkpoint written under other settings is refused, naming the settings that differ.
+    The same run: the same settings, and the same stages up to the one the checkpoint is in. Stages
+    that have not started yet may differ (fix a stage-2 path or learning rate after stage 1 has
+    trained: the run continues from stage 1's end; the change is said in one line and recorded in
+    ``history``). A checkpoint of other settings is refused, naming the settings that differ; so is
+    data that changed since the checkpoint (``digests``: {path: sha256} now), unless
+    ``cfg.accept_changed_data``. The checkpoint's format is checked before anything else is read.
     """
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         return None
-    state = json.loads((ckpt / STATE_NAME).read_text())
-    saved, now = state.pop("config"), fingerprint(cfg, world)
+    check_checkpoint_format(ckpt, cfg.trust_pickled_checkpoint)
+    try:
+        state = json.loads((ckpt / STATE_NAME).read_text(encoding="utf-8"))
+        saved = state.pop("config")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, AttributeError) as exc:
+        raise FormatError(f"{ckpt / STATE_NAME}: unreadable ({exc}); choose a new --out") from None
+    now = fingerprint(cfg, world)
     saved = {**ADDED_SINCE, **saved}  # a checkpoint from before a setting existed ran with its default
+    started = state["next_stage"] + (1 if state["next_step"] > 0 else 0)  # stages trained on, wholly or partly
+    saved_stages, now_stages = saved.pop("stages"), now.pop("stages")
     changed = _differences(saved, now)
+    kept_stages = min(started, len(saved_stages))
+    if len(now_stages) < kept_stages:
+        changed.append(("stages", f"{len(saved_stages)} stages", f"{len(now_stages)} stages"))
+    else:
+        changed += _differences(saved_stages[:kept_stages], now_stages[:kept_stages], "stages")
     if changed:
         details = "; ".join(f"{path}: checkpoint {_short(a)}, now {_short(b)}" for path, a, b in changed[:4])
         raise UsageError(f"{ckpt} was written by a run with different {', '.join(p for p, _, _ in changed)}"
                          f" ({details}); continue it with the same settings (and number of processes), or choose"
                          f" a new --out")
-    return ckpt, state
+    notes: list[str] = []
+    history = list(state.get("history", []))
+    if saved_stages[kept_stages:] != now_stages[kept_stages:]:
+        notes.append(f"stages {kept_stages + 1}.. differ from those the checkpoint's run had"
+                     f" ({len(saved_stages)} then, {len(now_stages)} now); continuing after stage {kept_stages} with the"
+                     f" stages as configured now")
+        history.append({"event": "later stages changed", "global_step": state["global_step"],
+                        "from_stage": kept_stages + 1, "stages_before": saved_stages[kept_stages:],
+                        "stages_now": now_stages[kept_stages:]})
+    recorded = state.get("data_digests")
+    if digests is not None and recorded is not None:
+        used = [p for s in cfg.stages[:kept_stages] for p in s.data]
+        moved = [p for p in dict.fromkeys(used) if p in recorded and recorded[p] != digests.get(p)]
+        if moved and not cfg.accept_changed_data:
+            first = moved[0]
+            raise UsageError(f"{first} changed since {ckpt} was written (sha256 {recorded[first][:12]}..., now"
+                             f" {str(digests.get(first))[:12]}...){f' (and {len(moved) - 1} more)' if len(moved) > 1 else ''};"
+                             f" the run would not continue on the data it trained on. Restore the file, continue"
+                             f" anyway with --accept-changed-data, or choose a new --out")
+        if moved:
+            notes.append(f"continuing although {', '.join(moved)} changed since the checkpoint (--accept-changed-data)")
+            history.append({"event": "data changed, accepted", "global_step": state["global_step"],
+                            "files": {p: {"then": recorded[p], "now": digests.get(p)} for p in moved}})
+    elif digests is not None and recorded is None:
+        notes.append(f"{ckpt} records no data digests (an older orca-diff): changed data cannot be detected")
+    state["history"] = history
+    return ckpt, state, notes
 
 
 def _differences(saved: Any, now: Any, path: str = "") -> list[tuple[str, Any, Any]]:

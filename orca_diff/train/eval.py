@@ -20,14 +20,18 @@ EVAL_STREAM = 1_000_003  # system-message sampling stream of eval rows (stages u
 
 
 def load_eval_examples(paths: Sequence[str], tokenizer: Any, max_seq_len: int, template: str = "orca",
-                       system_messages: str = "keep",
-                       seed: int = 0) -> tuple[list[orca_data.Example], int, dict | None]:
-    """Tokenized held-out examples, the number dropped, and the system-message summary (or None)."""
-    rows = [r for path in paths for r in orca_data.read_orca_rows(path)]
+                       system_messages: str = "keep", seed: int = 0, prompt_erasure: bool = False,
+                       read: dict[str, Any] | None = None) -> tuple[list[orca_data.Example], int, dict | None]:
+    """Tokenized held-out examples, the number dropped, and the system-message summary (or None).
+
+    ``read``: the reader settings of the run (data_format, columns, empty_responses, max_row_bytes).
+    """
+    rows = [r for path in paths for r in orca_data.read_orca_rows(path, **(read or {}))]
     summary = None
     if system_messages == "orca":
         rows, summary = assign_system_messages(rows, seed, EVAL_STREAM)
-    examples, dropped = orca_data.encode_examples(rows, tokenizer, max_seq_len, template=template)
+    examples, dropped = orca_data.encode_examples(rows, tokenizer, max_seq_len, template=template,
+                                                  prompt_erasure=prompt_erasure)
     if not examples:
         raise UsageError(f"no usable eval example in {', '.join(paths)} ({dropped} dropped: the prompt alone fills"
                          f" max_seq_len={max_seq_len})")
