@@ -98,7 +98,8 @@ def _reshard(model: Any) -> None:
 def evaluate_folder(model_dir: str | Path, data: Sequence[str], tokenizer: str | None = None, max_seq_len: int = 2048,
                     micro_batch_size: int = 8, template: str = "orca", system_messages: str = "keep", seed: int = 0,
                     packing: bool = True, threads: int | None = None, device: str = "cpu",
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, prompt_erasure: bool = False, data_format: str = "auto",
+                    columns: dict[str, str] | None = None, empty_responses: str = "drop") -> dict[str, Any]:
     """Evaluate a saved HF folder on Orca files (fp32, no grad): loss, perplexity, targets, examples."""
     torch = require_extra("torch", "train", "Evaluating a model")
     transformers = require_extra("transformers", "train", "Evaluating a model")
@@ -106,10 +107,14 @@ def evaluate_folder(model_dir: str | Path, data: Sequence[str], tokenizer: str |
 
     if threads:
         torch.set_num_threads(threads)
-    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer or model_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(model_dir), **{from_pretrained_dtype_kwarg(transformers): torch.float32}).to(device)
-    examples, dropped, summary = load_eval_examples(list(data), tok, max_seq_len, template, system_messages, seed)
+    from .loop import load_pretrained_tokenizer, load_pretrained_model
+
+    tok = load_pretrained_tokenizer(transformers, str(tokenizer or model_dir))
+    model = load_pretrained_model(transformers, str(model_dir),
+                                  {from_pretrained_dtype_kwarg(transformers): torch.float32}).to(device)
+    read = {"data_format": data_format, "columns": columns, "empty_responses": empty_responses}
+    examples, dropped, summary = load_eval_examples(list(data), tok, max_seq_len, template, system_messages, seed,
+                                                    prompt_erasure, read)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     result = evaluate(model, examples, eval_micro_batches(examples, max_seq_len, micro_batch_size, packing), pad,
                       torch.device(device), progress=progress)

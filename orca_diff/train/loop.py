@@ -34,7 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputNotFoundError, InterruptedError_, MissingExtraError, OutputError, UsageError, require_extra
+from ..errors import (FormatError, InputNotFoundError, InterruptedError_, MissingExtraError, OutputError, UsageError,
+                      require_extra)
 from . import data as orca_data
 from . import outputs
 from .board import TensorBoard
@@ -151,7 +152,7 @@ def load_tokenizer_and_model(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, b
             ) from None
     if Path(cfg.model).exists() is False and os.sep in cfg.model:
         raise InputNotFoundError(f"base model {cfg.model} does not exist (expected an HF folder with config.json)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    tokenizer = load_pretrained_tokenizer(transformers, cfg.tokenizer or cfg.model)
     added = False
     if tokenizer.pad_token is None:
         # Orca adds "[[PAD]]" to LLaMA's 32,000 tokens -> 32,001; the new embedding rows are the
@@ -166,12 +167,42 @@ def load_tokenizer_and_model(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, b
     kwargs: dict[str, Any] = {from_pretrained_dtype_kwarg(transformers): torch.float32}  # fp32 master weights
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    model = load_pretrained_model(transformers, cfg.model, kwargs)
     save_dtype = _base_save_dtype(cfg, model.config)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model, added, save_dtype
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def load_pretrained_tokenizer(transformers: Any, source: str) -> Any:
+    """AutoTokenizer, or one line saying why this folder's tokenizer cannot be loaded."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        raise FormatError(f"cannot load a tokenizer from {source} ({_first_line(exc)}); give --tokenizer DIR, a folder"
+                          f" with a tokenizer transformers can load (tokenizer.json, or tokenizer.model with"
+                          f" sentencepiece installed)") from None
+
+
+def load_pretrained_model(transformers: Any, source: str, kwargs: dict[str, Any]) -> Any:
+    """AutoModelForCausalLM, or one line saying why this folder's weights cannot be loaded."""
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except ImportError as exc:  # e.g. flash_attention_2 without flash-attn
+        raise MissingExtraError(f"loading {source}: {_first_line(exc)}") from None
+    except Exception as exc:
+        raise FormatError(f"cannot load the model {source} ({_first_line(exc)}); expected an HF folder of a"
+                          f" causal language model (config.json + safetensors)") from None
 
 
 def prepare_model(model: Any, cfg: TrainConfig, rt: Runtime) -> Any:
@@ -272,7 +303,7 @@ def build_stage_plan(stage: Stage, stage_index: int, tokenizer: Any, cfg: TrainC
     plan = StagePlan(examples, packed, rows_per_step, 0, cfg.seed, stage_index)
     plan.total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * plan.steps_per_epoch))
     if rt.main and not cfg.quiet:
-        print(f"stage {stage_index + 1} ({stage.name or Path(stage.data[0]).name}): {len(examples)} examples"
+        print(f"{time.strftime('%H:%M:%S')} stage {stage_index + 1} ({stage.name or Path(stage.data[0]).name}): {len(examples)} examples"
               f" ({dropped} dropped) in {len(packed)} rows, {plan.total_steps} steps of {rows_per_step} rows,"
               f" lr {stage.lr:g}", flush=True)
         if summary:
