@@ -45,6 +45,7 @@ from .preflight import record as preflight_record
 from .config import (LOG_NAME, METRICS_NAME, MODEL_DIRNAME, PLOT_NAME, SAFETENSORS_TO_TORCH, Stage, TrainConfig)
 from .eval import eval_micro_batches, evaluate, load_eval_examples
 from .readers import read_rows
+from .schema import MAX_ROWS_PER_STEP
 from .export import save_hf_model
 from .plot import plot_available, plot_losses
 from .system_messages import assign_system_messages
@@ -436,6 +437,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     say = (lambda msg: tqdm.write(f"{time.strftime('%H:%M:%S')} {msg}")) if (rt.main and not cfg.quiet) \
         else (lambda msg: None)
     check_folders(cfg)
+    if cfg.micro_batch_size * cfg.grad_accum * rt.world > MAX_ROWS_PER_STEP:
+        raise UsageError(f"micro_batch_size x grad_accum x processes = {cfg.micro_batch_size * cfg.grad_accum * rt.world:,}"
+                         f" rows per optimizer step, more than {MAX_ROWS_PER_STEP:,}")
     if cfg.force and rt.main:
         removed = outputs.remove_previous_run(out, cfg)
         if removed:

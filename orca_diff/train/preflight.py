@@ -48,6 +48,7 @@ def check_data(cfg: TrainConfig) -> dict[str, FileReport]:
     """{path: report} of every stage and eval file; one error listing every unusable one."""
     reports: dict[str, FileReport] = {}
     problems: list[str] = []
+    kinds: set[type] = set()
     places: list[tuple[str, str]] = [(f"stage {i + 1}", p) for i, s in enumerate(cfg.stages) for p in s.data]
     places += [("eval", p) for p in cfg.eval_data]
     for label, path in places:
@@ -58,14 +59,16 @@ def check_data(cfg: TrainConfig) -> dict[str, FileReport]:
             report.sha256 = file_sha256(path)
         except OrcaDiffError as exc:
             problems.append(f"{label}: {exc}")
+            kinds.add(type(exc))
             continue
         if report.rows == 0:
             problems.append(f"{label}: {path}: no usable row ({report.dropped_empty} with an empty response)")
+            kinds.add(FormatError)
         reports[path] = report
     if problems:
         head = f"{len(problems)} problems in the training data, found before step 1: " if len(problems) > 1 \
             else "found before step 1: "
-        error = FormatError if all("does not exist" not in p for p in problems) else InputNotFoundError
+        error = kinds.pop() if len(kinds) == 1 else FormatError  # e.g. only missing files: exit 3
         raise error(head + "; ".join(problems))
     return reports
 
