@@ -75,6 +75,10 @@ STAGE_FLAGS = ("epochs", "max_steps", "lr", "warmup_steps")
 @click.option("--eval", "eval_data", multiple=True, type=click.Path(dir_okay=False),
               help="Held-out Orca file (repeatable): response-only loss and perplexity before training, at each stage "
                    "end and every --eval-every steps, in the log, OUT/metrics.json and OUT/loss.png.")
+@click.option("--eval-mc", "eval_mc", multiple=True,
+              help="Multiple-choice set (repeatable): a BBH task .json, an AGIEval .jsonl, or builtin (a 12-question "
+                   "sample). Each choice scored by log-likelihood, accuracy per task, on the saved model at the end "
+                   "(and with --eval-only).")
 @click.option("--eval-every", type=click.IntRange(0), default=None, help="Also evaluate every N optimizer steps [0: stage ends].")
 @click.option("--eval-only", is_flag=True, default=False,
               help="Only measure --model on --eval (no training); with --out, also write OUT/metrics.json.")
@@ -113,6 +117,7 @@ def train(config_file: str | None, data: tuple[str, ...], **flags: Any) -> None:
 
     eval_only = flags.pop("eval_only")
     flags["eval_data"] = list(flags["eval_data"]) or None
+    flags["eval_mc"] = list(flags["eval_mc"]) or None
     if flags.get("columns") is not None:
         flags["columns"] = parse_columns(flags["columns"])
     if eval_only:
@@ -161,8 +166,8 @@ def _eval_only(config_file: str | None, data: tuple[str, ...], flags: dict[str, 
 
     if config_file or data:
         raise UsageError("--eval-only measures one model: give --model DIR --eval FILE (no --config or --data)")
-    if not flags.get("model") or not flags.get("eval_data"):
-        raise UsageError("--eval-only needs --model DIR and --eval FILE")
+    if not flags.get("model") or not (flags.get("eval_data") or flags.get("eval_mc")):
+        raise UsageError("--eval-only needs --model DIR and --eval FILE (or --eval-mc SET)")
     keys = {"tokenizer": None, "max_seq_len": 2048, "micro_batch_size": 8, "template": "orca",
             "system_messages": "keep", "seed": 0, "packing": True, "threads": None, "prompt_erasure": False,
             "data_format": "auto", "columns": None, "empty_responses": "drop"}
@@ -178,19 +183,35 @@ def _eval_only(config_file: str | None, data: tuple[str, ...], flags: dict[str, 
         click.echo(f"{flags['model']}: evaluating with its run's settings (template {kwargs['template']}, max_seq_len"
                    f" {kwargs['max_seq_len']}, micro_batch_size {kwargs['micro_batch_size']}, packing"
                    f" {kwargs['packing']}); flags override them")
-    paths = flags["eval_data"]
-    result = evaluate_folder(flags["model"], paths, device=device, progress=not flags.get("quiet"), **kwargs)
+    paths = flags["eval_data"] or []
+    result: dict[str, Any] = {}
+    if paths:
+        result = evaluate_folder(flags["model"], paths, device=device, progress=not flags.get("quiet"), **kwargs)
     per_set = {}
     if len(paths) > 1:
         from ..train.loop import eval_set_name
 
         per_set = {eval_set_name(p, paths): evaluate_folder(flags["model"], [p], device=device, **kwargs)
                    for p in paths}
+    mc = None
+    if flags.get("eval_mc"):
+        from ..train.mcq import score_folder
+
+        mc = score_folder(flags["model"], flags["eval_mc"], kwargs["template"], kwargs["max_seq_len"], device,
+                          kwargs["tokenizer"])
     if not flags.get("quiet"):
-        click.echo(f"{flags['model']}: loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} over"
-                   f" {result['targets']} response tokens of {result['examples']} examples")
+        if result:
+            click.echo(f"{flags['model']}: loss {result['loss']:.4f}, perplexity {result['ppl']:.2f} over"
+                       f" {result['targets']} response tokens of {result['examples']} examples")
         for name, r in per_set.items():
             click.echo(f"  {name}: loss {r['loss']:.4f}, perplexity {r['ppl']:.2f} over {r['targets']} response tokens")
+        if mc:
+            for note in mc["notes"]:
+                click.echo(f"  --eval-mc: {note}")
+            click.echo(f"{flags['model']}: multiple choice, mean accuracy {mc['mean_accuracy']:.3f} over"
+                       f" {len(mc['tasks'])} tasks")
+            for task, r in mc["tasks"].items():
+                click.echo(f"  {task}: accuracy {r['accuracy']:.3f} ({r['questions']} questions)")
     if flags.get("out"):
         out = Path(flags["out"])
         if out.exists() and not out.is_dir():
@@ -198,7 +219,7 @@ def _eval_only(config_file: str | None, data: tuple[str, ...], flags: dict[str, 
 
             raise OutputError(f"--out {out} is a file; give a folder for metrics.json")
         out.mkdir(parents=True, exist_ok=True)
-        doc = {"eval_only": result, **({"eval_sets": per_set} if per_set else {})}
+        doc = {"eval_only": result, **({"eval_sets": per_set} if per_set else {}), **({"eval_mc": mc} if mc else {})}
         (out / METRICS_NAME).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
 

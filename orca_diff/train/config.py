@@ -101,6 +101,7 @@ class TrainConfig:
     force: bool = False                         # start again in OUT, replacing what an earlier run wrote there
     stop_after_steps: int | None = None         # checkpoint and stop after N steps of this invocation (time limits)
     eval_data: list[str] = field(default_factory=list)  # held-out Orca files: eval before, every N, at stage ends
+    eval_mc: list[str] = field(default_factory=list)  # multiple-choice files (BBH/AGIEval) or "builtin": scored at the end
     eval_every: int = 0                         # also evaluate every N optimizer steps (0: stage ends only)
     log_every: int = 1
     quiet: bool = False
@@ -118,6 +119,7 @@ class TrainConfig:
         if not self.model or not self.out:
             raise UsageError("model and out must be set (in the config file or with --model/--out)")
         self.eval_data = [resolve_local(p) for p in self.eval_data]
+        self.eval_mc = [p if p == "builtin" else resolve_local(p) for p in self.eval_mc]
         self.model = _resolve_if_local(self.model)  # type: ignore[assignment]
         self.tokenizer = _resolve_if_local(self.tokenizer)
         self.out = resolve_local(self.out)
@@ -130,7 +132,7 @@ class TrainConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """The values a checkpoint depends on: resuming with other values would not continue the same run."""
         skip = {"out", "resume", "trust_pickled_checkpoint", "accept_changed_data", "force", "max_row_bytes", "save_every", "keep_checkpoints", "stop_after_steps", "log_every", "quiet",
-                "make_diff_against", "diff_out", "device", "threads", "eval_data", "eval_every"}
+                "make_diff_against", "diff_out", "device", "threads", "eval_data", "eval_every", "eval_mc"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -160,6 +162,8 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     clean["stages"] = [Stage(**{**s, "data": [near_file(p) for p in s["data"]]}) for s in clean.get("stages") or []]
     if clean.get("eval_data"):
         clean["eval_data"] = [near_file(p) for p in clean["eval_data"]]
+    if clean.get("eval_mc"):
+        clean["eval_mc"] = [p if p == "builtin" else near_file(p) for p in clean["eval_mc"]]
     clean.update({k: v for k, v in overrides.items() if v is not None})
     clean.setdefault("model", None)
     clean.setdefault("out", None)

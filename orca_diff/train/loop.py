@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import (FormatError, InputNotFoundError, InterruptedError_, MissingExtraError, OutputError, UsageError,
                       require_extra)
 from . import data as orca_data
-from . import outputs
+from . import mcq, outputs
 from .board import TensorBoard
 from .checkpoints import load_checkpoint, read_resume_state, save_checkpoint
 from .preflight import check_data, check_folders, data_digests, describe
@@ -365,6 +365,9 @@ def write_metrics(out: Path, cfg: TrainConfig, model_dir: Path | None = None) ->
             gained = metrics["eval_loss_before"] - masters[-1]["loss"]
             lost = saved[-1]["loss"] - masters[-1]["loss"]
             metrics["rounding_cost_share_of_improvement"] = lost / gained if gained > 0 else None
+    mc_records = [r for r in records if r.get("kind") == "eval_mc"]
+    if mc_records:
+        metrics["eval_mc"] = {k: mc_records[-1][k] for k in ("when", "tasks", "mean_accuracy") if k in mc_records[-1]}
     sets = [{k: r[k] for k in ("set", "stage", "global_step", "when", "loss", "ppl", "targets") if k in r}
             for r in records if r.get("kind") in ("eval_set", "eval_saved_set")]
     if sets:
@@ -450,6 +453,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     for line in describe(cfg, reports):
         say(line)
     digests = data_digests(cfg, reports)
+    mc_questions, mc_notes = mcq.read_all(cfg.eval_mc) if cfg.eval_mc else ([], [])
+    for line in mc_notes:
+        say(f"--eval-mc: {line}")
     resume = read_resume_state(out, cfg, rt.world, digests)  # refuses a checkpoint of other settings or data
     if resume is None and model_dir.exists():
         raise OutputError(f"{out} already holds a trained model ({model_dir}) and no checkpoint to continue from;"
@@ -641,10 +647,17 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                 # everything was trained already (the model folder was lost): just write the model again
                 load_checkpoint(resume[0], model, None, rt.rank, rt.world, cfg.trust_pickled_checkpoint)
             save_hf_model(model, tokenizer, model_dir, save_dtype, use_cache, cfg.template, rt.world, rt.main)
-            if evaluation is not None and save_dtype != "F32":
-                # The loss of what ships: the master weights rounded as save_hf_model rounded them (in
-                # place: training is over), beside the master weights' loss of the stage-end eval.
+            if (evaluation is not None or mc_questions) and save_dtype != "F32":
+                # What ships is measured: the master weights rounded as save_hf_model rounded them (in
+                # place: training is over); the stage-end eval gave the master weights' loss.
                 round_weights_to(model, getattr(torch, SAFETENSORS_TO_TORCH[save_dtype]))
+            if mc_questions:
+                mc = mcq.score(model, tokenizer, mc_questions, rt.device, cfg.template, cfg.max_seq_len,
+                               rt.autocast_bf16)
+                log({"kind": "eval_mc", "global_step": global_step, "when": f"saved model ({save_dtype})", **mc})
+                say(f"multiple choice (saved model): mean accuracy {mc['mean_accuracy']:.3f} over"
+                    f" {len(mc['tasks'])} tasks; " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in mc["tasks"].items()))
+            if evaluation is not None and save_dtype != "F32":
                 saved = run_eval(len(cfg.stages), f"saved model ({save_dtype})", kind="eval_saved")
                 masters = next((r for r in reversed(read_log(out)) if r.get("kind") == "eval"), None) if rt.main else None
                 if saved and masters:
