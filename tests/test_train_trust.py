@@ -467,3 +467,17 @@ def test_log_records_carry_timestamps_and_tensorboard_gets_scalars_when_installe
     assert all("time" in r for r in records(out))
     assert ("train/loss", 1) in written and ("train/loss", 2) in written
     assert written[0] == ("dir", str(out / "tensorboard"))
+
+
+def test_save_stage_models_writes_the_model_each_stage_ended_with(base_dir, tmp_path):
+    out = tmp_path / "run"
+    stages = [Stage(data=[str(SAMPLE)], max_steps=1, lr=3e-3), Stage(data=[str(SAMPLE)], max_steps=1, lr=3e-3)]
+    final = train(quick_config(base_dir, out, stages=stages, save_stage_models=True))
+    from safetensors.torch import load_file
+
+    after_1 = load_file(out / "stage-1-model" / "model.safetensors")
+    after_2 = load_file(final / "model.safetensors")
+    assert after_1.keys() == after_2.keys()
+    assert any(not torch.equal(after_1[k], after_2[k]) for k in after_1)
+    assert not (out / "stage-2-model").exists()
+    assert transformers.AutoModelForCausalLM.from_pretrained(out / "stage-1-model").config.use_cache is True

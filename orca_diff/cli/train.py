@@ -59,6 +59,8 @@ STAGE_FLAGS = ("epochs", "max_steps", "lr", "warmup_steps")
 @click.option("--save-dtype", type=click.Choice(["auto", "F16", "BF16", "F32"]), default=None,
               help="Dtype of the saved weights [auto: the base's].")
 @click.option("--save-every", type=click.IntRange(0), default=None, help="Checkpoint every N optimizer steps [0: stage ends].")
+@click.option("--save-stage-models", is_flag=True, default=None,
+              help="Also write OUT/stage-K-model (an HF folder like OUT/model) at the end of every stage but the last.")
 @click.option("--resume", is_flag=True, default=None,
               help="Continue from the newest checkpoint in OUT. Optional: the same command continues a run of the same "
                    "settings by itself.")

@@ -95,6 +95,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0                         # checkpoint every N optimizer steps (0: stage ends only)
     keep_checkpoints: int = 2
+    save_stage_models: bool = False             # also write OUT/stage-K-model at the end of every stage but the last
     resume: bool = False                        # kept for old scripts: a checkpoint of the same run is always resumed
     trust_pickled_checkpoint: bool = False      # load a torch.distributed.checkpoint (pickled) checkpoint: only your own
     accept_changed_data: bool = False           # continue although a data file changed since the checkpoint
@@ -131,7 +132,7 @@ class TrainConfig:
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The values a checkpoint depends on: resuming with other values would not continue the same run."""
-        skip = {"out", "resume", "trust_pickled_checkpoint", "accept_changed_data", "force", "max_row_bytes", "save_every", "keep_checkpoints", "stop_after_steps", "log_every", "quiet",
+        skip = {"out", "resume", "save_stage_models", "trust_pickled_checkpoint", "accept_changed_data", "force", "max_row_bytes", "save_every", "keep_checkpoints", "stop_after_steps", "log_every", "quiet",
                 "make_diff_against", "diff_out", "device", "threads", "eval_data", "eval_every", "eval_mc"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 

@@ -616,6 +616,12 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                     stage_done = step == plan.total_steps - 1
                     if stage_done:
                         run_eval(stage_index + 1, f"end of stage {stage_index + 1}")
+                        if cfg.save_stage_models and stage_index < len(cfg.stages) - 1:
+                            stage_dir = out / f"stage-{stage_index + 1}-model"
+                            save_hf_model(model, tokenizer, stage_dir, save_dtype, use_cache, cfg.template, rt.world,
+                                          rt.main)
+                            model.config.use_cache = False
+                            say(f"wrote {stage_dir}: the model as stage {stage_index + 1} left it")
                     elif cfg.eval_every and global_step % cfg.eval_every == 0:
                         run_eval(stage_index + 1, f"step {global_step}")
                     # Every rank learns of a Ctrl-C on any rank at the same step.

@@ -110,7 +110,7 @@ def remove_previous_run(out: Path, cfg: TrainConfig) -> list[str]:
     if not out.is_dir() or not any((out / n).exists() for n in (CHECKPOINTS_DIRNAME, LOG_NAME, "train_config.json")):
         return []  # not a run folder: nothing of ours to remove (an existing OUT/model is refused later)
     removed = []
-    for name in RUN_FILES:
+    for name in RUN_FILES + tuple(sorted(p.name for p in out.glob("stage-*-model"))):
         path = out / name
         if path.is_symlink() or path.is_file():
             path.unlink()

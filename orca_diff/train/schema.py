@@ -184,7 +184,7 @@ TOP_LEVEL: dict[str, Key] = {
     "bf16": boolean(optional=True), "attn_implementation": choice(ATTN_IMPLEMENTATIONS, optional=True),
     "device": choice(("auto", "cpu", "cuda"), prefix_ok=("cuda:",)), "threads": integer(1, 4096, optional=True),
     "save_dtype": choice(("auto", "F16", "BF16", "F32")), "pad_token": text(nonempty=True),
-    "seed": integer(0, 2**63 - 1), "save_every": integer(0), "keep_checkpoints": integer(1),
+    "seed": integer(0, 2**63 - 1), "save_every": integer(0), "keep_checkpoints": integer(1), "save_stage_models": boolean(),
     "resume": boolean(), "trust_pickled_checkpoint": boolean(), "accept_changed_data": boolean(),
     "stop_after_steps": integer(1, optional=True), "eval_data": paths(nonempty=False), "eval_mc": paths(nonempty=False), "eval_every": integer(0),
     "log_every": integer(1), "quiet": boolean(), "make_diff_against": text(optional=True),
