@@ -481,3 +481,24 @@ def test_save_stage_models_writes_the_model_each_stage_ended_with(base_dir, tmp_
     assert any(not torch.equal(after_1[k], after_2[k]) for k in after_1)
     assert not (out / "stage-2-model").exists()
     assert transformers.AutoModelForCausalLM.from_pretrained(out / "stage-1-model").config.use_cache is True
+
+
+def test_tokenization_is_cached_once_per_stage_and_memory_mapped_on_the_next_start(base_dir, tmp_path, capsys):
+    from orca_diff.train import tokcache
+
+    out = tmp_path / "run"
+    stages = [Stage(data=[str(SAMPLE)], max_steps=3, lr=1e-3)]
+    train(quick_config(base_dir, out, stages=stages, stop_after_steps=1, quiet=False))
+    assert "tokens read from" not in capsys.readouterr().out
+    (entry,) = (out / tokcache.CACHE_DIRNAME).iterdir()
+    train(quick_config(base_dir, out, stages=stages, quiet=False))
+    assert "tokens read from" in capsys.readouterr().out
+    straight = tmp_path / "straight"
+    train(quick_config(base_dir, straight, stages=stages))
+    assert [r["loss"] for r in records(out)] == [r["loss"] for r in records(straight)]
+    # Another template (or tokenizer, data, max_seq_len...) is another entry, never the same one.
+    train(quick_config(base_dir, tmp_path / "other", stages=stages, template="llama2"))
+    train(quick_config(base_dir, out, stages=stages, force=True, template="llama2"))
+    assert len(list((out / tokcache.CACHE_DIRNAME).iterdir())) == 2
+    ids = __import__("numpy").load(entry / "ids.npy", mmap_mode="r")
+    assert type(ids).__name__ == "memmap" and ids.dtype.name == "uint16"

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import (FormatError, InputNotFoundError, InterruptedError_, MissingExtraError, OutputError, UsageError,
                       require_extra)
 from . import data as orca_data
-from . import mcq, outputs
+from . import mcq, outputs, tokcache
 from .board import TensorBoard
 from .checkpoints import load_checkpoint, read_resume_state, save_checkpoint
 from .preflight import check_data, check_folders, data_digests, describe
@@ -280,19 +280,41 @@ class StagePlan:
 
 
 def build_stage_plan(stage: Stage, stage_index: int, tokenizer: Any, cfg: TrainConfig,
-                     rt: Runtime) -> tuple[StagePlan, dict[str, Any] | None]:
-    """The stage's packed rows and step count, and the system-message summary (``--system-messages orca``)."""
-    rows: list[dict[str, Any]] = []
-    for path in stage.data:
-        rows.extend(read_rows(path, cfg.data_format, cfg.columns, cfg.empty_responses, cfg.max_row_bytes)[0])
-    summary = None
-    if cfg.system_messages == "orca":
-        rows, summary = assign_system_messages(rows, cfg.seed, stage_index)
-    examples, dropped = orca_data.encode_examples(rows, tokenizer, cfg.max_seq_len, template=cfg.template,
-                                                  prompt_erasure=cfg.prompt_erasure)
+                     rt: Runtime, digests: dict[str, str] | None = None) -> tuple[StagePlan, dict[str, Any] | None]:
+    """The stage's packed rows and step count, and the system-message summary (``--system-messages orca``).
+
+    With ``digests`` (the data files' sha256) the tokenized examples come from OUT/cache when an
+    earlier start (or another rank) made them (:mod:`.tokcache`).
+    """
+    torch = require_extra("torch", "train", "orca-diff train")
+
+    def build() -> tuple[list[orca_data.Example], int, Any]:
+        rows: list[dict[str, Any]] = []
+        for path in stage.data:
+            rows.extend(read_rows(path, cfg.data_format, cfg.columns, cfg.empty_responses, cfg.max_row_bytes)[0])
+        summary_ = None
+        if cfg.system_messages == "orca":
+            rows, summary_ = assign_system_messages(rows, cfg.seed, stage_index)
+        encoded, dropped_ = orca_data.encode_examples(rows, tokenizer, cfg.max_seq_len, template=cfg.template,
+                                                      prompt_erasure=cfg.prompt_erasure)
+        return encoded, dropped_, summary_
+
+    if digests is not None and all(p in digests for p in stage.data):
+        parts = {"files": [[p, digests[p]] for p in stage.data], "tokenizer": tokcache.tokenizer_fingerprint(tokenizer),
+                 "template": cfg.template, "max_seq_len": cfg.max_seq_len, "prompt_erasure": cfg.prompt_erasure,
+                 "data_format": cfg.data_format, "columns": cfg.columns, "empty_responses": cfg.empty_responses,
+                 "system_messages": cfg.system_messages,
+                 "sampling": [cfg.seed, stage_index] if cfg.system_messages == "orca" else None}
+        barrier = (lambda: torch.distributed.barrier()) if rt.world > 1 else (lambda: None)
+        examples, dropped, summary, from_cache = tokcache.cached_examples(Path(cfg.out), parts, build, rt.main, barrier)
+    else:
+        (examples, dropped, summary), from_cache = build(), False
     if not examples:
         raise UsageError(f"stage {stage.name or stage_index + 1}: no usable example in {', '.join(stage.data)}"
                          f" ({dropped} dropped: prompt alone fills max_seq_len={cfg.max_seq_len})")
+    if from_cache and rt.main and not cfg.quiet:
+        print(f"{time.strftime('%H:%M:%S')} stage {stage_index + 1}: tokens read from {Path(cfg.out) / tokcache.CACHE_DIRNAME}"
+              f" (tokenized on an earlier start)", flush=True)
     # Orca: shuffle the examples, then partition them into rows that fit max_len.
     order = np.random.default_rng([cfg.seed, stage_index]).permutation(len(examples))
     examples = [examples[i] for i in order]
@@ -557,7 +579,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
         with _CtrlC() as ctrl_c:
             for stage_index in range(first_stage, len(cfg.stages)):
                 stage = cfg.stages[stage_index]
-                plan, summary = build_stage_plan(stage, stage_index, tokenizer, cfg, rt)
+                plan, summary = build_stage_plan(stage, stage_index, tokenizer, cfg, rt, digests)
                 optimizer = make_optimizer(model, cfg, stage.lr)  # each stage is a fresh fine-tuning run
                 start = 0
                 if resume and stage_index == first_stage:
