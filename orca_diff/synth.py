@@ -185,19 +185,50 @@ def write_shards(folder: Path, tensors: Iterator[tuple[str, str, np.ndarray]], m
     return names
 
 
+#: A real byte-level BPE tokenizer of 924 ids (``<unk>``, ``<s>``, ``</s>``, 256 bytes, 665 merges),
+#: built by scripts/build_synth_tokenizer.py with the ``tokenizers`` library and shipped as data,
+#: so that writing a model needs neither ``tokenizers`` nor torch.
+SYNTH_TOKENIZER = Path(__file__).with_name("synth_tokenizer.json")
+BYTE_LEVEL_IDS = 3 + 256  # the specials and the byte alphabet: the smallest vocabulary that tokenises any text
+
+
+def tokenizer_json(vocab_size: int, added: dict[str, int] | None = None) -> str | None:
+    """The shipped tokenizer cut to ``vocab_size`` ids (merge k makes id 259 + k, so a prefix of the
+    merges is a valid tokenizer), with ``added`` special tokens (e.g. ``[PAD]``) at their ids;
+    None when the vocabulary is too small to hold the byte alphabet."""
+    if vocab_size < BYTE_LEVEL_IDS:
+        return None
+    doc = json.loads(SYNTH_TOKENIZER.read_text(encoding="utf-8"))
+    model = doc["model"]
+    model["vocab"] = {t: i for t, i in model["vocab"].items() if i < vocab_size}
+    model["merges"] = model["merges"][:max(0, vocab_size - BYTE_LEVEL_IDS)]
+    doc["added_tokens"] = [t for t in doc["added_tokens"] if t["id"] < vocab_size]
+    template = dict(doc["added_tokens"][0])
+    for token, index in (added or {}).items():
+        doc["added_tokens"].append({**template, "content": token, "id": index})
+    return json.dumps(doc, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+
+
 def _write_common_files(folder: Path, shape: LlamaShape, dtype: str, vocab: int, pad: int | None,
                         tokenizer_seed: int = 0, added: tuple[str, ...] = ("[PAD]",)) -> None:
     (folder / "config.json").write_text(json.dumps(shape.config_json(dtype, vocab, pad), indent=2) + "\n")
     (folder / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": pad or 0}, indent=2) + "\n")
-    # A stand-in for Meta's sentencepiece model: opaque bytes that the base and target share.
+    # A stand-in for Meta's sentencepiece file, which every LLaMA release carries and `make` takes
+    # from the base: opaque bytes that the base and target share. transformers does not read it:
+    # the tokenizer it loads is tokenizer.json, a real one (below).
     (folder / "tokenizer.model").write_bytes(np.random.default_rng(tokenizer_seed).bytes(4096))
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     if pad is not None:
         special["pad_token"] = "[PAD]"
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    added_ids = {t: pad + i for i, t in enumerate(added)} if pad is not None else {}
+    real = tokenizer_json(shape.vocab_size, added_ids)
+    if real is not None:
+        (folder / "tokenizer.json").write_text(real, encoding="utf-8")
+    tokenizer_class = "PreTrainedTokenizerFast" if real is not None else "LlamaTokenizer"
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "LlamaTokenizer", "model_max_length": 2048, **special}, indent=2) + "\n")
+        json.dumps({"tokenizer_class": tokenizer_class, "model_max_length": 2048, **special}, indent=2) + "\n")
     if pad is not None:
         (folder / "added_tokens.json").write_text(json.dumps({t: pad + i for i, t in enumerate(added)}) + "\n")
 

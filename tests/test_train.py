@@ -318,8 +318,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(base_dir, tmp_path):
     out = tmp_path / "interrupted"
     ckpt = train(quick_config(base_dir, out, save_every=2, stop_after_steps=2, **small))
     assert ckpt.name == "step-00000002" and not (out / MODEL_DIRNAME).exists()
-    with pytest.raises(UsageError, match="different stages"):
-        train(quick_config(base_dir, out, resume=True, **{**small, "stages": stages[:1]}))
+    in_progress_changed = [Stage(data=[str(SAMPLE)], max_steps=4, lr=2e-3), stages[1]]
+    with pytest.raises(UsageError, match=r"different stages\[0\]\.max_steps"):
+        train(quick_config(base_dir, out, resume=True, **{**small, "stages": in_progress_changed}))
     again = train(quick_config(base_dir, out, save_every=2, stop_after_steps=2, resume=True, **small))
     assert again.name == "step-00000004"  # 2 more steps: stage 1 done, stopped inside stage 2
     resumed = train(quick_config(base_dir, out, save_every=2, resume=True, **small))

@@ -193,7 +193,8 @@ def test_docs_document_exactly_the_options_the_train_command_has():
     cli_options = {opt for p in command.params for opt in p.opts + p.secondary_opts if opt.startswith("--")}
     cli_options.add("--help")
     text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
-    other_commands = {"--nproc_per_node", "--standalone", "--base", "--diff", "--no-deps"}  # torchrun, apply, pip
+    other_commands = {"--nproc_per_node", "--standalone", "--base", "--diff", "--no-deps",  # torchrun, apply, pip
+                      "--workdir", "--hidden", "--layers", "--logdir"}  # demo, tensorboard
     mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", text)) - other_commands
     assert mentioned - cli_options == set(), "documented but not an option"
     assert cli_options - {"--help"} - mentioned == set(), "an option the docs do not describe"

@@ -7,13 +7,13 @@ is recognised as the same run when its checkpoint is compared.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputNotFoundError, UsageError, require_extra
+from ..errors import InputNotFoundError, UsageError
+from .schema import MAX_ROW_BYTES, TEMPLATE_CHOICES, check_settings, parse_config_text
 
 MODEL_DIRNAME = "model"          # OUT/model: the final HF folder
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -23,7 +23,7 @@ PLOT_NAME = "loss.png"           # train/eval loss per stage (needs matplotlib: 
 STATE_NAME = "state.json"        # inside a checkpoint: where to continue, and the config it belongs to
 
 SAFETENSORS_TO_TORCH = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-TEMPLATES = ("orca", "base")            # orca: ### System/User/Response; base: the base tokenizer's chat template
+TEMPLATES = TEMPLATE_CHOICES            # orca: ### System/User/Response; chatml; llama2; base: the base's own
 SYSTEM_MESSAGE_MODES = ("keep", "orca")  # orca: empty system prompts get one of the paper's 16, per sub-collection
 
 
@@ -52,15 +52,12 @@ class Stage:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, (str, os.PathLike)):
+        if isinstance(self.data, os.PathLike):
             self.data = [str(self.data)]
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in check_settings({"stages": [values]}, "settings")["stages"][0].items():
+            setattr(self, key, value)
         self.data = [resolve_local(d) for d in self.data]
-        if not self.data:
-            raise UsageError("a stage needs at least one data file")
-        if self.max_steps is None and not self.epochs > 0:
-            raise UsageError(f"stage {self.name or self.data[0]}: epochs must be > 0 (or set max_steps)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"stage {self.name or self.data[0]}: max_steps must be >= 1")
 
 
 @dataclass
@@ -71,7 +68,12 @@ class TrainConfig:
     out: str                                    # OUT/model, OUT/checkpoints, OUT/train_log.jsonl
     stages: list[Stage] = field(default_factory=list)
     tokenizer: str | None = None                # default: the model folder
-    template: str = "orca"                      # orca (### System/User/Response, shipped as the chat template) | base
+    template: str = "orca"                      # orca (### System/User/Response) | chatml | llama2 | base (the base's own)
+    prompt_erasure: bool = False                # Orca 2: the system message is shown to the teacher, not the student
+    data_format: str = "auto"                   # auto | orca | sharegpt | alpaca | messages (see data.py)
+    columns: dict[str, str] | None = None       # {question: FILE COLUMN, response: ..., system_prompt: ...}
+    empty_responses: str = "drop"               # drop (and count per file) | refuse
+    max_row_bytes: int = MAX_ROW_BYTES          # one data row may cost at most this (a JSONL line, a parquet row)
     system_messages: str = "keep"               # keep | orca (sample one of Orca's 16 for rows without one)
     max_seq_len: int = 2048                     # Orca: 2,048
     packing: bool = True                        # Orca: packing (~2.7 examples per row)
@@ -93,9 +95,14 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0                         # checkpoint every N optimizer steps (0: stage ends only)
     keep_checkpoints: int = 2
+    save_stage_models: bool = False             # also write OUT/stage-K-model at the end of every stage but the last
     resume: bool = False                        # kept for old scripts: a checkpoint of the same run is always resumed
+    trust_pickled_checkpoint: bool = False      # load a torch.distributed.checkpoint (pickled) checkpoint: only your own
+    accept_changed_data: bool = False           # continue although a data file changed since the checkpoint
+    force: bool = False                         # start again in OUT, replacing what an earlier run wrote there
     stop_after_steps: int | None = None         # checkpoint and stop after N steps of this invocation (time limits)
     eval_data: list[str] = field(default_factory=list)  # held-out Orca files: eval before, every N, at stage ends
+    eval_mc: list[str] = field(default_factory=list)  # multiple-choice files (BBH/AGIEval) or "builtin": scored at the end
     eval_every: int = 0                         # also evaluate every N optimizer steps (0: stage ends only)
     log_every: int = 1
     quiet: bool = False
@@ -104,10 +111,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        if isinstance(self.eval_data, (str, os.PathLike)):
+        if isinstance(self.eval_data, os.PathLike):
             self.eval_data = [str(self.eval_data)]
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("stages", "force")}
+        values = {k: v for k, v in values.items() if v is not None or k not in ("model", "out")}
+        for key, value in check_settings(values, "settings").items():
+            setattr(self, key, value)
+        if not self.model or not self.out:
+            raise UsageError("model and out must be set (in the config file or with --model/--out)")
         self.eval_data = [resolve_local(p) for p in self.eval_data]
+        self.eval_mc = [p if p == "builtin" else resolve_local(p) for p in self.eval_mc]
         self.model = _resolve_if_local(self.model)  # type: ignore[assignment]
         self.tokenizer = _resolve_if_local(self.tokenizer)
         self.out = resolve_local(self.out)
@@ -116,71 +129,45 @@ class TrainConfig:
                 setattr(self, name, resolve_local(getattr(self, name)))
         if not self.stages:
             raise UsageError("no training stages: give --data FILE (repeatable) or a config file with stages:")
-        for name in ("max_seq_len", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"threads must be >= 1, got {self.threads}")
-        if self.eval_every < 0:
-            raise UsageError(f"eval_every must be >= 0, got {self.eval_every}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UsageError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.save_dtype not in ("auto", *SAFETENSORS_TO_TORCH):
-            raise UsageError(f"save_dtype must be auto, F16, BF16 or F32, got {self.save_dtype!r}")
-        if self.template not in TEMPLATES:
-            raise UsageError(f"template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
-        if self.system_messages not in SYSTEM_MESSAGE_MODES:
-            raise UsageError(f"system_messages must be one of {', '.join(SYSTEM_MESSAGE_MODES)},"
-                             f" got {self.system_messages!r}")
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The values a checkpoint depends on: resuming with other values would not continue the same run."""
-        skip = {"out", "resume", "save_every", "keep_checkpoints", "stop_after_steps", "log_every", "quiet",
-                "make_diff_against", "diff_out", "device", "threads", "eval_data", "eval_every"}
+        skip = {"out", "resume", "save_stage_models", "trust_pickled_checkpoint", "accept_changed_data", "force", "max_row_bytes", "save_every", "keep_checkpoints", "stop_after_steps", "log_every", "quiet",
+                "make_diff_against", "diff_out", "device", "threads", "eval_data", "eval_every", "eval_mc"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     """Read a YAML or JSON config file; ``overrides`` (not None) win over the file's values.
 
-    Data and eval paths in the file are relative to the file; paths given as overrides (flags)
-    are relative to the current directory.
+    Every key of the file, at every level, is checked against the schema (:mod:`.schema`) first,
+    and every problem is reported at once, each with the file, line and key. Data and eval paths in
+    the file are relative to the file; paths given as overrides (flags) are relative to the current
+    directory.
     """
     path = Path(path)
     if not path.is_file():
-        raise InputNotFoundError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        yaml = require_extra("yaml", "train", f"Reading the YAML config {path}")
-        raw = yaml.safe_load(text)
-    else:
-        raw = json.loads(text)
+        raise InputNotFoundError(f"config file {path} does not exist" if not path.exists()
+                                 else f"config file {path} is not a file")
+    raw, lines = parse_config_text(path)
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: the config must be a mapping of settings, found {type(raw).__name__}")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise UsageError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    clean = check_settings(raw, str(path), lines)
     base_dir = path.parent
 
     def near_file(p: str) -> str:
         return str(p if Path(p).is_absolute() else (base_dir / p))
 
-    stages = []
-    for i, s in enumerate(raw.get("stages") or []):
-        if not isinstance(s, dict) or "data" not in s:
-            raise UsageError(f"{path}: stage {i + 1} must be a mapping with at least data:")
-        s = dict(s)
-        data = s["data"] if isinstance(s["data"], list) else [s["data"]]
-        s["data"] = [near_file(p) for p in data]
-        stages.append(Stage(**s))
-    raw["stages"] = stages
-    if raw.get("eval_data"):
-        ev = raw["eval_data"] if isinstance(raw["eval_data"], list) else [raw["eval_data"]]
-        raw["eval_data"] = [near_file(p) for p in ev]
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    raw.setdefault("model", None)
-    raw.setdefault("out", None)
-    if not raw["model"] or not raw["out"]:
+    clean["stages"] = [Stage(**{**s, "data": [near_file(p) for p in s["data"]]}) for s in clean.get("stages") or []]
+    if clean.get("eval_data"):
+        clean["eval_data"] = [near_file(p) for p in clean["eval_data"]]
+    if clean.get("eval_mc"):
+        clean["eval_mc"] = [p if p == "builtin" else near_file(p) for p in clean["eval_mc"]]
+    clean.update({k: v for k, v in overrides.items() if v is not None})
+    clean.setdefault("model", None)
+    clean.setdefault("out", None)
+    if not clean["model"] or not clean["out"]:
         raise UsageError(f"{path}: model and out must be set (in the file or with --model/--out)")
-    return TrainConfig(**raw)
+    return TrainConfig(**clean)

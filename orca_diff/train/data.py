@@ -54,74 +54,26 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import FormatError, InputNotFoundError, UsageError, require_extra
+from ..errors import UsageError, require_extra
+from .readers import read_rows
+from .schema import MAX_ROW_BYTES
 
 IGNORE_INDEX = -100
-REQUIRED_COLUMNS = ("question", "response")
-OPTIONAL_COLUMNS = ("system_prompt",)
-# Kept when present: OpenOrca's ``id`` (its prefix niv/t0/cot/flan names the FLAN sub-collection)
-# or an explicit ``sub_collection``; used by --system-messages orca, never by the template.
-ROUTING_COLUMNS = ("id", "sub_collection")
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading rows
+# Reading rows (the formats and bounds live in readers.py)
 # ---------------------------------------------------------------------------------------------
 
-def _check_row(row: Any, where: str) -> dict[str, str]:
-    if not isinstance(row, dict):
-        raise FormatError(f"{where}: expected a JSON object with question/response, found {type(row).__name__}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in row]
-    if missing:
-        raise FormatError(
-            f"{where}: missing column(s) {', '.join(missing)}; Orca rows need system_prompt (optional),"
-            f" question and response (the OpenOrca column names)"
-        )
-    out = {}
-    for col in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
-        value = row.get(col) or ""
-        if not isinstance(value, str):
-            raise FormatError(f"{where}: column {col} must be a string, found {type(value).__name__}")
-        out[col] = value
-    for col in ROUTING_COLUMNS:
-        if row.get(col) not in (None, ""):
-            out[col] = str(row[col])
-    return out
+def read_orca_rows(path: str | Path, data_format: str = "auto", columns: dict[str, str] | None = None,
+                   empty_responses: str = "drop", max_row_bytes: int = MAX_ROW_BYTES) -> list[dict[str, Any]]:
+    """The conversation rows of a ``.jsonl``, ``.json`` or ``.parquet`` file (see :mod:`.readers`).
 
-
-def read_orca_rows(path: str | Path) -> list[dict[str, str]]:
-    """Read Orca rows from a ``.jsonl`` (one JSON object per line) or ``.parquet`` file.
-
-    Parquet needs pyarrow (part of the ``train`` extra). ``id`` and ``sub_collection`` are kept
-    when present (as strings); other columns are ignored.
+    Each row has ``system_prompt``, ``question`` and ``response`` (and ``more_turns`` for a longer
+    conversation; ``id`` and ``sub_collection`` when present). Rows with an empty response are
+    dropped (``empty_responses="drop"``; :func:`.readers.read_rows` also returns the count).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"training data {path} does not exist (expected a .jsonl or .parquet file)")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        pq = require_extra("pyarrow.parquet", "train", f"Reading parquet training data {path}")
-        table = pq.read_table(path)
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-        if missing:
-            raise FormatError(
-                f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(table.column_names)}"
-            )
-        keep = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS + ROUTING_COLUMNS if c in table.column_names]
-        return [_check_row(r, f"{path} row {i}") for i, r in enumerate(table.select(keep).to_pylist())]
-    if suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FormatError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line") from None
-                rows.append(_check_row(obj, f"{path}:{lineno}"))
-        return rows
-    raise UsageError(f"training data {path}: unknown extension {suffix!r}; use .jsonl or .parquet")
+    return read_rows(path, data_format, columns, empty_responses, max_row_bytes)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,9 +105,40 @@ ORCA_CHAT_TEMPLATE = (
 )
 
 
-def _chat_text(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _chat_text(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
+               chat_template: str | None = None) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **({"chat_template": chat_template} if chat_template else {}))
     return text if isinstance(text, str) else text[0]
+
+
+# Chat-template presets (``--template chatml|llama2``). ChatML is the layout Orca 2 shipped
+# (``<|im_start|>role\n...<|im_end|>``); the Llama-2 chat layout wraps each user turn in
+# ``[INST] ... [/INST]`` with the system message in ``<<SYS>>`` inside the first. An empty system
+# message is left out, as in the orca layout.
+CHATML_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] != 'system' or message['content'].strip() %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA2_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='') %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{%- set ns.system = message['content'] %}"
+    "{%- elif message['role'] == 'user' %}{{ bos_token + '[INST] ' }}"
+    "{%- if ns.system.strip() %}{{ '<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' }}{%- set ns.system = '' %}"
+    "{%- endif %}{{ message['content'] + ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + ' ' + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+PRESET_TEMPLATES = {"chatml": CHATML_CHAT_TEMPLATE, "llama2": LLAMA2_CHAT_TEMPLATE}
+#: Tokens that end an assistant turn in a preset, besides eos (ChatML: <|im_end|>, when the tokenizer has it).
+END_OF_TURN_TOKENS = {"chatml": ("<|im_end|>",)}
+TEMPLATES = ("orca", "chatml", "llama2", "base")
 
 
 def render_with_base_template(tokenizer: Any, system_prompt: str, question: str, response: str) -> tuple[str, str]:
@@ -181,10 +164,15 @@ def render_with_base_template(tokenizer: Any, system_prompt: str, question: str,
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized example: ``input_ids[:prompt_len]`` is the prompt, the rest the response."""
+    """One tokenized example: ``input_ids[:prompt_len]`` is the prompt, the rest the response.
+
+    A multi-turn conversation also has ``target_mask``: True on the tokens of every assistant turn
+    (the loss is on all of them), False on the system message and the user turns.
+    """
 
     input_ids: np.ndarray
     prompt_len: int
+    target_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -192,56 +180,131 @@ class Example:
     @property
     def labels(self) -> np.ndarray:
         labels = self.input_ids.astype(np.int64)
+        if self.target_mask is not None:
+            labels[~self.target_mask] = IGNORE_INDEX
+            labels[0] = IGNORE_INDEX
+            return labels
         labels[: max(self.prompt_len, 1)] = IGNORE_INDEX  # the first token is never a target
         return labels
 
     @property
     def n_targets(self) -> int:
+        if self.target_mask is not None:
+            return int(self.target_mask[1:].sum())
         return len(self.input_ids) - max(self.prompt_len, 1)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Example) and self.prompt_len == other.prompt_len \
+            and np.array_equal(self.input_ids, other.input_ids) \
+            and (self.target_mask is None) == (other.target_mask is None) \
+            and (self.target_mask is None or np.array_equal(self.target_mask, other.target_mask))
 
 
 def _id_dtype(tokenizer: Any) -> type:
     return np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def encode_examples(rows: Sequence[dict[str, str]], tokenizer: Any, max_seq_len: int,
-                    batch_size: int = 1024, template: str = "orca") -> tuple[list[Example], int]:
+def turns_of(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """[(user, assistant), ...] of a row: the first turn, then ``more_turns``."""
+    return [(row["question"], row["response"])] + [(u, a) for u, a in row.get("more_turns", [])]
+
+
+def orca_segments(system_prompt: str, turns: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """(text, is_target) pieces of a conversation under the orca layout (bos and eos are added as ids)."""
+    pieces: list[tuple[str, bool]] = []
+    for k, (user, answer) in enumerate(turns):
+        prompt = render_prompt(system_prompt, user) if k == 0 else f"### User:\n{user}\n\n### Response:\n"
+        pieces += [(prompt, False), (answer, True)]
+    return pieces
+
+
+def template_segments(tokenizer: Any, chat_template: str | None, system_prompt: str,
+                      turns: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """(text, is_target) pieces of a conversation rendered by a chat template, turn by turn.
+
+    Each prompt piece is what rendering up to the k-th user turn with ``add_generation_prompt``
+    adds to the rendering up to the previous answer; each target piece is what the k-th answer
+    adds after that. A template that renders a conversation differently from its own prefixes has
+    no exact prompt/response boundary and is refused.
+    """
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for user, answer in turns:
+        messages.append({"role": "user", "content": user})
+        prompt = _chat_text(tokenizer, messages, True, chat_template)
+        messages.append({"role": "assistant", "content": answer})
+        full = _chat_text(tokenizer, messages, False, chat_template)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise UsageError("the chat template renders the conversation with the answer differently from the prompt"
+                             " alone, so the prompt/response boundary is not exact; use --template orca")
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return pieces
+
+
+def template_source(tokenizer: Any, template: str) -> str | None:
+    """The Jinja chat template a ``template`` choice trains with (None: the orca layout, built from ids)."""
+    if template == "orca":
+        return None
+    if template == "base":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError("--template base: the base tokenizer has no chat template; use --template orca")
+        return tokenizer.chat_template
+    return PRESET_TEMPLATES[template]
+
+
+def encode_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, max_seq_len: int,
+                    batch_size: int = 1024, template: str = "orca",
+                    prompt_erasure: bool = False) -> tuple[list[Example], int]:
     """Tokenize rows with the template; return (examples, number dropped).
 
     ``template="orca"``: ``<bos>`` + the ``### System/User/Response`` prompt, then the response
-    and ``<eos>``. ``template="base"``: the base tokenizer's chat template renders both parts
-    (it places bos itself); ``<eos>`` is appended only when the rendered response has none.
-    An example longer than ``max_seq_len`` is truncated from the end of its response; one whose
-    prompt alone fills the window (no target left) is dropped and counted.
+    and ``<eos>`` (each further turn: ``### User/Response`` and its answer + ``<eos>``).
+    ``base``/``chatml``/``llama2``: a chat template renders every piece (it places bos itself);
+    ``<eos>`` is appended to an answer only when its rendering has no end-of-turn token.
+    ``prompt_erasure`` (Orca 2): the system message is left out of what the student sees.
+    An example longer than ``max_seq_len`` is truncated from the end; one with no target token
+    left is dropped and counted.
     """
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no eos token; the response must end with one so the model learns to stop")
-    if template not in ("orca", "base"):
-        raise UsageError(f"unknown template {template!r}; use orca or base")
-    bos = [tokenizer.bos_token_id] if (tokenizer.bos_token_id is not None and template == "orca") else []
+    if template not in TEMPLATES:
+        raise UsageError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+    source = template_source(tokenizer, template)
+    bos = [tokenizer.bos_token_id] if (tokenizer.bos_token_id is not None and source is None) else []
     eos = tokenizer.eos_token_id
+    ends = {eos} | {i for i in (tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS.get(template, ()))
+                    if isinstance(i, int) and i != tokenizer.unk_token_id}
     dtype = _id_dtype(tokenizer)
     examples: list[Example] = []
     dropped = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        if template == "orca":
-            prompt_texts = [render_prompt(r["system_prompt"], r["question"]) for r in chunk]
-            response_texts = [r["response"] for r in chunk]
-        else:
-            pairs = [render_with_base_template(tokenizer, r["system_prompt"], r["question"], r["response"])
-                     for r in chunk]
-            prompt_texts, response_texts = [p for p, _ in pairs], [r for _, r in pairs]
-        prompts = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
-        responses = tokenizer(response_texts, add_special_tokens=False)["input_ids"]
-        for p, r in zip(prompts, responses):
-            prompt = bos + list(p)
-            response = list(r) if (template == "base" and eos in r) else list(r) + [eos]
-            ids = (prompt + response)[:max_seq_len]
-            if len(ids) <= len(prompt):
+        pieces_per_row = []
+        for r in chunk:
+            system = "" if prompt_erasure else r["system_prompt"]
+            pieces_per_row.append(orca_segments(system, turns_of(r)) if source is None
+                                  else template_segments(tokenizer, source, system, turns_of(r)))
+        flat = [text for pieces in pieces_per_row for text, _ in pieces]
+        ids_flat = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+        for pieces in pieces_per_row:
+            ids: list[int] = list(bos)
+            mask: list[bool] = [False] * len(bos)
+            for _, is_target in pieces:
+                piece = list(next(ids_flat))
+                if is_target and (source is None or not ends.intersection(piece)):
+                    piece.append(eos)
+                ids += piece
+                mask += [is_target] * len(piece)
+            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+            if not any(mask[1:]):
                 dropped += 1
                 continue
-            examples.append(Example(np.asarray(ids, dtype=dtype), len(prompt)))
+            if len(pieces) == 2:  # one turn: the boundary alone says what is a target
+                examples.append(Example(np.asarray(ids, dtype=dtype), mask.index(True)))
+            else:
+                examples.append(Example(np.asarray(ids, dtype=dtype), mask.index(True), np.asarray(mask, dtype=bool)))
     return examples, dropped
 
 

@@ -20,14 +20,18 @@ EVAL_STREAM = 1_000_003  # system-message sampling stream of eval rows (stages u
 
 
 def load_eval_examples(paths: Sequence[str], tokenizer: Any, max_seq_len: int, template: str = "orca",
-                       system_messages: str = "keep",
-                       seed: int = 0) -> tuple[list[orca_data.Example], int, dict | None]:
-    """Tokenized held-out examples, the number dropped, and the system-message summary (or None)."""
-    rows = [r for path in paths for r in orca_data.read_orca_rows(path)]
+                       system_messages: str = "keep", seed: int = 0, prompt_erasure: bool = False,
+                       read: dict[str, Any] | None = None) -> tuple[list[orca_data.Example], int, dict | None]:
+    """Tokenized held-out examples, the number dropped, and the system-message summary (or None).
+
+    ``read``: the reader settings of the run (data_format, columns, empty_responses, max_row_bytes).
+    """
+    rows = [r for path in paths for r in orca_data.read_orca_rows(path, **(read or {}))]
     summary = None
     if system_messages == "orca":
         rows, summary = assign_system_messages(rows, seed, EVAL_STREAM)
-    examples, dropped = orca_data.encode_examples(rows, tokenizer, max_seq_len, template=template)
+    examples, dropped = orca_data.encode_examples(rows, tokenizer, max_seq_len, template=template,
+                                                  prompt_erasure=prompt_erasure)
     if not examples:
         raise UsageError(f"no usable eval example in {', '.join(paths)} ({dropped} dropped: the prompt alone fills"
                          f" max_seq_len={max_seq_len})")
@@ -94,7 +98,8 @@ def _reshard(model: Any) -> None:
 def evaluate_folder(model_dir: str | Path, data: Sequence[str], tokenizer: str | None = None, max_seq_len: int = 2048,
                     micro_batch_size: int = 8, template: str = "orca", system_messages: str = "keep", seed: int = 0,
                     packing: bool = True, threads: int | None = None, device: str = "cpu",
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, prompt_erasure: bool = False, data_format: str = "auto",
+                    columns: dict[str, str] | None = None, empty_responses: str = "drop") -> dict[str, Any]:
     """Evaluate a saved HF folder on Orca files (fp32, no grad): loss, perplexity, targets, examples."""
     torch = require_extra("torch", "train", "Evaluating a model")
     transformers = require_extra("transformers", "train", "Evaluating a model")
@@ -102,10 +107,14 @@ def evaluate_folder(model_dir: str | Path, data: Sequence[str], tokenizer: str |
 
     if threads:
         torch.set_num_threads(threads)
-    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer or model_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(model_dir), **{from_pretrained_dtype_kwarg(transformers): torch.float32}).to(device)
-    examples, dropped, summary = load_eval_examples(list(data), tok, max_seq_len, template, system_messages, seed)
+    from .loop import load_pretrained_tokenizer, load_pretrained_model
+
+    tok = load_pretrained_tokenizer(transformers, str(tokenizer or model_dir))
+    model = load_pretrained_model(transformers, str(model_dir),
+                                  {from_pretrained_dtype_kwarg(transformers): torch.float32}).to(device)
+    read = {"data_format": data_format, "columns": columns, "empty_responses": empty_responses}
+    examples, dropped, summary = load_eval_examples(list(data), tok, max_seq_len, template, system_messages, seed,
+                                                    prompt_erasure, read)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     result = evaluate(model, examples, eval_micro_batches(examples, max_seq_len, micro_batch_size, packing), pad,
                       torch.device(device), progress=progress)

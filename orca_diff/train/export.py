@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import OutputError, require_extra
 from .config import SAFETENSORS_TO_TORCH
-from .data import ORCA_CHAT_TEMPLATE
+from .data import ORCA_CHAT_TEMPLATE, PRESET_TEMPLATES
 
 
 def tied_weight_pairs(model: Any) -> dict[str, str]:
@@ -84,6 +84,8 @@ def save_hf_model(model: Any, tokenizer: Any, folder: Path, save_dtype: str, use
     base_template = getattr(tokenizer, "chat_template", None)
     if template == "orca":
         tokenizer.chat_template = ORCA_CHAT_TEMPLATE
+    elif template in PRESET_TEMPLATES:
+        tokenizer.chat_template = PRESET_TEMPLATES[template]
     try:
         tokenizer.save_pretrained(tmp)  # transformers 5: chat_template.jinja
     finally:

@@ -34,11 +34,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputNotFoundError, InterruptedError_, MissingExtraError, OutputError, UsageError, require_extra
+from ..errors import (FormatError, InputNotFoundError, InterruptedError_, MissingExtraError, OutputError, UsageError,
+                      require_extra)
 from . import data as orca_data
+from . import mcq, outputs, tokcache
+from .board import TensorBoard
 from .checkpoints import load_checkpoint, read_resume_state, save_checkpoint
+from .preflight import check_data, check_folders, data_digests, describe
+from .preflight import record as preflight_record
 from .config import (LOG_NAME, METRICS_NAME, MODEL_DIRNAME, PLOT_NAME, SAFETENSORS_TO_TORCH, Stage, TrainConfig)
 from .eval import eval_micro_batches, evaluate, load_eval_examples
+from .readers import read_rows
+from .schema import MAX_ROWS_PER_STEP
 from .export import save_hf_model
 from .plot import plot_available, plot_losses
 from .system_messages import assign_system_messages
@@ -146,22 +153,57 @@ def load_tokenizer_and_model(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, b
             ) from None
     if Path(cfg.model).exists() is False and os.sep in cfg.model:
         raise InputNotFoundError(f"base model {cfg.model} does not exist (expected an HF folder with config.json)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    tokenizer = load_pretrained_tokenizer(transformers, cfg.tokenizer or cfg.model)
     added = False
     if tokenizer.pad_token is None:
         # Orca adds "[[PAD]]" to LLaMA's 32,000 tokens -> 32,001; the new embedding rows are the
         # mean of the others (transformers' mean_resizing), which is what most replications do.
         tokenizer.add_special_tokens({"pad_token": cfg.pad_token})
         added = True
+    if cfg.template == "chatml":  # Orca 2: <|im_start|> and <|im_end|> are single tokens (32,001 -> 32,003)
+        missing = [t for t in orca_data.END_OF_TURN_TOKENS["chatml"] + ("<|im_start|>",)
+                   if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
     kwargs: dict[str, Any] = {from_pretrained_dtype_kwarg(transformers): torch.float32}  # fp32 master weights
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    model = load_pretrained_model(transformers, cfg.model, kwargs)
     save_dtype = _base_save_dtype(cfg, model.config)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model, added, save_dtype
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def load_pretrained_tokenizer(transformers: Any, source: str) -> Any:
+    """AutoTokenizer, or one line saying why this folder's tokenizer cannot be loaded."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        raise FormatError(f"cannot load a tokenizer from {source} ({_first_line(exc)}); give --tokenizer DIR, a folder"
+                          f" with a tokenizer transformers can load (tokenizer.json, or tokenizer.model with"
+                          f" sentencepiece installed)") from None
+
+
+def load_pretrained_model(transformers: Any, source: str, kwargs: dict[str, Any]) -> Any:
+    """AutoModelForCausalLM, or one line saying why this folder's weights cannot be loaded."""
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except ImportError as exc:  # e.g. flash_attention_2 without flash-attn
+        raise MissingExtraError(f"loading {source}: {_first_line(exc)}") from None
+    except Exception as exc:
+        raise FormatError(f"cannot load the model {source} ({_first_line(exc)}); expected an HF folder of a"
+                          f" causal language model (config.json + safetensors)") from None
 
 
 def prepare_model(model: Any, cfg: TrainConfig, rt: Runtime) -> Any:
@@ -238,18 +280,41 @@ class StagePlan:
 
 
 def build_stage_plan(stage: Stage, stage_index: int, tokenizer: Any, cfg: TrainConfig,
-                     rt: Runtime) -> tuple[StagePlan, dict[str, Any] | None]:
-    """The stage's packed rows and step count, and the system-message summary (``--system-messages orca``)."""
-    rows: list[dict[str, str]] = []
-    for path in stage.data:
-        rows.extend(orca_data.read_orca_rows(path))
-    summary = None
-    if cfg.system_messages == "orca":
-        rows, summary = assign_system_messages(rows, cfg.seed, stage_index)
-    examples, dropped = orca_data.encode_examples(rows, tokenizer, cfg.max_seq_len, template=cfg.template)
+                     rt: Runtime, digests: dict[str, str] | None = None) -> tuple[StagePlan, dict[str, Any] | None]:
+    """The stage's packed rows and step count, and the system-message summary (``--system-messages orca``).
+
+    With ``digests`` (the data files' sha256) the tokenized examples come from OUT/cache when an
+    earlier start (or another rank) made them (:mod:`.tokcache`).
+    """
+    torch = require_extra("torch", "train", "orca-diff train")
+
+    def build() -> tuple[list[orca_data.Example], int, Any]:
+        rows: list[dict[str, Any]] = []
+        for path in stage.data:
+            rows.extend(read_rows(path, cfg.data_format, cfg.columns, cfg.empty_responses, cfg.max_row_bytes)[0])
+        summary_ = None
+        if cfg.system_messages == "orca":
+            rows, summary_ = assign_system_messages(rows, cfg.seed, stage_index)
+        encoded, dropped_ = orca_data.encode_examples(rows, tokenizer, cfg.max_seq_len, template=cfg.template,
+                                                      prompt_erasure=cfg.prompt_erasure)
+        return encoded, dropped_, summary_
+
+    if digests is not None and all(p in digests for p in stage.data):
+        parts = {"files": [[p, digests[p]] for p in stage.data], "tokenizer": tokcache.tokenizer_fingerprint(tokenizer),
+                 "template": cfg.template, "max_seq_len": cfg.max_seq_len, "prompt_erasure": cfg.prompt_erasure,
+                 "data_format": cfg.data_format, "columns": cfg.columns, "empty_responses": cfg.empty_responses,
+                 "system_messages": cfg.system_messages,
+                 "sampling": [cfg.seed, stage_index] if cfg.system_messages == "orca" else None}
+        barrier = (lambda: torch.distributed.barrier()) if rt.world > 1 else (lambda: None)
+        examples, dropped, summary, from_cache = tokcache.cached_examples(Path(cfg.out), parts, build, rt.main, barrier)
+    else:
+        (examples, dropped, summary), from_cache = build(), False
     if not examples:
         raise UsageError(f"stage {stage.name or stage_index + 1}: no usable example in {', '.join(stage.data)}"
                          f" ({dropped} dropped: prompt alone fills max_seq_len={cfg.max_seq_len})")
+    if from_cache and rt.main and not cfg.quiet:
+        print(f"{time.strftime('%H:%M:%S')} stage {stage_index + 1}: tokens read from {Path(cfg.out) / tokcache.CACHE_DIRNAME}"
+              f" (tokenized on an earlier start)", flush=True)
     # Orca: shuffle the examples, then partition them into rows that fit max_len.
     order = np.random.default_rng([cfg.seed, stage_index]).permutation(len(examples))
     examples = [examples[i] for i in order]
@@ -261,7 +326,7 @@ def build_stage_plan(stage: Stage, stage_index: int, tokenizer: Any, cfg: TrainC
     plan = StagePlan(examples, packed, rows_per_step, 0, cfg.seed, stage_index)
     plan.total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * plan.steps_per_epoch))
     if rt.main and not cfg.quiet:
-        print(f"stage {stage_index + 1} ({stage.name or Path(stage.data[0]).name}): {len(examples)} examples"
+        print(f"{time.strftime('%H:%M:%S')} stage {stage_index + 1} ({stage.name or Path(stage.data[0]).name}): {len(examples)} examples"
               f" ({dropped} dropped) in {len(packed)} rows, {plan.total_steps} steps of {rows_per_step} rows,"
               f" lr {stage.lr:g}", flush=True)
         if summary:
@@ -312,11 +377,42 @@ def write_metrics(out: Path, cfg: TrainConfig, model_dir: Path | None = None) ->
                             if r.get("kind") == "system_messages"],
         "model": str(model_dir) if model_dir else None,
     }
+    saved = [r for r in records if r.get("kind") == "eval_saved"]
+    if saved:
+        masters = [e for e in evals if e["global_step"] == saved[-1]["global_step"]]
+        metrics["eval_loss_saved_model"] = saved[-1]["loss"]
+        metrics["eval_loss_master_weights"] = masters[-1]["loss"] if masters else None
+        metrics["saved_model_eval"] = {k: saved[-1][k] for k in ("when", "loss", "ppl", "targets") if k in saved[-1]}
+        if masters and metrics["eval_loss_before"] is not None:
+            gained = metrics["eval_loss_before"] - masters[-1]["loss"]
+            lost = saved[-1]["loss"] - masters[-1]["loss"]
+            metrics["rounding_cost_share_of_improvement"] = lost / gained if gained > 0 else None
+    mc_records = [r for r in records if r.get("kind") == "eval_mc"]
+    if mc_records:
+        metrics["eval_mc"] = {k: mc_records[-1][k] for k in ("when", "tasks", "mean_accuracy") if k in mc_records[-1]}
+    sets = [{k: r[k] for k in ("set", "stage", "global_step", "when", "loss", "ppl", "targets") if k in r}
+            for r in records if r.get("kind") in ("eval_set", "eval_saved_set")]
+    if sets:
+        metrics["eval_sets"] = sets
     path = out / METRICS_NAME
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return metrics
+
+
+def round_weights_to(model: Any, dtype: Any) -> None:
+    """Round every parameter to ``dtype`` and back, in place (each rank its own shard under FSDP2)."""
+    torch = require_extra("torch", "train", "orca-diff train")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(dtype).to(param.dtype))
+
+
+def eval_set_name(path: str, all_paths: list[str]) -> str:
+    """A short name for an eval file: its stem, or its file name when stems repeat."""
+    stem = Path(path).stem
+    return stem if sum(Path(p).stem == stem for p in all_paths) == 1 else str(Path(path).name)
 
 
 class _CtrlC:
@@ -363,19 +459,42 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
     rt = setup_runtime(cfg)
     out = Path(cfg.out)
     model_dir = out / MODEL_DIRNAME
-    resume = read_resume_state(out, cfg, rt.world)  # refuses a checkpoint of other settings
+    say = (lambda msg: tqdm.write(f"{time.strftime('%H:%M:%S')} {msg}")) if (rt.main and not cfg.quiet) \
+        else (lambda msg: None)
+    check_folders(cfg)
+    if cfg.micro_batch_size * cfg.grad_accum * rt.world > MAX_ROWS_PER_STEP:
+        raise UsageError(f"micro_batch_size x grad_accum x processes = {cfg.micro_batch_size * cfg.grad_accum * rt.world:,}"
+                         f" rows per optimizer step, more than {MAX_ROWS_PER_STEP:,}")
+    if cfg.force and rt.main:
+        removed = outputs.remove_previous_run(out, cfg)
+        if removed:
+            say(f"--force: removed the previous run's {', '.join(removed)} from {out}")
+    if rt.world > 1:
+        torch.distributed.barrier()
+    reports = check_data(cfg)  # every stage's files, every row, before step 1
+    for line in describe(cfg, reports):
+        say(line)
+    digests = data_digests(cfg, reports)
+    mc_questions, mc_notes = mcq.read_all(cfg.eval_mc) if cfg.eval_mc else ([], [])
+    for line in mc_notes:
+        say(f"--eval-mc: {line}")
+    resume = read_resume_state(out, cfg, rt.world, digests)  # refuses a checkpoint of other settings or data
     if resume is None and model_dir.exists():
         raise OutputError(f"{out} already holds a trained model ({model_dir}) and no checkpoint to continue from;"
-                          f" choose a new --out")
+                          f" choose a new --out (or --force to train again there)")
+    if resume and resume[1]["next_stage"] >= len(cfg.stages) and model_dir.exists():
+        return outputs.finish_finished_run(out, cfg, resume[0], say, rt.main, rt.world)
     if cfg.quiet or not rt.main:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-    say = (lambda msg: tqdm.write(msg)) if (rt.main and not cfg.quiet) else (lambda msg: None)
     out.mkdir(parents=True, exist_ok=True)
     if rt.main:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    history = resume[1].get("history", []) if resume else []
     if resume:
         say(f"continuing from {resume[0]} (global step {resume[1]['global_step']}), a checkpoint of this same run")
+        for line in resume[2]:
+            say(line)
 
     torch.manual_seed(cfg.seed)
     tokenizer, model, added_pad, save_dtype = load_tokenizer_and_model(cfg, rt)
@@ -390,35 +509,63 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
 
     def log(record: dict[str, Any]) -> None:
         if log_file:
+            record = {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+            board.write(record)
             if on_step:
                 on_step(record)
+
+    board = TensorBoard(out, rt.main)
+    if not resume:
+        log({"kind": "data", "global_step": 0, "files": preflight_record(reports)})
+    if resume and resume[2]:
+        log({"kind": "continued", "global_step": resume[1]["global_step"], "notes": resume[2]})
 
     # flash-attention sees example boundaries in position_ids only in a batch of one row.
     flatten = "flash" in str(getattr(model.config, "_attn_implementation", "") or "")
     global_step = resume[1]["global_step"] if resume else 0
 
     evaluation = None
+    eval_sets: dict[str, tuple[list, list]] = {}
+    read_settings = {"data_format": cfg.data_format, "columns": cfg.columns, "empty_responses": cfg.empty_responses,
+                     "max_row_bytes": cfg.max_row_bytes}
     if cfg.eval_data:
         ev_examples, ev_dropped, ev_summary = load_eval_examples(cfg.eval_data, tokenizer, cfg.max_seq_len,
-                                                                 cfg.template, cfg.system_messages, cfg.seed)
+                                                                 cfg.template, cfg.system_messages, cfg.seed,
+                                                                 cfg.prompt_erasure, read_settings)
         evaluation = (ev_examples, eval_micro_batches(ev_examples, cfg.max_seq_len, cfg.micro_batch_size, cfg.packing))
         say(f"eval: {len(ev_examples)} held-out examples ({ev_dropped} dropped) from {', '.join(cfg.eval_data)}")
         if ev_summary and not resume:
             log({"kind": "system_messages", "data": "eval", "global_step": 0, **ev_summary})
+        if len(cfg.eval_data) > 1:  # each set also reported by its own name, not only pooled
+            for path in cfg.eval_data:
+                examples_k = load_eval_examples([path], tokenizer, cfg.max_seq_len, cfg.template, cfg.system_messages,
+                                                cfg.seed, cfg.prompt_erasure, read_settings)[0]
+                eval_sets[eval_set_name(path, cfg.eval_data)] = (
+                    examples_k, eval_micro_batches(examples_k, cfg.max_seq_len, cfg.micro_batch_size, cfg.packing))
 
-    def run_eval(stage_no: int, when: str) -> None:
+    def measure(examples: list, batches: list) -> dict[str, Any]:
+        return evaluate(model, examples, batches, tokenizer.pad_token_id, rt.device, rt.autocast_bf16,
+                        flatten, rt.rank, rt.world, lambda v: _all_reduce_sum(torch, rt, v),
+                        progress=rt.main and not cfg.quiet)
+
+    def run_eval(stage_no: int, when: str, kind: str = "eval") -> dict[str, Any] | None:
         if evaluation is None:
-            return
-        result = evaluate(model, evaluation[0], evaluation[1], tokenizer.pad_token_id, rt.device, rt.autocast_bf16,
-                          flatten, rt.rank, rt.world, lambda v: _all_reduce_sum(torch, rt, v),
-                          progress=rt.main and not cfg.quiet)
-        log({"kind": "eval", "stage": stage_no, "global_step": global_step, "when": when, **result})
+            return None
+        result = measure(*evaluation)
+        log({"kind": kind, "stage": stage_no, "global_step": global_step, "when": when, **result})
+        per_set = {}
+        for name, (examples_k, batches_k) in eval_sets.items():
+            per_set[name] = measure(examples_k, batches_k)
+            log({"kind": f"{kind}_set", "set": name, "stage": stage_no, "global_step": global_step, "when": when,
+                 **per_set[name]})
+        sets = "".join(f"; {name} {r['loss']:.4f}" for name, r in per_set.items())
         say(f"eval {when} (global step {global_step}): loss {result['loss']:.4f}, perplexity {result['ppl']:.2f}"
-            f" over {result['targets']} response tokens")
+            f" over {result['targets']} response tokens{sets}")
         if rt.main:
             write_metrics(out, cfg)
+        return result
 
     def refresh_plot() -> None:
         if rt.main and plot_available():
@@ -432,12 +579,13 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
         with _CtrlC() as ctrl_c:
             for stage_index in range(first_stage, len(cfg.stages)):
                 stage = cfg.stages[stage_index]
-                plan, summary = build_stage_plan(stage, stage_index, tokenizer, cfg, rt)
+                plan, summary = build_stage_plan(stage, stage_index, tokenizer, cfg, rt, digests)
                 optimizer = make_optimizer(model, cfg, stage.lr)  # each stage is a fresh fine-tuning run
                 start = 0
                 if resume and stage_index == first_stage:
                     start = resume[1]["next_step"]
-                    load_checkpoint(resume[0], model, optimizer if start > 0 else None)
+                    load_checkpoint(resume[0], model, optimizer if start > 0 else None, rt.rank, rt.world,
+                                    cfg.trust_pickled_checkpoint)
                 if summary and start == 0:
                     log({"kind": "system_messages", "data": f"stage {stage_index + 1}", "stage": stage_index + 1,
                          "global_step": global_step, **summary})
@@ -490,6 +638,12 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                     stage_done = step == plan.total_steps - 1
                     if stage_done:
                         run_eval(stage_index + 1, f"end of stage {stage_index + 1}")
+                        if cfg.save_stage_models and stage_index < len(cfg.stages) - 1:
+                            stage_dir = out / f"stage-{stage_index + 1}-model"
+                            save_hf_model(model, tokenizer, stage_dir, save_dtype, use_cache, cfg.template, rt.world,
+                                          rt.main)
+                            model.config.use_cache = False
+                            say(f"wrote {stage_dir}: the model as stage {stage_index + 1} left it")
                     elif cfg.eval_every and global_step % cfg.eval_every == 0:
                         run_eval(stage_index + 1, f"step {global_step}")
                     # Every rank learns of a Ctrl-C on any rank at the same step.
@@ -499,8 +653,9 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                     if periodic or stage_done or stop or interrupted:
                         where = {"next_stage": stage_index + 1, "next_step": 0} if stage_done \
                             else {"next_stage": stage_index, "next_step": step + 1}
-                        ckpt = save_checkpoint(out, model, optimizer, {**where, "global_step": global_step}, cfg,
-                                               rt.world, rt.main)
+                        ckpt = save_checkpoint(out, model, optimizer,
+                                               {**where, "global_step": global_step, "history": history}, cfg,
+                                               rt.world, rt.main, rt.rank, digests)
                         last = stage_done and stage_index == len(cfg.stages) - 1
                         if (stop or interrupted) and not last:
                             bar.close()
@@ -517,12 +672,32 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
                 bar.close()
                 refresh_plot()
             if resume and first_stage >= len(cfg.stages):
-                load_checkpoint(resume[0], model, None)  # everything was trained already: just (re)write the model
+                # everything was trained already (the model folder was lost): just write the model again
+                load_checkpoint(resume[0], model, None, rt.rank, rt.world, cfg.trust_pickled_checkpoint)
             save_hf_model(model, tokenizer, model_dir, save_dtype, use_cache, cfg.template, rt.world, rt.main)
+            if (evaluation is not None or mc_questions) and save_dtype != "F32":
+                # What ships is measured: the master weights rounded as save_hf_model rounded them (in
+                # place: training is over); the stage-end eval gave the master weights' loss.
+                round_weights_to(model, getattr(torch, SAFETENSORS_TO_TORCH[save_dtype]))
+            if mc_questions:
+                mc = mcq.score(model, tokenizer, mc_questions, rt.device, cfg.template, cfg.max_seq_len,
+                               rt.autocast_bf16)
+                log({"kind": "eval_mc", "global_step": global_step, "when": f"saved model ({save_dtype})", **mc})
+                say(f"multiple choice (saved model): mean accuracy {mc['mean_accuracy']:.3f} over"
+                    f" {len(mc['tasks'])} tasks; " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in mc["tasks"].items()))
+            if evaluation is not None and save_dtype != "F32":
+                saved = run_eval(len(cfg.stages), f"saved model ({save_dtype})", kind="eval_saved")
+                masters = next((r for r in reversed(read_log(out)) if r.get("kind") == "eval"), None) if rt.main else None
+                if saved and masters:
+                    say(f"the saved {save_dtype} model: loss {saved['loss']:.4f}; the fp32 master weights"
+                        f" {masters['loss']:.4f} (rounding to {save_dtype} costs {saved['loss'] - masters['loss']:+.4f};"
+                        f" docs/training.md: what the choices are)")
     finally:
         if log_file:
             log_file.close()
+        board.close()
     if rt.main:
+        outputs.record_model(out, model_dir)
         write_metrics(out, cfg, model_dir)
         if plot_available():
             plot_losses(read_log(out), out / PLOT_NAME)
@@ -531,11 +706,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = N
             say(f"wrote {model_dir} and {out / METRICS_NAME}; no loss plot: matplotlib is not installed"
                 f" (pip install 'orca-diff[plot]')")
     if cfg.make_diff_against and rt.main:
-        from ..make import make_diff
-
-        diff_out = Path(cfg.diff_out) if cfg.diff_out else out / "diff"
-        make_diff(cfg.make_diff_against, model_dir, diff_out)
-        say(f"wrote the diff against {cfg.make_diff_against} to {diff_out}")
+        outputs.make_or_check_diff(out, cfg, model_dir, say)
     if rt.world > 1:
         torch.distributed.barrier()
     return model_dir
