@@ -141,18 +141,20 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b)
 
 
-def check_output(out: Path, force: bool, inputs: tuple[object, ...] = ()) -> None:
+def check_output(out: Path, force: bool, inputs: tuple[object, ...] = (), existing: bool = True) -> None:
     """Refuse, before any input is read, an output path that cannot or must not be written
-    (see the module docstring, promise 1). Raises OutputError with one line saying what to do."""
+    (see the module docstring, promise 1). Raises OutputError with one line saying what to do.
+    ``existing=False`` leaves out the check of what an existing ``out`` holds (done under the
+    lock, after an interrupted publish is recovered)."""
     try:
-        _check_output(Path(out), force, inputs)
+        _check_output(Path(out), force, inputs, existing)
     except OSError as exc:  # a path that cannot even be looked at (permissions, loops, names)
         raise describe_os_error(exc, Path(out), "choose another --out") from None
     except RuntimeError as exc:  # pathlib's symlink loop
         raise OutputError(f"{out}: cannot be resolved ({exc}); choose another --out") from None
 
 
-def _check_output(out: Path, force: bool, inputs: tuple[object, ...]) -> None:
+def _check_output(out: Path, force: bool, inputs: tuple[object, ...], existing: bool = True) -> None:
     if out.name in ("", ".", ".."):
         raise OutputError(f"--out {shown(str(out))!r}: give the output folder by its own name (for example "
                           "../model or /data/model): the hidden staging folder is created beside it and renamed "
@@ -187,7 +189,8 @@ def _check_output(out: Path, force: bool, inputs: tuple[object, ...]) -> None:
             if not force:
                 raise OutputError(f"{out}: folder exists and is not empty; choose another --out or pass --force "
                                   "to replace it")
-            refuse_foreign(out)
+            if existing:
+                refuse_foreign(out)
 
 
 #: The marker's format: every entry's proof (see :func:`entry_proof`). A marker of another
@@ -775,7 +778,7 @@ def output_session(out: str | os.PathLike, force: bool, inputs: tuple[object, ..
             s.publish(files)                    # files=None for a diff folder (its manifest is its marker)
     """
     out = Path(out)
-    check_output(out, force, inputs)
+    check_output(out, force, inputs, existing=False)
     lock = OutputLock(out)
     lock.acquire()
     try:
@@ -786,8 +789,7 @@ def output_session(out: str | os.PathLike, force: bool, inputs: tuple[object, ..
         except OSError as exc:
             raise describe_os_error(exc, old_dir(out), "remove it and rerun") from None
         session.notes += [n for n in (note, marker_note) if n]
-        if note or marker_note:
-            check_output(out, force, inputs)  # what was restored is checked like any existing output
+        check_output(out, force, inputs)  # under the lock, and what was restored is checked like any output
         yield session
     finally:
         lock.release()

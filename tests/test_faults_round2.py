@@ -1,0 +1,240 @@
+"""Fault injection, round 2 (issue 20): what ``--force`` may delete, the lock file, a kill while
+the marker is written, paths no platform can hold, inputs that change or vanish while read.
+
+Each test is one defect the adversarial pass found; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from faultkit import Kit, expect_refusal, expect_safe, kit, ledger, run_cli, tree_snapshot  # noqa: F401
+from orca_diff.apply import apply_diff
+from orca_diff.errors import OutputError
+from orca_diff.make import make_diff
+from orca_diff.outdir import (OutputLock, lock_path, marker_path, output_session, pending_marker_path, publish,
+                              write_marker)
+
+SUITE = "round 2"
+
+
+def _apply(kit: Kit, out: Path, **kw):
+    return lambda: apply_diff(kit.base, kit.diff, out, threads=1, progress=False, **kw)
+
+
+def _make(kit: Kit, out: Path, **kw):
+    return lambda: make_diff(kit.base, kit.target, out, chunk_bytes=4096, threads=1, progress=False, **kw)
+
+
+# --------------------------------------------------------------------------- 1. a stale marker
+
+
+def test_force_refuses_a_folder_recreated_under_a_stale_marker(kit: Kit, ledger, tmp_path: Path) -> None:
+    """`rm -r out` leaves the marker beside it; a folder the user makes later under that name,
+    holding files of the same names, is not a previous output."""
+    out = tmp_path / "out"
+    apply_diff(kit.base, kit.diff, out, threads=1, progress=False)
+    shutil.rmtree(out)
+    assert marker_path(out).is_file()
+    out.mkdir()
+    mine = {name: f"the user's own {name}\n" for name in ("config.json", "model-00001-of-00004.safetensors",
+                                                          "tokenizer_config.json") if name in kit.target_files}
+    assert mine
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    before = tree_snapshot(out)
+    expect_refusal(ledger, SUITE, "a recreated folder under a stale marker", _apply(kit, out, force=True),
+                   must_name=(sorted(mine)[0], "--force", "changed since orca-diff published it"))
+    assert tree_snapshot(out) == before
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True])
+def test_force_refuses_a_previous_output_whose_file_the_user_edited(kit: Kit, ledger, tmp_path: Path,
+                                                                    keep_mtime: bool) -> None:
+    out = tmp_path / "out"
+    apply_diff(kit.base, kit.diff, out, threads=1, progress=False)
+    edited = out / "config.json"
+    st = edited.stat()
+    data = bytearray(edited.read_bytes())
+    data[5:6] = b"X" if data[5:6] != b"X" else b"Y"
+    edited.write_bytes(bytes(data))  # same size
+    if keep_mtime:
+        os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    before = tree_snapshot(out)
+    expect_refusal(ledger, SUITE, f"a user-edited file of a previous output (mtime kept: {keep_mtime})",
+                   _apply(kit, out, force=True), must_name=("config.json", "sha256"))
+    assert tree_snapshot(out) == before
+
+
+def test_force_still_replaces_its_own_output_copied_or_chmodded(kit: Kit, ledger, tmp_path: Path) -> None:
+    """A changed identity with unchanged bytes (chmod, `cp -a` and back) is proved by sha256."""
+    out = tmp_path / "out"
+    apply_diff(kit.base, kit.diff, out, threads=1, progress=False)
+    os.chmod(out / "config.json", 0o600)
+    shutil.copytree(out, tmp_path / "copy", copy_function=shutil.copy2)
+    shutil.rmtree(out)
+    (tmp_path / "copy").rename(out)
+    expect_safe(ledger, SUITE, "--force over its own output, copied back", _apply(kit, out, force=True), out,
+                kit.matches_target)
+
+
+def test_an_old_style_marker_proves_nothing(kit: Kit, ledger, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.py").write_text("print('mine')\n")
+    marker_path(out).write_text(json.dumps({"written_by": "orca-diff", "files": ["train.py"]}))
+    expect_refusal(ledger, SUITE, "a bare list of names as marker", _apply(kit, out, force=True),
+                   must_name=("train.py", "older orca-diff"))
+    assert (out / "train.py").read_text() == "print('mine')\n"
+
+
+# --------------------------------------------------------------------------- 2. any orca-diff.json
+
+
+def test_a_loose_orca_diff_json_does_not_make_a_project_replaceable(kit: Kit, ledger, tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "train.py").write_text("print('my training script')\n")
+    (proj / "data" / "set.jsonl").write_text('{"q": 1}\n')
+    (proj / "orca-diff.json").write_text(json.dumps({"payloads": [{"path": "train.py"}, {"path": "data/set.jsonl"}]}))
+    before = tree_snapshot(proj)
+    expect_refusal(ledger, SUITE, "a loose orca-diff.json listing the user's files", _make(kit, proj, force=True),
+                   must_name=("--force",))
+    assert tree_snapshot(proj) == before
+
+
+def test_a_valid_manifest_proves_only_payloads_that_still_match_it(kit: Kit, ledger, tmp_path: Path) -> None:
+    """A diff folder without a marker (an older orca-diff's, or a download): its valid manifest
+    proves its payloads by size and sha256; a payload the user overwrote is refused."""
+    d = tmp_path / "diff"
+    shutil.copytree(kit.diff, d)
+    payload = sorted(p for p in d.iterdir() if p.name not in ("orca-diff.json", "README.md"))[0]
+    payload.write_bytes(b"not a payload any more" + payload.read_bytes()[22:])
+    before = tree_snapshot(d)
+    expect_refusal(ledger, SUITE, "a diff folder whose payload the user overwrote", _make(kit, d, force=True),
+                   must_name=(payload.name, "sha256"))
+    assert tree_snapshot(d) == before
+    shutil.rmtree(d)
+    shutil.copytree(kit.diff, d)
+    expect_safe(ledger, SUITE, "--force over a marker-less diff folder", _make(kit, d, force=True), d,
+                lambda p: (p / "orca-diff.json").is_file() and marker_path(p).is_file())
+
+
+def test_make_leaves_a_marker_and_force_replaces_its_own_diff(kit: Kit, ledger, tmp_path: Path) -> None:
+    d = tmp_path / "diff"
+    make_diff(kit.base, kit.target, d, chunk_bytes=4096, threads=1, progress=False)
+    assert marker_path(d).is_file()
+    (d / "README.md").write_text("my own card\n")
+    expect_refusal(ledger, SUITE, "make --force over its diff with an edited card", _make(kit, d, force=True),
+                   must_name=("README.md",))
+    assert (d / "README.md").read_text() == "my own card\n"
+
+
+# --------------------------------------------------------------------------- 3. the lock file
+
+
+def test_a_hard_link_at_the_lock_name_is_refused_and_left_untouched(kit: Kit, ledger, tmp_path: Path) -> None:
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's data\n")
+    out = tmp_path / "out"
+    os.link(victim, lock_path(out))
+    expect_refusal(ledger, SUITE, "a hard link planted at the lock name", _apply(kit, out),
+                   must_name=(lock_path(out).name, "hard link"))
+    assert victim.read_text() == "the user's data\n" and not out.exists()
+
+
+def test_a_fifo_at_the_lock_name_is_refused_without_blocking(kit: Kit, ledger, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    os.mkfifo(lock_path(out))
+    expect_refusal(ledger, SUITE, "a FIFO at the lock name", _apply(kit, out), must_name=("not a regular file",))
+
+
+def test_a_stale_lock_file_is_replaced_not_rewritten(kit: Kit, ledger, tmp_path: Path) -> None:
+    """A lock file left by a killed run is not truncated and rewritten: its name is dropped and
+    a file of this run's own is made (a file opened elsewhere keeps its bytes)."""
+    out = tmp_path / "out"
+    lock_path(out).write_text("12345\nan earlier run, killed\n")
+    stale_ino = lock_path(out).stat().st_ino
+    with open(lock_path(out)) as held_elsewhere:
+        with OutputLock(out):
+            assert lock_path(out).stat().st_ino != stale_ino
+            assert lock_path(out).read_text().startswith(f"{os.getpid()}\n")
+        assert held_elsewhere.read() == "12345\nan earlier run, killed\n"
+    expect_safe(ledger, SUITE, "apply after a stale lock file", _apply(kit, out), out, kit.matches_target)
+
+
+# --------------------------------------------------------------------------- 14. a kill during the marker write
+
+
+def test_a_kill_while_the_marker_is_written_is_cleaned_by_the_next_run(kit: Kit, ledger, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    apply_diff(kit.base, kit.diff, out, threads=1, progress=False)
+    # what a kill inside the marker's StagedFile leaves: its temporary, half written
+    leftover = marker_path(out).parent / f".{marker_path(out).name}.incomplete"
+    leftover.write_text('{"written_by": "orca-di')
+    expect_safe(ledger, SUITE, "rerun after a kill in the marker write", _apply(kit, out, force=True), out,
+                kit.matches_target)
+    assert not leftover.exists()
+
+
+def test_a_kill_between_publish_and_marker_is_finished_by_the_next_run(kit: Kit, ledger, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    out = tmp_path / "out"
+    import orca_diff.outdir as outdir_mod
+
+    real_replace = os.replace
+
+    def killed(src, dst, *a, **kw):
+        if Path(dst) == marker_path(out):
+            raise KeyboardInterrupt  # the kill, after the renames, before the marker takes its name
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(outdir_mod.os, "replace", killed)
+    with pytest.raises(BaseException):
+        apply_diff(kit.base, kit.diff, out, threads=1, progress=False)
+    monkeypatch.setattr(outdir_mod.os, "replace", real_replace)
+    assert out.is_dir() and pending_marker_path(out).is_file() and not marker_path(out).exists()
+    with output_session(out, force=True) as s:
+        assert any("interrupted just after publishing" in n for n in s.notes)
+    assert marker_path(out).is_file() and not pending_marker_path(out).exists()
+    expect_safe(ledger, SUITE, "--force after a kill before the marker took its name", _apply(kit, out, force=True),
+                out, kit.matches_target)
+
+
+def test_a_pending_marker_that_does_not_prove_the_folder_is_dropped(kit: Kit, ledger, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("mine\n")
+    write_marker(out, ["mine.txt"])
+    marker_path(out).rename(pending_marker_path(out))
+    (out / "mine.txt").write_text("changed\n")
+    expect_refusal(ledger, SUITE, "a pending marker that proves nothing", _apply(kit, out, force=True),
+                   must_name=("mine.txt",))
+    assert not pending_marker_path(out).exists() and (out / "mine.txt").read_text() == "changed\n"
+
+
+def test_publish_writes_the_marker_from_the_staged_files(tmp_path: Path) -> None:
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    staging.mkdir()
+    (staging / "a.txt").write_text("a")
+    publish(staging, out, force=False, files=["a.txt"])
+    doc = json.loads(marker_path(out).read_text())
+    assert doc["marker_version"] == 2 and doc["files"]["a.txt"]["size"] == 1
+    assert doc["files"]["a.txt"]["ino"] == (out / "a.txt").stat().st_ino
+
+
+def test_a_leftover_of_a_refused_force_publish_does_not_linger(kit: Kit, ledger, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    apply_diff(kit.base, kit.diff, out, threads=1, progress=False)
+    with pytest.raises(OutputError):
+        with output_session(out, force=True) as s:
+            s.staging.mkdir()
+            (s.staging / "x").write_text("x")
+            (out / "new-user-file").write_text("appeared while this run wrote")
+            s.publish(["x"])
+    assert not pending_marker_path(out).exists()
