@@ -238,3 +238,110 @@ def test_a_leftover_of_a_refused_force_publish_does_not_linger(kit: Kit, ledger,
             (out / "new-user-file").write_text("appeared while this run wrote")
             s.publish(["x"])
     assert not pending_marker_path(out).exists()
+
+
+# --------------------------------------------------------------------------- 6. many small tensors
+
+from faultkit import rewrite_manifest, write_manifest_doc  # noqa: E402
+import orca_diff.format as format_mod  # noqa: E402
+from orca_diff.errors import FormatError  # noqa: E402
+from orca_diff.format import canonical_sha256, load_manifest, parse_manifest, path_key, path_problem  # noqa: E402
+
+
+def test_a_manifest_of_more_tensors_than_any_model_is_refused_in_one_line(kit: Kit, ledger, monkeypatch) -> None:
+    """The caps (2^18 tensors, 2^16 files) are lowered here so that the tiny kit is over them."""
+    data = (kit.diff / "orca-diff.json").read_bytes()
+    n = len(kit.manifest_doc()["tensors"])
+    monkeypatch.setattr(format_mod, "MAX_TENSORS", n - 1)
+    exc = expect_refusal(ledger, SUITE, "more tensors than the cap", lambda: parse_manifest(data, "m.json"),
+                         must_name=("tensors", str(n), "more than"))
+    assert isinstance(exc, FormatError) and "\n" not in str(exc)
+    monkeypatch.setattr(format_mod, "MAX_TENSORS", n // 8 - 1)  # the pre-parse bound: before json.loads
+    monkeypatch.setattr(format_mod.json, "loads", lambda *a, **k: pytest.fail("parsed a manifest over the bound"))
+    expect_refusal(ledger, SUITE, "more tensors than the pre-parse bound", lambda: parse_manifest(data, "m.json"),
+                   must_name=("more than",))
+
+
+def test_a_manifest_of_more_files_than_the_cap_is_refused(kit: Kit, ledger, monkeypatch) -> None:
+    monkeypatch.setattr(format_mod, "MAX_FILES", 1)
+    expect_refusal(ledger, SUITE, "more files than the cap", lambda: load_manifest(kit.diff), must_name=("files", "more than the 1"))
+
+
+def test_the_streamed_checksum_is_the_canonical_json_one(kit: Kit) -> None:
+    import hashlib
+
+    doc = kit.manifest_doc()
+    claimed = doc.pop("manifest_sha256")
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert canonical_sha256(doc) == hashlib.sha256(text.encode()).hexdigest() == claimed
+    wide = {"x": {f"k{i}\u00e9": [i, {"n": None, "f": 1.5, "s": "\u2603\""}] * (i % 3) for i in range(300)}}
+    text = json.dumps(wide, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert canonical_sha256(wide) == hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- 11. paths Linux cannot open
+
+
+def test_a_path_longer_than_path_max_is_refused_by_verify_and_apply(kit: Kit, ledger, tmp_path: Path) -> None:
+    d = kit.copy_diff(tmp_path / "diff")
+    long = "/".join(["c" * 200] * 31 + ["config.json"])  # 6.2 KB: each component fine, the whole not
+    rewrite_manifest(d, lambda doc: [f.update(path=long) for f in doc["target"]["files"] if f["path"] == "config.json"])
+    r = run_cli("verify", "--diff", str(d))
+    assert r.returncode == FormatError.exit_code and "bytes in all" in r.stderr and "OK" not in r.stdout, r
+    exc = expect_refusal(ledger, SUITE, "a 6 KB path through apply",
+                         lambda: apply_diff(kit.base, d, tmp_path / "out", threads=1, progress=False),
+                         must_name=("bytes in all",))
+    assert "--out" not in str(exc)
+
+
+def test_make_refuses_a_target_path_over_the_bound_naming_it(kit: Kit, ledger, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    shutil.copytree(kit.target, target)
+    deep = target / ("d" * 200) / ("e" * 200) / ("f" * 150 + ".txt")
+    deep.parent.mkdir(parents=True)
+    deep.write_text("x")
+    exc = expect_refusal(ledger, SUITE, "a 550-byte path in make's target",
+                         lambda: make_diff(kit.base, target, tmp_path / "diff", threads=1, progress=False),
+                         must_name=("f" * 150 + ".txt", "bytes in all"))
+    assert isinstance(exc, FormatError)
+
+
+# --------------------------------------------------------------------------- 13. what the platforms really do
+
+
+@pytest.mark.parametrize("name", ["straße.txt", ".gİt/config", "console.txt", "nullable.json", "com10.txt",
+                                  "a\u200cb.txt", "CONFIG", "lpt.txt"])
+def test_the_path_rule_accepts_names_every_platform_stores(name: str) -> None:
+    assert path_problem(name) is None
+
+
+@pytest.mark.parametrize("name", ["CON", "nul.txt", "Aux.tar.gz", "sub/COM1", "lpt9.json", "COM\u00b9", "conin$",
+                                  "trailing space ", "trailing.dot.", "dir./x", "dir /x", ".GIT/config",
+                                  "git~1/config", ".gıt/config", ".g\u200cit/config", "a\ufeffb", "a\u200eb",
+                                  "/".join(["abcdefgh"] * 60)])
+def test_the_path_rule_refuses_names_some_platform_cannot_store(name: str) -> None:
+    assert path_problem(name) is not None
+
+
+def test_collision_keys_use_simple_case_folding() -> None:
+    assert path_key("straße.txt") != path_key("strasse.txt")  # two files on NTFS and APFS
+    assert path_key("README.md") == path_key("readme.MD")
+    assert path_key("e\u0301.txt") == path_key("\u00e9.txt")  # macOS normalises
+    assert path_key("ǅ") == path_key("ǆ") == path_key("Ǆ")
+    assert path_key(".gİt") != path_key(".git")
+
+
+def test_make_carries_strasse_and_strasse_and_refuses_nul_txt(kit: Kit, ledger, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    shutil.copytree(kit.target, target)
+    (target / "straße.txt").write_text("1")
+    (target / "strasse.txt").write_text("2")
+    d = tmp_path / "diff"
+    make_diff(kit.base, target, d, chunk_bytes=4096, threads=1, progress=False)
+    out = tmp_path / "out"
+    apply_diff(kit.base, d, out, threads=1, progress=False)
+    assert (out / "straße.txt").read_text() == "1" and (out / "strasse.txt").read_text() == "2"
+    (target / "nul.txt").write_text("3")
+    expect_refusal(ledger, SUITE, "nul.txt in make's target",
+                   lambda: make_diff(kit.base, target, tmp_path / "diff2", threads=1, progress=False),
+                   must_name=("nul.txt", "Windows device"))
