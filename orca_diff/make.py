@@ -13,6 +13,7 @@ small constant for the codec's temporaries), whatever the model size.
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import os
 import struct
@@ -27,7 +28,7 @@ from . import __version__
 from .codec import DEFAULT_LEVEL, base_prediction, choose_encoding, encode_chunk
 from .digests import TENSOR_DIGEST_OF_VERSION, Hasher, digest_bytes, new_hasher
 from .bits import UINT_FOR_SIZE, ulp_delta
-from .errors import InterruptedError_, UsageError
+from .errors import FormatError, InputNotFoundError, InterruptedError_, OrcaDiffError, UsageError
 from .fingerprint import base_fingerprint
 from .format import (
     FORMAT_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
@@ -228,11 +229,29 @@ def _chunk_ranges(begin: int, end: int, chunk_bytes: int) -> Iterator[tuple[int,
         yield s, min(chunk_bytes, end - s)
 
 
+def input_read_error(exc: OSError, path: Path) -> OrcaDiffError:
+    """An input file make could not open or read: named, and the output not blamed."""
+    what = InputNotFoundError if exc.errno == errno.ENOENT else FormatError
+    return what(f"{path}: {exc.strerror or exc} while make was reading it (was the model folder changed during the "
+                "run?); nothing was written; make sure the folder is complete and run make again")
+
+
+def _names_output(filename: object, out: Path, staging: Path) -> bool:
+    """Whether an OSError's file is make's own: in ``out`` or its staging folder, or one of the
+    hidden siblings beside ``out`` (lock, marker)."""
+    p = Path(os.fsdecode(filename)).absolute()  # type: ignore[arg-type]
+    hidden_sibling = p.parent == out.absolute().parent and p.name.startswith(".")
+    return hidden_sibling or any(p.is_relative_to(q) for q in (out.absolute(), staging.absolute()))
+
+
 def _read_file(path: Path, offset: int, size: int) -> np.ndarray:
     """``size`` bytes of ``path`` at ``offset``; a file that shrank since make looked at it is an
     error naming it (make hashes and encodes the same bytes, so the diff stays self-consistent)."""
     buf = np.empty(size, dtype=np.uint8)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:  # an input, not the output: named as such
+        raise input_read_error(exc, path) from None
     try:
         read_exact(fd, buf, offset, f"{path} (changed while make was reading it?)")
     finally:
@@ -415,6 +434,8 @@ def _make_locked(session: OutputSession, base: str | os.PathLike, target: str | 
                                 "to start over)") from None
     except OSError as exc:
         remove_path(staging)
+        if exc.filename is not None and not _names_output(exc.filename, out, staging):
+            raise input_read_error(exc, Path(os.fsdecode(exc.filename))) from None
         raise describe_os_error(exc, out, "run make again") from None
     except BaseException:
         remove_path(staging)

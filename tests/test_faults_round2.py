@@ -345,3 +345,36 @@ def test_make_carries_strasse_and_strasse_and_refuses_nul_txt(kit: Kit, ledger, 
     expect_refusal(ledger, SUITE, "nul.txt in make's target",
                    lambda: make_diff(kit.base, target, tmp_path / "diff2", threads=1, progress=False),
                    must_name=("nul.txt", "Windows device"))
+
+
+# --------------------------------------------------------------------------- 12. inputs that vanish, --diff as a link
+
+
+def test_a_target_file_vanishing_while_make_reads_it_is_blamed_on_the_target(kit: Kit, ledger, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    import orca_diff.make as make_mod
+
+    target = tmp_path / "target"
+    shutil.copytree(kit.target, target)
+    real = make_mod._read_file
+
+    def vanish(path, offset, size):
+        Path(path).unlink()
+        return real(path, offset, size)
+
+    monkeypatch.setattr(make_mod, "_read_file", vanish)
+    exc = expect_refusal(ledger, SUITE, "a target file removed while make reads it",
+                         lambda: make_diff(kit.base, target, tmp_path / "diff", threads=1, progress=False),
+                         must_name=(str(target),))
+    assert not isinstance(exc, OutputError) and "--out" not in str(exc) and "while make was reading" in str(exc)
+    assert not (tmp_path / "diff").exists()
+
+
+def test_diff_given_as_a_link_to_its_manifest_under_another_name(kit: Kit, ledger, tmp_path: Path) -> None:
+    link = tmp_path / "the-diff.json"
+    link.symlink_to(kit.diff / "orca-diff.json")
+    r = run_cli("verify", "--diff", str(link))
+    assert r.returncode == 0, r.stderr
+    expect_safe(ledger, SUITE, "--diff as a link to the manifest",
+                lambda: apply_diff(kit.base, link, tmp_path / "out", threads=1, progress=False), tmp_path / "out",
+                kit.matches_target)
