@@ -378,3 +378,34 @@ def test_diff_given_as_a_link_to_its_manifest_under_another_name(kit: Kit, ledge
     expect_safe(ledger, SUITE, "--diff as a link to the manifest",
                 lambda: apply_diff(kit.base, link, tmp_path / "out", threads=1, progress=False), tmp_path / "out",
                 kit.matches_target)
+
+
+# --------------------------------------------------------------------------- 14. a deflated .bin
+
+
+def test_a_deflate_compressed_bin_that_torch_loads_travels_verbatim(kit: Kit, ledger, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import io
+    import zipfile
+
+    target = tmp_path / "target"
+    target.mkdir()
+    for name in ("config.json", "tokenizer_config.json"):
+        if (kit.target / name).exists():
+            shutil.copy(kit.target / name, target / name)
+    buf = io.BytesIO()
+    torch.save({"model.norm.weight": torch.arange(32, dtype=torch.float32)}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(target / "pytorch_model.bin", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for info in src.infolist():
+            z.writestr(info.filename, src.read(info.filename))
+    loaded = torch.load(target / "pytorch_model.bin", weights_only=True)
+    assert torch.equal(loaded["model.norm.weight"], torch.arange(32, dtype=torch.float32))  # torch loads it
+    notes: list[str] = []
+    d = tmp_path / "diff"
+    make_diff(kit.base, target, d, chunk_bytes=4096, threads=1, progress=False, notes=notes)
+    assert any("compressed" in n and "verbatim" in n for n in notes), notes
+    out = tmp_path / "out"
+    expect_safe(ledger, SUITE, "a deflated .bin through make and apply",
+                lambda: apply_diff(kit.base, d, out, threads=1, progress=False), out,
+                lambda o: all((o / p.name).read_bytes() == p.read_bytes() for p in target.iterdir()))
