@@ -409,3 +409,43 @@ def test_a_deflate_compressed_bin_that_torch_loads_travels_verbatim(kit: Kit, le
     expect_safe(ledger, SUITE, "a deflated .bin through make and apply",
                 lambda: apply_diff(kit.base, d, out, threads=1, progress=False), out,
                 lambda o: all((o / p.name).read_bytes() == p.read_bytes() for p in target.iterdir()))
+
+
+# --------------------------------------------------------------------------- 10. a base written while make reads it
+
+
+@pytest.mark.parametrize("how", ["in place", "replaced by rename", "truncated"])
+def test_a_base_changing_while_make_reads_it_is_refused(kit: Kit, ledger, tmp_path: Path, monkeypatch, how: str) -> None:
+    """Before: a diff that verifies, whose base digests describe a mixture of the two versions
+    of the shard, so that apply refuses both as the wrong base."""
+    import orca_diff.make as make_mod
+
+    base = kit.copy_base(tmp_path / "base")
+    shard = sorted(base.glob("*.safetensors"))[-1]
+    real = make_mod.read_range
+    calls = {"n": 0}
+
+    def change_after_first_base_read(reader, name, start, length):
+        data = real(reader, name, start, length)
+        if getattr(reader, "path", None) == base:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raw = bytearray(shard.read_bytes())
+                raw[-1] ^= 0xFF
+                if how == "in place":
+                    with open(shard, "r+b") as f:
+                        f.seek(len(raw) - 1)
+                        f.write(raw[-1:])
+                elif how == "replaced by rename":
+                    (shard.parent / "new").write_bytes(bytes(raw))
+                    os.replace(shard.parent / "new", shard)
+                else:
+                    os.truncate(shard, len(raw) - 2)
+        return data
+
+    monkeypatch.setattr(make_mod, "read_range", change_after_first_base_read)
+    out = tmp_path / "diff"
+    exc = expect_refusal(ledger, SUITE, f"a base shard {how} while make reads it",
+                         lambda: make_diff(base, kit.target, out, chunk_bytes=4096, threads=1, progress=False),
+                         must_name=(shard.name, "changed while make read it" if how != "truncated" else "ended early"))
+    assert exc.exit_code == (11 if how != "truncated" else 4) and not out.exists()
