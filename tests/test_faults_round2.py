@@ -171,14 +171,41 @@ def test_a_stale_lock_file_is_replaced_not_rewritten(kit: Kit, ledger, tmp_path:
 # --------------------------------------------------------------------------- 14. a kill during the marker write
 
 
-def test_a_kill_while_the_marker_is_written_is_cleaned_by_the_next_run(kit: Kit, ledger, tmp_path: Path) -> None:
+def test_a_kill_while_the_marker_is_written_is_cleaned_by_the_next_run(kit: Kit, ledger, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """Before: the marker was written after the publish, so a kill inside its write left a
+    published folder without a marker (which no rerun could replace) and the marker's
+    ``..out.orca-diff-output.incomplete`` forever. Now it is written before the renames."""
+    import orca_diff.outdir as outdir_mod
+
+    out = tmp_path / "out"
+    real_write = outdir_mod.StagedFile.write
+
+    def killed(self, data):
+        if ".orca-diff-output" in self.final.name:
+            real_write(self, bytes(memoryview(data).cast("B"))[:20])
+            raise KeyboardInterrupt
+        return real_write(self, data)
+
+    monkeypatch.setattr(outdir_mod.StagedFile, "write", killed)
+    with pytest.raises(BaseException):
+        apply_diff(kit.base, kit.diff, out, threads=1, progress=False)
+    assert any(".orca-diff-output" in p.name and p.name.endswith(".incomplete") for p in tmp_path.iterdir())
+    monkeypatch.setattr(outdir_mod.StagedFile, "write", real_write)
+    expect_safe(ledger, SUITE, "the same command after a kill in the marker write", _apply(kit, out), out,
+                kit.matches_target)
+    assert marker_path(out).is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".incomplete")]
+
+
+def test_a_marker_temporary_of_an_older_run_is_removed(kit: Kit, ledger, tmp_path: Path) -> None:
     out = tmp_path / "out"
     apply_diff(kit.base, kit.diff, out, threads=1, progress=False)
-    # what a kill inside the marker's StagedFile leaves: its temporary, half written
     leftover = marker_path(out).parent / f".{marker_path(out).name}.incomplete"
     leftover.write_text('{"written_by": "orca-di')
-    expect_safe(ledger, SUITE, "rerun after a kill in the marker write", _apply(kit, out, force=True), out,
-                kit.matches_target)
+    marker_path(out).unlink()  # what a kill inside an older orca-diff's marker write left
+    expect_refusal(ledger, SUITE, "--force over an output whose marker an older run never finished",
+                   _apply(kit, out, force=True), must_name=("--force",))
     assert not leftover.exists()
 
 
