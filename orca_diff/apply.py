@@ -505,7 +505,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
         (staging / STATE_NAME).unlink(missing_ok=True)
     except OSError as exc:
         raise describe_os_error(exc, staging, resume_hint) from None
-    session.publish([f.path for f in manifest.files])
+    session.publish({f.path: f.sha256 for f in manifest.files})  # each measured equal to its sha256
     return ApplyReport(out, len(manifest.files), written, resumed, time.perf_counter() - t0,
                        None, target_fp, digest_algo=manifest.digest_algo)
 

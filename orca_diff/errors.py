@@ -68,6 +68,12 @@ class MissingExtraError(OrcaDiffError):
     exit_code = 10
 
 
+class InputChangedError(OrcaDiffError):
+    """An input (the base, the target) was written or replaced while it was being read."""
+
+    exit_code = 11
+
+
 class InterruptedError_(OrcaDiffError):
     """The user pressed Ctrl-C; the partial state is kept for resuming."""
 

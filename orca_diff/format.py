@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import re
@@ -31,6 +32,13 @@ READABLE_VERSIONS = (1, 2)
 #: Manifests larger than this are refused before parsing (a 405B model's is a few MB).
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_INT = 2**62
+#: Tensors a diff may rebuild, and base tensors it may list: 2^18. A 70B dense model has ~800, a
+#: 671B mixture of experts with 256 experts per layer and FP8 scales ~92,000, one of 384 experts
+#: ~140,000. Parsing costs ~3 KB of memory per tensor, so this also bounds what a hostile manifest
+#: of tiny tensors can make `info` and `apply` hold (~1 GiB).
+MAX_TENSORS = 1 << 18
+#: Files of the rebuilt model, payload files and base files: 2^16 each.
+MAX_FILES = 1 << 16
 #: The largest chunk a reader accepts (make writes 16 MiB ones): bounds apply's memory per chunk.
 MAX_CHUNK_BYTES = 1 << 30
 
@@ -45,37 +53,81 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: Path rule (docs/format.md §2): at most this many components, each at most 255 UTF-8 bytes.
 MAX_PATH_DEPTH = 32
 MAX_COMPONENT_BYTES = 243  # 255 (NAME_MAX) less the 12 bytes of apply's partial name ".<name>.incomplete"
-#: Characters no path may hold: control characters (C0, DEL, C1), line/paragraph separators and
-#: bidirectional overrides (they make `info` and terminals show another name), backslash, and the
-#: characters Windows cannot store in a name (< > : " | ? *; ':' would also name an NTFS stream).
-_BAD_CHARS = re.compile('[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\\\<>:"|?*]')
+#: The whole relative path, in UTF-8 bytes: Linux opens at most PATH_MAX (4096) bytes and macOS
+#: 1024, --out and the staging folder's name included, so a model's own paths keep to 512 (the
+#: longest in real repositories are under 100).
+MAX_PATH_BYTES = 512
+#: Characters no path may hold: control characters (C0, DEL, C1), line/paragraph separators,
+#: invisible format characters that bidirectional text or HFS+ treat specially (LRM/RLM, the
+#: overrides and isolates, the deprecated U+206A-F, the BOM: they make `info` and terminals show
+#: another name, or macOS ignore them), backslash, and the characters Windows cannot store in a
+#: name (< > : " | ? *; ':' would also name an NTFS stream).
+_BAD_CHARS = re.compile('[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u206f\ufeff\\\\<>:"|?*]')
+#: Zero-width (non-)joiners: legitimate in Persian or Devanagari names, but HFS+ ignores them when it
+#: compares names, so they are dropped from a path's collision key and from the reserved-name check.
+_HFS_IGNORED = dict.fromkeys(map(ord, "\u200c\u200d"))
 #: Names orca-diff itself uses inside an output or staging folder (apply's partial files
 #: ``.<name>.incomplete`` or ``.<prefix>~<hash>.incomplete``, its state file ``.orca-diff-state.*``,
 #: the hidden siblings ``.<out>.orca-diff-partial|old|lock|output``) and git's folder, which no Hub
-#: repo can hold. Case-insensitive, like the file systems that would confuse them.
-_RESERVED_COMPONENT = re.compile(r"^(\..*\.incomplete|\.orca-diff.*|\..*\.orca-diff-.*|\.git)$", re.IGNORECASE)
+#: repo can hold (with its NTFS short name ``git~1``, which git refuses too). Matched against the
+#: component's :func:`name_key`, like the file systems that would confuse them.
+_RESERVED_COMPONENT = re.compile(r"^(\..*\.incomplete|\.orca-diff.*|\..*\.orca-diff-.*|\.git|git~1)$")
+#: Windows device names: a component whose part before the first dot is one of these, in any
+#: ASCII case, opens the device instead of a file there (``NUL.txt`` is ``NUL``).
+_WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", "conin$", "conout$",
+                              *(f"{d}{n}" for d in ("com", "lpt") for n in "0123456789\u00b9\u00b2\u00b3")})
+
+
+def _simple_fold(ch: str) -> str:
+    """One character's case-insensitive form the way NTFS (its upcase table) and APFS compare
+    names: Unicode's *simple* one-to-one mappings only, so 'ß' stays 'ß' (not 'ss') and 'İ' stays
+    'İ' (not 'i' + a combining dot). Upper then lower, so every name one of them equates maps together."""
+    up = ch.upper()
+    if len(up) != 1:
+        up = ch
+    low = up.lower()
+    return low if len(low) == 1 else up
+
+
+_FOLD_CACHE: dict[str, str] = {}
+
+
+def name_key(name: str) -> str:
+    """The form under which two names are one file on some file system: NFC (macOS normalises),
+    without the joiners HFS+ ignores, simple-case-folded (NTFS, APFS and HFS+ ignore case)."""
+    out = []
+    for ch in unicodedata.normalize("NFC", name).translate(_HFS_IGNORED):
+        f = _FOLD_CACHE.get(ch)
+        if f is None:
+            f = _FOLD_CACHE.setdefault(ch, _simple_fold(ch))
+        out.append(f)
+    return "".join(out)
 
 
 def path_key(p: str) -> str:
-    """The form under which two paths collide on some file system (case-insensitive ones, and
-    macOS's NFD normalisation): NFC, then case-folded. Paths of one model must have distinct keys."""
-    return unicodedata.normalize("NFC", p).casefold()
+    """The form under which two paths collide on some file system (see :func:`name_key`). Paths
+    of one model must have distinct keys."""
+    return name_key(p)
 
 
 def path_problem(p: object) -> str | None:
     """Why ``p`` is not a safe relative path for a file of a diff or of a rebuilt model, or None.
 
-    Safe: 1 to MAX_PATH_DEPTH '/'-separated components, none empty, '.' or '..', none longer than
-    255 UTF-8 bytes, no control character, backslash or bidirectional override, not starting with
-    a drive letter, and none of the names orca-diff reserves for its own staging (see
+    Safe (docs/format.md §2): at most MAX_PATH_BYTES UTF-8 bytes; 1 to MAX_PATH_DEPTH
+    '/'-separated components, none empty, '.' or '..', none longer than MAX_COMPONENT_BYTES, none
+    ending in a space or a dot (Windows drops them), none a Windows device name (CON, nul.txt...),
+    no control character, backslash or invisible format character, not starting with a drive
+    letter, and none of the names orca-diff reserves for its own staging or git's folder (see
     _RESERVED_COMPONENT). Any other Unicode (spaces, parentheses, '~', non-ASCII, leading dots)
     is allowed, as on the Hub."""
     if not isinstance(p, str) or not p:
         return "a path must be a non-empty string"
     try:
-        p.encode("utf-8")
+        size = len(p.encode("utf-8"))
     except UnicodeEncodeError:
         return "the path is not valid Unicode (a lone surrogate)"
+    if size > MAX_PATH_BYTES:
+        return f"{size} bytes in all, more than the {MAX_PATH_BYTES} a path may have (PATH_MAX, with the output folder's)"
     parts = p.split("/")
     if len(parts) > MAX_PATH_DEPTH:
         return f"more than {MAX_PATH_DEPTH} folder levels"
@@ -87,16 +139,24 @@ def path_problem(p: object) -> str | None:
         if len(c.encode("utf-8")) > MAX_COMPONENT_BYTES:
             return f"a name longer than {MAX_COMPONENT_BYTES} bytes"
         if _BAD_CHARS.search(c):
-            return 'a control character, a bidirectional override, a backslash or one of < > : " | ? *'
-        if _RESERVED_COMPONENT.match(c):
+            return 'a control character, an invisible format character, a backslash or one of < > : " | ? *'
+        if c[-1] in " .":
+            return f"the name {c!r}, which ends in a space or a dot (Windows cannot store it)"
+        if c.split(".", 1)[0].rstrip(" ").lower() in _WINDOWS_DEVICES:
+            return f"the name {c!r}, a Windows device name (CON, PRN, AUX, NUL, COM0-9, LPT0-9, with any extension)"
+        if _RESERVED_COMPONENT.match(name_key(c)):
             return f"the name {c!r}, which orca-diff reserves for its own staging files (or git's)"
     return None
+
+
+#: Every chunk names its payload file: the few payload names are checked once, not per chunk.
+_cached_path_problem = functools.lru_cache(maxsize=1024)(lambda p: path_problem(p))
 
 
 def safe_relpath(p: object, what: str) -> str:
     """Accept only safe relative POSIX paths (:func:`path_problem`), so no manifest can point
     outside the folder it is applied into, nor onto apply's own staging names."""
-    problem = path_problem(p)
+    problem = _cached_path_problem(p) if type(p) is str else path_problem(p)
     if problem is not None:
         raise FormatError(f"manifest: {what}: unsafe path {ascii(p)[:300]} ({problem})")
     return p  # type: ignore[return-value]
@@ -425,15 +485,50 @@ class Manifest:
 
 
 def canonical_sha256(body: dict) -> str:
-    """sha256 of the canonical JSON form (sorted keys, no whitespace, ASCII) of ``body``."""
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """sha256 of the canonical JSON form (sorted keys, no whitespace, ASCII) of ``body``.
+
+    Fed to the hash piece by piece (:func:`_feed_canonical`): the same bytes as one
+    ``json.dumps(body, sort_keys=True, ...)``, without holding the whole text and its millions
+    of fragments at once (a manifest of 400,000 tensors would need ~10x its size for that)."""
+    h = hashlib.sha256()
+    _feed_canonical(body, h.update, 0)
+    return h.hexdigest()
+
+
+_CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+#: Containers with more items than this are encoded item by item; smaller ones in one call.
+_CANON_SPLIT = 64
+
+
+def _feed_canonical(obj: object, feed, depth: int) -> None:
+    split = depth < 2 or len(obj) > _CANON_SPLIT if isinstance(obj, (dict, list)) else False
+    if isinstance(obj, dict) and split:
+        feed(b"{")
+        for i, k in enumerate(sorted(obj)):
+            feed(((b"," if i else b"") + _CANON.encode(k).encode() + b":"))
+            _feed_canonical(obj[k], feed, depth + 1)
+        feed(b"}")
+    elif isinstance(obj, list) and split:
+        feed(b"[")
+        for i, v in enumerate(obj):
+            if i:
+                feed(b",")
+            _feed_canonical(v, feed, depth + 1)
+        feed(b"]")
+    else:
+        feed(_CANON.encode(obj).encode())
 
 
 def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     """Parse and fully validate manifest bytes. Raises FormatError / CorruptDiffError."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError(f"{where}: manifest is {len(data)} bytes, larger than any real diff needs")
+    # Before parsing (which costs ~10x the bytes): every tensor and base tensor record has one
+    # "dtype" key, and a name can add at most three more occurrences, so a valid manifest has
+    # fewer than 4 * 2 * MAX_TENSORS of them. The exact counts are checked after parsing.
+    if data.count(b'"dtype"') > 8 * MAX_TENSORS:
+        raise FormatError(f"{where}: manifest lists more than {MAX_TENSORS} tensors, more than any real model has "
+                          "(the parser's memory bound); refusing it")
     try:
         doc = json.loads(data.decode("utf-8"), object_pairs_hook=unique_keys)
     except DuplicateKeyError as exc:
@@ -464,11 +559,29 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
         raise FormatError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
 
 
+def _count(v: object, what: str, cap: int) -> None:
+    if isinstance(v, (dict, list)) and len(v) > cap:
+        raise FormatError(f"manifest: {what}: {len(v)} entries, more than the {cap} any real model needs (the "
+                          "parser's memory bound); refusing this manifest")
+
+
+def _drain(d: dict):
+    """(key, value) of ``d`` in order, each removed as it is handed out: the parsed JSON is let go
+    while the dataclasses are built, so the two are not held whole at once."""
+    for k in list(d):
+        yield k, d.pop(k)
+
+
 def _manifest_from_doc(doc: dict, version: int) -> Manifest:
     key = TENSOR_DIGEST_OF_VERSION[version]  # the JSON key of tensor and chunk digests
     base_d = _dict(doc.get("base"), "base")
+    target_d = _dict(doc.get("target"), "target")
+    for v, what, cap in ((base_d.get("tensors"), "base.tensors", MAX_TENSORS), (doc.get("tensors"), "tensors", MAX_TENSORS),
+                         (base_d.get("files"), "base.files", MAX_FILES), (base_d.get("weight_files"), "base.weight_files", MAX_FILES),
+                         (target_d.get("files"), "target.files", MAX_FILES), (doc.get("payloads"), "payloads", MAX_FILES)):
+        _count(v, what, cap)
     base_tensors = {}
-    for name, t in _dict(base_d.get("tensors"), "base.tensors").items():
+    for name, t in _drain(_dict(base_d.get("tensors"), "base.tensors")):
         w = f"base tensor {name!r}"
         t = _dict(t, w)
         needed = t.get("needed")
@@ -490,7 +603,7 @@ def _manifest_from_doc(doc: dict, version: int) -> Manifest:
                         base_tensors, base_files, weight_files)
 
     tensors: dict[str, TensorEntry] = {}
-    for name, t in _dict(doc.get("tensors"), "tensors").items():
+    for name, t in _drain(_dict(doc.get("tensors"), "tensors")):
         w = f"tensor {name!r}"
         t = _dict(t, w)
         info = TensorInfo(name, _dtype(t.get("dtype"), w), _shape(t.get("shape"), w))
@@ -522,7 +635,6 @@ def _manifest_from_doc(doc: dict, version: int) -> Manifest:
                 raise FormatError(f"manifest: {w}: chunk not aligned to elements")
         tensors[name] = TensorEntry(name, info.dtype, info.shape, _hex(t.get(key), w), enc, tuple(chunks))
 
-    target_d = _dict(doc.get("target"), "target")
     files: list[FileEntry] = []
     seen_paths: set[str] = set()
     placed: set[str] = set()

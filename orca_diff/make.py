@@ -13,6 +13,7 @@ small constant for the codec's temporaries), whatever the model size.
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import os
 import struct
@@ -27,7 +28,7 @@ from . import __version__
 from .codec import DEFAULT_LEVEL, base_prediction, choose_encoding, encode_chunk
 from .digests import TENSOR_DIGEST_OF_VERSION, Hasher, digest_bytes, new_hasher
 from .bits import UINT_FOR_SIZE, ulp_delta
-from .errors import InterruptedError_, UsageError
+from .errors import FormatError, InputChangedError, InputNotFoundError, InterruptedError_, OrcaDiffError, UsageError
 from .fingerprint import base_fingerprint
 from .format import (
     FORMAT_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
@@ -228,11 +229,53 @@ def _chunk_ranges(begin: int, end: int, chunk_bytes: int) -> Iterator[tuple[int,
         yield s, min(chunk_bytes, end - s)
 
 
+def input_read_error(exc: OSError, path: Path) -> OrcaDiffError:
+    """An input file make could not open or read: named, and the output not blamed."""
+    what = InputNotFoundError if exc.errno == errno.ENOENT else FormatError
+    return what(f"{path}: {exc.strerror or exc} while make was reading it (was the model folder changed during the "
+                "run?); nothing was written; make sure the folder is complete and run make again")
+
+
+def _names_output(filename: object, out: Path, staging: Path) -> bool:
+    """Whether an OSError's file is make's own: in ``out`` or its staging folder, or one of the
+    hidden siblings beside ``out`` (lock, marker)."""
+    p = Path(os.fsdecode(filename)).absolute()  # type: ignore[arg-type]
+    hidden_sibling = p.parent == out.absolute().parent and p.name.startswith(".")
+    return hidden_sibling or any(p.is_relative_to(q) for q in (out.absolute(), staging.absolute()))
+
+
+def base_identities(base: ModelReader) -> dict[Path, tuple[int, ...] | None]:
+    """Device, inode, size, mtime and ctime of every file make reads the base from. A base file
+    written while make reads it would give a diff whose base digests describe a mixture of two
+    files: one that verifies but that no base applies to (and apply would blame the user's base).
+    Any write, truncation or replacement changes one of these, so make compares them after its
+    last read (:func:`refuse_changed_base`)."""
+    out: dict[Path, tuple[int, ...] | None] = {}
+    for p in [*base_weight_files(base), *base.extra_files.values()]:
+        try:
+            st = os.stat(p)
+            out[Path(p)] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            out[Path(p)] = None
+    return out
+
+
+def refuse_changed_base(before: dict[Path, tuple[int, ...] | None], after: dict[Path, tuple[int, ...] | None]) -> None:
+    for p, ident in before.items():
+        if after.get(p) != ident:
+            raise InputChangedError(f"{p}: the base file changed while make read it (written, replaced or removed); "
+                                    "the diff would describe neither version, so nothing was written. Let whatever "
+                                    "writes the base finish (a download, a copy) and run make again")
+
+
 def _read_file(path: Path, offset: int, size: int) -> np.ndarray:
     """``size`` bytes of ``path`` at ``offset``; a file that shrank since make looked at it is an
     error naming it (make hashes and encodes the same bytes, so the diff stays self-consistent)."""
     buf = np.empty(size, dtype=np.uint8)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:  # an input, not the output: named as such
+        raise input_read_error(exc, path) from None
     try:
         read_exact(fd, buf, offset, f"{path} (changed while make was reading it?)")
     finally:
@@ -415,6 +458,8 @@ def _make_locked(session: OutputSession, base: str | os.PathLike, target: str | 
                                 "to start over)") from None
     except OSError as exc:
         remove_path(staging)
+        if exc.filename is not None and not _names_output(exc.filename, out, staging):
+            raise input_read_error(exc, Path(os.fsdecode(exc.filename))) from None
         raise describe_os_error(exc, out, "run make again") from None
     except BaseException:
         remove_path(staging)
@@ -429,9 +474,12 @@ def _make_into(base: ModelReader, target: ModelReader, folder: Path, base_name: 
                payload_file_bytes: int, notes: list[str], base_files_known: dict[str, BaseFile] | None) -> Manifest:
     algo = TENSOR_DIGEST_OF_VERSION[FORMAT_VERSION]  # tensor, chunk and base digests
     base_files_job = _BaseFilesInBackground(base, base_files_known) if threads > 1 else None
+    before = base_identities(base)
     try:
-        return _make_body(base, target, folder, base_name, base_repo, base_revision, level, chunk_bytes, threads,
-                          progress, payload_file_bytes, notes, base_files_known, algo, base_files_job)
+        manifest = _make_body(base, target, folder, base_name, base_repo, base_revision, level, chunk_bytes, threads,
+                              progress, payload_file_bytes, notes, base_files_known, algo, base_files_job)
+        refuse_changed_base(before, base_identities(base))
+        return manifest
     finally:
         if base_files_job is not None:
             base_files_job.stop()  # a no-op once its result was taken

@@ -141,18 +141,20 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b)
 
 
-def check_output(out: Path, force: bool, inputs: tuple[object, ...] = ()) -> None:
+def check_output(out: Path, force: bool, inputs: tuple[object, ...] = (), existing: bool = True) -> None:
     """Refuse, before any input is read, an output path that cannot or must not be written
-    (see the module docstring, promise 1). Raises OutputError with one line saying what to do."""
+    (see the module docstring, promise 1). Raises OutputError with one line saying what to do.
+    ``existing=False`` leaves out the check of what an existing ``out`` holds (done under the
+    lock, after an interrupted publish is recovered)."""
     try:
-        _check_output(Path(out), force, inputs)
+        _check_output(Path(out), force, inputs, existing)
     except OSError as exc:  # a path that cannot even be looked at (permissions, loops, names)
         raise describe_os_error(exc, Path(out), "choose another --out") from None
     except RuntimeError as exc:  # pathlib's symlink loop
         raise OutputError(f"{out}: cannot be resolved ({exc}); choose another --out") from None
 
 
-def _check_output(out: Path, force: bool, inputs: tuple[object, ...]) -> None:
+def _check_output(out: Path, force: bool, inputs: tuple[object, ...], existing: bool = True) -> None:
     if out.name in ("", ".", ".."):
         raise OutputError(f"--out {shown(str(out))!r}: give the output folder by its own name (for example "
                           "../model or /data/model): the hidden staging folder is created beside it and renamed "
@@ -187,70 +189,187 @@ def _check_output(out: Path, force: bool, inputs: tuple[object, ...]) -> None:
             if not force:
                 raise OutputError(f"{out}: folder exists and is not empty; choose another --out or pass --force "
                                   "to replace it")
-            refuse_foreign(out)
+            if existing:
+                refuse_foreign(out)
 
 
-def _marker_files(out: Path) -> set[str] | None:
-    """The files a previous output's marker lists (with their folders), or None without a
-    readable marker."""
-    marker = marker_path(out)
+#: The marker's format: every entry's proof (see :func:`entry_proof`). A marker of another
+#: version (the plain file list of orca-diff < 0.9) proves nothing and makes nothing replaceable.
+MARKER_VERSION = 2
+_HASH_BLOCK = 1 << 20
+
+
+def _file_sha256(p: Path) -> str:
+    """sha256 of the regular file ``p``, never following a link (1 MiB reads)."""
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        st = marker.lstat()
+        h = hashlib.sha256()
+        while block := os.read(fd, _HASH_BLOCK):
+            h.update(block)
+        return h.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def entry_proof(p: Path, sha256: str | None = None) -> dict:
+    """What a marker records of one published entry: its identity when published (device,
+    inode, size, mtime and ctime: ctime moves on every write, chmod or rename of the inode and
+    cannot be set back) and, for a file, its sha256 (computed when not given). A later
+    ``--force`` accepts the entry if its identity is unchanged, or if it still hashes to it."""
+    st = p.lstat()
+    proof = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "ctime_ns": st.st_ctime_ns}
+    if stat.S_ISLNK(st.st_mode):
+        proof["kind"] = "link"
+    elif stat.S_ISREG(st.st_mode):
+        proof["kind"] = "file"
+        proof["sha256"] = sha256 or _file_sha256(p)
+    else:
+        raise OutputError(f"{p}: is neither a file nor a symbolic link; orca-diff publishes only files")
+    return proof
+
+
+def marker_body(folder: Path, files: "dict[str, str | None] | Iterable[str]") -> bytes:
+    """The marker's bytes for the entries ``files`` (relative names; with a dict, name -> sha256
+    already known, so a model is not read twice) as they are now in ``folder``."""
+    known = files if isinstance(files, dict) else dict.fromkeys(files)
+    entries = {rel: entry_proof(folder / rel, sha) for rel, sha in sorted(known.items())}
+    return (json.dumps({"written_by": "orca-diff", "marker_version": MARKER_VERSION, "files": entries},
+                       indent=0, sort_keys=True) + "\n").encode()
+
+
+def _read_marker(path: Path) -> dict[str, dict] | None:
+    """The entries of a marker file, or None when there is none or it is not one of this version."""
+    try:
+        st = path.lstat()
         if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_MARKER_BYTES:
             return None
-        doc = json.loads(marker.read_bytes())
-        files = doc.get("files") if isinstance(doc, dict) else None
-        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-            return None
-    except (OSError, ValueError):
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return None
-    return _with_folders(files)
+    if not isinstance(doc, dict) or doc.get("marker_version") != MARKER_VERSION or not isinstance(doc.get("files"), dict):
+        return None
+    files = doc["files"]
+    for rel, proof in files.items():
+        if not isinstance(proof, dict) or proof.get("kind") not in ("file", "link") or not _safe_rel(rel):
+            return None
+    return files
 
 
-def _diff_files(out: Path) -> set[str] | None:
-    """The files of a diff folder (manifest, payloads, card), read loosely from its manifest."""
-    manifest = out / _DIFF_MANIFEST
+def _safe_rel(rel: object) -> bool:
+    return isinstance(rel, str) and bool(rel) and all(c not in ("", ".", "..") for c in rel.split("/"))
+
+
+def _proof_problem(p: Path, proof: dict) -> str | None:
+    """Why the entry at ``p`` is not the one ``proof`` describes, or None when it is."""
     try:
-        st = manifest.lstat()
-        if not stat.S_ISREG(st.st_mode) or st.st_size > 256 << 20:
-            return None
-        doc = json.loads(manifest.read_bytes())
-        payloads = [p.get("path") for p in doc.get("payloads", [])]
-    except (OSError, ValueError, AttributeError, TypeError):
+        st = p.lstat()
+    except FileNotFoundError:
+        return None  # gone: nothing of it can be lost
+    kind = "link" if stat.S_ISLNK(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+    if kind != proof.get("kind"):
+        return f"is a {'folder' if stat.S_ISDIR(st.st_mode) else kind} where orca-diff published a {proof.get('kind')}"
+    same = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns] == \
+        [proof.get(k) for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns")]
+    if same:
         return None
-    return _with_folders([p for p in payloads if isinstance(p, str)]) | {_DIFF_MANIFEST, "README.md", ".gitattributes"}
+    if kind == "link":
+        return "is not the symbolic link orca-diff left there"
+    if st.st_size != proof.get("size"):
+        return f"was changed since orca-diff published it ({st.st_size} bytes, {proof.get('size')} when published)"
+    if _file_sha256(p) != proof.get("sha256"):
+        return "was changed since orca-diff published it (its sha256 differs from the one recorded then)"
+    return None
+
+
+def _diff_entries(out: Path) -> dict[str, dict] | None:
+    """A diff folder without a marker (made or downloaded by an older orca-diff): its manifest,
+    if it is a FULLY valid one (checksum and structure: :func:`orca_diff.format.load_manifest`),
+    proves its payload files by size and sha256, and a model card generated by ``make`` and not
+    edited since proves itself. Nothing else of the folder is replaceable. None without a valid
+    manifest."""
+    from .format import load_manifest  # noqa: PLC0415 - format imports containers, which import this
+    from .hub.card import is_generated_card  # noqa: PLC0415
+
+    manifest_file = out / _DIFF_MANIFEST
+    try:
+        if not stat.S_ISREG(manifest_file.lstat().st_mode):
+            return None
+        manifest = load_manifest(out)
+    except (OSError, OrcaDiffError):
+        return None
+    entries: dict[str, dict] = {_DIFF_MANIFEST: {"kind": "proved"}}
+    for pl in manifest.payloads:
+        entries[pl.path] = {"kind": "file", "size": pl.size, "sha256": pl.sha256}
+    card = out / "README.md"
+    try:
+        if stat.S_ISREG(card.lstat().st_mode) and card.stat().st_size < (1 << 20) and \
+                is_generated_card(card.read_text(encoding="utf-8")):
+            entries["README.md"] = {"kind": "proved"}
+    except (OSError, UnicodeDecodeError):
+        pass
+    return entries
 
 
 def _with_folders(files: Iterable[str]) -> set[str]:
     out: set[str] = set()
     for f in files:
         parts = f.split("/")
-        out.update("/".join(parts[:k]) for k in range(1, len(parts) + 1))
+        out.update("/".join(parts[:k]) for k in range(1, len(parts)))
     return out
 
 
-def foreign_entry(out: Path) -> str | None:
-    """The first entry of the existing folder ``out`` that no previous orca-diff output accounts
-    for (its marker's file list, or a diff's manifest), or None when ``--force`` may replace it."""
-    allowed = _marker_files(out)
-    if allowed is None:
-        allowed = _diff_files(out)
+def foreign_entry(out: Path) -> tuple[str, str] | None:
+    """The first entry of the existing folder ``out`` that ``--force`` may not replace, with the
+    reason, or None when every entry is proved to be one orca-diff published there: listed by
+    the marker beside ``out`` with an unchanged identity or sha256 (:func:`entry_proof`), or, for
+    a diff folder without a marker, proved by its valid manifest (:func:`_diff_entries`)."""
+    entries = _read_marker(marker_path(out))
+    source = f"{marker_path(out).name} (the list of files orca-diff published there)"
+    if entries is None:
+        entries = _diff_entries(out)
+        source = "its orca-diff.json (a valid diff manifest)"
+    if entries is None:
+        if _lexists(marker_path(out)):
+            why = (f"is not proved to be part of one: the marker {marker_path(out).name} beside it is damaged or was "
+                   "written by an older orca-diff (a bare list of names, which cannot prove the files are unchanged)")
+        else:
+            why = f"is not part of one (neither {marker_path(out).name} nor a valid orca-diff.json lists it)"
+        for root, dirs, files in os.walk(out):
+            for name in sorted(dirs + files):
+                return (Path(root, name).relative_to(out).as_posix(), why)
+        return None
+    return foreign_entry_in(out, entries, source)
+
+
+def foreign_entry_in(out: Path, entries: dict[str, dict], source: str) -> tuple[str, str] | None:
+    """The first entry of ``out`` that ``entries`` (a marker's, or a manifest's) does not prove."""
+    folders = _with_folders(entries)
     for root, dirs, files in os.walk(out):
         rel_root = Path(root).relative_to(out)
         for name in sorted(dirs + files):
             rel = (rel_root / name).as_posix()
-            if allowed is None or rel not in allowed:
-                return rel
+            p = Path(root, name)
+            if rel in folders and p.is_dir() and not p.is_symlink():
+                continue
+            proof = entries.get(rel)
+            if proof is None:
+                return (rel, f"is not part of it ({source} does not list it)")
+            if proof["kind"] == "proved":
+                continue
+            problem = _proof_problem(p, proof)
+            if problem is not None:
+                return (rel, problem)
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
     return None
 
 
 def refuse_foreign(out: Path) -> None:
-    foreign = foreign_entry(out)
-    if foreign is not None:
-        raise OutputError(f"{out}: --force replaces only a previous orca-diff output, and {shown(foreign)!r} in it "
-                          f"is not part of one (neither {marker_path(out).name} nor an orca-diff.json lists it); move it away or "
-                          "choose another --out")
+    found = foreign_entry(out)
+    if found is not None:
+        rel, why = found
+        raise OutputError(f"{out}: --force replaces only a previous orca-diff output, and {shown(rel)!r} in it {why}; "
+                          "move it away or choose another --out")
 
 
 # --------------------------------------------------------------------------- the lock
@@ -287,13 +406,7 @@ class OutputLock:
                 held[1] += 1
                 return
         for _ in range(100):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                             0o644)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise OutputError(f"{self.path}: the lock file is a symbolic link; remove it and rerun") from None
-                raise describe_os_error(exc, self.path, "choose another --out") from None
+            fd, created = self._open()
             if not _try_lock(fd):
                 holder = _read_holder(fd)
                 os.close(fd)
@@ -306,10 +419,21 @@ class OutputLock:
             if not same:  # the previous holder removed it after we opened it: lock the new one
                 os.close(fd)
                 continue
+            if not created and os.name != "nt":  # (Windows cannot unlink an open file: it rewrites it)
+                # A lock file left by a killed run (a live one would hold the flock). It is not ours
+                # to write into: drop its name while holding its lock and create a fresh one (a
+                # run that opened the old one finds it unlinked and retries, like after a release).
+                try:
+                    os.unlink(self.path)
+                except OSError as exc:
+                    os.close(fd)
+                    raise describe_os_error(exc, self.path, "remove it and rerun") from None
+                os.close(fd)
+                continue
             cmd = " ".join(sys.argv) if sys.argv and sys.argv[0] else "python"
             try:  # who holds it, for the refusal of a second run; best effort (a full disk is said later)
-                os.ftruncate(fd, 0)
-                os.lseek(fd, 0, os.SEEK_SET)  # (no pwrite on Windows)
+                if not created:
+                    os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n{cmd}\n".encode("utf-8", "backslashreplace"))
             except OSError:
                 pass
@@ -317,6 +441,37 @@ class OutputLock:
                 _HELD[self._key] = [fd, 1]
             return
         raise OutputError(f"{self.path}: could not take the output lock (it keeps being replaced); rerun")
+
+    def _open(self, retry: int = 3) -> tuple[int, bool]:
+        """The lock file's descriptor, and whether this call created it (O_EXCL). An existing one
+        is opened without following a link, and refused unless it is a regular file with no other
+        name (a hard link planted there would let a run write into a file elsewhere)."""
+        flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            try:
+                return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                mode = os.lstat(self.path).st_mode
+                if stat.S_ISLNK(mode):
+                    raise OutputError(f"{self.path}: the lock file is a symbolic link; remove it and rerun") from None
+                if not stat.S_ISREG(mode):  # a device is never even opened
+                    raise OutputError(f"{self.path}: the lock file is not a regular file; orca-diff will not open "
+                                      "it: remove it and rerun") from None
+                fd = os.open(self.path, flags | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OutputError(f"{self.path}: the lock file is a symbolic link; remove it and rerun") from None
+            if exc.errno == errno.ENOENT and retry:  # removed between the two opens: try again
+                return self._open(retry - 1)
+            raise describe_os_error(exc, self.path, "choose another --out") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else \
+                f"has {st.st_nlink} names (a hard link to a file elsewhere)"
+            raise OutputError(f"{self.path}: the lock file {what}; orca-diff will not write into it: remove it "
+                              "and rerun")
+        return fd, False
 
     def release(self) -> None:
         with _HELD_LOCK:
@@ -415,13 +570,61 @@ def create_staging(out: Path) -> Path:
     return staging
 
 
-def write_marker(out: Path, files: Iterable[str]) -> None:
-    """Record beside ``out`` the files this run published in it (see MARKER_SUFFIX)."""
-    body = (json.dumps({"written_by": "orca-diff", "files": sorted(files)}, indent=0) + "\n").encode()
-    marker = marker_path(out)
-    with StagedFile(marker.parent, marker.name) as f:
+def pending_marker_path(out: Path) -> Path:
+    """Where a publish writes the marker of the folder it is about to rename into ``out``: it
+    becomes the marker once the rename is done (:func:`recover_marker` finishes or drops it)."""
+    return _sibling(Path(out), MARKER_SUFFIX + "-pending")
+
+
+def _write_file(path: Path, body: bytes) -> None:
+    with StagedFile(path.parent, path.name) as f:
         f.write(body)
         f.commit()
+
+
+def write_marker(out: Path, files: "dict[str, str | None] | Iterable[str]") -> None:
+    """Record beside ``out`` the entries ``files`` of it, with their proofs (see MARKER_SUFFIX
+    and :func:`entry_proof`): what a later ``--force`` may replace."""
+    _write_file(marker_path(out), marker_body(Path(out), files))
+
+
+def _staged_files(staging: Path) -> list[str]:
+    """Every file and link in a staging folder (relative names), for a diff folder's marker."""
+    found = []
+    for root, dirs, files in os.walk(staging):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            found.append(Path(root, name).relative_to(staging).as_posix())
+    return found
+
+
+def recover_marker(out: Path) -> str | None:
+    """Under the lock: remove what a kill while a marker was written left (its temporaries), and
+    finish a publish killed between its last rename and the marker's: the pending marker becomes
+    the marker only if it proves exactly what ``out`` now holds, else it is dropped. Returns a
+    note for the user, or None."""
+    marker, pending = marker_path(out), pending_marker_path(out)
+    for m in (marker, pending):
+        remove_path(m.parent / hidden_sibling_name(m.name, ".incomplete", name_max(m.parent)))
+    if not _lexists(pending):
+        return None
+    entries = _read_marker(pending)
+    if entries is not None and out.is_dir() and not out.is_symlink() and _entries_match(out, entries):
+        os.replace(pending, marker)
+        return f"recorded {marker.name}: an earlier run was interrupted just after publishing {out}"
+    remove_path(pending)
+    return None
+
+
+def _entries_match(out: Path, entries: dict[str, dict]) -> bool:
+    """Whether ``out`` holds exactly the entries a marker lists, each proved (:func:`_proof_problem`)."""
+    for rel, proof in entries.items():
+        p = out / rel
+        if not _lexists(p) or _proof_problem(p, proof) is not None:
+            return False
+    try:
+        return foreign_entry_in(out, entries, "") is None
+    except OSError:
+        return False
 
 
 def fsync_path(path: Path) -> None:
@@ -432,14 +635,30 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def publish(staging: Path, out: Path, force: bool) -> None:
-    """Move a complete staging folder to ``out`` (call under the output lock). An existing
-    non-empty ``out`` is replaced only with ``force`` and only if it is a previous orca-diff
-    output; it is moved aside first, so a kill between the two renames leaves both (see
-    :func:`recover_publish`)."""
+def publish(staging: Path, out: Path, force: bool, files: "dict[str, str | None] | Iterable[str] | None" = None) -> None:
+    """Move a complete staging folder to ``out`` (call under the output lock) and leave the
+    marker beside it that proves its entries (``files``: relative names, or names -> known
+    sha256; None: every file of the folder). An existing non-empty ``out`` is replaced only with
+    ``force`` and only if it is a previous orca-diff output; it is moved aside first, so a kill
+    between the two renames leaves both (see :func:`recover_publish`). The marker is written
+    (as the pending marker) before the renames, from the staged files, whose identities the
+    renames keep, and takes its name after them (:func:`recover_marker`)."""
     if staging.is_symlink() or not staging.is_dir():
         raise OutputError(f"{staging}: the staging folder was replaced while this run wrote it; nothing was published")
+    pending = pending_marker_path(out)
+    _write_file(pending, marker_body(staging, _staged_files(staging) if files is None else files))
     fsync_path(staging)
+    try:
+        _publish_renames(staging, out, force)
+    except BaseException:
+        if _lexists(staging):  # nothing was renamed: the pending marker describes nothing
+            remove_path(pending)
+        raise
+    os.replace(pending, marker_path(out))
+    fsync_path(out.parent)
+
+
+def _publish_renames(staging: Path, out: Path, force: bool) -> None:
     if _lexists(out):
         if out.is_symlink() or not out.is_dir():
             raise OutputError(f"{out}: appeared while writing and is not a folder; the result is kept in {staging}")
@@ -537,12 +756,12 @@ class OutputSession:
     lock: OutputLock
     notes: list[str] = field(default_factory=list)
 
-    def publish(self, files: Iterable[str] | None = None) -> None:
-        """Publish the staging folder and, for a model folder (``files`` given), record its files."""
+    def publish(self, files: "dict[str, str | None] | Iterable[str] | None" = None) -> None:
+        """Publish the staging folder and record the proofs of its files beside it (``files``:
+        the model's relative names, or names -> their sha256 when already measured; None for a
+        diff folder: all of its files)."""
         try:
-            publish(self.staging, self.out, self.force)
-            if files is not None:
-                write_marker(self.out, files)
+            publish(self.staging, self.out, self.force, files)
         except OSError as exc:
             raise describe_os_error(exc, self.out, f"the complete result is in {self.staging}") from None
 
@@ -559,18 +778,18 @@ def output_session(out: str | os.PathLike, force: bool, inputs: tuple[object, ..
             s.publish(files)                    # files=None for a diff folder (its manifest is its marker)
     """
     out = Path(out)
-    check_output(out, force, inputs)
+    check_output(out, force, inputs, existing=False)
     lock = OutputLock(out)
     lock.acquire()
     try:
         session = OutputSession(out, force, staging_dir(out), lock)
         try:
             note = recover_publish(out)
+            marker_note = recover_marker(out)
         except OSError as exc:
             raise describe_os_error(exc, old_dir(out), "remove it and rerun") from None
-        if note:
-            session.notes.append(note)
-            check_output(out, force, inputs)  # what was restored is checked like any existing output
+        session.notes += [n for n in (note, marker_note) if n]
+        check_output(out, force, inputs)  # under the lock, and what was restored is checked like any output
         yield session
     finally:
         lock.release()

@@ -158,6 +158,8 @@ def diff_folder(diff: str | os.PathLike) -> Path:
     from .format import MANIFEST_NAME
 
     d = Path(diff)
+    if d.is_file() and d.is_symlink() and d.resolve().name == MANIFEST_NAME:
+        return d.resolve().parent  # a link to a manifest, under any name: its payloads lie beside the manifest
     return d.parent if d.name == MANIFEST_NAME and d.is_file() else d
 
 

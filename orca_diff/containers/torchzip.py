@@ -42,6 +42,12 @@ MAX_RECORDS = 1 << 20
 _STORAGE_RE = re.compile(r"^[^/]+/data/[0-9]+$")
 
 
+class UncutZipError(FormatError):
+    """A valid zip that cannot be cut into segments: a member is compressed (torch loads a
+    deflated archive, though ``torch.save`` never writes one) or encrypted. ``make`` carries such
+    a file verbatim instead."""
+
+
 @dataclass(frozen=True)
 class ZipRecord:
     """One stored (uncompressed) member: its bytes are ``[data_offset, data_offset + size)``."""
@@ -132,8 +138,8 @@ def _records(fd: int, size: int, where: str) -> list[ZipRecord]:
         usize, csize, lho = _zip64_fields(extra, usize, csize, lho, bad)
         name = name_b.decode("utf-8", "replace")
         if method != 0 or flags & 1 or csize != usize:
-            raise FormatError(f"{where}: member {name!r} is compressed or encrypted; torch never writes such "
-                              "files (re-save it with torch.save or save_pretrained)")
+            raise UncutZipError(f"{where}: member {name!r} is compressed or encrypted; torch.save never writes such "
+                                "files (re-save it with torch.save or save_pretrained to get a small diff)")
         local = _pread(fd, lho, 30, where) if lho + 30 <= size else b""
         if len(local) != 30 or struct.unpack("<I", local[:4])[0] != _LOCAL:
             raise FormatError(f"{bad} (member {name!r}: local header missing)")
@@ -309,7 +315,13 @@ class TorchZipModel:
                 self.pieces[rel] = file_pieces(size, [], {})
                 self.files[rel] = file
                 continue
-            records = read_zip_records(file)
+            try:
+                records = read_zip_records(file)
+            except UncutZipError as exc:  # its bytes travel all the same, as one verbatim segment
+                self.notes.append(f"{exc}; carried verbatim (not delta-coded: a large diff)")
+                self.pieces[rel] = file_pieces(size, [], {})
+                self.files[rel] = file
+                continue
             try:
                 named, notes = name_storages(file, records)
             except FormatError as exc:  # a pickle torch refuses to load safely: its bytes still travel
@@ -346,5 +358,5 @@ class TorchZipModel:
         self._fds.clear()
 
 
-__all__ = ["ZipRecord", "StorageTensor", "Piece", "TorchZipModel", "read_zip_records", "name_storages",
+__all__ = ["UncutZipError", "ZipRecord", "StorageTensor", "Piece", "TorchZipModel", "read_zip_records", "name_storages",
            "file_pieces", "is_torch_zip", "MAX_RECORDS"]
