@@ -81,9 +81,9 @@ def folder_sha256s(folder: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-def describe(digest: str, n_files: int) -> str:
+def describe(digest: str) -> str:
     """How every command prints the identity (one wording everywhere)."""
-    return f"model digest {digest} (sha256 over the sha256 of its {n_files} files, as OpenSSF model-signing)"
+    return f"model digest {digest} (OpenSSF model-signing root digest over every file)"
 
 
 __all__ = ["SIGNATURE_NAME", "GIT_PATHS", "IDENTITY_IGNORED", "ignored", "order_key", "model_digest",

@@ -461,6 +461,147 @@ def sign_diff_folder(diff_dir: str | os.PathLike, manifest: Any, how: SignWith) 
     return model_signature(files, diff_dir.name or "diff", how, DIFF_SIG_IGNORED)
 
 
+def statement_unverified(sig: str | os.PathLike) -> SignedModel:
+    """What an OpenSSF signature file claims to sign, read without checking who signed it (no
+    key given): bundle JSON, base64 DSSE payload, in-toto statement, and its root digest recomputed
+    from the resources it lists. Core install only (no model_signing needed)."""
+    import base64
+
+    sig = Path(sig)
+    try:
+        if sig.stat().st_size > MAX_SIGNATURE_BYTES:
+            raise ValueError("too large")
+        bundle = json.loads(sig.read_bytes())
+        doc = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"], validate=True))
+        pred = doc["predicate"]
+        ser = pred["serialization"]
+        if ser.get("method") != "files" or ser.get("hash_type") != "sha256":
+            raise ValueError(f"signed per {ser.get('method')!r} with {ser.get('hash_type')!r}, not per file with sha256")
+        h = hashlib.sha256()
+        files: dict[str, str] = {}
+        for r in pred["resources"]:
+            if r["algorithm"] != "sha256":
+                raise ValueError("a resource not hashed with sha256")
+            h.update(bytes.fromhex(r["digest"]))
+            files[str(r["name"])] = str(r["digest"])
+        root = doc["subject"][0]["digest"]["sha256"]
+        if h.hexdigest() != root:
+            raise ValueError("its root digest is not the digest of the resources it lists")
+        return SignedModel(sig, "nobody checked (no verify option given)", str(doc["subject"][0].get("name", "")),
+                           root, files, tuple(str(p) for p in ser.get("ignore_paths", ())))
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise SignatureError(f"{sig}: not an OpenSSF model signature ({type(exc).__name__}: {str(exc)[:200]}); "
+                             "re-sign the model with model_signing, or remove the file") from None
+
+
+def inline_file(rel: str, data: bytes) -> Any:
+    """A target file held entirely in the manifest (inline segments of at most MAX_INLINE_BYTES):
+    how make adds the signature it makes to the model it rebuilds."""
+    from .format import MAX_INLINE_BYTES, FileEntry, Segment
+
+    step = MAX_INLINE_BYTES
+    segs = tuple(Segment(o, len(data[o:o + step]), data=data[o:o + step]) for o in range(0, len(data), step))
+    return FileEntry(rel, len(data), hashlib.sha256(data).hexdigest(), "segments", segments=segs)
+
+
+class MakeProvenance:
+    """What ``make`` does about signatures, in three steps around its encoding:
+
+    1. ``start`` (before anything is encoded): a target that carries ``model.sig`` has its
+       signature read (and verified, with ``verify``); ``sign``'s key is loaded (a bad key fails
+       before hours of encoding);
+    2. ``files`` (files measured, manifest not yet written): the pre-signed statement must sign
+       exactly the files make read (else refused, naming the file), or ``sign`` signs them and the
+       signature becomes the model's ``model.sig``; ``target.sig`` is written to the diff;
+    3. ``diff`` (manifest written): with ``sign``, the derivation attestation over the manifest's
+       bytes, the payloads and the base's weight files."""
+
+    def __init__(self, sign: SignWith | None = None, verify: VerifyWith | None = None,
+                 notes: list[str] | None = None):
+        self.sign, self.verify = sign, verify
+        self.notes = notes if notes is not None else []
+        self.presigned: Path | None = None
+        self.signed: SignedModel | None = None
+        self.lines: list[str] = []
+
+    def start(self, target_files: Mapping[str, Path]) -> None:
+        from .format import path_key
+
+        found = [rel for rel in target_files if path_key(rel) == path_key(SIGNATURE_NAME)]
+        if found:
+            self.presigned = Path(target_files[found[0]])
+            if found[0] != SIGNATURE_NAME:
+                raise UsageError(f"{self.presigned}: name it {SIGNATURE_NAME} (the OpenSSF signature's name)")
+            if self.sign is not None:
+                raise UsageError(f"{self.presigned}: the target is already signed; drop --sign-key (its signature is "
+                                 "checked and travels in the diff) or remove the file to sign the model anew")
+            self.signed = (read_signed_model(self.presigned, self.verify) if self.verify is not None
+                           else statement_unverified(self.presigned))
+        elif self.verify is not None:
+            raise SignatureError(f"the target carries no {SIGNATURE_NAME}, but a signature check was asked for")
+        if self.sign is not None:
+            self.sign.signer()
+
+    def files(self, manifest: Any, folder: Path, model_name: str) -> None:
+        files = {f.path: f.sha256 for f in manifest.files}
+        if self.presigned is not None and self.signed is not None:
+            try:
+                self.signed.check_all(files, "the target")
+            except SignatureError as exc:
+                raise SignatureError(f"{self.presigned}: the target's signature does not match its files: {exc}; "
+                                     "re-sign the model as published, or remove the signature") from None
+            data = self.presigned.read_bytes()
+            if hashlib.sha256(data).hexdigest() != files[SIGNATURE_NAME]:
+                raise SignatureError(f"{self.presigned}: changed while make was reading it; run make again")
+            _write_atomic(folder / TARGET_SIG, data)
+            who = "verified with " + self.verify.describe() if self.verify else \
+                "its statement matches the files; who signed it was not checked (add --verify-key PUB)"
+            self.lines.append(f"{SIGNATURE_NAME} of the target: {who}; copied to {TARGET_SIG}")
+        elif self.sign is not None:
+            data = model_signature(files, model_name, self.sign)
+            manifest.files.append(inline_file(SIGNATURE_NAME, data))
+            _write_atomic(folder / TARGET_SIG, data)
+            self.lines.append(f"signed the target's {len(covered_files(files))} files: {TARGET_SIG} (and {SIGNATURE_NAME} "
+                              "in the rebuilt model)")
+
+    def diff(self, manifest: Any, folder: Path) -> None:
+        from .format import MANIFEST_NAME
+
+        if self.sign is None:
+            return
+        diff_files = {MANIFEST_NAME: hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest(),
+                      **{p.path: p.sha256 for p in manifest.payloads}}
+        doc = derivation_statement({f.path: f.sha256 for f in manifest.files},
+                                   {p: bf.sha256 for p, bf in manifest.base.weight_files.items()}, diff_files,
+                                   {"repo": manifest.base.repo, "revision": manifest.base.revision,
+                                    "fingerprint": manifest.base.fingerprint}, manifest.tool)
+        _write_atomic(folder / DERIVATION_SIG, sign_statement(doc, self.sign))
+        self.lines.append(f"attested the derivation: {DERIVATION_SIG} (base weight files + this diff = the model)")
+
+
+def fetch_signed_release(spec: str, how: VerifyWith, progress: bool | None = None) -> Path | None:
+    """For a diff named as a Hub repo (or catalog name): fetch its manifest and signature files
+    only, and run every signature check on them, so a release that is not the publisher's is
+    refused before any payload is downloaded. Returns that folder (the later full download fills
+    the same snapshot), or None for a local diff (checked by apply itself)."""
+    from .format import load_manifest
+    from .hub.catalog import lookup
+    from .hub.resolve import _hub_ref, _local, resolve_diff
+    from .hub.transfer import RepoRef, _hf, hub_errors
+
+    if _local(spec) is not None:
+        return None
+    entry = lookup(spec, "diff")
+    ref = RepoRef(entry.repo, entry.revision) if entry is not None else _hub_ref(spec)
+    folder = resolve_diff(spec, progress=progress, manifest_only=True)
+    if ref is not None:
+        with hub_errors(ref, "diff"):
+            _hf().snapshot_download(ref.repo_id, revision=folder.name, allow_patterns=list(DIFF_SIGNATURE_FILES))
+    diff_signed = check_diff_signature(folder, how)
+    check_release(folder, load_manifest(folder), how, diff_signed)
+    return folder
+
+
 def write_signature(path: Path, data: bytes) -> None:
     _write_atomic(Path(path), data)
 
@@ -468,4 +609,4 @@ def write_signature(path: Path, data: bytes) -> None:
 __all__ = ["SignWith", "VerifyWith", "SignedModel", "ReleaseCheck", "read_signed_model", "model_signature",
            "derivation_statement", "sign_statement", "read_derivation", "check_release", "check_diff_signature",
            "sign_diff_folder", "unsigned_note", "diff_signatures", "TARGET_SIG", "DERIVATION_SIG", "DIFF_SIG",
-           "DIFF_SIGNATURE_FILES", "model_digest"]
+           "DIFF_SIGNATURE_FILES", "model_digest", "MakeProvenance", "statement_unverified", "inline_file"]
