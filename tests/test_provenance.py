@@ -368,3 +368,60 @@ def test_verify_model_holds_every_file_to_the_signature(signed, keys, tmp_path: 
     rc = check_release(diff, load_manifest(diff), _key(keys))
     report = verify_model(out, diff, signed=rc.model)
     assert report.model_digest == model_digest(file_hashes(target))
+
+
+# --------------------------------------------------------------------------- the .bin forgery
+
+
+def test_bin_forgery_swapping_names_in_data_pkl_changes_the_identity_and_is_refused(keys, tmp_path: Path) -> None:
+    """The adversarial pass's forgery: in a .bin target, swap the q_proj and k_proj names inside
+    data.pkl (so torch.load gives q_proj the k_proj weights), rewrite that file's sha256 and the
+    manifest checksum. Every tensor record still holds, so the tensor fingerprint is unchanged;
+    the model digest is not, and a signed release refuses it before writing anything."""
+    pytest.importorskip("torch")
+    from conftest import TINY
+    from orca_diff.synth import FineTune, write_finetune, write_llama
+
+    base = write_llama(tmp_path / "base", TINY, "F16", seed=0)
+    target = write_finetune(tmp_path / "target", TINY, base_seed=0, dtype="F16", ft=FineTune(), form="bin", bin_shards=1)
+    diff = tmp_path / "diff"
+    make_diff(base, target, diff, threads=2, progress=False, sign=SignWith(keys["priv"]))
+    genuine = apply_diff(base, diff, tmp_path / "genuine", progress=False)
+    a, b = b"layers.0.self_attn.q_proj", b"layers.0.self_attn.k_proj"
+    state: dict = {}
+
+    def forge(doc: dict) -> None:
+        f = next(f for f in doc["target"]["files"] if f["path"].endswith(".bin"))
+        offset = 0
+        for seg in f["segments"]:
+            if "data" in seg:
+                data = base64.b64decode(seg["data"])
+                if a in data and b in data:
+                    swapped = data.replace(a, b"\0" * len(a)).replace(b, a).replace(b"\0" * len(a), b)
+                    seg["data"] = base64.b64encode(swapped).decode()
+                    raw = bytearray((tmp_path / "genuine" / f["path"]).read_bytes())
+                    raw[offset:offset + len(data)] = swapped
+                    f["sha256"] = hashlib.sha256(raw).hexdigest()
+                    state["done"] = True
+                    return
+            offset += seg["size"]
+
+    rewrite_manifest(diff, forge)
+    assert state.get("done"), "data.pkl's names were not found inline"
+    forged = apply_diff(base, diff, tmp_path / "forged", progress=False)  # every accident check passes
+    assert forged.target_fingerprint == genuine.target_fingerprint  # the old identity is blind to it
+    assert forged.model_digest != genuine.model_digest  # the model digest is not
+    with pytest.raises(SignatureError, match=r"pytorch_model.*\.bin"):
+        apply_diff(base, diff, tmp_path / "out", progress=False, verify=_key(keys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_tensor_set_no_longer_gives_a_shared_identity(make_pair, tmp_path: Path) -> None:
+    """Two different models whose tensors all travel verbatim had the empty set's fingerprint
+    (e3b0c44298fc1c14); their model digests differ."""
+    from orca_diff.fingerprint import base_fingerprint
+
+    assert base_fingerprint({}) == "e3b0c44298fc1c14"
+    m1 = {"pytorch_model.bin": hashlib.sha256(b"one").hexdigest()}
+    m2 = {"pytorch_model.bin": hashlib.sha256(b"two").hexdigest()}
+    assert model_digest(m1) != model_digest(m2)
