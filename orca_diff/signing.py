@@ -140,7 +140,7 @@ class VerifyWith:
 
 def _read_bundle(sig: Path, how: VerifyWith) -> Any:
     _, _, _, sigstore, pb = _require()
-    if sig.is_symlink() or not sig.is_file():
+    if not sig.is_file():  # an HF cache snapshot file is a link to its blob
         raise SignatureError(f"{sig}: signature file missing")
     if sig.stat().st_size > MAX_SIGNATURE_BYTES:
         raise SignatureError(f"{sig}: {sig.stat().st_size} bytes: not a signature")
@@ -587,7 +587,7 @@ def fetch_signed_release(spec: str, how: VerifyWith, progress: bool | None = Non
     from .format import load_manifest
     from .hub.catalog import lookup
     from .hub.resolve import _hub_ref, _local, resolve_diff
-    from .hub.transfer import RepoRef, _hf, hub_errors
+    from .hub.transfer import RepoRef, _hf, _progress, hub_errors
 
     if _local(spec) is not None:
         return None
@@ -595,11 +595,28 @@ def fetch_signed_release(spec: str, how: VerifyWith, progress: bool | None = Non
     ref = RepoRef(entry.repo, entry.revision) if entry is not None else _hub_ref(spec)
     folder = resolve_diff(spec, progress=progress, manifest_only=True)
     if ref is not None:
-        with hub_errors(ref, "diff"):
+        with _progress(progress), hub_errors(ref, "diff"):
             _hf().snapshot_download(ref.repo_id, revision=folder.name, allow_patterns=list(DIFF_SIGNATURE_FILES))
     diff_signed = check_diff_signature(folder, how)
     check_release(folder, load_manifest(folder), how, diff_signed)
     return folder
+
+
+def upload_signatures(diff_dir: str | os.PathLike, repo_id: str, progress: bool | None = None) -> str | None:
+    """Commit the diff folder's signature files to ``repo_id`` (after ``push_diff`` committed the
+    manifest, payloads and card; a second commit, so the transfer code stays as it is). Returns
+    the new commit, or None when the folder holds no signature."""
+    from .hub.transfer import RepoRef, _hf, _progress, hub_errors
+
+    names = diff_signatures(Path(diff_dir))
+    if not names:
+        return None
+    hf = _hf()
+    ops = [hf.CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(Path(diff_dir) / n)) for n in names]
+    with _progress(progress), hub_errors(RepoRef(repo_id), "push to"):
+        info = hf.HfApi().create_commit(repo_id, ops, commit_message="orca-diff: publisher signatures",
+                                        commit_description="OpenSSF model signatures, uploaded with `orca-diff push`.")
+    return info.oid
 
 
 def write_signature(path: Path, data: bytes) -> None:
@@ -609,4 +626,4 @@ def write_signature(path: Path, data: bytes) -> None:
 __all__ = ["SignWith", "VerifyWith", "SignedModel", "ReleaseCheck", "read_signed_model", "model_signature",
            "derivation_statement", "sign_statement", "read_derivation", "check_release", "check_diff_signature",
            "sign_diff_folder", "unsigned_note", "diff_signatures", "TARGET_SIG", "DERIVATION_SIG", "DIFF_SIG",
-           "DIFF_SIGNATURE_FILES", "model_digest", "MakeProvenance", "statement_unverified", "inline_file"]
+           "DIFF_SIGNATURE_FILES", "model_digest", "upload_signatures", "fetch_signed_release", "MakeProvenance", "statement_unverified", "inline_file"]
