@@ -186,9 +186,11 @@ class SignedModel:
 
     @property
     def ignores(self) -> tuple[str, ...]:
-        """Everything a verifier leaves out: the statement's ignore_paths, git metadata (always
-        ignored by model_signing's verifier) and the conventional signature file."""
-        return (*self.ignore_paths, *GIT_PATHS, SIGNATURE_NAME)
+        """What may be left unsigned: git metadata (always ignored by model_signing's verifier) and
+        the signature file. Stricter than model_signing on purpose: a path the publisher listed in
+        ``ignore_paths`` is NOT exempt, since every byte of the model must be signed (a
+        ``config.json`` or a code file left out could change what loads)."""
+        return IDENTITY_IGNORED
 
     def covers(self, rel: str) -> bool:
         return not ignored(rel, self.ignores)
@@ -199,7 +201,9 @@ class SignedModel:
             return
         want = self.files.get(rel)
         if want is None:
-            raise SignatureError(f"{where}: not covered by the publisher's signature {self.path}; nothing was published")
+            left = " (the publisher excluded it with ignore_paths)" if ignored(rel, self.ignore_paths) else ""
+            raise SignatureError(f"{where}: not covered by the publisher's signature {self.path}{left}; every file "
+                                 "of the model must be signed; nothing was published")
         if want != sha256:
             raise SignatureError(f"{where}: sha256 {sha256[:12]}… but the publisher signed {want[:12]}… "
                                  f"({self.path}); the file differs from the signed model; nothing was published")
@@ -426,8 +430,10 @@ def check_release(diff_dir: str | os.PathLike, manifest: Any, how: VerifyWith,
         for rel in (TARGET_SIG, DERIVATION_SIG):
             if (diff_dir / rel).is_file():
                 diff_signed.check_file(rel, hashlib.sha256((diff_dir / rel).read_bytes()).hexdigest(), diff_dir / rel)
+        from .format import path_problem
+
         missing = [r for r in diff_signed.files if r != MANIFEST_NAME and r not in payloads
-                   and not (diff_dir / r).is_file()]
+                   and (path_problem(r) is not None or not (diff_dir / r).is_file())]
         if missing:
             raise SignatureError(f"{diff_dir / DIFF_SIG}: signs {shown(missing[0])!r}, which this diff does not have")
         out.lines.append(f"signature {DIFF_SIG} verified: it signs this manifest and its {len(payloads)} payload files")
@@ -579,18 +585,19 @@ class MakeProvenance:
         self.lines.append(f"attested the derivation: {DERIVATION_SIG} (base weight files + this diff = the model)")
 
 
-def fetch_signed_release(spec: str, how: VerifyWith, progress: bool | None = None) -> Path | None:
+def fetch_signed_release(spec: str, how: VerifyWith, progress: bool | None = None) -> str:
     """For a diff named as a Hub repo (or catalog name): fetch its manifest and signature files
     only, and run every signature check on them, so a release that is not the publisher's is
-    refused before any payload is downloaded. Returns that folder (the later full download fills
-    the same snapshot), or None for a local diff (checked by apply itself)."""
+    refused before any payload is downloaded. Returns the spec pinned to the commit checked
+    (``repo@sha``: the full download then fills that same snapshot, whatever lands on the branch
+    meanwhile), or ``spec`` itself for a local diff (checked by apply itself)."""
     from .format import load_manifest
     from .hub.catalog import lookup
     from .hub.resolve import _hub_ref, _local, resolve_diff
     from .hub.transfer import RepoRef, _hf, _progress, hub_errors
 
     if _local(spec) is not None:
-        return None
+        return spec
     entry = lookup(spec, "diff")
     ref = RepoRef(entry.repo, entry.revision) if entry is not None else _hub_ref(spec)
     folder = resolve_diff(spec, progress=progress, manifest_only=True)
@@ -599,7 +606,7 @@ def fetch_signed_release(spec: str, how: VerifyWith, progress: bool | None = Non
             _hf().snapshot_download(ref.repo_id, revision=folder.name, allow_patterns=list(DIFF_SIGNATURE_FILES))
     diff_signed = check_diff_signature(folder, how)
     check_release(folder, load_manifest(folder), how, diff_signed)
-    return folder
+    return f"{ref.repo_id}@{folder.name}" if ref is not None else spec
 
 
 def upload_signatures(diff_dir: str | os.PathLike, repo_id: str, progress: bool | None = None) -> str | None:

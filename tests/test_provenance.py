@@ -278,10 +278,8 @@ def test_derivation_attestation_binds_base_weight_files(signed, keys, tmp_path: 
         for rec in doc["base"]["weight_files"].values():
             rec["sha256"] = "11" * 32
 
-    rewrite_manifest(diff, other_base)  # a manifest re-signed to claim another base's files
-    (diff / TARGET_SIG).unlink()
-    shutil.copyfile(diff / DERIVATION_SIG, tmp_path / "keep")
-    with pytest.raises(SignatureError):
+    rewrite_manifest(diff, other_base)  # a manifest re-checksummed to claim another base's files
+    with pytest.raises(SignatureError, match=r"derivation\.sig: material 'base:"):
         apply_diff(base, diff, tmp_path / "out", progress=False, verify=_key(keys))
 
 
@@ -425,3 +423,99 @@ def test_empty_tensor_set_no_longer_gives_a_shared_identity(make_pair, tmp_path:
     m1 = {"pytorch_model.bin": hashlib.sha256(b"one").hexdigest()}
     m2 = {"pytorch_model.bin": hashlib.sha256(b"two").hexdigest()}
     assert model_digest(m1) != model_digest(m2)
+
+
+# --------------------------------------------------------------------------- Sigstore, offline
+
+
+def _trust_config(path: Path) -> Path:
+    """A Sigstore client trust config built from the public instance's trusted root as sigstore
+    ships it (no TUF fetch): what --verify-trust-root takes for an offline check."""
+    import sigstore
+
+    store = Path(sigstore.__file__).parent / "_store" / "https%3A%2F%2Ftuf-repo-cdn.sigstore.dev"
+    path.write_text(json.dumps({"mediaType": "application/vnd.dev.sigstore.clienttrustconfig.v0.1+json",
+                                "trustedRoot": json.loads((store / "trusted_root.json").read_text()),
+                                "signingConfig": json.loads((store / "signing_config.v0.2.json").read_text())}))
+    return path
+
+
+def test_sigstore_verification_runs_offline_from_a_trust_root_and_refuses_what_it_cannot_prove(
+        signed, tmp_path: Path) -> None:
+    base, _, diff = signed
+    how = VerifyWith(identity="publisher@example.com", issuer="https://accounts.google.com",
+                     trust_config=_trust_config(tmp_path / "trust.json"))
+    with pytest.raises(SignatureError, match="target.sig: not an OpenSSF model signature.*certificate"):
+        apply_diff(base, diff, tmp_path / "out", progress=False, verify=how)  # a key bundle is not a Sigstore one
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigstore_refuses_a_certificate_outside_its_trust_root(make_pair, tmp_path: Path) -> None:
+    pki = certificate_chain(tmp_path / "pki")
+    base, target = make_pair("BF16")
+    diff = tmp_path / "diff"
+    make_diff(base, target, diff, progress=False, sign=SignWith(pki["leaf_key"], pki["leaf"], (pki["intermediate"], pki["root"])))
+    how = VerifyWith(identity="publisher@example.com", issuer="https://accounts.google.com",
+                     trust_config=_trust_config(tmp_path / "trust.json"))
+    with pytest.raises(SignatureError):
+        apply_diff(base, diff, tmp_path / "out", progress=False, verify=how)
+
+
+def test_verify_options_are_checked_as_a_set(signed, keys, tmp_path: Path) -> None:
+    base, _, diff = signed
+    runner = CliRunner()
+    for extra, said in ((["--verify-identity", "a@b.c"], "needs both"),
+                        (["--verify-key", str(keys["pub"]), "--verify-identity", "a@b.c", "--verify-issuer", "x"],
+                         "exactly one"),
+                        (["--verify-trust-root", str(keys["pub"])], "goes with")):
+        r = runner.invoke(cli, ["apply", "--base", str(base), "--diff", str(diff), "--out", str(tmp_path / "o"), *extra])
+        assert r.exit_code == UsageError.exit_code and said in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- red team
+
+
+def test_a_signature_that_leaves_a_model_file_out_is_refused(make_pair, keys, tmp_path: Path) -> None:
+    """model_signing lets a signer exclude paths; a config.json (or a code file) left unsigned could
+    change what loads, so orca-diff requires every file to be signed."""
+    base, target = make_pair("BF16")
+    s = ms("sign", "key", target, "--signature", target / SIGNATURE_NAME, "--private_key", keys["priv"],
+           "--ignore-paths", target / "config.json")
+    assert s.returncode == 0, s.stderr
+    with pytest.raises(SignatureError, match=r"config\.json: not covered .*excluded it with ignore_paths"):
+        make_diff(base, target, tmp_path / "diff", progress=False, verify_target=_key(keys))
+
+
+def test_verify_model_refuses_an_unsigned_file_planted_in_the_model_folder(signed, keys, tmp_path: Path) -> None:
+    base, _, diff = signed
+    out = tmp_path / "out"
+    apply_diff(base, diff, out, progress=False)
+    (out / "modeling_evil.py").write_text("import os\n")
+    r = CliRunner().invoke(cli, ["verify", "--diff", str(diff), "--model", str(out), "-q", "--verify-key", str(keys["pub"])])
+    assert r.exit_code == SignatureError.exit_code and "modeling_evil.py: in the model folder but not signed" in r.output
+    plain = CliRunner().invoke(cli, ["verify", "--diff", str(diff), "--model", str(out), "-q"])
+    assert plain.exit_code == 0 and "modeling_evil.py is not part of the diff's model" in plain.output
+
+
+def test_a_hostile_signature_file_is_one_clear_error(signed, keys, tmp_path: Path) -> None:
+    base, _, diff = signed
+    for content in (b"", b"{", b'{"mediaType": 1}', b"\xff" * 100, json.dumps({"dsseEnvelope": {"payload": "!!"}}).encode()):
+        (diff / TARGET_SIG).write_bytes(content)
+        with pytest.raises(SignatureError, match="target.sig"):
+            apply_diff(base, diff, tmp_path / "out", progress=False, verify=_key(keys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diff_signature_naming_paths_outside_the_folder_is_not_followed(signed, keys, tmp_path: Path) -> None:
+    from orca_diff.signing import model_signature
+
+    base, _, diff = signed
+    m = load_manifest(diff)
+    files = {MANIFEST_NAME: hashlib.sha256((diff / MANIFEST_NAME).read_bytes()).hexdigest(),
+             **{p.path: p.sha256 for p in m.payloads}, "../outside.txt": "00" * 32,
+             **{n: hashlib.sha256((diff / n).read_bytes()).hexdigest() for n in (TARGET_SIG, DERIVATION_SIG)}}
+    write_signature(diff / DIFF_SIG, model_signature(files, "diff", SignWith(keys["priv"]), (DIFF_SIG, "README.md")))
+    (tmp_path / "outside.txt").write_text("x")
+    with pytest.raises(SignatureError, match=r"signs '\.\./outside\.txt', which this diff does not have"):
+        apply_diff(base, diff, tmp_path / "out", progress=False, verify=_key(keys))

@@ -232,7 +232,7 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
     if verify is not None:  # a Hub diff: its signatures are checked before any payload is downloaded
         from ..signing import fetch_signed_release
 
-        fetch_signed_release(_diff_arg(diff), verify, progress=False if quiet else None)
+        diff = fetch_signed_release(_diff_arg(diff), verify, progress=False if quiet else None)  # pinned to that commit
     diff_dir, base_dir = _resolve(_diff_arg(diff), base, quiet)
     r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None,
                    verify=verify)
@@ -282,8 +282,8 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
     if verify is not None:
         from ..signing import check_diff_signature, check_release, fetch_signed_release
 
-        fetch_signed_release(_diff_arg(diff), verify, progress=progress)  # Hub: before any payload is fetched
-        diff = str(resolve_diff(_diff_arg(diff), progress=progress))
+        pinned = fetch_signed_release(_diff_arg(diff), verify, progress=progress)  # Hub: before any payload is fetched
+        diff = str(resolve_diff(pinned, progress=progress))
         diff_signed = check_diff_signature(Path(diff), verify)  # before the manifest is trusted
     else:
         diff = str(resolve_diff(_diff_arg(diff), progress=progress))
@@ -311,6 +311,13 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
             reader.close()
     if model:
         report = verify_model(model, m, progress=progress, signed=release.model if release else None)
+        if release is not None and release.model is not None:
+            from ..errors import SignatureError
+
+            unsigned = [x for x in report.extra if release.model.covers(x)]
+            if unsigned:
+                raise SignatureError(f"{Path(model) / unsigned[0]}: in the model folder but not signed by the publisher "
+                                     "(nor part of the diff's model); remove it: loaders may read it")
         signed = "; every file matches the publisher's signature" if release else ""
         click.echo(f"model OK: {len(report.ok)} files byte-identical to the publisher's{signed}; "
                    f"{_describe(report.model_digest)}, measured")
