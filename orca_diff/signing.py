@@ -626,6 +626,31 @@ def upload_signatures(diff_dir: str | os.PathLike, repo_id: str, progress: bool 
     return info.oid
 
 
+def check_before_push(diff_dir: str | os.PathLike, manifest: Any) -> None:
+    """Refuse to publish signature files that no longer match the diff (a diff remade or edited
+    after signing): every user with the key would then be refused. No key is needed for this:
+    the statements are read unverified and compared with the files."""
+    from .containers import file_sha256
+    from .format import MANIFEST_NAME
+
+    diff_dir = Path(diff_dir)
+    hint = "re-sign (make/push --sign-key) or remove the stale signature file"
+    if (diff_dir / TARGET_SIG).is_file():
+        try:
+            statement_unverified(diff_dir / TARGET_SIG).check_all({f.path: f.sha256 for f in manifest.files},
+                                                                  "the diff's model")
+        except SignatureError as exc:
+            raise SignatureError(f"{exc}; {hint}") from None
+    if (diff_dir / DIFF_SIG).is_file():
+        stmt = statement_unverified(diff_dir / DIFF_SIG)
+        files = {MANIFEST_NAME: file_sha256(diff_dir / MANIFEST_NAME), **{p.path: p.sha256 for p in manifest.payloads}}
+        for rel in (TARGET_SIG, DERIVATION_SIG):
+            if (diff_dir / rel).is_file():
+                files[rel] = file_sha256(diff_dir / rel)
+        if stmt.files != files:
+            raise SignatureError(f"{diff_dir / DIFF_SIG}: does not sign this diff folder as it is now; {hint}")
+
+
 def write_signature(path: Path, data: bytes) -> None:
     _write_atomic(Path(path), data)
 

@@ -519,3 +519,56 @@ def test_a_diff_signature_naming_paths_outside_the_folder_is_not_followed(signed
     (tmp_path / "outside.txt").write_text("x")
     with pytest.raises(SignatureError, match=r"signs '\.\./outside\.txt', which this diff does not have"):
         apply_diff(base, diff, tmp_path / "out", progress=False, verify=_key(keys))
+
+
+# --------------------------------------------------------------------------- no claim taken on trust
+
+
+def test_verify_diff_catches_payloads_that_do_not_rebuild_the_tensor_records(make_pair, tmp_path: Path) -> None:
+    """A tensor record rewritten (and both fingerprints re-derived, manifest re-checksummed): the
+    payloads are intact, so a sha256 pass says OK; decoding them does not."""
+    from orca_diff.fingerprint import base_fingerprint
+
+    base, target = make_pair("BF16", add_pad_row=True)
+    diff = tmp_path / "diff"
+    make_diff(base, target, diff, progress=False)
+    victim = "model.layers.1.mlp.up_proj.weight"
+
+    def forge(doc: dict) -> None:
+        doc["tensors"][victim]["blake3"] = "ab" * 32
+        doc["target"]["fingerprint"] = base_fingerprint(
+            {n: (t["dtype"], tuple(t["shape"]), t["blake3"]) for n, t in doc["tensors"].items()})
+
+    rewrite_manifest(diff, forge)
+    r = CliRunner().invoke(cli, ["verify", "--diff", str(diff), "--base", str(base), "-q"])
+    assert r.exit_code != 0 and victim in r.output and "decode to bytes" in r.output, r.output
+    plain = CliRunner().invoke(cli, ["verify", "--diff", str(diff), "-q"])
+    assert "NOT checked" in plain.output  # without the base it does not claim what it could not decode
+
+
+def test_make_records_base_weight_files_from_their_bytes_not_a_cache_blob_name(make_pair, tmp_path: Path) -> None:
+    """An HF cache snapshot links each file to a blob named after the sha256 the server claimed;
+    a blob whose bytes do not hash to its name must not be recorded under that name."""
+    base, target = make_pair("BF16")
+    cache = tmp_path / "hub" / "models--org--base"
+    snap = cache / "snapshots" / ("c" * 40)
+    (cache / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in base.iterdir():
+        blob = cache / "blobs" / ("f" * 64 if p.suffix == ".safetensors" else hashlib.sha256(p.read_bytes()).hexdigest())
+        shutil.copyfile(p, blob)
+        (snap / p.name).symlink_to(blob)
+    m = make_diff(snap, target, tmp_path / "diff", progress=False)
+    for rel, bf in m.base.weight_files.items():
+        assert bf.sha256 == hashlib.sha256((snap / rel).read_bytes()).hexdigest() != "f" * 64
+
+
+def test_push_refuses_a_signature_that_no_longer_matches_the_diff(signed, keys) -> None:
+    from orca_diff.signing import check_before_push
+
+    _, _, diff = signed
+    check_before_push(diff, load_manifest(diff))  # as made: fine
+    rewrite_manifest(diff, lambda d: next(f for f in d["target"]["files"] if f["path"] == "config.json")
+                     .update(sha256="22" * 32))
+    with pytest.raises(SignatureError, match="stale signature"):
+        check_before_push(diff, load_manifest(diff))

@@ -115,11 +115,14 @@ def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, quiet
     if not Path(diff).is_dir():
         raise InputNotFoundError(f"{diff}: no such diff folder (push publishes a diff made by `orca-diff make`)")
     progress = False if quiet else None
+    from ..format import load_manifest
+    from ..signing import DIFF_SIG, check_before_push, sign_diff_folder, write_signature
+
     if sign is not None:
-        from ..signing import DIFF_SIG, sign_diff_folder, write_signature
         from ..verify import verify_diff
 
         write_signature(Path(diff) / DIFF_SIG, sign_diff_folder(diff, verify_diff(diff, progress=progress), sign))
+    check_before_push(diff, load_manifest(diff))  # never publish a signature that no longer matches
     r = push_diff(diff, repo_id, private=private, license=license_, progress=progress)
     from ..signing import diff_signatures, upload_signatures
 

@@ -396,8 +396,13 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
                f"{kinds['blob']} other), {_human(m.target_bytes)}, {len(m.tensors)} tensors "
                f"({', '.join(f'{n} {d}' for d, n in sorted(dtypes.items()))})")
     click.echo(f"          {_describe(digest)}, recorded; tensor fingerprint {shown(m.target_fingerprint)} (recorded)")
-    click.echo("signed:   " + (", ".join(signatures) + " (check with apply/verify --verify-key PUB)" if signatures
-                             else "no signature in this folder"))
+    from ..hub.resolve import _local
+
+    if _local(_diff_arg(diff_arg or diff_opt)) is None:  # type: ignore[arg-type]
+        click.echo("signed:   not fetched by info (apply/verify --verify-key PUB fetch and check the signatures first)")
+    else:
+        click.echo("signed:   " + (", ".join(signatures) + " (check with apply/verify --verify-key PUB)" if signatures
+                                 else "no signature in this folder"))
     click.echo("tensors:  " + "; ".join(f"{n} {words.get(k, k)}" for k, n in sorted(encodings.items()))
                + (f"; {len(m.dropped)} base tensors not in the fine-tune" if m.dropped else ""))
     click.echo(f"size:     {_human(m.payload_bytes)} of payload = {100 * summary['ratio']:.2f}% of the model")
