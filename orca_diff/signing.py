@@ -602,8 +602,16 @@ def fetch_signed_release(spec: str, how: VerifyWith, progress: bool | None = Non
     ref = RepoRef(entry.repo, entry.revision) if entry is not None else _hub_ref(spec)
     folder = resolve_diff(spec, progress=progress, manifest_only=True)
     if ref is not None:
-        with _progress(progress), hub_errors(ref, "diff"):
-            _hf().snapshot_download(ref.repo_id, revision=folder.name, allow_patterns=list(DIFF_SIGNATURE_FILES))
+        import logging
+
+        hub_log = logging.getLogger("huggingface_hub._snapshot_download")
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)  # "No files matched": an unsigned release is said below, in one line
+        try:
+            with _progress(progress), hub_errors(ref, "diff"):
+                _hf().snapshot_download(ref.repo_id, revision=folder.name, allow_patterns=list(DIFF_SIGNATURE_FILES))
+        finally:
+            hub_log.setLevel(level)
     diff_signed = check_diff_signature(folder, how)
     check_release(folder, load_manifest(folder), how, diff_signed)
     return f"{ref.repo_id}@{folder.name}" if ref is not None else spec

@@ -70,8 +70,8 @@ def test_a_mirror_that_dropped_the_signature_is_refused_when_one_is_required(wor
     orca = Runner(world, tmp_path)
     mirror = tmp_path / "mirror"
     shutil.copytree(release["diff"], mirror)
-    for name in (TARGET_SIG, DERIVATION_SIG):
-        (mirror / name).unlink()
+    for name in (TARGET_SIG, DERIVATION_SIG, DIFF_SIG):
+        (mirror / name).unlink(missing_ok=True)
     assert orca("push", str(mirror), "--repo", "mirror/unsigned", "-q", HF_TOKEN="hf_writer").returncode == 0
     hub.clear_log()
     r = orca("apply", "--base", "llama-13b", "--diff", "mirror/unsigned", "--out", str(tmp_path / "out"), "-q",
