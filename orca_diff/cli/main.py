@@ -385,8 +385,9 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
         f"named {shown(b.name)!r}" if b.name else "",
         "" if b.repo else "(no Hub repo recorded: apply looks the name up in the catalog, else needs --base)") if x)
     kinds: dict[str, int] = {"safetensors": 0, "segments": 0, "blob": 0}
-    for f in m.files:
-        kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    for f in m.files:  # a "segments" file that is not a .bin (make's inline model.sig) is an "other" file
+        kind = "blob" if f.kind == "segments" and not f.path.endswith(".bin") else f.kind
+        kinds[kind] = kinds.get(kind, 0) + 1
     words = {"ulp": "delta-coded against the base", "xor": "xor-coded against the base", "raw": "stored whole"}
     click.echo(f"orca-diff diff, format version {m.format_version}, made by {shown(m.tool)}")
     click.echo(f"base:     {where}")
