@@ -571,3 +571,19 @@ def test_push_refuses_a_signature_that_no_longer_matches_the_diff(signed, keys) 
                      .update(sha256="22" * 32))
     with pytest.raises(SignatureError, match="stale signature"):
         check_before_push(diff, load_manifest(diff))
+
+
+def test_make_cli_signs_with_a_key_or_a_certificate(make_pair, tmp_path: Path) -> None:
+    base, target = make_pair("BF16")
+    pki = certificate_chain(tmp_path / "pki")
+    runner = CliRunner()
+    r = runner.invoke(cli, ["make", "--base", str(base), "--target", str(target), "--out", str(tmp_path / "d"), "-q",
+                            "--sign-key", str(pki["leaf_key"]), "--sign-certificate", str(pki["leaf"]),
+                            "--sign-chain", str(pki["intermediate"]), "--sign-chain", str(pki["root"])])
+    assert r.exit_code == 0 and "signed the target's" in r.output, r.output
+    v = runner.invoke(cli, ["verify", "--diff", str(tmp_path / "d"), "-q", "--verify-certificate", str(pki["chain"])])
+    assert v.exit_code == 0 and "signature target.sig verified with certificate chain" in v.output, v.output
+    bad = runner.invoke(cli, ["make", "--base", str(base), "--target", str(target), "--out", str(tmp_path / "e"),
+                              "--sign-certificate", str(pki["leaf"])])
+    assert bad.exit_code == UsageError.exit_code and "go with --sign-key" in bad.output
+    assert not (tmp_path / "e").exists()
