@@ -71,7 +71,7 @@ class ApplyReport:
     resumed_files: int
     seconds: float
     base_fingerprint: str | None  # measured: only when every base tensor of the manifest was checked
-    target_fingerprint: str       # measured: derived from the rebuilt tensors' digests
+    target_fingerprint: str       # measured tensor fingerprint (a manifest consistency check, not the identity: model_digest)
     base_tensors_checked: int = 0
     digest_algo: str = "blake3"
     notes: list[str] = field(default_factory=list)
@@ -515,7 +515,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
         state.close()
     target_fp = measured_target_fingerprint(manifest, measured)
     if target_fp != manifest.target_fingerprint:  # cannot happen once every tensor matched; kept as a guard
-        raise VerificationError(f"measured model fingerprint {target_fp} differs from the manifest's "
+        raise VerificationError(f"measured tensor fingerprint {target_fp} differs from the manifest's "
                                 f"{shown(manifest.target_fingerprint)}; nothing was published")
     try:
         (staging / STATE_NAME).unlink(missing_ok=True)
