@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -42,8 +42,12 @@ from .pipeline import SerialWorker, default_threads, ordered_map
 from .progress import byte_bar, human_bytes as _human
 from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, read_exact, read_range
 from .containers.base import open_regular
+from .identity import model_digest
 from .verify import (check_base, check_measured_tensors, check_payload_presence, describe_file_mismatch, diff_folder,
                      measure_file, measured_base_fingerprint, measured_target_fingerprint)
+
+if TYPE_CHECKING:
+    from .signing import SignedModel, VerifyWith
 
 #: The staging folder's log of finished files (append-only: one line per file, so recording a
 #: file costs the same whatever the number of files).
@@ -67,10 +71,14 @@ class ApplyReport:
     resumed_files: int
     seconds: float
     base_fingerprint: str | None  # measured: only when every base tensor of the manifest was checked
-    target_fingerprint: str       # measured: derived from the rebuilt tensors' digests
+    target_fingerprint: str       # measured tensor fingerprint (a manifest consistency check, not the identity: model_digest)
     base_tensors_checked: int = 0
     digest_algo: str = "blake3"
     notes: list[str] = field(default_factory=list)
+    #: the model identity (orca_diff.identity), from the sha256 of every file as written
+    model_digest: str = ""
+    #: what the publisher's signature proved (empty: no verify option given)
+    provenance: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -391,29 +399,43 @@ def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
 
 
 def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
-               threads: int | None = None, progress: bool | None = None) -> ApplyReport:
-    """Rebuild the target model of ``diff`` from ``base`` into the folder ``out``."""
+               threads: int | None = None, progress: bool | None = None, verify: "VerifyWith | None" = None
+               ) -> ApplyReport:
+    """Rebuild the target model of ``diff`` from ``base`` into the folder ``out``. With ``verify``
+    the publisher's signature is checked first (orca_diff.signing.check_release: the diff's own
+    signature before its manifest is used, the target's before any payload or base byte is read)
+    and every rebuilt file's sha256 is held to the signed statement before it is published."""
+    from .signing import check_diff_signature, check_release, unsigned_note
+
     t0 = time.perf_counter()
     diff_dir, out = diff_folder(diff), Path(out)
+    diff_signed = check_diff_signature(diff_dir, verify) if verify is not None else None
     manifest = load_manifest(diff_dir)
+    release = check_release(diff_dir, manifest, verify, diff_signed) if verify is not None else None
     threads, window = memory_plan(manifest, threads or default_threads())
     with output_session(out, force, (base, diff_dir)) as session:
         check_payload_presence(diff_dir, manifest)
         base_model = open_model(base)
         try:
             measured_base = check_base(base_model, manifest, threads, progress)
-            report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0)
+            report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0,
+                              release.model if release is not None else None)
         finally:
             base_model.close()
     report.base_tensors_checked = len(measured_base)
     report.base_fingerprint = measured_base_fingerprint(manifest, measured_base)
     report.notes = session.notes
+    if release is not None:
+        report.provenance = release.lines + [f"every rebuilt file matches its signed sha256 ({release.model.signer})"]  # type: ignore[union-attr]
+    elif (note := unsigned_note(diff_dir)) is not None:
+        report.notes.append(note)
     return report
 
 
 def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: OutputSession, threads: int,
-             window: int, progress: bool | None, t0: float) -> ApplyReport:
+             window: int, progress: bool | None, t0: float, signed: "SignedModel | None" = None) -> ApplyReport:
     out, staging = session.out, session.staging
+    file_sha256s: dict[str, str] = {}  # measured: what the model digest is made of
     state = _State(staging, manifest.identity())
     if staging.is_symlink():
         raise OutputError(f"{staging}: is a symbolic link; remove it and rerun")
@@ -432,6 +454,9 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
                 todo.append(f)
             else:
                 measured.update(digests)
+                file_sha256s[f.path] = f.sha256  # re-read and matched by _finished
+                if signed is not None:
+                    signed.check_file(f.path, f.sha256, staging / f.path)
         resumed = len(manifest.files) - len(todo)
         remaining = sum(f.size for f in todo)
         free = shutil.disk_usage(staging if staging.exists() else out.parent).free
@@ -483,6 +508,9 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
                         sf.close()
                         raise VerificationError(f"{path}: {describe_file_mismatch(path, f, manifest)} after rebuilding; "
                                                 "the diff or base changed while applying; rerun")
+                    if signed is not None:  # the publisher's statement, before the file gets its name
+                        signed.check_file(f.path, sf.hexdigest(), path)
+                    file_sha256s[f.path] = sf.hexdigest()
                     state.record(f.path, sf.commit())
                     sf = None
     except KeyboardInterrupt:
@@ -499,7 +527,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
         state.close()
     target_fp = measured_target_fingerprint(manifest, measured)
     if target_fp != manifest.target_fingerprint:  # cannot happen once every tensor matched; kept as a guard
-        raise VerificationError(f"measured model fingerprint {target_fp} differs from the manifest's "
+        raise VerificationError(f"measured tensor fingerprint {target_fp} differs from the manifest's "
                                 f"{shown(manifest.target_fingerprint)}; nothing was published")
     try:
         (staging / STATE_NAME).unlink(missing_ok=True)
@@ -507,7 +535,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
         raise describe_os_error(exc, staging, resume_hint) from None
     session.publish({f.path: f.sha256 for f in manifest.files})  # each measured equal to its sha256
     return ApplyReport(out, len(manifest.files), written, resumed, time.perf_counter() - t0,
-                       None, target_fp, digest_algo=manifest.digest_algo)
+                       None, target_fp, digest_algo=manifest.digest_algo, model_digest=model_digest(file_sha256s))
 
 
 def _write_all(sf: StagedFile, data: bytes | np.ndarray) -> None:

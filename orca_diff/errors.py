@@ -50,6 +50,11 @@ class VerificationError(OrcaDiffError):
     exit_code = 7
 
 
+class SignatureError(VerificationError):
+    """A publisher's signature is missing where required, does not verify, or signs other bytes
+    than the release holds (orca_diff.signing). Raised before the file it concerns is published."""
+
+
 class OutputError(OrcaDiffError):
     """The output cannot be written: disk full, permission denied, unsafe path, existing output."""
 

@@ -20,7 +20,7 @@ import struct
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from .containers import (
     read_exact, read_range,
 )
 from .containers.torchzip import TorchZipModel
+
+if TYPE_CHECKING:
+    from .signing import SignWith, VerifyWith
 
 CHUNK_BYTES = 16 << 20
 #: Non-weight files taken from the base (when byte-identical there) instead of shipped in the
@@ -296,21 +299,12 @@ def base_weight_files(base: ModelReader) -> list[Path]:
     return []
 
 
-def _hf_blob_sha256(path: Path) -> str | None:
-    """The sha256 of an HF cache snapshot file, from the name of the blob it links to (the Hub's
-    LFS oid, which names blobs), without reading it."""
-    if not path.is_symlink():
-        return None
-    target = path.resolve()
-    if target.parent.name == "blobs" and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
-        return target.name
-    return None
-
-
 def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | None, threads: int,
                              stop: threading.Event | None = None) -> dict[str, BaseFile]:
     """{path relative to the base folder: size, sha256} of the base's weight files: from ``known``
-    (the Hub's listing), from the HF cache's blob names, else hashed."""
+    (the Hub's listing), else hashed from their bytes. Never from an HF cache blob's name: the
+    cache names a blob after the sha256 the server claimed, and what is recorded here is what a
+    signed derivation attests."""
     files = base_weight_files(base)
     root = base.path if base.path.is_dir() else base.path.parent
 
@@ -319,7 +313,7 @@ def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | Non
         size = p.stat().st_size
         if known and rel in known and known[rel].size == size:
             return rel, known[rel]
-        return rel, BaseFile(size, _hf_blob_sha256(p) or file_sha256(p, stop=stop))
+        return rel, BaseFile(size, file_sha256(p, stop=stop))
 
     return dict(ordered_map(one, files, threads))
 
@@ -396,7 +390,8 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
               level: int = DEFAULT_LEVEL, chunk_bytes: int = CHUNK_BYTES, threads: int | None = None,
               progress: bool | None = None, force: bool = False,
               payload_file_bytes: int = PAYLOAD_FILE_BYTES, notes: list[str] | None = None,
-              base_files_known: dict[str, BaseFile] | None = None) -> Manifest:
+              base_files_known: dict[str, BaseFile] | None = None, sign: "SignWith | None" = None,
+              verify_target: "VerifyWith | None" = None) -> Manifest:
     """Write the diff that turns ``base`` into ``target`` to the folder ``out`` and return its manifest.
 
     ``target`` is an HF folder of safetensors or ``.bin`` shards (every file of it is rebuilt byte
@@ -404,7 +399,9 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
     :func:`orca_diff.containers.open_model` reads. ``out`` appears only when complete. When the
     base folder is an HF cache snapshot (``.../models--ORG--NAME/snapshots/SHA``) its repo and
     commit are recorded unless given. Warnings (files excluded, a pair that looks swapped or
-    unrelated) are appended to ``notes``.
+    unrelated) are appended to ``notes``. A target carrying ``model.sig`` (an OpenSSF signature)
+    has it checked against the files read (and verified with ``verify_target``); ``sign`` signs the
+    target and attests the derivation (orca_diff.signing.MakeProvenance).
     """
     out = Path(out)
     notes = notes if notes is not None else []
@@ -413,14 +410,16 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
     with output_session(out, force, (base, target)) as session:  # checked and locked before any input is read
         notes.extend(session.notes)
         return _make_locked(session, base, target, out, notes, base_name, base_repo, base_revision, level, chunk_bytes,
-                            threads, progress, payload_file_bytes, base_files_known)
+                            threads, progress, payload_file_bytes, base_files_known, sign, verify_target)
 
 
 def _make_locked(session: OutputSession, base: str | os.PathLike, target: str | os.PathLike, out: Path,
                  notes: list[str], base_name: str | None, base_repo: str | None, base_revision: str | None,
                  level: int, chunk_bytes: int, threads: int | None, progress: bool | None, payload_file_bytes: int,
-                 base_files_known: dict[str, BaseFile] | None) -> Manifest:
+                 base_files_known: dict[str, BaseFile] | None, sign: "SignWith | None" = None,
+                 verify_target: "VerifyWith | None" = None) -> Manifest:
     from .hub.resolve import identify_cached_repo
+    from .signing import MakeProvenance
 
     threads = threads or default_threads()
     if base_repo is None and (cached := identify_cached_repo(Path(base))) is not None:
@@ -436,7 +435,9 @@ def _make_locked(session: OutputSession, base: str | os.PathLike, target: str | 
         raise
     notes.extend(target_notes)
     staging = session.staging
+    provenance = MakeProvenance(sign, verify_target, notes)
     try:
+        provenance.start(target_model.extra_files)
         try:
             staging = create_staging(out)
         except OSError as exc:
@@ -446,8 +447,11 @@ def _make_locked(session: OutputSession, base: str | os.PathLike, target: str | 
                               base_files_known)
         from .hub.card import render_card
 
+        provenance.files(manifest, staging, Path(target).name)
         (staging / "README.md").write_text(render_card(manifest), encoding="utf-8")
         (staging / MANIFEST_NAME).write_bytes(manifest.to_bytes())
+        provenance.diff(manifest, staging)
+        notes.extend(provenance.lines)
         for p in staging.iterdir():
             fsync_path(p)
         session.publish(None)  # a diff folder: its manifest is its marker

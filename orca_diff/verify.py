@@ -11,6 +11,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import BaseMismatchError, CorruptDiffError, InputNotFoundError, VerificationError
 from .format import FileEntry, Manifest, file_segments, load_manifest
@@ -20,6 +21,10 @@ from .containers import ModelReader, file_sha256, open_model, read_exact, tensor
 from .digests import digest_bytes, new_hasher
 from .errors import shown
 from .fingerprint import base_fingerprint
+from .identity import model_digest
+
+if TYPE_CHECKING:
+    from .signing import SignedModel
 
 import numpy as np
 
@@ -199,13 +204,17 @@ def _locate_bad_chunk(diff_dir: Path, manifest: Manifest, payload: str) -> str:
 class ModelReport:
     ok: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)  # files in the folder the diff does not describe
-    fingerprint: str = ""  # measured from the folder's bytes, never copied from the manifest
+    fingerprint: str = ""  # tensor fingerprint, measured from the folder's bytes, never copied from the manifest
+    sha256: dict[str, str] = field(default_factory=dict)  # every file's sha256, measured
+    model_digest: str = ""  # the model identity (orca_diff.identity), from the measured sha256s
 
 
-def verify_model(model_dir: str | os.PathLike, diff: str | os.PathLike | Manifest, progress: bool | None = None) -> ModelReport:
+def verify_model(model_dir: str | os.PathLike, diff: str | os.PathLike | Manifest, progress: bool | None = None,
+                 signed: "SignedModel | None" = None) -> ModelReport:
     """Prove a rebuilt (or downloaded) model is the publisher's: every file byte-identical, every
-    tensor's digest measured (one read per file) and the model fingerprint derived from them.
-    A mismatching safetensors file is examined tensor by tensor to name the culprit."""
+    tensor's digest measured (one read per file), and the model digest and tensor fingerprint
+    derived from them. A mismatching safetensors file is examined tensor by tensor to name the
+    culprit. ``signed``: a verified signature every file's measured sha256 must match too."""
     folder = Path(model_dir)
     manifest = diff if isinstance(diff, Manifest) else load_manifest(diff)
     if not folder.is_dir():
@@ -225,9 +234,13 @@ def verify_model(model_dir: str | os.PathLike, diff: str | os.PathLike | Manifes
             if found != f.sha256:
                 raise VerificationError(f"{path}: {describe_file_mismatch(path, f, manifest)}")
             check_measured_tensors(path, manifest, digests)
+            if signed is not None:
+                signed.check_file(f.path, found, path)
             measured.update(digests)
+            report.sha256[f.path] = found
             report.ok.append(f.path)
     report.fingerprint = measured_target_fingerprint(manifest, measured)
+    report.model_digest = model_digest(report.sha256)
     described = {f.path for f in manifest.files}
     report.extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                           if p.is_file() and p.relative_to(folder).as_posix() not in described)
@@ -263,3 +276,125 @@ def verify_base(base: str | os.PathLike, diff: str | os.PathLike, threads: int |
     finally:
         model.close()
     return manifest
+
+
+@dataclass
+class RebuildCheck:
+    """What ``check_rebuild`` proved: tensors whose chunks were decoded and whose digest matched
+    the manifest's record, files whose every byte was produced and hashed to their sha256, and
+    what it could not check without the base (delta chunks are predictions from it)."""
+
+    tensors_checked: int = 0
+    files_checked: int = 0
+    tensors_skipped: list[str] = field(default_factory=list)
+    files_skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        said = (f"payloads rebuild the manifest's records: {self.tensors_checked} tensors decoded and matching "
+                f"their digest, {self.files_checked} files hashing to their sha256")
+        if self.tensors_skipped or self.files_skipped:
+            said += (f"; NOT checked: {len(self.tensors_skipped)} tensors delta-coded against the base and the "
+                     f"{len(self.files_skipped)} files holding them or copied from it (give --base to decode them)")
+        return said
+
+
+def check_rebuild(diff_dir: str | os.PathLike, manifest: Manifest, base: ModelReader | None = None,
+                  threads: int | None = None, progress: bool | None = None) -> RebuildCheck:
+    """Decode every chunk of the diff (each checked against its digest first) and prove the
+    payloads rebuild the manifest's records: every tensor's digest, every file's sha256, nothing
+    written. Delta chunks need ``base`` (already checked with ``check_base``); without it they
+    are listed as not checked, never counted as checked."""
+    from .codec import base_prediction, decode_chunk
+    from .containers import DTYPE_SIZES, read_range
+
+    diff_dir = Path(diff_dir)
+    algo = manifest.digest_algo
+    report = RebuildCheck()
+    fds: dict[str, int] = {}
+
+    def needs_base(seg) -> bool:
+        return seg.from_base or (seg.tensor is not None and any(c.mode == "delta" for c in manifest.tensors[seg.tensor].chunks))
+
+    def decode(item):
+        kind, chunk, tensor, where = item
+        if kind == "data":
+            return item, chunk
+        if kind == "base":
+            return item, Path(base.extra_files[where]).read_bytes()  # type: ignore[union-attr]
+        buf = np.empty(chunk.length, dtype=np.uint8)
+        read_exact(fds[chunk.payload], buf, chunk.offset, str(diff_dir / chunk.payload))
+        if digest_bytes(buf, algo) != chunk.digest:
+            raise CorruptDiffError(f"{diff_dir / chunk.payload}: chunk at offset {chunk.offset} ({where}) fails its "
+                                   f"{algo} check; download the diff again")
+        if tensor is None:
+            return item, decode_chunk(buf, None, 1, "raw", chunk.size, "bytes", where=where)
+        t = manifest.tensors[tensor]
+        if chunk.mode == "delta":
+            enc, bt = t.encoding, manifest.base.tensors[t.encoding.base_tensor]  # type: ignore[index]
+            b_item = DTYPE_SIZES[bt.dtype]
+            b_raw = read_range(base, enc.base_tensor, chunk.start // t.info.itemsize * b_item,  # type: ignore[arg-type]
+                               chunk.size // t.info.itemsize * b_item)
+            pred = base_prediction(b_raw, bt.dtype, t.dtype)
+            return item, decode_chunk(buf, pred, t.info.itemsize, enc.transform, chunk.size, enc.layout, where=where,
+                                      codec=enc.codec)
+        return item, decode_chunk(buf, None, t.info.itemsize, "raw", chunk.size, "planes", where=where)
+
+    def items():
+        for f in manifest.files:
+            segs = file_segments(f)
+            whole = base is not None or not any(needs_base(s) for s in segs)
+            for seg in segs:
+                if seg.tensor is not None:
+                    if base is None and needs_base(seg):
+                        continue
+                    chunks = manifest.tensors[seg.tensor].chunks
+                    for c in chunks:
+                        yield ("chunk", c, seg.tensor, f"tensor {seg.tensor!r}")
+                    yield ("end", None, seg.tensor, f.path)
+                elif not whole:
+                    continue
+                elif seg.data is not None:
+                    yield ("data", seg.data, None, f.path)
+                elif seg.from_base:
+                    yield ("base", None, None, f.path)
+                else:
+                    for c in seg.chunks:
+                        yield ("chunk", c, None, f"file {f.path!r}")
+            yield ("file", None, None, f.path) if whole else ("skip", None, None, f.path)
+
+    try:
+        for p in manifest.payloads:
+            fds[p.path] = os.open(diff_dir / p.path, os.O_RDONLY)
+        file_h = hashlib.sha256()
+        tensor_h: dict[str, object] = {}
+        with byte_bar(manifest.target_bytes, "decoding diff", progress) as bar:
+            for item, data in ordered_map(lambda it: decode(it) if it[0] in ("chunk", "data", "base") else (it, None),
+                                          items(), threads or default_threads()):
+                kind, chunk, tensor, where = item
+                if kind in ("chunk", "data", "base"):
+                    if tensor is not None:
+                        tensor_h.setdefault(tensor, new_hasher(algo)).update(data)  # type: ignore[attr-defined]
+                    file_h.update(data)
+                    bar.update(len(data))
+                elif kind == "end":
+                    found = tensor_h.pop(tensor, None) or new_hasher(algo)
+                    if found.hexdigest() != manifest.tensors[tensor].digest:  # type: ignore[attr-defined]
+                        raise CorruptDiffError(f"{diff_dir}: the payloads of tensor {shown(tensor)!r} decode to bytes "
+                                               f"whose {algo} is not the manifest's record; the diff contradicts itself")
+                    report.tensors_checked += 1
+                elif kind == "file":
+                    entry = next(f for f in manifest.files if f.path == where)
+                    if file_h.hexdigest() != entry.sha256:
+                        raise CorruptDiffError(f"{diff_dir}: file {shown(where)!r} rebuilt from the payloads does not "
+                                               "hash to the manifest's sha256; the diff contradicts itself")
+                    report.files_checked += 1
+                    file_h = hashlib.sha256()
+                else:  # a file that cannot be checked without the base
+                    report.files_skipped.append(where)
+                    file_h = hashlib.sha256()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    report.tensors_skipped = sorted(s.tensor for f in manifest.files for s in file_segments(f)
+                                    if s.tensor is not None and base is None and needs_base(s))
+    return report

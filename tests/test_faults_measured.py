@@ -81,13 +81,16 @@ def test_the_printed_fingerprints_are_measured(kit: Kit, ledger, tmp_path: Path)
     out = tmp_path / "out"
     r = run_cli("apply", "--base", str(kit.base), "--diff", str(kit.diff), "--out", str(out), "-q")
     assert r.returncode == 0, r.stderr
-    true_fp = _true_fingerprint(kit.target)
-    assert f"model fingerprint {true_fp} (measured" in r.stdout, r.stdout
+    from conftest import file_hashes
+    from orca_diff.identity import model_digest
+
+    true_digest = model_digest(file_hashes(kit.target))  # the model identity, from the target's own bytes
+    assert f"model digest {true_digest}" in r.stdout and "measured" in r.stdout, r.stdout
     assert "base fingerprint" in r.stdout and "(measured)" in r.stdout or "tensors checked" in r.stdout
     if "base fingerprint" in r.stdout:
         assert _true_fingerprint(kit.base) in r.stdout
     v = run_cli("verify", "--diff", str(kit.diff), "--base", str(kit.base), "--model", str(out), "-q")
-    assert v.returncode == 0 and f"model fingerprint {true_fp} (measured" in v.stdout, v.stdout + v.stderr
+    assert v.returncode == 0 and f"model digest {true_digest}" in v.stdout, v.stdout + v.stderr
     ledger.record(SUITE, "printed fingerprints equal independent measurements", "recovered")
 
 

@@ -122,7 +122,7 @@ def test_apply_matches_fastchat_make_delta_and_apply_delta_bitwise(pair, tmp_pat
                                       "--out", str(tmp_path / "od-out"), "-q"])
     assert result.exit_code == 0, result.output
     assert tensors_of(tmp_path / "od-out") == tensors_of(fc_out)
-    assert "rebuilt" in result.output and "model fingerprint" in result.output
+    assert "rebuilt" in result.output and "model digest" in result.output
     if base_dtype == "BF16":
         assert "rounded to fp16 first" in result.output
 

@@ -7,6 +7,7 @@ import json
 import click
 
 from ..errors import UsageError
+from .provenance import sign_options
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
@@ -89,11 +90,14 @@ def download_cmd(name: str, kind: str, quiet: bool) -> None:
 @click.option("--license", "license_", default=None,
               help="License for the model card (Hub license id; default: the base's, else 'other').")
 @quiet_option
-def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, quiet: bool) -> None:
+@sign_options
+def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, quiet: bool, sign=None) -> None:
     """Publish a diff: verify it, create the Hub repo, upload it with a model card.
 
     Needs a token with write access (`hf auth login`, or HF_TOKEN). The card says this is a
-    diff, not a model, and gives the one command that rebuilds the model.
+    diff, not a model, and gives the one command that rebuilds the model. The publisher's
+    signatures (target.sig, derivation.sig) travel with it; --sign-key also signs the diff folder
+    itself (diff.sig, OpenSSF model signing), so users can authenticate the diff before using it.
 
     \b
     Example:
@@ -110,9 +114,23 @@ def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, quiet
 
     if not Path(diff).is_dir():
         raise InputNotFoundError(f"{diff}: no such diff folder (push publishes a diff made by `orca-diff make`)")
-    r = push_diff(diff, repo_id, private=private, license=license_, progress=False if quiet else None)
-    click.echo(f"pushed {r.files} files to {r.url} (commit {r.commit})")
-    click.echo(f"rebuild with: orca-diff apply --diff {r.repo_id}@{r.commit} --out DIR")
+    progress = False if quiet else None
+    from ..format import load_manifest
+    from ..signing import DIFF_SIG, check_before_push, sign_diff_folder, write_signature
+
+    if sign is not None:
+        from ..verify import verify_diff
+
+        write_signature(Path(diff) / DIFF_SIG, sign_diff_folder(diff, verify_diff(diff, progress=progress), sign))
+    check_before_push(diff, load_manifest(diff))  # never publish a signature that no longer matches
+    r = push_diff(diff, repo_id, private=private, license=license_, progress=progress)
+    from ..signing import diff_signatures, upload_signatures
+
+    commit = upload_signatures(diff, repo_id, progress=progress) or r.commit
+    signed = f", signed ({', '.join(diff_signatures(Path(diff)))})" if commit != r.commit else ""
+    click.echo(f"pushed {r.files} files to {r.url} (commit {commit}){signed}")
+    click.echo(f"rebuild with: orca-diff apply --diff {r.repo_id}@{commit} --out DIR"
+               + (" --verify-key PUBLISHER.pub" if signed else ""))
 
 
 COMMANDS = [catalog_cmd, download_cmd, push_cmd]

@@ -18,6 +18,7 @@ import click
 from .. import __version__
 from ..errors import InterruptedError_, OrcaDiffError, shown
 from ..progress import human_bytes as _human
+from .provenance import sign_options, verify_options
 
 class _Group(click.Group):
     """Turns OrcaDiffError and Ctrl-C into one line and an exit code (no traceback)."""
@@ -66,14 +67,20 @@ threads_option = click.option("--threads", type=click.IntRange(1, 512), default=
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
 @quiet_option
+@sign_options
+@verify_options
 def make(base: str, target: str, out: str, base_name: str | None, base_repo: str | None, base_revision: str | None,
-         level: int | None, force: bool, threads: int | None, quiet: bool) -> None:
+         level: int | None, force: bool, threads: int | None, quiet: bool, sign=None, verify=None) -> None:
     """Make a diff that rebuilds TARGET from BASE. The diff never contains base weights.
 
     \b
     Examples:
       orca-diff make --base llama-13b-hf --target orca-13b --out orca-13b-diff --base-name llama-13b
       orca-diff make --base meta-llama/Llama-2-13b-hf --target microsoft/Orca-2-13b --out orca-2-13b-diff
+
+    A target carrying model.sig (OpenSSF model signing) has it checked against its files (and
+    verified with --verify-key...); --sign-key signs the target and attests the derivation
+    (docs/format.md section 9).
     """
     from ..make import make_diff
     from ..codec import DEFAULT_LEVEL
@@ -86,13 +93,26 @@ def make(base: str, target: str, out: str, base_name: str | None, base_repo: str
     notes: list[str] = []
     m = make_diff(base_dir, target_dir, out, base_name=base_name or _catalog_base_name(base), base_repo=base_repo,
                   base_revision=base_revision, level=level or DEFAULT_LEVEL, threads=threads, progress=progress,
-                  force=force, notes=notes)
+                  force=force, notes=notes, sign=sign, verify_target=verify)
     for note in notes:
         click.echo(f"orca-diff: note: {shown(note)}", err=True)
     dt = time.perf_counter() - t0
     click.echo(f"wrote {out}: {len(m.tensors)} tensors, {_human(m.payload_bytes)} of payload for "
                f"{_human(m.target_bytes)} of model ({100 * m.payload_bytes / max(1, m.target_bytes):.1f}%) in {dt:.1f}s; "
-               f"base fingerprint {m.base.fingerprint}")
+               f"base fingerprint {m.base.fingerprint}; {_model_digest_of(m, 'read')}")
+
+
+def _describe(digest: str) -> str:
+    from ..identity import describe
+
+    return describe(digest)
+
+
+def _model_digest_of(m, how: str) -> str:
+    """The model identity of a manifest's target files (sha256s ``how``: "read" by make, "recorded")."""
+    from ..identity import describe, model_digest
+
+    return describe(model_digest({f.path: f.sha256 for f in m.files})) + f", {how}"
 
 
 def _diff_arg(diff: str) -> str:
@@ -103,7 +123,7 @@ def _diff_arg(diff: str) -> str:
     return str(p.parent) if p.name == MANIFEST_NAME and p.is_file() else diff
 
 
-def _already_rebuilt(out: Path, diff: str, quiet: bool):
+def _already_rebuilt(out: Path, diff: str, quiet: bool, verify=None):
     """A rerun of a finished ``apply`` (same command): if ``out`` already holds every file of the
     diff's model with its size, hash them all; the ModelReport when every one matches, else None
     (and apply then refuses the non-empty folder as usual). The base is not even resolved."""
@@ -125,9 +145,16 @@ def _already_rebuilt(out: Path, diff: str, quiet: bool):
             return None
     from ..outdir import OutputLock
 
+    signed = None
+    if verify is not None:
+        from ..signing import check_diff_signature, check_release
+
+        diff_dir = resolve_diff(diff, progress=progress)
+        check_diff_signature(diff_dir, verify)
+        signed = check_release(diff_dir, load_manifest(diff_dir), verify).model
     try:  # under the output's lock: no other run may be replacing the folder while it is checked
         with OutputLock(out):
-            return verify_model(out, manifest, progress=progress)
+            return verify_model(out, manifest, progress=progress, signed=signed)
     except VerificationError:
         return None
 
@@ -164,7 +191,9 @@ def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
 @quiet_option
-def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads: int | None, quiet: bool) -> None:
+@verify_options
+def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads: int | None, quiet: bool,
+          verify=None) -> None:
     """Rebuild the fine-tuned model from a base and a diff, byte-identical to the publisher's files.
 
     The base is checked tensor by tensor BEFORE anything is written; an interrupted run resumes
@@ -183,25 +212,40 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
     if fmt not in ("auto", "orca"):
         from ..legacy import apply_legacy  # legacy releases: see docs/legacy.md
 
+        if verify is not None:
+            from ..errors import SignatureError
+
+            raise SignatureError(f"a legacy {fmt} release carries no OpenSSF signature to verify; convert it "
+                                 "(`orca-diff convert`) and sign the result, or drop the --verify option")
         click.echo(apply_legacy(fmt, base, diff, out, force=force, threads=threads,
                                 progress=False if quiet else None).summary())
         return
-    if not force and (done := _already_rebuilt(Path(out), _diff_arg(diff), quiet)) is not None:
-        click.echo(f"{out} already holds this model: {len(done.ok)} files byte-identical to the publisher's "
-                   f"(checked now; model fingerprint {done.fingerprint}, measured); nothing to do")
+    if not force and (done := _already_rebuilt(Path(out), _diff_arg(diff), quiet, verify)) is not None:
+        from ..identity import describe
+
+        signed = "; every file matches the publisher's signature" if verify is not None else ""
+        click.echo(f"{out} already holds this model: {len(done.ok)} files byte-identical to the publisher's{signed} "
+                   f"(checked now; {describe(done.model_digest)}, measured); nothing to do")
         for extra in done.extra:
             click.echo(f"note: {shown(extra)} is not part of the diff's model (left alone)", err=True)
         return
+    if verify is not None:  # a Hub diff: its signatures are checked before any payload is downloaded
+        from ..signing import fetch_signed_release
+
+        diff = fetch_signed_release(_diff_arg(diff), verify, progress=False if quiet else None)  # pinned to that commit
     diff_dir, base_dir = _resolve(_diff_arg(diff), base, quiet)
-    r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None)
+    r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None,
+                   verify=verify)
     for note in r.notes:
         click.echo(f"note: {note}", err=True)
+    for line in r.provenance:
+        click.echo(f"signed: {line}")
     resumed = f" ({r.resumed_files} already done)" if r.resumed_files else ""
     base_said = (f"base fingerprint {r.base_fingerprint} (measured)" if r.base_fingerprint else
                  f"base: {r.base_tensors_checked} tensors checked")
     click.echo(f"rebuilt {r.out}: {r.files} files{resumed}, {_human(r.bytes_written)} written in {r.seconds:.1f}s; "
-               f"every file matches its sha256 and every tensor its {r.digest_algo}; model fingerprint "
-               f"{r.target_fingerprint} (measured from the rebuilt tensors); {base_said}")
+               f"every file matches its sha256 and every tensor its {r.digest_algo}; "
+               f"{_describe(r.model_digest)}, measured as written; {base_said}")
 
 
 @cli.command()
@@ -211,39 +255,72 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
               "(byte-identical files).")
 @threads_option
 @quiet_option
-def verify(diff: str, base: str | None, model: str | None, threads: int | None, quiet: bool) -> None:
+@verify_options
+def verify(diff: str, base: str | None, model: str | None, threads: int | None, quiet: bool, verify=None) -> None:
     """Check a diff's integrity, and optionally a base or a rebuilt model against it.
+
+    The diff check decodes every chunk it can and proves the payloads rebuild the manifest's
+    tensor and file records; chunks coded against the base are decoded only with --base (what
+    was not checked is said). With --verify-key (or another verify option) the publisher's
+    signatures are checked first and every file of --model is held to the signed sha256s.
 
     \b
     Examples:
       orca-diff verify --diff orca-13b-diff
-      orca-diff verify --diff orca-13b-diff --base llama-13b-hf --model orca-13b
+      orca-diff verify --diff orca-13b-diff --base llama-13b-hf --model orca-13b --verify-key publisher.pub
     """
     from ..hub.resolve import resolve_base, resolve_diff
     from ..containers import open_model
-    from ..verify import check_base, measured_base_fingerprint, verify_diff, verify_model
+    from ..verify import check_base, check_rebuild, measured_base_fingerprint, verify_diff, verify_model
 
     progress = False if quiet else None
     if model is not None:  # a folder, or a model repo on the Hub (all its files are fetched)
         from ..hub.resolve import resolve_model_spec
 
         model = str(resolve_model_spec(model, "target", progress=progress))
-    diff = str(resolve_diff(_diff_arg(diff), progress=progress))
+    release = None
+    if verify is not None:
+        from ..signing import check_diff_signature, check_release, fetch_signed_release
+
+        pinned = fetch_signed_release(_diff_arg(diff), verify, progress=progress)  # Hub: before any payload is fetched
+        diff = str(resolve_diff(pinned, progress=progress))
+        diff_signed = check_diff_signature(Path(diff), verify)  # before the manifest is trusted
+    else:
+        diff = str(resolve_diff(_diff_arg(diff), progress=progress))
     m = verify_diff(diff, progress=progress)
     click.echo(f"diff OK: {len(m.payloads)} payload files, {len(m.tensors)} tensors, checksums match")
-    if base:
-        reader = open_model(resolve_base(base, m, progress=progress))
-        try:
+    if verify is not None:
+        release = check_release(diff, m, verify, diff_signed)
+        for line in release.lines:
+            click.echo(f"signed: {line}")
+    else:
+        from ..signing import unsigned_note
+
+        if (note := unsigned_note(Path(diff))) is not None:
+            click.echo(f"note: {note}", err=True)
+    reader = open_model(resolve_base(base, m, progress=progress)) if base else None
+    try:
+        if reader is not None:
             measured = check_base(reader, m, threads, progress)
-        finally:
+            fp = measured_base_fingerprint(m, measured)
+            said = f"; base fingerprint {fp} (measured)" if fp else ""
+            click.echo(f"base OK: the {len(measured)} tensors the diff needs match their {m.digest_algo} (measured){said}")
+        click.echo(f"diff OK: {check_rebuild(diff, m, reader, threads, progress).summary()}")
+    finally:
+        if reader is not None:
             reader.close()
-        fp = measured_base_fingerprint(m, measured)
-        said = f"; base fingerprint {fp} (measured)" if fp else ""
-        click.echo(f"base OK: the {len(measured)} tensors the diff needs match their {m.digest_algo} (measured){said}")
     if model:
-        report = verify_model(model, m, progress=progress)
-        click.echo(f"model OK: {len(report.ok)} files byte-identical to the publisher's; model fingerprint "
-                   f"{report.fingerprint} (measured from its tensors)")
+        report = verify_model(model, m, progress=progress, signed=release.model if release else None)
+        if release is not None and release.model is not None:
+            from ..errors import SignatureError
+
+            unsigned = [x for x in report.extra if release.model.covers(x)]
+            if unsigned:
+                raise SignatureError(f"{Path(model) / unsigned[0]}: in the model folder but not signed by the publisher "
+                                     "(nor part of the diff's model); remove it: loaders may read it")
+        signed = "; every file matches the publisher's signature" if release else ""
+        click.echo(f"model OK: {len(report.ok)} files byte-identical to the publisher's{signed}; "
+                   f"{_describe(report.model_digest)}, measured")
         for extra in report.extra:
             click.echo(f"note: {shown(extra)} is not part of the diff's model (left alone)")
 
@@ -271,8 +348,14 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
         raise UsageError("give the diff once: as DIFF or as --diff")
     if not (diff_arg or diff_opt):
         raise UsageError("which diff? orca-diff info DIFF (a folder, a catalog name or a Hub repo id)")
-    m = load_manifest(resolve_diff(_diff_arg(diff_arg or diff_opt), progress=False if quiet else None,  # type: ignore[arg-type]
-                                   manifest_only=True))
+    from ..identity import model_digest
+    from ..signing import diff_signatures
+
+    diff_dir = resolve_diff(_diff_arg(diff_arg or diff_opt), progress=False if quiet else None,  # type: ignore[arg-type]
+                            manifest_only=True)
+    m = load_manifest(diff_dir)
+    digest = model_digest({f.path: f.sha256 for f in m.files})
+    signatures = diff_signatures(diff_dir)
     dtypes: dict[str, int] = {}
     encodings: dict[str, int] = {}
     for t in m.tensors.values():
@@ -283,10 +366,12 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
         "base": {"name": m.base.name, "repo": m.base.repo, "revision": m.base.revision,
                  "fingerprint": m.base.fingerprint, "tensors_needed": len(m.needed_base_tensors()),
                  "files_copied": sorted(m.base.files), "weight_files": sorted(m.base.weight_files)},
-        "target": {"fingerprint": m.target_fingerprint, "files": [f.path for f in m.files], "bytes": m.target_bytes,
+        "target": {"model_digest": digest, "tensor_fingerprint": m.target_fingerprint,
+                   "fingerprint": m.target_fingerprint, "files": [f.path for f in m.files], "bytes": m.target_bytes,
                    "tensors": len(m.tensors), "dtypes": dtypes},
+        "signatures": signatures,
         "fingerprints": "recorded in the manifest, consistent with its tensor records; not measured "
-                        "(measure with verify --model or fingerprint)",
+                        "(measure with verify --model or fingerprint); model_digest: from the recorded file sha256s",
         "encodings": encodings, "dropped": m.dropped,
         "payload_bytes": m.payload_bytes, "ratio": m.payload_bytes / max(1, m.target_bytes),
     }
@@ -300,8 +385,9 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
         f"named {shown(b.name)!r}" if b.name else "",
         "" if b.repo else "(no Hub repo recorded: apply looks the name up in the catalog, else needs --base)") if x)
     kinds: dict[str, int] = {"safetensors": 0, "segments": 0, "blob": 0}
-    for f in m.files:
-        kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    for f in m.files:  # a "segments" file that is not a .bin (make's inline model.sig) is an "other" file
+        kind = "blob" if f.kind == "segments" and not f.path.endswith(".bin") else f.kind
+        kinds[kind] = kinds.get(kind, 0) + 1
     words = {"ulp": "delta-coded against the base", "xor": "xor-coded against the base", "raw": "stored whole"}
     click.echo(f"orca-diff diff, format version {m.format_version}, made by {shown(m.tool)}")
     click.echo(f"base:     {where}")
@@ -310,7 +396,14 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
     click.echo(f"rebuilds: {len(m.files)} files ({kinds['safetensors']} safetensors, {kinds['segments']} .bin, "
                f"{kinds['blob']} other), {_human(m.target_bytes)}, {len(m.tensors)} tensors "
                f"({', '.join(f'{n} {d}' for d, n in sorted(dtypes.items()))})")
-    click.echo(f"          fingerprint {shown(m.target_fingerprint)} (recorded)")
+    click.echo(f"          {_describe(digest)}, recorded; tensor fingerprint {shown(m.target_fingerprint)} (recorded)")
+    from ..hub.resolve import _local
+
+    if _local(_diff_arg(diff_arg or diff_opt)) is None:  # type: ignore[arg-type]
+        click.echo("signed:   not fetched by info (apply/verify --verify-key PUB fetch and check the signatures first)")
+    else:
+        click.echo("signed:   " + (", ".join(signatures) + " (check with apply/verify --verify-key PUB)" if signatures
+                                 else "no signature in this folder"))
     click.echo("tensors:  " + "; ".join(f"{n} {words.get(k, k)}" for k, n in sorted(encodings.items()))
                + (f"; {len(m.dropped)} base tensors not in the fine-tune" if m.dropped else ""))
     click.echo(f"size:     {_human(m.payload_bytes)} of payload = {100 * summary['ratio']:.2f}% of the model")

@@ -71,6 +71,17 @@ def render_card(manifest: Manifest, *, repo_id: str | None = None, license: str 
     diff_ref = repo_id or "PATH_OR_REPO_OF_THIS_DIFF"
     base_line = f"`{base_repo}`" + (f" at revision `{base_rev}`" if base_rev else "") if base_repo else "(no Hub repo recorded)"
     hashes = "\n".join(f"{f.sha256}  {f.path}" for f in manifest.files)
+    from ..identity import SIGNATURE_NAME, model_digest
+
+    digest = model_digest({f.path: f.sha256 for f in manifest.files})
+    signed = any(f.path == SIGNATURE_NAME for f in manifest.files)
+    sign_text = (f"""
+The release is signed by its publisher (OpenSSF model signing). Check the signature before
+anything is downloaded, and every rebuilt file against it, with the publisher's public key:
+`orca-diff apply --diff {diff_ref} --out rebuilt-model --verify-key PUBLISHER.pub`; the rebuilt
+folder then verifies with the OpenSSF tool itself:
+`model_signing verify key rebuilt-model --signature rebuilt-model/{SIGNATURE_NAME} --public_key PUBLISHER.pub`.
+""" if signed else "")
     body = f"""
 # ⚠️ This is a weight diff, not a model
 
@@ -82,7 +93,8 @@ weights you can run.** It is an [orca-diff](https://pypi.org/project/orca-diff/)
 |---|---|
 | base | {base_label}: {base_line} |
 | base fingerprint | `{manifest.base.fingerprint}` |
-| rebuilt model | {len(manifest.files)} files, {_human(manifest.target_bytes)}, fingerprint `{manifest.target_fingerprint}` |
+| rebuilt model | {len(manifest.files)} files, {_human(manifest.target_bytes)} |
+| model digest | `{digest}` (OpenSSF model-signing root digest over every file; `orca-diff fingerprint --model DIR` recomputes it) |
 | this diff | {len(manifest.payloads)} payload files, {_human(manifest.payload_bytes)} |
 
 ## Rebuild the model (one command)
@@ -110,6 +122,7 @@ or, without orca-diff, compare these sha256 sums (`sha256sum -c` in the rebuilt 
 {hashes}
 ```
 
+{sign_text}
 From a checkout of orca-diff, `scripts/download_diff.py`, `scripts/download_base.py` and
 `scripts/rebuild.py` do the same steps one at a time.
 """

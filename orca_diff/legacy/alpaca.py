@@ -217,7 +217,7 @@ def rebuild(raw_dir: Path, diff_dir: Path, out_dir: Path, *, entry: dict[str, An
                                                               legacy.get("group_sums")))
         elif expected is None:
             notes.append("no integrity constant known for this release (none in its catalog entry; WizardLM's"
-                         " weight_diff_wizard.py has the check commented out); the model fingerprint identifies the result")
+                         " weight_diff_wizard.py has the check commented out); the model digest identifies the result")
         checks.append("group sums: " + ", ".join(f"{g}={v:.4f}" for g, v in groups.items()))
         files = copy_model_files(diff.extra_files, out_dir)
         checks += verify_written(out_dir, writer)
@@ -225,9 +225,9 @@ def rebuild(raw_dir: Path, diff_dir: Path, out_dir: Path, *, entry: dict[str, An
         want = legacy.get("target_fingerprint")
         if want and check_integrity:
             if fingerprint != want:
-                raise VerificationError(f"rebuilt model has fingerprint {fingerprint}, the release's is {want}: the base"
+                raise VerificationError(f"rebuilt model has tensor fingerprint {fingerprint}, the release's is {want}: the base"
                                         " differs from the publisher's; nothing was kept")
-            checks.append(f"model fingerprint matches the release's ({fingerprint})")
+            checks.append(f"tensor fingerprint (sha256 per tensor) matches the release's ({fingerprint})")
         return LegacyReport(out_dir, "alpaca", len(writer.file_sha256) + len(files) +
                             (1 if len(writer.file_names) > 1 else 0), writer.bytes_written, 0.0, fingerprint,
                             checks, notes)

@@ -49,9 +49,12 @@ class LegacyReport:
     target_fingerprint: str | None  # over the rebuilt tensors (None for file-level formats)
     checks: list[str] = field(default_factory=list)   # what was verified, one line each
     notes: list[str] = field(default_factory=list)    # behaviours of the original tool we reproduced
+    model_digest: str = ""  # the model identity (orca_diff.identity), measured from the rebuilt files
 
     def summary(self) -> str:
-        fp = f" (model fingerprint {self.target_fingerprint})" if self.target_fingerprint else ""
+        from ..identity import describe
+
+        fp = f"; {describe(self.model_digest)}, measured" if self.model_digest else ""
         lines = [f"rebuilt {self.out} from a legacy {self.format} release: {self.files} files, "
                  f"{_human(self.bytes_written)} written in {self.seconds:.1f}s{fp}"]
         lines += [f"check: {c}" for c in self.checks]
@@ -72,6 +75,7 @@ class ConvertReport:
     base_fingerprint: str
     target_fingerprint: str
     notes: list[str] = field(default_factory=list)
+    model_digest: str = ""  # of the files the new diff rebuilds (their sha256s as make read them)
 
     @property
     def ratio(self) -> float:
@@ -80,8 +84,8 @@ class ConvertReport:
     def summary(self) -> str:
         lines = [f"wrote {self.out}: orca-diff payload {_human(self.diff_bytes)} vs the {self.format} release's "
                  f"{_human(self.legacy_bytes)} ({100 * self.ratio:.1f}%, {1 / max(self.ratio, 1e-12):.2f}x smaller); "
-                 f"model {_human(self.target_bytes)}; base fingerprint {self.base_fingerprint}, "
-                 f"model fingerprint {self.target_fingerprint} ({self.seconds:.1f}s)"]
+                 f"model {_human(self.target_bytes)}; base fingerprint {self.base_fingerprint}; "
+                 f"model digest {self.model_digest} ({self.seconds:.1f}s)"]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

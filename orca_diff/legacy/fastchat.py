@@ -166,9 +166,9 @@ def rebuild(base_dir: Path, delta_dir: Path, out_dir: Path, *, entry: dict[str, 
         want_target = legacy.get("target_fingerprint")
         if want_target:
             if fingerprint != want_target:
-                raise VerificationError(f"rebuilt model has fingerprint {fingerprint}, the release's is {want_target}:"
+                raise VerificationError(f"rebuilt model has tensor fingerprint {fingerprint}, the release's is {want_target}:"
                                         " the base differs from the publisher's; nothing was kept")
-            checks.append(f"model fingerprint matches the release's ({fingerprint})")
+            checks.append(f"tensor fingerprint (sha256 per tensor) matches the release's ({fingerprint})")
         return LegacyReport(out_dir, "fastchat", len(writer.file_sha256) + len(files) +
                             (1 if len(writer.file_names) > 1 else 0), writer.bytes_written, 0.0, fingerprint,
                             checks, notes)

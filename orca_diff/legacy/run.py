@@ -83,6 +83,9 @@ def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, 
             report = module.rebuild(base_dir, diff_dir, staging, entry=entry or {}, threads=threads,
                                     progress=progress, check_integrity=check_integrity)
             files = [p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if not p.is_dir()]
+            from ..identity import folder_sha256s, model_digest
+
+            report.model_digest = model_digest(folder_sha256s(staging))  # the one identity, from the written bytes
             session.publish(files)
         except OSError as exc:
             _discard(staging)
@@ -172,7 +175,10 @@ def _convert(fmt: str, module: Any, out: Path, diff_dir: Path, entry: dict[str, 
                          base_revision=base_revision, level=level or DEFAULT_LEVEL, threads=threads,
                          progress=progress, force=force)
     verify_model(target, manifest, progress=progress)
+    from ..identity import model_digest
+
     return ConvertReport(out, fmt, legacy_payload_bytes(diff_dir), manifest.payload_bytes, manifest.target_bytes,
-                         time.perf_counter() - t0, manifest.base.fingerprint, manifest.target_fingerprint, notes)
+                         time.perf_counter() - t0, manifest.base.fingerprint, manifest.target_fingerprint, notes,
+                         model_digest({f.path: f.sha256 for f in manifest.files}))
 
 
