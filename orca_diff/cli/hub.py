@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -42,25 +43,62 @@ def catalog_cmd(as_json: bool) -> None:
     click.echo("catalog files: " + ", ".join(str(p) for p in catalog_files()))
 
 
+def hub_options(*, revision: str | None = "Hub revision of NAME: a branch, a tag or a commit sha (the same as "
+                "NAME@REV).", local_dir: bool = False, cache_dir: bool = True):
+    """The options huggingface_hub's `hf download` has, with the same names and meanings."""
+
+    def wrap(f):
+        if local_dir:
+            f = click.option("--local-dir", type=click.Path(file_okay=False), default=None,
+                             help="Also place the files in this folder (copied from the HF cache), as `hf download "
+                             "--local-dir` does; its path is printed instead of the cache's.")(f)
+        if cache_dir:
+            f = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                             help="The HF cache folder to use instead of $HF_HUB_CACHE (as for `hf download`).")(f)
+        f = click.option("--token", default=None, help="Hub token to use instead of HF_TOKEN or the one of `hf auth "
+                         "login`.")(f)
+        if revision:
+            f = click.option("--revision", default=None, help=revision)(f)
+        return f
+
+    return wrap
+
+
+def with_revision(spec: str, revision: str | None, what: str) -> str:
+    """``spec`` pinned to ``revision`` (``--revision REV`` is ``NAME@REV``); both given must agree."""
+    if revision is None:
+        return spec
+    from ..hub.options import check_revision
+
+    check_revision(revision, "--revision")
+    base, sep, given = spec.partition("@")
+    if sep and given != revision:
+        raise UsageError(f"{what} {spec!r} names revision {given!r} and --revision says {revision!r}: give it once")
+    return f"{base}@{revision}"
+
+
 @click.command("download")
 @click.argument("name")
 @click.option("--kind", type=click.Choice(["auto", "base", "diff"]), default="auto", show_default=True,
               help="What NAME is; auto: catalog section, else a repo with orca-diff.json is a diff.")
+@hub_options(local_dir=True)
 @quiet_option
-def download_cmd(name: str, kind: str, quiet: bool) -> None:
+def download_cmd(name: str, kind: str, revision: str | None, token: str | None, cache_dir: str | None,
+                 local_dir: str | None, quiet: bool) -> None:
     """Fetch a base or a diff into the Hugging Face cache, without rebuilding anything.
 
-    NAME is a catalog name (llama-13b, orca) or a Hub repo id org/name[@revision]. Only the
-    files needed are fetched; rerunning after an interruption fetches only what is missing. The
-    local folder is printed on stdout, so `$(orca-diff download NAME)` can be passed on.
+    NAME is a catalog name (llama-13b) or a Hub repo id org/name[@revision]. Only the files
+    needed are fetched; rerunning after an interruption fetches only what is missing. The local
+    folder is printed on stdout, so `$(orca-diff download NAME -q)` can be passed on.
 
     \b
     Examples:
       orca-diff download llama-13b
-      orca-diff download my-org/orca-13b-diff@v1
+      orca-diff download my-org/orca-13b-diff --revision v1 --local-dir orca-13b-diff
     """
-    from ..hub.catalog import is_repo_id, lookup
+    from ..hub.catalog import lookup
     from ..hub import RepoRef, download, parse_repo_spec
+    from ..hub.options import check_repo_id, hub_settings
 
     progress = False if quiet else None
     base_entry = lookup(name, "base") if kind in ("auto", "base") else None
@@ -71,15 +109,81 @@ def download_cmd(name: str, kind: str, quiet: bool) -> None:
             from ..hub.resolve import _refuse_placeholder
 
             _refuse_placeholder(entry)
-        ref, kind = RepoRef(entry.repo, entry.revision), entry.kind
+        if entry.format != "orca-diff":
+            kind = "base"  # a legacy release is an HF model folder: fetched as one (weights, config, tokenizer)
+        else:
+            kind = entry.kind
+        ref = RepoRef(entry.repo, revision or entry.revision)
     else:
-        ref = parse_repo_spec(name)
-        if not is_repo_id(ref.repo_id):
+        ref = parse_repo_spec(with_revision(name, revision, "NAME"))
+        if "/" not in ref.repo_id:
             raise UsageError(f"{name!r} is neither a catalog name (see `orca-diff catalog`) nor a Hub repo id"
                              " org/name[@revision]")
-    got, folder = download(ref, kind, progress=progress)
-    click.echo(f"fetched {got} {ref.repo_id} at commit {folder.name} into {folder}", err=True)
+        check_repo_id(ref.repo_id, "NAME")
+    with hub_settings(token=token, cache_dir=cache_dir), _quiet_client(quiet):
+        got, folder = download(ref, kind, progress=progress)
+    if local_dir is not None:
+        folder = _copy_to_local_dir(folder, Path(local_dir))
+    if not quiet:
+        click.echo(f"fetched {got} {ref.repo_id} at commit {_commit_of(folder)} into {folder}", err=True)
     click.echo(str(folder))
+
+
+def _commit_of(folder: Path) -> str:
+    from ..hub.resolve import identify_cached_repo
+
+    cached = identify_cached_repo(folder)
+    return cached[1] if cached else "?"
+
+
+def _copy_to_local_dir(snapshot: Path, local_dir: Path) -> Path:
+    """Copy a downloaded snapshot into ``local_dir`` (real files, not cache links), skipping files
+    already there with the same size and content; returns ``local_dir``."""
+    import filecmp
+    import shutil
+
+    from ..errors import OutputError
+
+    try:
+        local_dir.mkdir(parents=True, exist_ok=True)
+        for src in sorted(snapshot.rglob("*")):
+            if src.is_dir():
+                continue
+            dst = local_dir / src.relative_to(snapshot)
+            if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.orca-diff-partial")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+    except OSError as exc:
+        raise OutputError(f"--local-dir {local_dir}: cannot write ({exc.strerror or exc}); choose another folder") from None
+    return local_dir
+
+
+class _quiet_client:
+    """With -q, huggingface_hub's own warnings (unauthenticated requests, symlinks...) are silenced too."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __enter__(self):
+        if self.quiet:
+            import logging
+            import warnings
+
+            self._warnings = warnings.catch_warnings()
+            self._warnings.__enter__()
+            warnings.simplefilter("ignore")
+            self._logger = logging.getLogger("huggingface_hub")
+            self._level = self._logger.level
+            self._logger.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.quiet:
+            self._logger.setLevel(self._level)
+            self._warnings.__exit__(*exc)
 
 
 @click.command("push")
@@ -88,30 +192,41 @@ def download_cmd(name: str, kind: str, quiet: bool) -> None:
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--license", "license_", default=None,
               help="License for the model card (Hub license id; default: the base's, else 'other').")
+@hub_options(revision="Branch to commit to (default: the repo's main branch), as for `hf upload --revision`.",
+             cache_dir=False)
 @quiet_option
-def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, quiet: bool) -> None:
+def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, revision: str | None, token: str | None,
+             quiet: bool) -> None:
     """Publish a diff: verify it, create the Hub repo, upload it with a model card.
 
-    Needs a token with write access (`hf auth login`, or HF_TOKEN). The card says this is a
-    diff, not a model, and gives the one command that rebuilds the model.
+    Needs a token with write access (`hf auth login`, HF_TOKEN or --token). The card says this is
+    a diff, not a model, and gives the one command that rebuilds the model. Pushing again to the
+    same repo makes a new commit: payload files of the old diff that the new one does not use are
+    deleted, and a card edited on the Hub is kept.
 
     \b
     Example:
       orca-diff push orca-13b-diff --repo my-org/orca-13b-diff
     """
-    from ..hub.catalog import is_repo_id
     from ..hub import push_diff
+    from ..hub.options import check_repo_id, check_revision, hub_settings
 
-    if not is_repo_id(repo_id):
-        raise UsageError(f"--repo {repo_id!r}: expected a Hub repo id org/name")
-    from pathlib import Path
-
+    check_repo_id(repo_id, "--repo")
+    if revision is not None:
+        check_revision(revision, "--revision")
     from ..errors import InputNotFoundError
 
     if not Path(diff).is_dir():
         raise InputNotFoundError(f"{diff}: no such diff folder (push publishes a diff made by `orca-diff make`)")
-    r = push_diff(diff, repo_id, private=private, license=license_, progress=False if quiet else None)
-    click.echo(f"pushed {r.files} files to {r.url} (commit {r.commit})")
+    with hub_settings(token=token), _quiet_client(quiet):
+        r = push_diff(diff, repo_id, private=private, license=license_, progress=False if quiet else None,
+                      revision=revision)
+    click.echo(f"pushed {r.files} file{'s' if r.files != 1 else ''} to {r.url} (commit {r.commit})")
+    if r.removed:
+        click.echo(f"removed {len(r.removed)} payload file{'s' if len(r.removed) != 1 else ''} of the previous diff "
+                   f"({', '.join(r.removed[:3])}{', ...' if len(r.removed) > 3 else ''})")
+    if r.card_kept:
+        click.echo("kept the repo's README.md (edited on the Hub); pass --license to replace it by a generated card")
     click.echo(f"rebuild with: orca-diff apply --diff {r.repo_id}@{r.commit} --out DIR")
 
 

@@ -85,7 +85,8 @@ def _download_release(ref: Any, fmt: str, progress: bool | None) -> Path:
     from ..hub.transfer import _progress, download_base, hub_errors
 
     if fmt in ("fastchat", "alpaca"):
-        return download_base(ref, progress=progress)  # an HF model folder: weights, config, tokenizer
+        # an HF model folder: weights, config, tokenizer; errors call it what it is, not a "base"
+        return download_base(ref, progress=progress, what=f"{fmt} release")
     import huggingface_hub
 
     with _progress(progress), hub_errors(ref, "XOR release"):
