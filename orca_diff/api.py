@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-from .errors import OutputError, UsageError, VerificationError
+from .errors import OrcaDiffError, OutputError, UsageError, VerificationError
 from .format import MANIFEST_NAME, Manifest
 
 PathLike = Union[str, os.PathLike]
@@ -258,13 +258,41 @@ def apply(diff: PathLike, out: PathLike, *, base: PathLike | None = None, revisi
         # the base first: a wrong Hub repo is refused by its listing before the payloads are fetched
         base_dir = resolve_base(None if base is None else os.fspath(base), manifest, progress=progress)
         diff_dir = resolve_diff(_pinned(manifest_dir, spec), progress=progress)
-    r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=progress)
+    try:
+        r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=progress)
+    except OrcaDiffError as exc:
+        raise _with_staging_said(exc, out) from None
     checks = [f"every file matches its sha256 and every tensor its {r.digest_algo}",
               f"base fingerprint {r.base_fingerprint} (measured)" if r.base_fingerprint else
               f"base: {r.base_tensors_checked} tensors checked"]
     return ApplyReport(Path(r.out), "orca-diff", r.files, r.bytes_written, r.seconds, r.target_fingerprint,
                        base_fingerprint=r.base_fingerprint, resumed_files=r.resumed_files, checks=checks,
                        notes=list(r.notes))
+
+
+def _with_staging_said(exc: OrcaDiffError, out: Path) -> OrcaDiffError:
+    """A refusal after some files were rebuilt keeps them for resuming in a hidden folder beside
+    ``out``: say where it is and how much disk it holds (gigabytes at 13B), so nobody is left
+    with it unknowingly."""
+    from .errors import InterruptedError_
+    from .outdir import staging_dir
+    from .progress import human_bytes
+
+    staging = staging_dir(out)
+    if isinstance(exc, InterruptedError_) or str(staging) in str(exc):
+        return exc
+    try:
+        if staging.is_symlink() or not staging.is_dir():
+            return exc
+        size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
+    except OSError:
+        return exc
+    if not size:
+        return exc
+    said = (f"{exc} ({human_bytes(size)} already rebuilt are kept in {staging} so that the same command resumes "
+            "once the cause is fixed; delete that folder if you will not rerun)")
+    new = type(exc)(said)
+    return new
 
 
 # --------------------------------------------------------------------------- verify

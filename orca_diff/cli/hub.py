@@ -28,7 +28,8 @@ def catalog_cmd(as_json: bool) -> None:
 
     cat = load_catalog()
     if as_json:
-        out = {kind: {e.name: {"repo": e.repo, "revision": e.revision, "status": e.status, "fingerprint": e.fingerprint,
+        out = {kind: {e.name: {"repo": e.repo, "revision": e.revision, "status": e.status, "format": e.format,
+                               "fingerprint": e.fingerprint,
                                "license": e.license, "base": e.base, "description": e.description,
                                "source": str(e.source)} for e in entries.values()}
                for kind, entries in cat.items()}
@@ -37,9 +38,17 @@ def catalog_cmd(as_json: bool) -> None:
         return
     for kind in ("bases", "diffs"):
         click.echo(f"{kind}:")
-        for e in sorted(cat[kind].values(), key=lambda e: e.name):
-            extra = f" (base {e.base})" if e.base else ""
-            click.echo(f"  {e.name:<14} {e.repo}@{e.revision}  [{e.status}]{extra}")
+        entries = sorted(cat[kind].values(), key=lambda e: e.name)
+        rows = [(e.name, f"{e.repo}@{e.revision}", e.format if kind == "diffs" else "", e.status,
+                 e.base or "") for e in entries]
+        if kind == "diffs":
+            rows.insert(0, ("NAME", "REPO@REVISION", "FORMAT", "STATUS", "BASE"))
+        else:
+            rows.insert(0, ("NAME", "REPO@REVISION", "", "STATUS", ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]  # columns as wide as their longest cell
+        for r in rows:
+            cells = [c.ljust(w) for c, w in zip(r, widths) if w]
+            click.echo("  " + "  ".join(cells).rstrip())
     click.echo("catalog files: " + ", ".join(str(p) for p in catalog_files()))
 
 

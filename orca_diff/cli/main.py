@@ -135,6 +135,10 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
     r = api.apply(diff, out, base=base, revision=revision, format=fmt, force=force, threads=threads,
                   progress=False if quiet else None, token=token, cache_dir=cache_dir,
                   check_base=not skip_base_check)
+    if r.already_done and r.format != "orca-diff":
+        click.echo(f"{out} already holds this {r.format} release's model: {r.files} file{'s' if r.files != 1 else ''} "
+                   "hash to what the first run wrote (checked now); nothing to do")
+        return
     if r.already_done:
         click.echo(f"{out} already holds this model: {r.files} file{'s' if r.files != 1 else ''} byte-identical to "
                    f"the publisher's (checked now; model fingerprint {r.target_fingerprint}, measured); nothing to do")

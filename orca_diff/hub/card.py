@@ -83,7 +83,7 @@ weights you can run.** It is an [orca-diff](https://pypi.org/project/orca-diff/)
 | base | {base_label}: {base_line} |
 | base fingerprint | `{manifest.base.fingerprint}` |
 | rebuilt model | {len(manifest.files)} files, {_human(manifest.target_bytes)}, fingerprint `{manifest.target_fingerprint}` |
-| this diff | {len(manifest.payloads)} payload files, {_human(manifest.payload_bytes)} |
+| this diff | {len(manifest.payloads)} payload file{'' if len(manifest.payloads) == 1 else 's'}, {_human(manifest.payload_bytes)} |
 
 ## Rebuild the model (one command)
 

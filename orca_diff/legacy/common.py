@@ -49,8 +49,12 @@ class LegacyReport:
     target_fingerprint: str | None  # over the rebuilt tensors (None for file-level formats)
     checks: list[str] = field(default_factory=list)   # what was verified, one line each
     notes: list[str] = field(default_factory=list)    # behaviours of the original tool we reproduced
+    already_done: bool = False  # a rerun: ``out`` held this release's rebuild, checked now; nothing written
 
     def summary(self) -> str:
+        if self.already_done:
+            return (f"{self.out} already holds this {self.format} release's model: {self.files} files byte-identical "
+                    "to what this command wrote (checked now); nothing to do")
         fp = f" (model fingerprint {self.target_fingerprint})" if self.target_fingerprint else ""
         lines = [f"rebuilt {self.out} from a legacy {self.format} release: {self.files} files, "
                  f"{_human(self.bytes_written)} written in {self.seconds:.1f}s{fp}"]

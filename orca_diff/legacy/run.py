@@ -74,6 +74,9 @@ def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, 
     t0 = time.perf_counter()
     fmt, module = _settle_format(fmt, diff)
     out = Path(out)
+    if not force and (done := _already_rebuilt(out, fmt, diff, base)) is not None:
+        done.seconds = time.perf_counter() - t0
+        return done
     with output_session(out, force, (diff, base)) as session:
         diff_dir, entry, base_dir = _resolve_inputs(session, fmt, diff, base, progress)
         staging = session.staging
@@ -83,7 +86,9 @@ def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, 
             report = module.rebuild(base_dir, diff_dir, staging, entry=entry or {}, threads=threads,
                                     progress=progress, check_integrity=check_integrity)
             files = [p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if not p.is_dir()]
+            record = _record(staging, files, fmt, diff, base)
             session.publish(files)
+            _write_record(out, record)
         except OSError as exc:
             _discard(staging)
             raise _os_error(exc, out, staging, hint) from None
@@ -99,6 +104,72 @@ def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, 
     report.seconds = time.perf_counter() - t0
     report.notes += session.notes
     return report
+
+
+# --------------------------------------------------------------------------- reruns
+
+#: Beside each legacy rebuild: what it was rebuilt from and the sha256 of every file written, so
+#: that the same command run again can prove the output is still that rebuild (a legacy release
+#: carries no hashes of its result to check against).
+RECORD_SUFFIX = ".orca-diff-legacy"
+
+
+def _record_path(out: Path) -> Path:
+    return out.parent / hidden_sibling_name(out.name, RECORD_SUFFIX, name_max(out.parent))
+
+
+def _record(staging: Path, files: list[str], fmt: str, diff: str, base: str | None) -> dict[str, Any]:
+    from ..containers import file_sha256
+
+    return {"written_by": "orca-diff", "format": fmt, "release": str(diff), "base": base,
+            "files": {rel: [(staging / rel).stat().st_size, file_sha256(staging / rel)] for rel in files}}
+
+
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    import json
+
+    from ..outdir import StagedFile
+
+    path = _record_path(out)
+    with StagedFile(path.parent, path.name) as f:
+        f.write((json.dumps(record, indent=1) + "\n").encode())
+        f.commit()
+
+
+def _already_rebuilt(out: Path, fmt: str, diff: str, base: str | None) -> LegacyReport | None:
+    """A rerun of the same ``apply --format`` command on its finished output: hash every file
+    the record lists (under the output's lock); the report when all match. A record of another
+    release or base, or none, is None (the output is then refused as usual). A file that no
+    longer matches is an OutputError naming it."""
+    import json
+
+    from ..containers import file_sha256
+    from ..errors import OutputError
+    from ..outdir import OutputLock
+
+    try:
+        if out.is_symlink() or not out.is_dir() or not any(out.iterdir()):
+            return None
+        record = json.loads(_record_path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != fmt or record.get("release") != str(diff):
+        return None
+    if base is not None and record.get("base") not in (None, base):
+        return None
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return None
+    with OutputLock(out):
+        for rel, (size, sha) in sorted(files.items()):
+            path = out / rel
+            if (not path.is_file() or path.is_symlink() or path.stat().st_size != size
+                    or file_sha256(path) != sha):
+                raise OutputError(f"{out}: holds this {fmt} release's rebuild, but {rel} is missing or differs from "
+                                  "what was written; pass --force to rebuild the folder, or choose another --out")
+    return LegacyReport(out, fmt, len(files), 0, 0.0, None,
+                        [f"{len(files)} files hash to what the first run wrote (sha256, measured now)"], [],
+                        already_done=True)
 
 
 def _discard(folder: Path) -> None:
