@@ -181,6 +181,8 @@ class _quiet_client:
             import logging
             import warnings
 
+            import huggingface_hub  # noqa: F401 - its import sets its logger's level: set ours after it
+
             self._warnings = warnings.catch_warnings()
             self._warnings.__enter__()
             warnings.simplefilter("ignore")
