@@ -149,3 +149,21 @@ def test_library_apply_of_a_legacy_release_can_override_the_base_check(pair, tmp
     r = orca_diff.apply(delta, tmp_path / "out", base=other, format="fastchat", check_base=False)
     assert r.format == "fastchat" and not r.already_done
     assert apply_legacy  # the lower-level entry stays importable
+
+
+def test_an_alpaca_style_diff_without_a_constant_is_judged_by_its_bytes(tmp_path, monkeypatch):
+    """WizardLM's releases have no integrity constant: the fp32 twin of the FastChat evidence."""
+    pytest.importorskip("torch")
+    from test_legacy_alpaca import reference_make_diff, with_entry
+    from orca_diff.synth import FineTune, write_finetune
+
+    raw = write_llama(tmp_path / "raw", TINY, "F16", seed=0)
+    tuned = write_finetune(tmp_path / "tuned", TINY, base_seed=0, dtype="F32", ft=FineTune(add_pad_row=True))
+    diff = reference_make_diff(raw, tuned, tmp_path / "wdiff")
+    other = write_llama(tmp_path / "other", TINY, "F16", seed=5)
+    with_entry(monkeypatch, diff, {"integrity_sum": None})
+    with pytest.raises(BaseMismatchError, match="not the base this weight diff was made from"):
+        apply_legacy("alpaca", str(other), str(diff), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    report = apply_legacy("alpaca", str(raw), str(diff), tmp_path / "out", progress=False)
+    assert any(c.startswith("base evidence: ") and "(0.0% inexact" in c for c in report.checks), report.checks

@@ -502,6 +502,8 @@ def push_diff(diff_dir: str | os.PathLike, repo_id: str, *, private: bool = Fals
     with _progress(progress), hub_errors(ref, "push"):
         api = hf.HfApi()
         url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:  # as `hf upload --revision` does: the branch is created when missing
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         remote_files, old_payloads, remote_card = _remote_state(api, repo_id, revision)
         card_kept = (remote_card is not None and not local_edited and license is None
                      and not is_generated_card(remote_card))
