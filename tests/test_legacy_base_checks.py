@@ -167,3 +167,31 @@ def test_an_alpaca_style_diff_without_a_constant_is_judged_by_its_bytes(tmp_path
     assert not (tmp_path / "out").exists()
     report = apply_legacy("alpaca", str(raw), str(diff), tmp_path / "out", progress=False)
     assert any(c.startswith("base evidence: ") and "(0.0% inexact" in c for c in report.checks), report.checks
+
+
+def test_convert_by_catalog_name_records_a_commit_and_a_name_not_a_branch_or_a_sha(pair, tmp_path):
+    """`convert vicuna-13b-v1.1` recorded "at commit main" and named the base by its snapshot sha."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hubserver import FakeHub
+    from orca_diff.format import load_manifest
+
+    base, target = pair("F16")
+    delta = numpy_delta(base, target, tmp_path / "delta")
+    with FakeHub() as hub:
+        sha = hub.add_folder("huggyllama/tiny-llama", base)
+        hub.add_folder("lmsys/tiny-vicuna-delta", delta)
+        catalog = tmp_path / "catalog.json"
+        catalog.write_text(json.dumps({
+            "bases": {"tiny-llama": {"repo": "huggyllama/tiny-llama", "revision": "main", "status": "public"}},
+            "diffs": {"tiny-vicuna": {"repo": "lmsys/tiny-vicuna-delta", "base": "tiny-llama", "status": "public",
+                                      "format": "fastchat"}}}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "ORCA_DIFF_"))}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1", ORCA_DIFF_CATALOG=str(catalog), ORCA_DIFF_DISABLE_PROGRESS_BARS="1",
+                   XDG_CONFIG_HOME=str(tmp_path / "cfg"), HOME=str(tmp_path / "home"))
+        r = subprocess.run([sys.executable, "-m", "orca_diff.cli", "convert", "tiny-vicuna", "--out",
+                            str(tmp_path / "diff"), "-q"], env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+    m = load_manifest(tmp_path / "diff")
+    assert (m.base.repo, m.base.revision) == ("huggyllama/tiny-llama", sha)
+    assert m.base.name == "tiny-llama"

@@ -217,6 +217,29 @@ def convert_legacy(fmt: str, legacy: str, base: str | None, out: str | os.PathLi
             _discard(target)
 
 
+def _pinned_provenance(base_dir: Path, base_repo: str | None, base_revision: str | None) -> tuple[str | None, str | None]:
+    """The base's repo and a commit sha for the manifest, never a branch (docs/hub.md): the
+    snapshot's commit when the base folder is that repo's HF cache snapshot, else the branch or
+    tag resolved on the Hub now; with no Hub to ask, the repo alone (make says so)."""
+    from ..errors import HubError
+    from ..hub.options import check_repo_id, is_commit_sha, resolve_commit
+    from ..hub.resolve import identify_cached_repo
+
+    if base_repo is None:
+        return None, None
+    check_repo_id(base_repo, "--base-repo")
+    cached = identify_cached_repo(Path(base_dir))
+    if cached is not None and cached[0].lower() == base_repo.lower() and (base_revision is None
+                                                                          or not is_commit_sha(base_revision)):
+        return base_repo, cached[1]
+    if base_revision is None or is_commit_sha(base_revision):
+        return base_repo, base_revision
+    try:
+        return base_repo, resolve_commit(base_repo, base_revision)
+    except HubError:
+        return base_repo, None
+
+
 def _convert(fmt: str, module: Any, out: Path, diff_dir: Path, entry: dict[str, Any] | None, base_dir: Path,
              base: str | None, target: Path, *, force: bool, threads: int | None, progress: bool | None,
              level: int | None, base_name: str | None, base_repo: str | None, base_revision: str | None,
@@ -232,6 +255,7 @@ def _convert(fmt: str, module: Any, out: Path, diff_dir: Path, entry: dict[str, 
         base_name = base_name or entry.get("base")
         if b is not None and base is None:
             base_repo, base_revision = base_repo or b.repo, base_revision or b.revision
+    base_repo, base_revision = _pinned_provenance(base_dir, base_repo, base_revision)
     remove_path(target)  # our own work folder (we hold the output's lock), links not followed
     target.mkdir()
     report = module.rebuild(base_dir, diff_dir, target, entry=entry or {}, threads=threads,
@@ -239,7 +263,10 @@ def _convert(fmt: str, module: Any, out: Path, diff_dir: Path, entry: dict[str, 
     notes += report.notes
     if fmt == "oa-xor":
         notes.append(module.resave_as_safetensors(target))
-    manifest = make_diff(base_dir, target, out, base_name=base_name or Path(base_dir).name, base_repo=base_repo,
+    from ..api import default_base_name
+
+    manifest = make_diff(base_dir, target, out, base_name=base_name or default_base_name(base_dir, base_repo),
+                         base_repo=base_repo,
                          base_revision=base_revision, level=level or DEFAULT_LEVEL, threads=threads,
                          progress=progress, force=force)
     verify_model(target, manifest, progress=progress)
