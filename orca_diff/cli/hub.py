@@ -181,7 +181,9 @@ class _quiet_client:
             import logging
             import warnings
 
-            import huggingface_hub  # noqa: F401 - its import sets its logger's level: set ours after it
+            # huggingface_hub sets its logger's level when its logging module is first imported
+            # (lazily, by whichever of its modules loads first): load it now, then set ours
+            from huggingface_hub.utils import logging as _hf_logging  # noqa: F401
 
             self._warnings = warnings.catch_warnings()
             self._warnings.__enter__()
