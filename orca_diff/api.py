@@ -213,8 +213,8 @@ def _already_rebuilt(out: Path, manifest: Manifest, progress: bool | None):
         with OutputLock(out):
             return verify_model(out, manifest, progress=progress)
     except VerificationError as exc:
-        raise OutputError(f"{out}: holds this model's files but one differs from the publisher's ({exc}); pass "
-                          "--force to rebuild the folder, or choose another --out") from None
+        raise OutputError(f"{out}: is not this diff's model as it stands ({exc}); pass --force to rebuild it, "
+                          "or choose another --out") from None
 
 
 def apply(diff: PathLike, out: PathLike, *, base: PathLike | None = None, revision: str | None = None,

@@ -337,3 +337,13 @@ def test_the_readme_says_how_long_the_tests_take_what_they_install_and_how_to_ru
     readme = (ROOT / "README.md").read_text()
     assert re.search(r"python -m pytest -q tests/test_\w+\.py", readme)
     assert re.search(r"takes about \d+", readme) and "installs" in readme
+
+
+def test_info_does_not_present_an_invalid_recorded_repo_or_a_branch_as_a_pinned_hub_base(make_pair, tmp_path):
+    """Diffs made before the check may record 'not a repo id!' or 'main': info says what they are."""
+    base, target = make_pair("BF16")
+    make_diff(base, target, tmp_path / "d", base_repo="not a repo id!", base_revision="main")
+    r = CliRunner().invoke(cli, ["info", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert "NOT a valid Hub repo id" in r.output and "not a commit" in r.output
+    assert "Hub repo not a repo id!" not in r.output

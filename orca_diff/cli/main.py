@@ -240,9 +240,15 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
         click.echo(json.dumps(summary, indent=2))
         return
     # every manifest string goes through shown(): control characters could draw a fake line
+    from ..hub.catalog import is_repo_id
+    from ..hub.options import is_commit_sha
+
     b = m.base
     where = " ".join(x for x in (
-        f"Hub repo {shown(b.repo)}" if b.repo else "", f"at commit {shown(b.revision)}" if b.revision else "",
+        (f"Hub repo {shown(b.repo)}" if is_repo_id(b.repo) else f"repo {shown(b.repo)!r} (NOT a valid Hub repo id: "
+         "apply will need --base)") if b.repo else "",
+        (f"at commit {shown(b.revision)}" if is_commit_sha(b.revision) else f"at {shown(b.revision)!r} (a branch or "
+         "tag, not a commit: the base may have moved)") if b.revision else "",
         f"named {shown(b.name)!r}" if b.name else "",
         "" if b.repo else "(no Hub repo recorded: apply looks the name up in the catalog, else needs --base)") if x)
     kinds: dict[str, int] = {"safetensors": 0, "segments": 0, "blob": 0}
