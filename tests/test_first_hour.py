@@ -52,6 +52,10 @@ def test_help_examples_parse_and_name_no_placeholder(command):
         assert sub is not None, argv
         sub.make_context(argv[0], list(argv[1:]))  # raises on an unknown option or a missing argument
         assert not placeholders & set(argv), argv
+    # nor does any option's help name one as an example
+    text = CliRunner().invoke(cli, [*command, "--help"]).output
+    for name in placeholders:
+        assert f"({name})" not in text and f", {name})" not in text, name
 
 
 def test_the_headline_flow_runs_as_the_help_shows_it(make_pair, tmp_path):

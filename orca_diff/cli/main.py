@@ -106,7 +106,7 @@ def _diff_arg(diff: str) -> str:
 @cli.command()
 @click.option("--base", default=None, help="Base: a folder, a catalog name (llama-13b) or a Hub repo id[@rev]. "
               "Default: the base named in the diff.")
-@click.option("--diff", "diff", required=True, help="Diff: a folder, a catalog name (orca) or a Hub repo id[@rev].")
+@click.option("--diff", "diff", required=True, help="Diff: a folder, a catalog name (vicuna-7b-v1.1) or a Hub repo id[@rev].")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the rebuilt model to.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "orca", "fastchat", "alpaca", "oa-xor"]), default="auto",
               show_default=True, help="Diff format: orca-diff, or a legacy release (FastChat/Vicuna delta, "
