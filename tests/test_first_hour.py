@@ -156,7 +156,6 @@ def test_a_wrong_base_repo_is_refused_before_the_diffs_payload_is_downloaded(wor
     other = write_llama(tmp_path / "other", SHAPE, "F16", seed=5, max_shard_bytes=40_000)
     hub.add_folder("test-org/another-llama", other)
     hub.clear_log()
-    r = orca("apply", "--base", "test-org/another-llama", "--diff", DIFF_REPO, "--out", str(tmp_path / "m"), "-q")
     pinned = orca("apply", "--base", "test-org/another-llama", "--diff", "test-org/orca-tiny-diff-pinned",
                   "--out", str(tmp_path / "m"), "-q")
     assert pinned.returncode == BaseMismatchError.exit_code, pinned.stderr
