@@ -29,7 +29,11 @@ def _as_command() -> bool:
     """Whether this import is the start of the ``orca-diff`` command (the console script, or
     ``python -m orca_diff[.cli]``, during which ``sys.argv[0]`` is still "-m"), not a library
     or test import (which must keep Python's own Ctrl-C behaviour)."""
-    return os.path.basename(sys.argv[0] if sys.argv else "") in ("orca-diff", "orca-diff.exe", "-m")
+    name = os.path.basename(sys.argv[0] if sys.argv else "")
+    if name == "-m":  # `python -m X`: only when X is this package (sys.orig_argv: Python >= 3.10)
+        orig = list(getattr(sys, "orig_argv", []))
+        return "-m" in orig[:-1] and orig[orig.index("-m") + 1] in ("orca_diff", "orca_diff.cli")
+    return name in ("orca-diff", "orca-diff.exe")
 
 
 # Ctrl-C while the command is still loading (click, numpy, the command modules): one line and 130,
