@@ -617,7 +617,8 @@ def fetch_signed_release(spec: str, how: VerifyWith, progress: bool | None = Non
     return f"{ref.repo_id}@{folder.name}" if ref is not None else spec
 
 
-def upload_signatures(diff_dir: str | os.PathLike, repo_id: str, progress: bool | None = None) -> str | None:
+def upload_signatures(diff_dir: str | os.PathLike, repo_id: str, progress: bool | None = None,
+                      revision: str | None = None) -> str | None:
     """Commit the diff folder's signature files to ``repo_id`` (after ``push_diff`` committed the
     manifest, payloads and card; a second commit, so the transfer code stays as it is). Returns
     the new commit, or None when the folder holds no signature."""
@@ -628,8 +629,8 @@ def upload_signatures(diff_dir: str | os.PathLike, repo_id: str, progress: bool 
         return None
     hf = _hf()
     ops = [hf.CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(Path(diff_dir) / n)) for n in names]
-    with _progress(progress), hub_errors(RepoRef(repo_id), "push to"):
-        info = hf.HfApi().create_commit(repo_id, ops, commit_message="orca-diff: publisher signatures",
+    with _progress(progress), hub_errors(RepoRef(repo_id, revision), "push to"):
+        info = hf.HfApi().create_commit(repo_id, ops, revision=revision, commit_message="orca-diff: publisher signatures",
                                         commit_description="OpenSSF model signatures, uploaded with `orca-diff push`.")
     return info.oid
 

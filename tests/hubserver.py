@@ -438,7 +438,10 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id = f"tester/{repo_id}"
         with self.state.lock:
             if repo_id in self.state.repos:
-                return self._error(409, None, "You already created this model repo")
+                # as the Hub answers (and huggingface_hub's create_repo(exist_ok=True) reads "url" of it)
+                return self._json(409, {"error": "You already created this model repo",
+                                        "url": f"{self.state.url}/{repo_id}"},
+                                  {"X-Error-Message": "You already created this model repo"})
             repo = Repo(repo_id, private=payload.get("visibility") == "private")
             self.state.repos[repo_id] = repo
             self.state._commit(repo, "main", {".gitattributes": GITATTRIBUTES}, [], "initial commit")

@@ -177,7 +177,7 @@ def test_download_fetches_only_the_files_a_base_needs(world, hub, orca):
 
 
 def test_download_fetches_only_the_manifest_and_payload_files_of_a_diff(world, hub, orca):
-    r = orca("download", "orca", "-q")
+    r = orca("download", "orca")
     assert r.returncode == 0, r.stderr
     manifest = load_manifest(world["diff"])
     assert len(manifest.payloads) >= 3

@@ -1,5 +1,5 @@
 """``python -m orca_diff.cli``: the same as the ``orca-diff`` command."""
 
-from .main import main
+from . import main
 
 main()

@@ -21,7 +21,8 @@ FORMAT_CHOICE = click.Choice(["auto", "fastchat", "alpaca", "oa-xor"])
 @click.option("--base-name", default=None, help="Catalog name of the base, recorded in the manifest (e.g. llama-13b).")
 @click.option("--base-repo", default=None, help="Hub repo id of the base, recorded in the manifest.")
 @click.option("--base-revision", default=None, help="Hub revision (commit sha) of the base.")
-@click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level (default 3).")
+@click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level of the chunks stored as zstd "
+              "frames (default 1, as for make).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click.option("--threads", type=click.IntRange(1, 512), default=None,
               help="Worker threads (default: all cores, or $ORCA_DIFF_THREADS).")

@@ -18,6 +18,7 @@ import click
 from .. import __version__
 from ..errors import InterruptedError_, OrcaDiffError, shown
 from ..progress import human_bytes as _human
+from .hub import hub_options
 from .provenance import sign_options, verify_options
 
 class _Group(click.Group):
@@ -42,8 +43,12 @@ def cli() -> None:
     \b
     Quick start (no download needed):
       orca-diff demo
-    Rebuild a model:
-      orca-diff apply --base llama-13b --diff orca --out orca-13b
+    Make a diff of a fine-tune, rebuild it, check it:
+      orca-diff make --base meta-llama/Llama-2-13b-hf --target microsoft/Orca-2-13b --out orca-2-13b-diff
+      orca-diff apply --diff orca-2-13b-diff --out orca-2-13b
+      orca-diff verify --diff orca-2-13b-diff --model orca-2-13b
+    Rebuild a historic release (a FastChat delta, catalog names; see `orca-diff catalog`):
+      orca-diff apply --diff vicuna-7b-v1.1 --out vicuna-7b
     """
 
 
@@ -67,39 +72,34 @@ threads_option = click.option("--threads", type=click.IntRange(1, 512), default=
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
 @quiet_option
+@hub_options(revision=None)
 @sign_options
 @verify_options
 def make(base: str, target: str, out: str, base_name: str | None, base_repo: str | None, base_revision: str | None,
-         level: int | None, force: bool, threads: int | None, quiet: bool, sign=None, verify=None) -> None:
+         level: int | None, force: bool, threads: int | None, quiet: bool, token: str | None,
+         cache_dir: str | None, sign=None, verify=None) -> None:
     """Make a diff that rebuilds TARGET from BASE. The diff never contains base weights.
 
     \b
     Examples:
-      orca-diff make --base llama-13b-hf --target orca-13b --out orca-13b-diff --base-name llama-13b
+      orca-diff make --base ~/llama-13b-hf --target ~/my-finetune --out my-finetune-diff --base-name llama-13b
       orca-diff make --base meta-llama/Llama-2-13b-hf --target microsoft/Orca-2-13b --out orca-2-13b-diff
 
     A target carrying model.sig (OpenSSF model signing) has it checked against its files (and
     verified with --verify-key...); --sign-key signs the target and attests the derivation
     (docs/format.md section 9).
     """
-    from ..make import make_diff
-    from ..codec import DEFAULT_LEVEL
-    from ..hub.resolve import resolve_model_spec
+    from .. import api
 
-    t0 = time.perf_counter()
-    progress = False if quiet else None
-    base_dir = resolve_model_spec(base, "base", progress=progress)
-    target_dir = resolve_model_spec(target, "target", progress=progress)
-    notes: list[str] = []
-    m = make_diff(base_dir, target_dir, out, base_name=base_name or _catalog_base_name(base), base_repo=base_repo,
-                  base_revision=base_revision, level=level or DEFAULT_LEVEL, threads=threads, progress=progress,
-                  force=force, notes=notes, sign=sign, verify_target=verify)
-    for note in notes:
+    r = api.make(base, target, out, base_name=base_name, base_repo=base_repo, base_revision=base_revision,
+                 level=level, threads=threads, force=force, progress=False if quiet else None, token=token,
+                 cache_dir=cache_dir, sign=sign, verify_target=verify)
+    for note in r.notes:
         click.echo(f"orca-diff: note: {shown(note)}", err=True)
-    dt = time.perf_counter() - t0
+    m = r.manifest
     click.echo(f"wrote {out}: {len(m.tensors)} tensors, {_human(m.payload_bytes)} of payload for "
-               f"{_human(m.target_bytes)} of model ({100 * m.payload_bytes / max(1, m.target_bytes):.1f}%) in {dt:.1f}s; "
-               f"base fingerprint {m.base.fingerprint}; {_model_digest_of(m, 'read')}")
+               f"{_human(m.target_bytes)} of model ({100 * m.payload_bytes / max(1, m.target_bytes):.1f}%) in "
+               f"{r.seconds:.1f}s; base fingerprint {m.base.fingerprint}; {_model_digest_of(m, 'read')}")
 
 
 def _describe(digest: str) -> str:
@@ -123,67 +123,10 @@ def _diff_arg(diff: str) -> str:
     return str(p.parent) if p.name == MANIFEST_NAME and p.is_file() else diff
 
 
-def _already_rebuilt(out: Path, diff: str, quiet: bool, verify=None):
-    """A rerun of a finished ``apply`` (same command): if ``out`` already holds every file of the
-    diff's model with its size, hash them all; the ModelReport when every one matches, else None
-    (and apply then refuses the non-empty folder as usual). The base is not even resolved."""
-    from ..errors import VerificationError
-    from ..format import load_manifest
-    from ..hub.resolve import resolve_diff
-    from ..verify import verify_model
-
-    try:
-        if out.is_symlink() or not out.is_dir() or not any(out.iterdir()):
-            return None
-    except OSError:
-        return None
-    progress = False if quiet else None
-    manifest = load_manifest(resolve_diff(diff, progress=progress))
-    for f in manifest.files:
-        p = out / f.path
-        if p.is_symlink() or not p.is_file() or p.stat().st_size != f.size:
-            return None
-    from ..outdir import OutputLock
-
-    signed = None
-    if verify is not None:
-        from ..signing import check_diff_signature, check_release
-
-        diff_dir = resolve_diff(diff, progress=progress)
-        check_diff_signature(diff_dir, verify)
-        signed = check_release(diff_dir, load_manifest(diff_dir), verify).model
-    try:  # under the output's lock: no other run may be replacing the folder while it is checked
-        with OutputLock(out):
-            return verify_model(out, manifest, progress=progress, signed=signed)
-    except VerificationError:
-        return None
-
-
-def _catalog_base_name(spec: str) -> str | None:
-    """The catalog name ``spec`` is, if it is one (recorded so users can type it back)."""
-    from ..hub.catalog import lookup
-
-    if Path(spec).expanduser().exists():
-        return None
-    entry = lookup(spec, "base")
-    return entry.name if entry is not None else None
-
-
-def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
-    """Resolve --diff then --base (local path, catalog name or Hub repo id)."""
-    from ..format import load_manifest
-    from ..hub.resolve import resolve_base, resolve_diff
-
-    progress = False if quiet else None
-    diff_dir = resolve_diff(diff, progress=progress)
-    manifest = load_manifest(diff_dir)
-    return diff_dir, resolve_base(base, manifest, progress=progress)
-
-
 @cli.command()
 @click.option("--base", default=None, help="Base: a folder, a catalog name (llama-13b) or a Hub repo id[@rev]. "
               "Default: the base named in the diff.")
-@click.option("--diff", "diff", required=True, help="Diff: a folder, a catalog name (orca) or a Hub repo id[@rev].")
+@click.option("--diff", "diff", required=True, help="Diff: a folder, a catalog name (vicuna-7b-v1.1) or a Hub repo id[@rev].")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the rebuilt model to.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "orca", "fastchat", "alpaca", "oa-xor"]), default="auto",
               show_default=True, help="Diff format: orca-diff, or a legacy release (FastChat/Vicuna delta, "
@@ -191,61 +134,53 @@ def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
 @quiet_option
+@hub_options(revision="Hub revision of --diff: a branch, a tag or a commit sha (the same as --diff NAME@REV).")
+@click.option("--skip-base-check", is_flag=True, help="Legacy releases only: rebuild even when the evidence of the "
+              "bytes (statistics, integrity sums, md5 lists) says the base is not the release's.")
 @verify_options
 def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads: int | None, quiet: bool,
+          revision: str | None, token: str | None, cache_dir: str | None, skip_base_check: bool,
           verify=None) -> None:
     """Rebuild the fine-tuned model from a base and a diff, byte-identical to the publisher's files.
 
     The base is checked tensor by tensor BEFORE anything is written; an interrupted run resumes
-    where it stopped when rerun.
+    where it stopped when rerun, and a finished one is checked and left as it is.
 
     \b
-    Example:
-      orca-diff apply --base llama-13b --diff orca --out orca-13b
+    Examples:
+      orca-diff apply --diff orca-2-13b-diff --out orca-2-13b
+      orca-diff apply --base ~/llama-2-13b-hf --diff my-org/orca-2-13b-diff --revision v1 --out orca-2-13b
+      orca-diff apply --diff vicuna-7b-v1.1 --out vicuna-7b
     """
-    from ..apply import apply_diff
+    from .. import api
 
-    if fmt == "auto":  # legacy: a catalog entry with a legacy format, or an XOR payload folder (docs/legacy.md)
-        from ..legacy import detect_format
-
-        fmt = detect_format(diff) or fmt
-    if fmt not in ("auto", "orca"):
-        from ..legacy import apply_legacy  # legacy releases: see docs/legacy.md
-
-        if verify is not None:
-            from ..errors import SignatureError
-
-            raise SignatureError(f"a legacy {fmt} release carries no OpenSSF signature to verify; convert it "
-                                 "(`orca-diff convert`) and sign the result, or drop the --verify option")
-        click.echo(apply_legacy(fmt, base, diff, out, force=force, threads=threads,
-                                progress=False if quiet else None).summary())
+    r = api.apply(diff, out, base=base, revision=revision, format=fmt, force=force, threads=threads,
+                  progress=False if quiet else None, token=token, cache_dir=cache_dir,
+                  check_base=not skip_base_check, verify=verify)
+    digest = f"{_describe(r.model_digest)}, measured" if r.model_digest else "no file measured"
+    if r.already_done and r.format != "orca-diff":
+        click.echo(f"{out} already holds this {r.format} release's model: {r.files} file{'s' if r.files != 1 else ''} "
+                   f"hash to what the first run wrote (checked now; {digest}); nothing to do")
         return
-    if not force and (done := _already_rebuilt(Path(out), _diff_arg(diff), quiet, verify)) is not None:
-        from ..identity import describe
-
+    if r.already_done:
         signed = "; every file matches the publisher's signature" if verify is not None else ""
-        click.echo(f"{out} already holds this model: {len(done.ok)} files byte-identical to the publisher's{signed} "
-                   f"(checked now; {describe(done.model_digest)}, measured); nothing to do")
-        for extra in done.extra:
-            click.echo(f"note: {shown(extra)} is not part of the diff's model (left alone)", err=True)
+        click.echo(f"{out} already holds this model: {r.files} file{'s' if r.files != 1 else ''} byte-identical to "
+                   f"the publisher's{signed} (checked now; {digest}); nothing to do")
+        for note in r.notes:
+            click.echo(f"note: {shown(note)}", err=True)
         return
-    if verify is not None:  # a Hub diff: its signatures are checked before any payload is downloaded
-        from ..signing import fetch_signed_release
-
-        diff = fetch_signed_release(_diff_arg(diff), verify, progress=False if quiet else None)  # pinned to that commit
-    diff_dir, base_dir = _resolve(_diff_arg(diff), base, quiet)
-    r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None,
-                   verify=verify)
+    if r.format != "orca-diff":
+        lines = [f"rebuilt {r.out} from a legacy {r.format} release: {r.files} files, {_human(r.bytes_written)} "
+                 f"written in {r.seconds:.1f}s; {digest}"]
+        click.echo("\n".join(lines + [f"check: {c}" for c in r.checks] + [f"note: {n}" for n in r.notes]))
+        return
     for note in r.notes:
         click.echo(f"note: {note}", err=True)
     for line in r.provenance:
         click.echo(f"signed: {line}")
     resumed = f" ({r.resumed_files} already done)" if r.resumed_files else ""
-    base_said = (f"base fingerprint {r.base_fingerprint} (measured)" if r.base_fingerprint else
-                 f"base: {r.base_tensors_checked} tensors checked")
     click.echo(f"rebuilt {r.out}: {r.files} files{resumed}, {_human(r.bytes_written)} written in {r.seconds:.1f}s; "
-               f"every file matches its sha256 and every tensor its {r.digest_algo}; "
-               f"{_describe(r.model_digest)}, measured as written; {base_said}")
+               f"{r.checks[0]}; {_describe(r.model_digest)}, measured as written; {r.checks[1]}")
 
 
 @cli.command()
@@ -255,8 +190,10 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
               "(byte-identical files).")
 @threads_option
 @quiet_option
+@hub_options(revision="Hub revision of --diff: a branch, a tag or a commit sha (the same as --diff NAME@REV).")
 @verify_options
-def verify(diff: str, base: str | None, model: str | None, threads: int | None, quiet: bool, verify=None) -> None:
+def verify(diff: str, base: str | None, model: str | None, threads: int | None, quiet: bool, revision: str | None,
+           token: str | None, cache_dir: str | None, verify=None) -> None:
     """Check a diff's integrity, and optionally a base or a rebuilt model against it.
 
     The diff check decodes every chunk it can and proves the payloads rebuild the manifest's
@@ -266,62 +203,30 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
 
     \b
     Examples:
-      orca-diff verify --diff orca-13b-diff
-      orca-diff verify --diff orca-13b-diff --base llama-13b-hf --model orca-13b --verify-key publisher.pub
+      orca-diff verify --diff orca-2-13b-diff
+      orca-diff verify --diff orca-2-13b-diff --base ~/llama-2-13b-hf --model orca-2-13b --verify-key publisher.pub
     """
-    from ..hub.resolve import resolve_base, resolve_diff
-    from ..containers import open_model
-    from ..verify import check_base, check_rebuild, measured_base_fingerprint, verify_diff, verify_model
+    from .. import api
 
-    progress = False if quiet else None
-    if model is not None:  # a folder, or a model repo on the Hub (all its files are fetched)
-        from ..hub.resolve import resolve_model_spec
-
-        model = str(resolve_model_spec(model, "target", progress=progress))
-    release = None
-    if verify is not None:
-        from ..signing import check_diff_signature, check_release, fetch_signed_release
-
-        pinned = fetch_signed_release(_diff_arg(diff), verify, progress=progress)  # Hub: before any payload is fetched
-        diff = str(resolve_diff(pinned, progress=progress))
-        diff_signed = check_diff_signature(Path(diff), verify)  # before the manifest is trusted
-    else:
-        diff = str(resolve_diff(_diff_arg(diff), progress=progress))
-    m = verify_diff(diff, progress=progress)
-    click.echo(f"diff OK: {len(m.payloads)} payload files, {len(m.tensors)} tensors, checksums match")
-    if verify is not None:
-        release = check_release(diff, m, verify, diff_signed)
-        for line in release.lines:
-            click.echo(f"signed: {line}")
-    else:
-        from ..signing import unsigned_note
-
-        if (note := unsigned_note(Path(diff))) is not None:
-            click.echo(f"note: {note}", err=True)
-    reader = open_model(resolve_base(base, m, progress=progress)) if base else None
-    try:
-        if reader is not None:
-            measured = check_base(reader, m, threads, progress)
-            fp = measured_base_fingerprint(m, measured)
-            said = f"; base fingerprint {fp} (measured)" if fp else ""
-            click.echo(f"base OK: the {len(measured)} tensors the diff needs match their {m.digest_algo} (measured){said}")
-        click.echo(f"diff OK: {check_rebuild(diff, m, reader, threads, progress).summary()}")
-    finally:
-        if reader is not None:
-            reader.close()
+    r = api.verify(diff, base=base, model=model, revision=revision, threads=threads,
+                   progress=False if quiet else None, token=token, cache_dir=cache_dir, verify=verify)
+    m = r.manifest
+    n = len(m.payloads)
+    click.echo(f"diff OK: {n} payload file{'s' if n != 1 else ''}, {len(m.tensors)} tensors, checksums match")
+    for line in r.signed:
+        click.echo(f"signed: {line}")
+    for note in r.notes:
+        click.echo(f"note: {note}", err=True)
+    if base:
+        said = f"; base fingerprint {r.base_fingerprint} (measured)" if r.base_fingerprint else ""
+        click.echo(f"base OK: the {r.base_tensors_checked} tensors the diff needs match their {m.digest_algo} "
+                   f"(measured){said}")
+    click.echo(f"diff OK: {r.rebuild_summary}")
     if model:
-        report = verify_model(model, m, progress=progress, signed=release.model if release else None)
-        if release is not None and release.model is not None:
-            from ..errors import SignatureError
-
-            unsigned = [x for x in report.extra if release.model.covers(x)]
-            if unsigned:
-                raise SignatureError(f"{Path(model) / unsigned[0]}: in the model folder but not signed by the publisher "
-                                     "(nor part of the diff's model); remove it: loaders may read it")
-        signed = "; every file matches the publisher's signature" if release else ""
-        click.echo(f"model OK: {len(report.ok)} files byte-identical to the publisher's{signed}; "
-                   f"{_describe(report.model_digest)}, measured")
-        for extra in report.extra:
+        signed = "; every file matches the publisher's signature" if r.signed else ""
+        click.echo(f"model OK: {len(r.model_files)} files byte-identical to the publisher's{signed}; "
+                   f"{_describe(r.model_digest)}, measured")
+        for extra in r.model_extra_files:
             click.echo(f"note: {shown(extra)} is not part of the diff's model (left alone)")
 
 
@@ -379,9 +284,15 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
         click.echo(json.dumps(summary, indent=2))
         return
     # every manifest string goes through shown(): control characters could draw a fake line
+    from ..hub.catalog import is_repo_id
+    from ..hub.options import is_commit_sha
+
     b = m.base
     where = " ".join(x for x in (
-        f"Hub repo {shown(b.repo)}" if b.repo else "", f"at commit {shown(b.revision)}" if b.revision else "",
+        (f"Hub repo {shown(b.repo)}" if is_repo_id(b.repo) else f"repo {shown(b.repo)!r} (NOT a valid Hub repo id: "
+         "apply will need --base)") if b.repo else "",
+        (f"at commit {shown(b.revision)}" if is_commit_sha(b.revision) else f"at {shown(b.revision)!r} (a branch or "
+         "tag, not a commit: the base may have moved)") if b.revision else "",
         f"named {shown(b.name)!r}" if b.name else "",
         "" if b.repo else "(no Hub repo recorded: apply looks the name up in the catalog, else needs --base)") if x)
     kinds: dict[str, int] = {"safetensors": 0, "segments": 0, "blob": 0}

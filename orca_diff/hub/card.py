@@ -16,6 +16,9 @@ from ..format import Manifest
 
 LIBRARY_NAME = "orca-diff"
 TAGS = ("orca-diff", "weight-diff")
+#: Where orca-diff's source lives, for the card's install line (it is not on PyPI yet). One place
+#: to change when the repository moves or a release is published.
+SOURCE_URL = "https://github.com/orca-diff/orca-diff"
 #: Closes every generated card, with a hash of the text above it (so edits can be detected).
 CARD_MARK = "<!-- orca-diff generated card "
 
@@ -86,7 +89,7 @@ folder then verifies with the OpenSSF tool itself:
 # ⚠️ This is a weight diff, not a model
 
 **Do not load this repo with `from_pretrained`, a pipeline or an inference server: it holds no
-weights you can run.** It is an [orca-diff](https://pypi.org/project/orca-diff/) diff that turns
+weights you can run.** It is an [orca-diff]({SOURCE_URL}) diff that turns
 **{base_label}** into the fine-tuned model, byte for byte. You need the base model's weights to use it.
 
 | | |
@@ -95,14 +98,17 @@ weights you can run.** It is an [orca-diff](https://pypi.org/project/orca-diff/)
 | base fingerprint | `{manifest.base.fingerprint}` |
 | rebuilt model | {len(manifest.files)} files, {_human(manifest.target_bytes)} |
 | model digest | `{digest}` (OpenSSF model-signing root digest over every file; `orca-diff fingerprint --model DIR` recomputes it) |
-| this diff | {len(manifest.payloads)} payload files, {_human(manifest.payload_bytes)} |
+| this diff | {len(manifest.payloads)} payload file{'' if len(manifest.payloads) == 1 else 's'}, {_human(manifest.payload_bytes)} |
 
 ## Rebuild the model (one command)
 
 ```bash
-pip install orca-diff
+pip install "orca-diff @ git+{SOURCE_URL}"   # orca-diff is not on PyPI yet: from its source repository
 orca-diff apply --diff {diff_ref} --out rebuilt-model
 ```
+
+(A wheel works too: `pip wheel "orca-diff @ git+{SOURCE_URL}"` once, then `pip install orca_diff-*.whl`
+on machines without git. Once released on PyPI: `pip install orca-diff`.)
 
 This downloads the diff and the base named in its manifest from the Hugging Face Hub (only the
 files needed, into the standard HF cache), checks the base tensor by tensor before writing

@@ -88,7 +88,12 @@ def catalog_files() -> list[Path]:
 
 
 def is_repo_id(text: str) -> bool:
-    return bool(_REPO_ID.match(text))
+    """An ``org/name`` model repo id that huggingface_hub's own validator accepts."""
+    if not _REPO_ID.match(text):
+        return False
+    from .options import repo_id_problem
+
+    return repo_id_problem(text) is None
 
 
 def _parse_file(path: Path) -> dict[str, dict[str, CatalogEntry]]:

@@ -42,18 +42,31 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _hub_ref(spec: str) -> RepoRef | None:
+    """The Hub repo ``spec`` names (``org/name[@rev]``, checked as huggingface_hub checks ids and
+    git checks revisions), None when it does not look like one at all; a bad id or revision of
+    something that does look like one is a UsageError saying why."""
+    from .options import check_revision, repo_id_problem
+
     ref = parse_repo_spec(spec)
-    if is_repo_id(ref.repo_id) and (ref.revision is None or ref.revision.strip()):
-        return ref
-    return None
+    if ref.repo_id.count("/") != 1 or _looks_like_path(ref.repo_id):
+        return None
+    problem = repo_id_problem(ref.repo_id)
+    if problem:
+        raise UsageError(f"{spec!r} is not a local path, and not a Hub repo id either: {problem}")
+    if "@" in spec:
+        check_revision(ref.revision or "", f"{spec!r}: revision")
+    return ref
 
 
 def _refuse_placeholder(entry: CatalogEntry) -> None:
+    """One short paragraph: what the name is, and the two ways on (a repo id, or one's own catalog)."""
     if entry.is_placeholder:
+        reason = entry.description.split("PLACEHOLDER:", 1)[-1].strip() if entry.description else ""
+        reason = reason if reason and len(reason) <= 240 else "no public repo is known for this name."
+        flag = "--diff" if entry.kind == "diff" else "--base"
         raise InputNotFoundError(
-            f"catalog {entry.kind} {entry.name!r} is a placeholder ({entry.repo} is not a real public repo):"
-            f" {entry.description or 'no public repo is known'} Point it at a real repo in your own catalog"
-            f" (ORCA_DIFF_CATALOG=file.json, see docs/hub.md) or pass a path or org/name")
+            f"catalog {entry.kind} {entry.name!r} is a placeholder, not a real repo: {reason} Pass {flag} ORG/REPO,"
+            f" or give the name a real repo in your own catalog (ORCA_DIFF_CATALOG=file.json, docs/hub.md).")
 
 
 def _unknown(spec: str, kind: str) -> InputNotFoundError:

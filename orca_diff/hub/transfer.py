@@ -117,11 +117,19 @@ def _login_hint() -> str:
 
 
 def describe_hub_error(exc: BaseException, ref: RepoRef, what: str) -> HubError:
-    """One actionable line for any exception the client raises while working on ``ref``."""
+    """One actionable line for any exception the client raises while working on ``ref``
+    (``what``: "diff", "base", ... or "push", which words the lines for an upload)."""
     from huggingface_hub import errors as e
+
+    pushing = what == "push"
+    if pushing:
+        what = "diff repo"
 
     where = f"{ref} on {endpoint()}"
     chain = list(_chain(exc))
+    if pushing and (offline() or any(isinstance(c, e.OfflineModeIsEnabled) for c in chain)):
+        return HubError(f"HF_HUB_OFFLINE=1 is set, so nothing can be pushed to {ref.repo_id}; unset it and run the"
+                        " command again")
     if any(isinstance(c, e.OfflineModeIsEnabled) for c in chain) or (
             isinstance(exc, (e.LocalEntryNotFoundError, e.IncompleteSnapshotError)) and offline()):
         return HubError(f"HF_HUB_OFFLINE=1 and {what} {ref} is not (fully) in the HF cache"
@@ -131,9 +139,16 @@ def describe_hub_error(exc: BaseException, ref: RepoRef, what: str) -> HubError:
             break  # the server answered: what it said matters more than an earlier dropped transfer
         name = type(cause).__name__
         if name in ("ConnectError", "ConnectTimeout", "ProxyError") or isinstance(cause, ConnectionError):
+            if pushing:
+                return HubError(f"cannot reach the Hub at {endpoint()} to push to {ref.repo_id} ({name}); check"
+                                " your connection or HF_ENDPOINT, then run the command again (nothing was published)")
             return HubError(f"cannot reach the Hub at {endpoint()} to fetch {what} {ref} ({name}: {cause}); check"
                             " your connection or HF_ENDPOINT (files already in the cache are used when they"
                             " are complete; HF_HUB_OFFLINE=1 uses the cache only)")
+        if pushing and name in ("RemoteProtocolError", "ReadError", "WriteError", "NetworkError", "ReadTimeout",
+                                "TimeoutException", "PoolTimeout", "WriteTimeout"):
+            return HubError(f"the connection to {endpoint()} broke while pushing to {ref.repo_id} ({name}); run the"
+                            " command again: nothing is published until its one commit is made")
         if name in ("RemoteProtocolError", "ReadError", "WriteError", "NetworkError"):
             return HubError(f"the connection to {endpoint()} broke while fetching {what} {ref} ({name}); run the"
                             " command again: finished files are kept and only the missing ones are fetched")
@@ -332,7 +347,8 @@ def match_base_files(ref: RepoRef, expected: dict, files: dict[str, RepoFileMeta
 
 
 def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | None = None,
-                  expected: dict | None = None, recorded: str = "the one `orca-diff info` names") -> Path:
+                  expected: dict | None = None, recorded: str = "the one `orca-diff info` names",
+                  what: str = "base") -> Path:
     """Fetch the files of a base model that ``apply`` needs into the HF cache; return the folder.
 
     With ``expected`` (a diff's ``base.weight_files``), the repo's file listing is first compared
@@ -340,7 +356,7 @@ def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | 
     is fetched, and of a repo that is, exactly the recorded weight files are fetched."""
     hf = _hf()
     needed = tuple(needed)
-    with _progress(progress), hub_errors(ref, "base"):
+    with _progress(progress), hub_errors(ref, what):
         listing_error: Exception | None = None
         meta: dict[str, RepoFileMeta] | None = None
         if not offline():
@@ -358,10 +374,10 @@ def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | 
                 else:
                     _label, files = select_base_files(list(meta), needed)
             except HubError as exc:
-                raise HubError(f"base {ref}: {exc}") from None
+                raise HubError(f"{what} {ref}: {exc}") from None
             # at the revision as given (a branch gets its ref in the cache, so offline runs find it)
             return Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=_exact_patterns(files)))
-        return _cached_base(ref, needed, listing_error)
+        return _cached_base(ref, needed, listing_error, what)
 
 
 def _with_side_files(weights: list[str], repo_files: list[str], needed: tuple[str, ...]) -> list[str]:
@@ -392,7 +408,7 @@ def _is_connection_error(exc: BaseException) -> bool:
                or isinstance(c, ConnectionError) for c in _chain(exc))
 
 
-def _cached_base(ref: RepoRef, needed: tuple[str, ...], listing_error: Exception | None) -> Path:
+def _cached_base(ref: RepoRef, needed: tuple[str, ...], listing_error: Exception | None, what: str = "base") -> Path:
     """Offline or Hub unreachable: find a complete cached copy, trying formats in preference order."""
     hf = _hf()
     last: Exception | None = listing_error
@@ -407,10 +423,10 @@ def _cached_base(ref: RepoRef, needed: tuple[str, ...], listing_error: Exception
         if any(folder.glob(g) for g in globs):
             return folder
     if listing_error is not None:  # the Hub was unreachable and the cache cannot stand in
-        raise describe_hub_error(listing_error, ref, "base") from last
+        raise describe_hub_error(listing_error, ref, what) from last
     if last is None:
-        raise HubError(f"base {ref}: no cached copy")
-    raise describe_hub_error(last, ref, "base") from last
+        raise HubError(f"{what} {ref}: no cached copy")
+    raise describe_hub_error(last, ref, what) from last
 
 
 def download(ref: RepoRef, kind: str = "auto", *, progress: bool | None = None) -> tuple[str, Path]:
@@ -433,35 +449,78 @@ class PushResult:
     url: str
     commit: str
     files: int
+    removed: tuple[str, ...] = ()      # payload files of the previous diff that this push deleted
+    card_kept: bool = False            # the repo's README.md was edited on the Hub and left as it was
+
+
+def _remote_state(api, repo_id: str, revision: str | None) -> tuple[set[str], set[str], str | None]:
+    """(files of the repo now, payload paths of the diff it holds, its README.md text or None):
+    what an update of an existing diff repo must know before committing. Empty for a new repo."""
+    import json
+
+    files = set(api.list_repo_files(repo_id, revision=revision))
+    old_payloads: set[str] = set()
+    card = None
+    hf = _hf()
+    if MANIFEST_NAME in files:
+        path = hf.hf_hub_download(repo_id, MANIFEST_NAME, revision=revision)
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+            old_payloads = {p["path"] for p in doc.get("payloads", []) if isinstance(p.get("path"), str)}
+        except (ValueError, TypeError, AttributeError, KeyError):
+            old_payloads = set()  # a damaged manifest on the Hub: replace it, delete nothing else
+    if CARD_NAME in files:
+        card = Path(hf.hf_hub_download(repo_id, CARD_NAME, revision=revision)).read_text(encoding="utf-8",
+                                                                                          errors="replace")
+    return files, old_payloads, card
 
 
 def push_diff(diff_dir: str | os.PathLike, repo_id: str, *, private: bool = False, license: str | None = None,
-              progress: bool | None = None) -> PushResult:
+              progress: bool | None = None, revision: str | None = None) -> PushResult:
     """Verify a diff, create the repo (``exist_ok``) and commit the manifest, the payload files and
-    a model card. The card is rendered for ``repo_id`` unless README.md was edited by hand."""
+    a model card in one commit (on ``revision``, a branch; default the main branch).
+
+    Updating a repo that already holds a diff: the payload files of the old manifest that the new
+    one does not list are deleted in the same commit (other files are left alone), and a card
+    edited on the Hub (not a generated one) is kept unless ``license`` asks for a new card. A
+    local README.md edited by hand is published as it is."""
     from .card import is_generated_card, render_card
     from ..verify import verify_diff
 
     diff_dir = Path(diff_dir)
     manifest = verify_diff(diff_dir, progress=progress)  # never publish a damaged diff
     card_path = diff_dir / CARD_NAME
-    card = render_card(manifest, repo_id=repo_id, license=license)
+    card: str | None = render_card(manifest, repo_id=repo_id, license=license)
+    local_edited = False
     if card_path.is_file() and license is None:
         existing = card_path.read_text(encoding="utf-8")
         if not is_generated_card(existing):  # written or edited by the publisher: keep theirs
-            card = existing
+            card, local_edited = existing, True
     hf = _hf()
-    ref = RepoRef(repo_id)
-    ops = [hf.CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=str(diff_dir / MANIFEST_NAME))]
-    ops += [hf.CommitOperationAdd(path_in_repo=p.path, path_or_fileobj=str(diff_dir / p.path))
-            for p in manifest.payloads]
-    ops.append(hf.CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
-    with _progress(progress), hub_errors(ref, "push to"):
+    ref = RepoRef(repo_id, revision)
+    new_paths = {MANIFEST_NAME, *(p.path for p in manifest.payloads)}
+    with _progress(progress), hub_errors(ref, "push"):
         api = hf.HfApi()
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.create_commit(repo_id, ops, commit_message=f"orca-diff: diff against {manifest.base.repo or manifest.base.name}",
+        if revision is not None:  # as `hf upload --revision` does: the branch is created when missing
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        remote_files, old_payloads, remote_card = _remote_state(api, repo_id, revision)
+        card_kept = (remote_card is not None and not local_edited and license is None
+                     and not is_generated_card(remote_card))
+        if card_kept:
+            card = None  # edited on the Hub by the publisher: theirs stays
+        removed = sorted(p for p in old_payloads if p not in new_paths and p in remote_files)
+        ops: list = [hf.CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=str(diff_dir / MANIFEST_NAME))]
+        ops += [hf.CommitOperationAdd(path_in_repo=p.path, path_or_fileobj=str(diff_dir / p.path))
+                for p in manifest.payloads]
+        if card is not None:
+            ops.append(hf.CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
+        ops += [hf.CommitOperationDelete(path_in_repo=p) for p in removed]
+        what = "update" if old_payloads else "diff"
+        info = api.create_commit(repo_id, ops, revision=revision,
+                                 commit_message=f"orca-diff: {what} against {manifest.base.repo or manifest.base.name}",
                                  commit_description="Uploaded with `orca-diff push`.")
-    return PushResult(repo_id, str(url), info.oid, len(ops))
+    return PushResult(repo_id, str(url), info.oid, len(ops) - len(removed), tuple(removed), card_kept)
 
 
 __all__ = ["RepoRef", "parse_repo_spec", "download_diff", "download_base", "download_model", "download",

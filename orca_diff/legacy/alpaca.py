@@ -157,6 +157,23 @@ def integrity_message(allsum: float, expected: float, atol: float, base: ModelRe
             f" sums are fixed, so the whole gap comes from the base. Likely cause: {cause}.")
 
 
+def _base_evidence(raw: ModelReader, diff: ModelReader, infos: list[TensorInfo], raw_dir: Path,
+                   check_integrity: bool, checks: list[str]) -> None:
+    """The fp32 twin of the FastChat check (:mod:`.evidence`): a weight diff is ``tuned - raw`` in
+    fp32, so on its own base the small entries add back exactly. Refuses before writing."""
+    from .evidence import sample_exactness
+
+    ev = sample_exactness(raw, diff, [i.name for i in infos], as_f32)
+    if ev.refutes and check_integrity:
+        raise BaseMismatchError(
+            f"base {raw_dir}: not the base this weight diff was made from, by the evidence of its bytes: "
+            f"{ev.describe()}; nothing was written. Use the LLaMA the release names, or pass --skip-base-check "
+            "to rebuild anyway")
+    if ev.conclusive:
+        enforced = "" if check_integrity or not ev.refutes else " (not enforced: --skip-base-check)"
+        checks.append(f"base evidence{enforced}: {ev.describe()}")
+
+
 def rebuild(raw_dir: Path, diff_dir: Path, out_dir: Path, *, entry: dict[str, Any], threads: int | None,
             progress: bool | None, check_integrity: bool = True) -> LegacyReport:
     """Write ``diff + raw`` (weight_diff.py's recover) into the empty folder ``out_dir``."""
@@ -168,6 +185,8 @@ def rebuild(raw_dir: Path, diff_dir: Path, out_dir: Path, *, entry: dict[str, An
     notes: list[str] = []
     try:
         infos, pad = plan(raw, diff)
+        if legacy.get("integrity_sum") is None:  # nothing recorded of the base: judge it by the diff's bytes
+            _base_evidence(raw, diff, infos, raw_dir, check_integrity, checks)
         if pad:
             notes.append("added the [PAD] row to the base's embed_tokens and lm_head as the mean of the other rows "
                          f"(smart_tokenizer_and_embedding_resize), computed by torch {torch.__version__}")
@@ -217,7 +236,9 @@ def rebuild(raw_dir: Path, diff_dir: Path, out_dir: Path, *, entry: dict[str, An
                                                               legacy.get("group_sums")))
         elif expected is None:
             notes.append("no integrity constant known for this release (none in its catalog entry; WizardLM's"
-                         " weight_diff_wizard.py has the check commented out); the model digest identifies the result")
+                         " weight_diff_wizard.py has the check commented out): it records nothing about its base,"
+                         " which was judged by the evidence of the diff's bytes (see the check above); the model"
+                         " digest identifies the result")
         checks.append("group sums: " + ", ".join(f"{g}={v:.4f}" for g, v in groups.items()))
         files = copy_model_files(diff.extra_files, out_dir)
         checks += verify_written(out_dir, writer)

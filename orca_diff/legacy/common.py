@@ -50,10 +50,15 @@ class LegacyReport:
     checks: list[str] = field(default_factory=list)   # what was verified, one line each
     notes: list[str] = field(default_factory=list)    # behaviours of the original tool we reproduced
     model_digest: str = ""  # the model identity (orca_diff.identity), measured from the rebuilt files
+    already_done: bool = False  # a rerun: ``out`` held this release's rebuild, checked now; nothing written
 
     def summary(self) -> str:
         from ..identity import describe
 
+        if self.already_done:
+            return (f"{self.out} already holds this {self.format} release's model: {self.files} files byte-identical "
+                    "to what this command wrote (checked now); nothing to do"
+                    + (f"; {describe(self.model_digest)}, measured" if self.model_digest else ""))
         fp = f"; {describe(self.model_digest)}, measured" if self.model_digest else ""
         lines = [f"rebuilt {self.out} from a legacy {self.format} release: {self.files} files, "
                  f"{_human(self.bytes_written)} written in {self.seconds:.1f}s{fp}"]

@@ -110,6 +110,32 @@ def effective_base_fingerprint(base: ModelReader, names: list[str]) -> str:
     return base_fingerprint(hashes)
 
 
+def base_evidence(base: ModelReader, delta: ModelReader, infos: list[TensorInfo], base_dir: Path,
+                  check_integrity: bool, checks: list[str]) -> str:
+    """Judge the base by the delta's bytes (:mod:`.evidence`), since the format records nothing
+    about it: refuse (before writing) when the evidence is clear, unless told not to check.
+    Returns the one line every run prints about it; the measured figure goes to ``checks``."""
+    from .evidence import sample_exactness
+
+    said = "a FastChat delta records nothing about its base (no name, no hash, no sum)"
+    ev = sample_exactness(base, delta, [i.name for i in infos], as_f16)
+    if ev.refutes and check_integrity:
+        raise BaseMismatchError(
+            f"base {base_dir}: not the base this FastChat delta was made from, by the evidence of its bytes: "
+            f"{ev.describe()}; nothing was written. Use the LLaMA the delta names, or pass --skip-base-check "
+            "to rebuild anyway")
+    if not ev.conclusive:
+        return f"{said}, and too few of its elements were testable to judge the base by its bytes"
+    if ev.refutes:
+        checks.append(f"base evidence (not enforced: --skip-base-check): {ev.describe()}")
+        return f"{said}; the evidence of its bytes says this is NOT its base, rebuilt anyway as asked"
+    checks.append(f"base evidence: {ev.describe()}")
+    if ev.inexact:
+        return (f"{said}; by its bytes this base is close to the delta's but not the same copy (another precision "
+                "or conversion?): the rebuilt model may differ slightly from the publisher's")
+    return f"{said}: the base was judged by the evidence of the delta's bytes (see the check above)"
+
+
 def rebuild(base_dir: Path, delta_dir: Path, out_dir: Path, *, entry: dict[str, Any], threads: int | None,
             progress: bool | None, check_integrity: bool = True) -> LegacyReport:
     """Write ``base + delta`` (FastChat's apply_delta) into the empty folder ``out_dir``."""
@@ -128,6 +154,8 @@ def rebuild(base_dir: Path, delta_dir: Path, out_dir: Path, *, entry: dict[str, 
                     f"base {base_dir}: fingerprint {found} (its tensors as fp16), but the release was made from"
                     f" {want}; nothing was written. Use the base the catalog names ({entry.get('base')}).")
             checks.append(f"base fingerprint {found} matches the release's")
+        if not want:
+            notes.append(base_evidence(base, delta, infos, base_dir, check_integrity, checks))
         if pad:
             notes.append("v0 delta: the base's embed_tokens and lm_head got one zero [PAD] row before adding, as "
                          "FastChat's apply_delta did up to fschat 0.1.10 (removed in commit 00d9e667)")

@@ -74,6 +74,9 @@ def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, 
     t0 = time.perf_counter()
     fmt, module = _settle_format(fmt, diff)
     out = Path(out)
+    if not force and (done := _already_rebuilt(out, fmt, diff, base)) is not None:
+        done.seconds = time.perf_counter() - t0
+        return done
     with output_session(out, force, (diff, base)) as session:
         diff_dir, entry, base_dir = _resolve_inputs(session, fmt, diff, base, progress)
         staging = session.staging
@@ -83,10 +86,13 @@ def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, 
             report = module.rebuild(base_dir, diff_dir, staging, entry=entry or {}, threads=threads,
                                     progress=progress, check_integrity=check_integrity)
             files = [p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if not p.is_dir()]
-            from ..identity import folder_sha256s, model_digest
+            record = _record(staging, files, fmt, diff, base)
+            from ..identity import model_digest
 
-            report.model_digest = model_digest(folder_sha256s(staging))  # the one identity, from the written bytes
+            # the one identity, from the sha256s just measured of the written bytes
+            report.model_digest = model_digest({rel: sha for rel, (_, sha) in record["files"].items()})
             session.publish(files)
+            _write_record(out, record)
         except OSError as exc:
             _discard(staging)
             raise _os_error(exc, out, staging, hint) from None
@@ -102,6 +108,76 @@ def apply_legacy(fmt: str, base: str | None, diff: str, out: str | os.PathLike, 
     report.seconds = time.perf_counter() - t0
     report.notes += session.notes
     return report
+
+
+# --------------------------------------------------------------------------- reruns
+
+#: Beside each legacy rebuild: what it was rebuilt from and the sha256 of every file written, so
+#: that the same command run again can prove the output is still that rebuild (a legacy release
+#: carries no hashes of its result to check against).
+RECORD_SUFFIX = ".orca-diff-legacy"
+
+
+def _record_path(out: Path) -> Path:
+    return out.parent / hidden_sibling_name(out.name, RECORD_SUFFIX, name_max(out.parent))
+
+
+def _record(staging: Path, files: list[str], fmt: str, diff: str, base: str | None) -> dict[str, Any]:
+    from ..containers import file_sha256
+
+    return {"written_by": "orca-diff", "format": fmt, "release": str(diff), "base": base,
+            "files": {rel: [(staging / rel).stat().st_size, file_sha256(staging / rel)] for rel in files}}
+
+
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    import json
+
+    from ..outdir import StagedFile
+
+    path = _record_path(out)
+    with StagedFile(path.parent, path.name) as f:
+        f.write((json.dumps(record, indent=1) + "\n").encode())
+        f.commit()
+
+
+def _already_rebuilt(out: Path, fmt: str, diff: str, base: str | None) -> LegacyReport | None:
+    """A rerun of the same ``apply --format`` command on its finished output: hash every file
+    the record lists (under the output's lock); the report when all match. A record of another
+    release or base, or none, is None (the output is then refused as usual). A file that no
+    longer matches is an OutputError naming it."""
+    import json
+
+    from ..containers import file_sha256
+    from ..errors import OutputError
+    from ..outdir import OutputLock
+
+    try:
+        if out.is_symlink() or not out.is_dir() or not any(out.iterdir()):
+            return None
+        record = json.loads(_record_path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != fmt or record.get("release") != str(diff):
+        return None
+    if base is not None and record.get("base") not in (None, base):
+        return None
+    files = record.get("files")
+    if (not isinstance(files, dict) or not files
+            or not all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+                       for v in files.values())):
+        return None
+    with OutputLock(out):
+        for rel, (size, sha) in sorted(files.items()):
+            path = out / rel
+            if (not path.is_file() or path.is_symlink() or path.stat().st_size != size
+                    or file_sha256(path) != sha):
+                raise OutputError(f"{out}: holds this {fmt} release's rebuild, but {rel} is missing or differs from "
+                                  "what was written; pass --force to rebuild the folder, or choose another --out")
+    from ..identity import model_digest
+
+    return LegacyReport(out, fmt, len(files), 0, 0.0, None,
+                        [f"{len(files)} files hash to what the first run wrote (sha256, measured now)"], [],
+                        model_digest=model_digest({rel: sha for rel, (_, sha) in files.items()}), already_done=True)
 
 
 def _discard(folder: Path) -> None:
@@ -149,6 +225,29 @@ def convert_legacy(fmt: str, legacy: str, base: str | None, out: str | os.PathLi
             _discard(target)
 
 
+def _pinned_provenance(base_dir: Path, base_repo: str | None, base_revision: str | None) -> tuple[str | None, str | None]:
+    """The base's repo and a commit sha for the manifest, never a branch (docs/hub.md): the
+    snapshot's commit when the base folder is that repo's HF cache snapshot, else the branch or
+    tag resolved on the Hub now; with no Hub to ask, the repo alone (make says so)."""
+    from ..errors import HubError
+    from ..hub.options import check_repo_id, is_commit_sha, resolve_commit
+    from ..hub.resolve import identify_cached_repo
+
+    if base_repo is None:
+        return None, None
+    check_repo_id(base_repo, "--base-repo")
+    cached = identify_cached_repo(Path(base_dir))
+    if cached is not None and cached[0].lower() == base_repo.lower() and (base_revision is None
+                                                                          or not is_commit_sha(base_revision)):
+        return base_repo, cached[1]
+    if base_revision is None or is_commit_sha(base_revision):
+        return base_repo, base_revision
+    try:
+        return base_repo, resolve_commit(base_repo, base_revision)
+    except HubError:
+        return base_repo, None
+
+
 def _convert(fmt: str, module: Any, out: Path, diff_dir: Path, entry: dict[str, Any] | None, base_dir: Path,
              base: str | None, target: Path, *, force: bool, threads: int | None, progress: bool | None,
              level: int | None, base_name: str | None, base_repo: str | None, base_revision: str | None,
@@ -164,6 +263,7 @@ def _convert(fmt: str, module: Any, out: Path, diff_dir: Path, entry: dict[str, 
         base_name = base_name or entry.get("base")
         if b is not None and base is None:
             base_repo, base_revision = base_repo or b.repo, base_revision or b.revision
+    base_repo, base_revision = _pinned_provenance(base_dir, base_repo, base_revision)
     remove_path(target)  # our own work folder (we hold the output's lock), links not followed
     target.mkdir()
     report = module.rebuild(base_dir, diff_dir, target, entry=entry or {}, threads=threads,
@@ -171,7 +271,10 @@ def _convert(fmt: str, module: Any, out: Path, diff_dir: Path, entry: dict[str, 
     notes += report.notes
     if fmt == "oa-xor":
         notes.append(module.resave_as_safetensors(target))
-    manifest = make_diff(base_dir, target, out, base_name=base_name or Path(base_dir).name, base_repo=base_repo,
+    from ..api import default_base_name
+
+    manifest = make_diff(base_dir, target, out, base_name=base_name or default_base_name(base_dir, base_repo),
+                         base_repo=base_repo,
                          base_revision=base_revision, level=level or DEFAULT_LEVEL, threads=threads,
                          progress=progress, force=force)
     verify_model(target, manifest, progress=progress)

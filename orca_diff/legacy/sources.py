@@ -85,7 +85,8 @@ def _download_release(ref: Any, fmt: str, progress: bool | None) -> Path:
     from ..hub.transfer import _progress, download_base, hub_errors
 
     if fmt in ("fastchat", "alpaca"):
-        return download_base(ref, progress=progress)  # an HF model folder: weights, config, tokenizer
+        # an HF model folder: weights, config, tokenizer; errors call it what it is, not a "base"
+        return download_base(ref, progress=progress, what=f"{fmt} release")
     import huggingface_hub
 
     with _progress(progress), hub_errors(ref, "XOR release"):
@@ -96,13 +97,54 @@ def _download_release(ref: Any, fmt: str, progress: bool | None) -> Path:
 
 
 def resolve_base_for(base: str | None, entry: dict[str, Any] | None, *, progress: bool | None) -> Path:
-    """``--base`` as given, or the base the catalog entry names."""
+    """``--base`` as given, or the base the catalog entry names. A Hub base other than the one the
+    catalog pins (its base entry at a commit sha) is first compared with it by the Hub's file
+    listings (LFS sha256 of the weight files): a different base is refused before any download."""
     from ..hub.resolve import resolve_base_spec
 
     if base is None:
         if entry is None or not entry.get("base"):
             raise UsageError("pass --base: the legacy release does not name its base")
         base = entry["base"]
+    elif entry is not None and entry.get("base") and not Path(base).expanduser().exists():
+        check_against_pinned_base(base, entry["base"])
     return resolve_base_spec(base, progress=progress)
+
+
+def pinned_base(name: str) -> Any:
+    """The catalog base entry ``name`` when it pins a commit (else None: a branch moves, so its
+    files are not a fixed reference)."""
+    from ..hub.catalog import lookup
+    from ..hub.options import is_commit_sha
+
+    entry = lookup(name, "base")
+    return entry if entry is not None and is_commit_sha(entry.revision) else None
+
+
+def check_against_pinned_base(given: str, base_name: str) -> None:
+    """Refuse ``given`` (a catalog name or Hub id) when its weight files are not those of the
+    pinned catalog base ``base_name``: two metadata listings, no file content."""
+    from ..hub.catalog import lookup
+    from ..hub.transfer import RepoRef, WEIGHT_FORMATS, hub_errors, match_base_files, offline, parse_repo_spec, \
+        repo_files_meta, select_base_files
+
+    pinned = pinned_base(base_name)
+    if pinned is None or offline():
+        return
+    entry = lookup(given, "base")
+    ref = RepoRef(entry.repo, entry.revision) if entry is not None else parse_repo_spec(given)
+    if ref.repo_id == pinned.repo and ref.revision == pinned.revision:
+        return
+    want_ref = RepoRef(pinned.repo, pinned.revision)
+    with hub_errors(want_ref, "base"):
+        _sha, want = repo_files_meta(want_ref)
+    with hub_errors(ref, "base"):
+        _sha, have = repo_files_meta(ref)
+    _label, files = select_base_files(list(want))
+    globs = [g for _l, gs, _i in WEIGHT_FORMATS for g in gs]
+    import fnmatch
+
+    weights = {p: want[p] for p in files if want[p].sha256 and any(fnmatch.fnmatchcase(p, g) for g in globs)}
+    match_base_files(ref, weights, have, f"{pinned.name!r} ({pinned.repo}@{pinned.revision[:12]}, pinned by the catalog)")
 
 
