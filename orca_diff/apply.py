@@ -44,8 +44,9 @@ from .format import Chunk, FileEntry, Manifest, file_segments, load_manifest
 from .outdir import (OutputSession, StagedFile, describe_os_error, hidden_sibling_name, output_session,
                      remove_path)
 from .pipeline import SerialWorker, default_threads, ordered_map
+from .prefetch import ReadAhead, Range, announced
 from .progress import byte_bar, human_bytes as _human
-from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, read_exact, read_range
+from .containers import DTYPE_SIZES, ModelReader, SafetensorsModel, file_sha256, open_model, read_exact, read_range
 from .containers.base import open_regular
 from .verify import (check_base, check_base_files, check_base_layout, check_measured_tensors, check_payload_presence, describe_file_mismatch, diff_folder,
                      measure_file, measured_base_fingerprint, measured_target_fingerprint)
@@ -185,6 +186,34 @@ def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payload
         return (decode_chunk(payload, pred, itemsize, enc.transform, c.size, enc.layout, where=owner, codec=enc.codec),
                 (b_start, b_raw))
     return decode_chunk(payload, None, itemsize, "raw", c.size, "planes", where=owner)
+
+
+def _base_locations(base: ModelReader) -> dict[str, tuple[Path, int]]:
+    """tensor -> (file, offset of its first byte) for a safetensors base (empty for others)."""
+    if not isinstance(base, SafetensorsModel):
+        return {}
+    where = {}
+    for rel, h in base.headers.items():
+        path = base.path if base.path.is_file() else base.path / rel
+        for e in h.entries:
+            where[e.info.name] = (path, h.data_start + e.begin)
+    return where
+
+
+def _job_ranges(job: _Job, manifest: Manifest, diff_dir: Path, located: dict[str, tuple[Path, int]]) -> list[Range]:
+    """The file ranges ``_decode`` will read for ``job`` (for readahead): its payload chunk and,
+    for a delta chunk, the base bytes it predicts from."""
+    c = job.chunk
+    if c is None:
+        return []
+    ranges = [(diff_dir / c.payload, c.offset, c.length)]
+    if c.mode == "delta" and job.tensor is not None:
+        t = manifest.tensors[job.tensor]
+        loc = located.get(t.encoding.base_tensor or "")
+        if loc is not None:
+            b_item = DTYPE_SIZES[manifest.base.tensors[t.encoding.base_tensor].dtype]  # type: ignore[index]
+            ranges.append((loc[0], loc[1] + c.start // t.info.itemsize * b_item, c.size // t.info.itemsize * b_item))
+    return ranges
 
 
 def _read_base_file(path: Path, offset: int, size: int) -> np.ndarray:
@@ -473,6 +502,9 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
     payloads = _Payloads(diff_dir, manifest.digest_algo)
     base_digests = StreamedBaseDigests(base, manifest, stream_users(manifest, todo)) if measured_base is not None else None
     hashes = _TensorHashes(manifest.digest_algo)
+    ahead = ReadAhead()  # the disk reads the next chunks' base and payload bytes while these decode
+    located = _base_locations(base)
+    jobs = announced(_jobs(manifest, todo), lambda j: _job_ranges(j, manifest, diff_dir, located), ahead)
     # files' sha256 on a thread of their own: the consumer then only writes (and BLAKE3 has its own)
     file_hasher = SerialWorker("orca-diff-sha256") if threads > 1 else None
     sf: StagedFile | None = None
@@ -481,7 +513,7 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
     try:
         with byte_bar(remaining, "rebuilding", progress) as bar:
             for job, data, base_read in ordered_map(lambda j: _decode_job(j, manifest, base, payloads, diff_dir),
-                                                    _jobs(manifest, todo), threads, window):
+                                                    jobs, threads, window):
                 f = job.file
                 if job.first:
                     path = _partial_path(staging, f.path)
@@ -526,6 +558,7 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
         if file_hasher is not None:
             file_hasher.close()
         hashes.close()
+        ahead.close()
         if base_digests is not None:
             base_digests.close()
         payloads.close()
