@@ -44,7 +44,7 @@ from .format import Chunk, FileEntry, Manifest, file_segments, load_manifest
 from .outdir import (OutputSession, StagedFile, describe_os_error, hidden_sibling_name, output_session,
                      remove_path)
 from .pipeline import SerialWorker, default_threads, ordered_map
-from .prefetch import ReadAhead, Range, announced
+from .prefetch import EarlyWriteback, ReadAhead, Range, announced
 from .progress import byte_bar, human_bytes as _human
 from .containers import DTYPE_SIZES, ModelReader, SafetensorsModel, file_sha256, open_model, read_exact, read_range
 from .containers.base import open_regular
@@ -505,6 +505,7 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
     ahead = ReadAhead()  # the disk reads the next chunks' base and payload bytes while these decode
     located = _base_locations(base)
     jobs = announced(_jobs(manifest, todo), lambda j: _job_ranges(j, manifest, diff_dir, located), ahead)
+    writeback = EarlyWriteback()  # so that each file's fsync finds little left to write
     # files' sha256 on a thread of their own: the consumer then only writes (and BLAKE3 has its own)
     file_hasher = SerialWorker("orca-diff-sha256") if threads > 1 else None
     sf: StagedFile | None = None
@@ -525,6 +526,7 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
                         base_digests.feed(job.tensor, *base_read)
                 if len(data):
                     _write_all(sf, data)
+                    writeback.wrote(sf.fd, sf.size)
                     bar.update(len(data))
                     written += len(data)
                 if job.tensor_last:
@@ -544,6 +546,7 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
                         sf.close()
                         raise VerificationError(f"{path}: {describe_file_mismatch(path, f, manifest)} after rebuilding; "
                                                 "the diff or base changed while applying; rerun")
+                    writeback.forget(sf.fd)
                     state.record(f.path, sf.commit())
                     sf = None
         if base_digests is not None:  # what no chunk of this run read (resumed files' bases): read once, checked
