@@ -4,14 +4,18 @@ Order of events, each a promise:
 1. the manifest is validated, its chunk sizes are held to apply's memory bound, ``--out`` is
    checked and locked (``outdir.output_session``: a concurrent run on the same output refuses at
    once), and the payload files are checked for presence and size;
-2. every base tensor and file the diff needs is hashed and compared (``check_base``) — a wrong
-   base is refused before any output exists;
+2. the base is checked before any output exists: names, dtypes, shapes and (when the manifest
+   records them) the sampled digests of every needed tensor (``basecheck``), else every needed
+   tensor's full digest (``check_base``, older manifests); base files are hashed;
 3. files are rebuilt into a hidden staging folder beside ``out`` (decode in worker threads,
    write and sha256 in order, each tensor's digest measured on a helper thread as its bytes go
    by and checked when it completes), each file fsynced, checked against its sha256 and only then
    given its final name, if that name still holds the file this run wrote; an append-only log in
    the staging folder records finished files so an interrupted run resumes (finished files are
    re-read once, measuring their sha256 and their tensors);
+   with sampled digests, each needed base tensor's full digest is measured from the bytes the
+   predictions read (the base is read once) and checked when its tensor completes, and every
+   one before publishing; a mismatch removes the staging folder (BaseMismatchError, exit 6);
 4. the staging folder is renamed to ``out``. The fingerprint reported is derived from the
    measured tensor digests, never copied from the manifest.
 Memory: at most ``window`` chunks in flight, ``window`` chosen so that their working set stays
@@ -31,19 +35,22 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from .basecheck import StreamedBaseDigests, check_base_samples, samples_usable, stream_users
 from .codec import base_prediction, decode_chunk
 from .digests import digest_bytes, new_hasher
-from .errors import (CorruptDiffError, FormatError, InputNotFoundError, InterruptedError_, OrcaDiffError,
+from .errors import (BaseMismatchError, CorruptDiffError, FormatError, InputNotFoundError, InterruptedError_, OrcaDiffError,
                      OutputError, VerificationError, shown)
 from .format import Chunk, FileEntry, Manifest, file_segments, load_manifest
 from .outdir import (OutputSession, StagedFile, describe_os_error, hidden_sibling_name, output_session,
                      remove_path)
 from .pipeline import SerialWorker, default_threads, ordered_map
+from .prefetch import EarlyWriteback, ReadAhead, Range, announced
 from .progress import byte_bar, human_bytes as _human
-from .containers import DTYPE_SIZES, ModelReader, file_sha256, open_model, read_exact, read_range
+from .containers import DTYPE_SIZES, ModelReader, SafetensorsModel, file_sha256, open_model, read_exact, read_range
 from .containers.base import open_regular
 from .identity import model_digest
-from .verify import (check_base, check_measured_tensors, check_payload_presence, describe_file_mismatch, diff_folder,
+from .verify import (check_base, check_base_files, check_base_layout, check_measured_tensors, check_payload_presence,
+                     describe_file_mismatch, diff_folder,
                      measure_file, measured_base_fingerprint, measured_target_fingerprint)
 
 if TYPE_CHECKING:
@@ -158,7 +165,12 @@ def _jobs(manifest: Manifest, files: list[FileEntry]) -> Iterator[_Job]:
             yield replace(s, first=i == 0, last=i == len(steps) - 1)
 
 
-def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payloads) -> bytes | np.ndarray:
+#: The base bytes a delta chunk read, (offset in the base tensor, bytes): fed to its digest.
+BaseRead = tuple[int, np.ndarray]
+
+
+def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payloads
+            ) -> bytes | np.ndarray | tuple[np.ndarray, BaseRead]:
     f, c = job.file, job.chunk
     if job.data is not None:
         return job.data
@@ -177,10 +189,40 @@ def _decode(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payload
     if c.mode == "delta":
         bt = manifest.base.tensors[enc.base_tensor]  # type: ignore[index]
         b_item = DTYPE_SIZES[bt.dtype]
-        b_raw = read_range(base, enc.base_tensor, c.start // itemsize * b_item, c.size // itemsize * b_item)  # type: ignore[arg-type]
+        b_start = c.start // itemsize * b_item
+        b_raw = read_range(base, enc.base_tensor, b_start, c.size // itemsize * b_item)  # type: ignore[arg-type]
         pred = base_prediction(b_raw, bt.dtype, t.dtype)
-        return decode_chunk(payload, pred, itemsize, enc.transform, c.size, enc.layout, where=owner, codec=enc.codec)
+        return (decode_chunk(payload, pred, itemsize, enc.transform, c.size, enc.layout, where=owner, codec=enc.codec),
+                (b_start, b_raw))
     return decode_chunk(payload, None, itemsize, "raw", c.size, "planes", where=owner)
+
+
+def _base_locations(base: ModelReader) -> dict[str, tuple[Path, int]]:
+    """tensor -> (file, offset of its first byte) for a safetensors base (empty for others)."""
+    if not isinstance(base, SafetensorsModel):
+        return {}
+    where = {}
+    for rel, h in base.headers.items():
+        path = base.path if base.path.is_file() else base.path / rel
+        for e in h.entries:
+            where[e.info.name] = (path, h.data_start + e.begin)
+    return where
+
+
+def _job_ranges(job: _Job, manifest: Manifest, diff_dir: Path, located: dict[str, tuple[Path, int]]) -> list[Range]:
+    """The file ranges ``_decode`` will read for ``job`` (for readahead): its payload chunk and,
+    for a delta chunk, the base bytes it predicts from."""
+    c = job.chunk
+    if c is None:
+        return []
+    ranges = [(diff_dir / c.payload, c.offset, c.length)]
+    if c.mode == "delta" and job.tensor is not None:
+        t = manifest.tensors[job.tensor]
+        loc = located.get(t.encoding.base_tensor or "")
+        if loc is not None:
+            b_item = DTYPE_SIZES[manifest.base.tensors[t.encoding.base_tensor].dtype]  # type: ignore[index]
+            ranges.append((loc[0], loc[1] + c.start // t.info.itemsize * b_item, c.size // t.info.itemsize * b_item))
+    return ranges
 
 
 def _read_base_file(path: Path, offset: int, size: int) -> np.ndarray:
@@ -194,11 +236,12 @@ def _read_base_file(path: Path, offset: int, size: int) -> np.ndarray:
 
 
 def _decode_job(job: _Job, manifest: Manifest, base: ModelReader, payloads: _Payloads, diff_dir: Path
-                ) -> tuple[_Job, bytes | np.ndarray]:
-    """``_decode`` in a worker; an OSError there is an input that vanished or broke while applying,
-    said as such (never blamed on the output)."""
+                ) -> tuple[_Job, bytes | np.ndarray, BaseRead | None]:
+    """``_decode`` in a worker, with the base bytes it read (None if none); an OSError there is an
+    input that vanished or broke while applying, said as such (never blamed on the output)."""
     try:
-        return job, _decode(job, manifest, base, payloads)
+        out = _decode(job, manifest, base, payloads)
+        return (job, *out) if isinstance(out, tuple) else (job, out, None)
     except OSError as exc:
         name = exc.filename or ""
         if name and Path(str(name)).resolve().is_relative_to(diff_dir.resolve()):
@@ -417,9 +460,16 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
         check_payload_presence(diff_dir, manifest)
         base_model = open_model(base)
         try:
-            measured_base = check_base(base_model, manifest, threads, progress)
+            once = samples_usable(manifest, base_model)
+            if once:  # the base is read once: sampled check now, full digests while rebuilding
+                check_base_layout(base_model, manifest)
+                check_base_samples(base_model, manifest, threads)
+                check_base_files(base_model, manifest)
+                measured_base: dict[str, str] = {}
+            else:  # a manifest without sampled digests (older diffs), or a pickled base: as before
+                measured_base = check_base(base_model, manifest, threads, progress)
             report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0,
-                              release.model if release is not None else None)
+                              measured_base if once else None, release.model if release is not None else None)
         finally:
             base_model.close()
     report.base_tensors_checked = len(measured_base)
@@ -433,7 +483,26 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
 
 
 def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: OutputSession, threads: int,
-             window: int, progress: bool | None, t0: float, signed: "SignedModel | None" = None) -> ApplyReport:
+             window: int, progress: bool | None, t0: float, measured_base: dict[str, str] | None = None,
+             signed: "SignedModel | None" = None) -> ApplyReport:
+    """Rebuild into the staging folder and publish it. With ``measured_base`` (a dict to fill),
+    every needed base tensor's full digest is measured on the way and checked before publishing;
+    a base tensor that differs removes the staging folder and raises BaseMismatchError. With
+    ``signed``, every file's sha256 is held to the publisher's statement before it is named."""
+    try:
+        return _rebuild_checked(base, manifest, diff_dir, session, threads, window, progress, t0, measured_base,
+                                signed)
+    except BaseMismatchError:
+        try:
+            remove_path(session.staging)  # built from a base that is not the diff's: nothing is kept
+        except OSError:
+            pass
+        raise
+
+
+def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, session: OutputSession, threads: int,
+                     window: int, progress: bool | None, t0: float, measured_base: dict[str, str] | None,
+                     signed: "SignedModel | None") -> ApplyReport:
     out, staging = session.out, session.staging
     file_sha256s: dict[str, str] = {}  # measured: what the model digest is made of
     state = _State(staging, manifest.identity())
@@ -472,7 +541,12 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
     except OSError as exc:
         raise describe_os_error(exc, state.path, resume_hint) from None
     payloads = _Payloads(diff_dir, manifest.digest_algo)
+    base_digests = StreamedBaseDigests(base, manifest, stream_users(manifest, todo)) if measured_base is not None else None
     hashes = _TensorHashes(manifest.digest_algo)
+    ahead = ReadAhead()  # the disk reads the next chunks' base and payload bytes while these decode
+    located = _base_locations(base)
+    jobs = announced(_jobs(manifest, todo), lambda j: _job_ranges(j, manifest, diff_dir, located), ahead)
+    writeback = EarlyWriteback()  # so that each file's fsync finds little left to write
     # files' sha256 on a thread of their own: the consumer then only writes (and BLAKE3 has its own)
     file_hasher = SerialWorker("orca-diff-sha256") if threads > 1 else None
     sf: StagedFile | None = None
@@ -480,8 +554,8 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
     written = 0
     try:
         with byte_bar(remaining, "rebuilding", progress) as bar:
-            for job, data in ordered_map(lambda j: _decode_job(j, manifest, base, payloads, diff_dir),
-                                         _jobs(manifest, todo), threads, window):
+            for job, data, base_read in ordered_map(lambda j: _decode_job(j, manifest, base, payloads, diff_dir),
+                                                    jobs, threads, window):
                 f = job.file
                 if job.first:
                     path = _partial_path(staging, f.path)
@@ -489,12 +563,17 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
                 assert sf is not None
                 if job.tensor is not None:
                     hashes.update(job.tensor, data)
+                    if base_digests is not None and base_read is not None:
+                        base_digests.feed(job.tensor, *base_read)
                 if len(data):
                     _write_all(sf, data)
+                    writeback.wrote(sf.fd, sf.size)
                     bar.update(len(data))
                     written += len(data)
                 if job.tensor_last:
                     name = job.tensor
+                    if base_digests is not None:  # a wrong base is named as such, before its effect
+                        base_digests.users_tensor_done(name)
                     found = hashes.finish(name)  # type: ignore[arg-type]
                     want = manifest.tensors[name].digest  # type: ignore[index]
                     if found != want:
@@ -511,8 +590,11 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
                     if signed is not None:  # the publisher's statement, before the file gets its name
                         signed.check_file(f.path, sf.hexdigest(), path)
                     file_sha256s[f.path] = sf.hexdigest()
+                    writeback.forget(sf.fd)
                     state.record(f.path, sf.commit())
                     sf = None
+        if base_digests is not None:  # what no chunk of this run read (resumed files' bases): read once, checked
+            measured_base.update(base_digests.complete_all(threads))  # type: ignore[union-attr]
     except KeyboardInterrupt:
         raise InterruptedError_(f"interrupted; {resume_hint}") from None
     except OSError as exc:
@@ -523,6 +605,9 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
         if file_hasher is not None:
             file_hasher.close()
         hashes.close()
+        ahead.close()
+        if base_digests is not None:
+            base_digests.close()
         payloads.close()
         state.close()
     target_fp = measured_target_fingerprint(manifest, measured)

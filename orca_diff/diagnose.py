@@ -219,4 +219,16 @@ def explain_base_mismatch(
     return "; ".join(hints) + "."
 
 
-__all__ = ["explain_base_mismatch", "describe_llama", "permutation_check", "KNOWN_SIZES"]
+def explain_damaged_tensor(reader: ModelReader, name: str) -> str:
+    """What to do when a tensor passed the sampled check but its full digest differs: the base is
+    the right checkpoint (its sampled blocks match) with bytes changed between them, so the file
+    holding the tensor is damaged or was edited; naming that file says what to download again."""
+    headers = getattr(reader, "headers", {})  # safetensors: relative file name -> header
+    where = next((rel for rel, h in headers.items() if any(e.info.name == name for e in h.entries)), None)
+    held = f"the file holding it, {where}," if where else "the file holding it"
+    return (f"Its sampled blocks match, so this is the right base with bytes changed between them: {held} is "
+            "damaged or was edited; download that file again (`orca-diff verify --base BASE --diff DIFF` checks "
+            "every tensor) and rerun.")
+
+
+__all__ = ["explain_base_mismatch", "explain_damaged_tensor", "describe_llama", "permutation_check", "KNOWN_SIZES"]

@@ -389,9 +389,13 @@ class BaseTensor:
     shape: tuple[int, ...]
     digest: str  # of the tensor's bytes; the algorithm is the manifest's ``digest_algo``
     needed: bool
+    #: optional: digest of the blocks ``basecheck.sample_spans`` picks (format §2), the check apply
+    #: runs before writing so that it reads the base once
+    sampled: str | None = None
 
     def to_json(self, key: str) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape), key: self.digest, "needed": self.needed}
+        d = {"dtype": self.dtype, "shape": list(self.shape), key: self.digest, "needed": self.needed}
+        return d if self.sampled is None else {**d, "sampled": self.sampled}
 
 
 @dataclass(frozen=True)
@@ -587,7 +591,9 @@ def _manifest_from_doc(doc: dict, version: int) -> Manifest:
         needed = t.get("needed")
         if not isinstance(needed, bool):
             raise FormatError(f"manifest: {w}: needed must be true or false")
-        base_tensors[name] = BaseTensor(_dtype(t.get("dtype"), w), _shape(t.get("shape"), w), _hex(t.get(key), w), needed)
+        sampled = _hex(t["sampled"], f"{w} sampled") if "sampled" in t else None
+        base_tensors[name] = BaseTensor(_dtype(t.get("dtype"), w), _shape(t.get("shape"), w), _hex(t.get(key), w), needed,
+                                        sampled)
     base_files = {}
     for name, f in _dict(base_d.get("files", {}), "base.files").items():
         safe_relpath(name, "base file")

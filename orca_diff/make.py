@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from . import __version__
+from .basecheck import SampledHasher
 from .codec import DEFAULT_LEVEL, base_prediction, choose_encoding, encode_chunk
 from .digests import TENSOR_DIGEST_OF_VERSION, Hasher, digest_bytes, new_hasher
 from .bits import UINT_FOR_SIZE, ulp_delta
@@ -580,7 +581,8 @@ def _make_body(base: ModelReader, target: ModelReader, folder: Path, base_name: 
     for n, p in plans.items():
         if p.base_tensor:
             hashing_user.setdefault(p.base_tensor, n)
-    base_hash: dict[str, Hasher] = {n: new_hasher(algo) for n in base.tensors}
+    # ... and the needed ones' sampled digests picked out of the same bytes (apply's check before writing)
+    base_hash = {n: SampledHasher(base.tensors[n].nbytes, algo) for n in base.tensors}
     base_hashed: dict[str, int] = {n: 0 for n in base.tensors}
     with byte_bar(total, "encoding", progress) as bar:
         for job, payload, digest, raw, b_raw in ordered_map(encode, jobs, threads):
@@ -604,7 +606,8 @@ def _make_body(base: ModelReader, target: ModelReader, folder: Path, base_name: 
             bar.update(base.tensors[n].nbytes - base_hashed[n])
         for _ in ordered_map(finish_hash, rest, threads):
             pass
-    base_tensors = {n: BaseTensor(i.dtype, i.shape, base_hash[n].hexdigest(), n in needed)
+    base_tensors = {n: BaseTensor(i.dtype, i.shape, base_hash[n].hexdigest(), n in needed,
+                                  base_hash[n].sampled_hexdigest() if n in needed else None)
                     for n, i in base.tensors.items()}
 
     tensors = {}

@@ -49,21 +49,9 @@ def check_base(base: ModelReader, manifest: Manifest, threads: int | None = None
     """Raise BaseMismatchError unless every base tensor and file the diff needs is bit-identical
     to the publisher's. Cheap checks (names, dtypes, shapes) run before any hashing. Returns the
     measured digest of every tensor checked (what may be reported as measured)."""
+    check_base_layout(base, manifest)
     needed = manifest.needed_base_tensors()
     where = f"base {base.path}"
-    for name, t in needed.items():
-        found = base.tensors.get(name)
-        if found is None:
-            raise BaseMismatchError(f"{where}: tensor {name!r} is missing (the diff needs it).{_hint(manifest, base, name, None)}")
-        if found.dtype != t.dtype or tuple(found.shape) != tuple(t.shape):
-            raise BaseMismatchError(
-                f"{where}: tensor {name!r} is {found.dtype}{list(found.shape)}, the diff was made from "
-                f"{t.dtype}{list(t.shape)}.{_hint(manifest, base, name, None)}")
-    for rel, bf in manifest.base.files.items():
-        path = base.extra_files.get(rel)
-        if path is None:
-            raise BaseMismatchError(f"{where}: file {rel!r} is missing (the diff copies it from the base); "
-                                    "use the base folder the diff names, with its tokenizer files")
     names = list(needed)
     measured: dict[str, str] = {}
     total = sum(base.tensors[n].nbytes for n in names)
@@ -80,12 +68,37 @@ def check_base(base: ModelReader, manifest: Manifest, threads: int | None = None
                     f"{_short(needed[name].digest)}…, found {_short(found_sha)}…); nothing was written."
                     f"{_hint(manifest, base, name, found_sha)}")
             measured[name] = found_sha
+    check_base_files(base, manifest)
+    return measured
+
+
+def check_base_layout(base: ModelReader, manifest: Manifest) -> None:
+    """The cheap half of :func:`check_base`: every needed base tensor is there with its dtype and
+    shape, every base file the diff copies is there. Reads no tensor bytes."""
+    needed = manifest.needed_base_tensors()
+    where = f"base {base.path}"
+    for name, t in needed.items():
+        found = base.tensors.get(name)
+        if found is None:
+            raise BaseMismatchError(f"{where}: tensor {name!r} is missing (the diff needs it).{_hint(manifest, base, name, None)}")
+        if found.dtype != t.dtype or tuple(found.shape) != tuple(t.shape):
+            raise BaseMismatchError(
+                f"{where}: tensor {name!r} is {found.dtype}{list(found.shape)}, the diff was made from "
+                f"{t.dtype}{list(t.shape)}.{_hint(manifest, base, name, None)}")
+    for rel, bf in manifest.base.files.items():
+        path = base.extra_files.get(rel)
+        if path is None:
+            raise BaseMismatchError(f"{where}: file {rel!r} is missing (the diff copies it from the base); "
+                                    "use the base folder the diff names, with its tokenizer files")
+
+
+def check_base_files(base: ModelReader, manifest: Manifest) -> None:
+    """Every base file the diff copies (tokenizer files: small) has its recorded size and sha256."""
     for rel, bf in manifest.base.files.items():
         path = base.extra_files[rel]
         if path.stat().st_size != bf.size or file_sha256(path) != bf.sha256:
-            raise BaseMismatchError(f"{where}: file {rel!r} differs from the one the diff was made with; "
+            raise BaseMismatchError(f"base {base.path}: file {rel!r} differs from the one the diff was made with; "
                                     "restore the original file from your base download")
-    return measured
 
 
 def measured_base_fingerprint(manifest: Manifest, measured: dict[str, str]) -> str | None:
