@@ -12,9 +12,13 @@ Codecs (``Encoding.codec``, docs/format.md §3a/§3b):
 * ``ans``: for ``ulp`` deltas of floats, a context-modelled rANS frame (:mod:`orca_diff.entropy`:
   tokens conditioned on the base element's exponent and the previous element, raw low bits):
   0.81-0.95x the size of the zstd frames, 0.85x (bf16) / 0.89x (fp16) the order-0 entropy floor
-  on a real fine-tune (docs/performance.md §0). A chunk where that frame would not be smaller
-  (tiny or constant chunks) is stored as a zstd frame with the tensor's ``layout`` instead; the
-  frame's magic number tells the two apart.
+  on a real fine-tune (docs/performance.md §0). Chunks with few changed elements may be a
+  sparse frame instead (:mod:`orca_diff.sparse`: gaps + changed deltas, ~their entropy at 0.1-1 %
+  changed, performance.md §5). A chunk where neither frame would be smaller (tiny chunks) is
+  stored as a zstd frame with the tensor's ``layout`` instead; the magic number tells them apart.
+
+Raw float chunks (nothing predicts them) are the no-base frame (:mod:`orca_diff.nobase`:
+exponent coding, below ZipNN) where it is smaller than byte planes + zstd.
 
 Layouts (docs/format.md, "Layouts"; measurements in docs/performance.md):
 

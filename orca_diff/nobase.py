@@ -35,6 +35,8 @@ _HEAD = struct.Struct("<4sBBBB")
 #: Elements with an exponent above ``c`` cost a long token (their distance wraps): ``c`` is the
 #: highest exponent with at least 1/C_TAIL of the elements at or above it.
 C_TAIL = 4096
+#: Elements converted per step when decoding (bounds the temporaries beside the chunk).
+SLICE = 1 << 18
 
 
 def is_frame(payload: bytes | memoryview | np.ndarray) -> bool:
@@ -99,10 +101,14 @@ def decode(payload: bytes | memoryview | np.ndarray, itemsize: int, size: int, w
             or shift + ebits + 1 != 8 * w or c >= 1 << ebits or size % w or size == 0):
         raise CorruptDiffError(f"{where}: no-base ANS frame header is invalid (element size {w} vs {itemsize}, "
                                "exponent field); the diff is corrupt, download it again")
-    zero = np.zeros(size, dtype=np.uint8)
+    zero = np.zeros(size, dtype=np.uint8)  # calloc'd: untouched zero pages
     y = entropy.decode(buf[_HEAD.size:], zero, w, size, where, pure).view(UINT_FOR_SIZE[w])
-    s = ulp_delta(y, zero.view(UINT_FOR_SIZE[w]))
-    return _from_symbols(s, shift, ebits, c).view(np.uint8)
+    del zero
+    z = np.zeros(SLICE, dtype=y.dtype)
+    for a in range(0, y.size, SLICE):  # in place, a slice at a time: the chunk plus O(SLICE) bytes
+        part = y[a: a + SLICE]
+        part[:] = _from_symbols(ulp_delta(part, z[: part.size]), shift, ebits, c)
+    return y.view(np.uint8)
 
 
 __all__ = ["encode", "decode", "is_frame", "MAGIC"]

@@ -31,6 +31,7 @@ Examples::
     python scripts/real_pair.py --out /tmp/minilm && \
       python scripts/bench.py --base /tmp/minilm/bf16/base --target /tmp/minilm/bf16/target --repeats 1
     python scripts/bench.py --codecs-only --base /tmp/minilm/fp16/base --target /tmp/minilm/fp16/target
+    python scripts/bench.py --no-base --target /tmp/smollm2/bf16/target   # coded with nothing to predict it
 
 The page cache is warm for every timed run (each input was just written or read), and the memory
 each run writes its output into was touched just before (peer_pipelines.prime_free_pages: on a VM,
@@ -57,7 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orca_diff.bits import UINT_FOR_SIZE, cast_bits, ulp_delta  # noqa: E402
-from orca_diff.codec import base_prediction  # noqa: E402
+from orca_diff import sparse  # noqa: E402
+from orca_diff.codec import base_prediction, decode_chunk, encode_chunk  # noqa: E402
 from orca_diff.synth import FineTune, LlamaShape, write_finetune, write_llama  # noqa: E402
 from orca_diff.containers import FLOAT_DTYPES, open_model, read_range  # noqa: E402
 
@@ -389,7 +391,7 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
     l3 = zstandard.ZstdCompressor(level=3)
     dctx = zstandard.ZstdDecompressor()
     acc = {k: [0, 0.0, 0.0, 0] for k in ("ans", "ans-numpy", "zstd-v1", "bitx")}  # bytes, enc s, dec s, raw
-    ans_chunks = [0, 0]  # ANS frames, zstd fallback frames
+    ans_chunks = [0, 0, 0]  # dense ANS frames, zstd fallback frames, sparse ANS frames
 
     def timed(label: str, raw: int, enc, dec) -> None:
         t0 = time.process_time()
@@ -427,7 +429,7 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
                 timed("ans", n, lambda: encode_chunk(t, b, w, "ulp", layout, codec="ans", dtype=ti.dtype),
                       lambda z: ok(decode_chunk(z, b, w, "ulp", n, layout, codec="ans")))
                 frame = encode_chunk(t, b, w, "ulp", layout, codec="ans", dtype=ti.dtype)
-                ans_chunks[0 if entropy.is_frame(frame) else 1] += 1
+                ans_chunks[0 if entropy.is_frame(frame) else 2 if sparse.is_frame(frame) else 1] += 1
                 if acc["ans-numpy"][3] < numpy_sample_bytes and entropy.is_frame(frame):
                     def enc_np():
                         z = entropy.encode(t, b, w, ti.dtype, pure=True)
@@ -451,10 +453,53 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
         target.close()
     res = {k: {"bytes": v[0], "encode_MBps": v[3] / 1e6 / v[1] if v[1] else None,
                "decode_MBps": v[3] / 1e6 / v[2] if v[2] else None, "raw_bytes": v[3]} for k, v in acc.items()}
-    res["ans_frames"], res["ans_zstd_fallback_frames"] = ans_chunks
+    res["ans_frames"], res["ans_zstd_fallback_frames"], res["ans_sparse_frames"] = ans_chunks
     res["c_extension"] = entropy.c_available()
     res["zipnn"] = zipnn_delta(base_dir, target_dir)
     return res
+
+
+def no_base_sizes(target_dir: Path) -> dict:
+    """Bytes of the target's float tensors coded with nothing to predict them (added rows, new
+    heads, a model diffed against nothing), in 16 MiB chunks: what make writes for raw float
+    chunks (codec.encode_chunk with the dtype: the no-base ANS frame or zstd planes), zstd planes
+    alone (format v1), ZipNN 0.5.4 (Huffman on byte groups; when installed), and the order-0
+    exponent bound (an ideal code of the exponent field, every other bit raw)."""
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        ZipNN = None
+    target = open_model(target_dir)
+    acc = {"raw_bytes": 0, "nobase": 0, "zstd_planes": 0, "zipnn": 0 if ZipNN else None, "exp_bound": 0.0}
+    dec_s = 0.0
+    zips: dict = {}
+    try:
+        for name, ti in target.tensors.items():
+            if ti.dtype not in ("BF16", "F16", "F32"):
+                continue
+            w = ti.itemsize
+            for s in range(0, ti.nbytes, BLOCK):
+                x = read_range(target, name, s, min(BLOCK, ti.nbytes - s))
+                frame = encode_chunk(x, None, w, "raw", "planes", dtype=ti.dtype)
+                t0 = time.process_time()
+                out = decode_chunk(frame, None, w, "raw", x.size, "planes")
+                dec_s += time.process_time() - t0
+                if out.tobytes() != x.tobytes():
+                    raise SystemExit(f"{name}: no-base round trip is not exact")
+                acc["raw_bytes"] += x.size
+                acc["nobase"] += len(frame)
+                acc["zstd_planes"] += len(encode_chunk(x, None, w, "raw", "planes"))
+                if ZipNN is not None:
+                    dt = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[ti.dtype]
+                    z = zips.setdefault(dt, ZipNN(input_format="byte", bytearray_dtype=dt, method="HUFFMAN", threads=1))
+                    acc["zipnn"] += len(z.compress(x.tobytes()))
+                sh, mask = EXP_FIELD[ti.dtype]
+                e = ((x.view(UINT_FOR_SIZE[w]) >> UINT_FOR_SIZE[w](sh)) & UINT_FOR_SIZE[w](mask)).astype(np.int64)
+                acc["exp_bound"] += (_h0_bits(np.bincount(e)) + e.size * (8 * w - int(mask).bit_length())) / 8
+    finally:
+        target.close()
+    acc["nobase_decode_MBps"] = acc["raw_bytes"] / 1e6 / dec_s if dec_s else None
+    return acc
 
 
 def zipnn_delta(base_dir: Path, target_dir: Path) -> dict | None:
@@ -603,8 +648,8 @@ def print_codecs(r: dict) -> None:
         return
     floor, cond = r["floor_delta_bytes"], r["cond_exp_delta_bytes"]
     print(f"   delta chunks, single thread ({raw / 1e6:.1f} MB of float tensors with a base; C extension "
-          f"{'built' if c['c_extension'] else 'NOT built'}; ans frames {c['ans_frames']}, zstd fallbacks "
-          f"{c['ans_zstd_fallback_frames']}):")
+          f"{'built' if c['c_extension'] else 'NOT built'}; ans frames {c['ans_frames']} dense, "
+          f"{c.get('ans_sparse_frames', 0)} sparse, zstd fallbacks {c['ans_zstd_fallback_frames']}):")
     print(f"   {'codec':<44} {'% raw':>7} {'x floor':>8} {'x H(s|e)':>9} {'enc MB/s':>9} {'dec MB/s':>9}")
     rows = [("ans (C)", c["ans"]), ("ans (pure numpy; bytes = C's)", c["ans-numpy"]),
             ("zstd, escape/planes layout (format v1)", c["zstd-v1"]), ("BitX-style: xor, byte planes, zstd -3", c["bitx"])]
@@ -687,6 +732,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--codecs-only", action="store_true", help="skip make/apply timing: only the floors, the "
                     "per-codec table and zstd --patch-from (not with --compare-sizes ''), on the first pair")
+    ap.add_argument("--no-base", action="store_true", help="only code the target's float tensors with no base: "
+                    "orca-diff's no-base frames (or zstd planes, whichever make keeps) vs zstd planes vs ZipNN")
     ap.add_argument("--explore", action="store_true", help="only compare candidate encodings on each tensor's "
                     "first 16 MiB (sizes and single-thread speeds) at the first size")
     ap.add_argument("--no-patch-from-19", action="store_true", help="skip the zstd -19 --patch-from size (about "
@@ -695,7 +742,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     if args.base or args.target:
-        if not (args.base and args.target):
+        if not (args.base and args.target) and not (args.no_base and args.target):
             ap.error("--base and --target go together")
         pairs = [("real", args.base, args.target, args.compare_sizes != "")]  # "": timings only
     else:
@@ -719,6 +766,19 @@ def main() -> None:
         print_codecs(r)
         if args.json:
             args.json.write_text(json.dumps({"argv": sys.argv, "codecs": r}, indent=1) + "\n")
+        return
+    if args.no_base:
+        r = no_base_sizes(pairs[0][2])
+        print(f"== no base: every float tensor of {pairs[0][2]} coded alone, 16 MiB chunks, single thread")
+        for k in ("nobase", "zstd_planes", "zipnn"):
+            if r.get(k) is not None:
+                print(f"   {k:<12} {100 * r[k] / r['raw_bytes']:6.2f} % of raw")
+        print(f"   order-0 exponent bound (H(exponent) + other bits raw) {100 * r['exp_bound'] / r['raw_bytes']:.2f} %")
+        if r.get("zipnn"):
+            print(f"   orca-diff no-base / ZipNN = {r['nobase'] / r['zipnn']:.4f}")
+        print(f"   no-base decode {r['nobase_decode_MBps']:.0f} MB/s (single thread, CPU time)")
+        if args.json:
+            args.json.write_text(json.dumps({"argv": sys.argv, "no_base": r}, indent=1) + "\n")
         return
     if args.explore:
         label, b, t, _ = pairs[0]

@@ -1,5 +1,6 @@
 """Coverage-guided fuzzing of the ANS frame parsers (issue 20.8): atheris mutates real frames
-(dense bf16 and f32 frames of dense and sparse changes, bare headers, sparse ``ODS1`` frames)
+(dense bf16 and f32 frames of dense and sparse changes, bare headers, sparse ``ODS1`` and
+no-base ``ODN1`` frames)
 and feeds them to ``codec.decode_chunk`` (codec ans: dense, sparse or zstd fallback) on the
 numpy path and, where it is built, the C path. Any exception other than CorruptDiffError, or the two
 paths disagreeing, is a crash that fails the test.
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orca_diff import entropy, sparse
+from orca_diff import entropy, nobase, sparse
 
 REPO = Path(__file__).resolve().parent.parent
 N = 3000  # elements of every seed frame (the harness decodes every input as N elements)
@@ -34,7 +35,7 @@ HARNESS = textwrap.dedent(f"""
     import atheris
     with atheris.instrument_imports():
         import numpy as np
-        from orca_diff import entropy, sparse
+        from orca_diff import entropy, nobase, sparse
         from orca_diff.codec import decode_chunk
         from orca_diff.errors import CorruptDiffError
 
@@ -48,8 +49,11 @@ HARNESS = textwrap.dedent(f"""
         results = []
         for pure in PATHS:
             os.environ["ORCA_DIFF_PURE_PYTHON"] = "1" if pure else "0"
-            try:  # dense, sparse and zstd fallback frames, as apply decodes them
-                out = decode_chunk(data, BASES[w], w, "ulp", {N} * w, "planes", where="fuzz", codec="ans")
+            try:  # dense, sparse and zstd fallback frames, as apply decodes them; no-base frames as raw chunks
+                if data[:4] == b"ODN1":
+                    out = decode_chunk(data, None, w, "raw", {N} * w, "planes", where="fuzz")
+                else:
+                    out = decode_chunk(data, BASES[w], w, "ulp", {N} * w, "planes", where="fuzz", codec="ans")
                 assert out.size == {N} * w
                 results.append(out.tobytes())
             except CorruptDiffError as exc:
@@ -73,6 +77,7 @@ def _seeds(folder: Path) -> None:
             frame = entropy.encode(t.view(np.uint8), base.view(np.uint8), w, dtype)
             (folder / f"{dtype}-{name}").write_bytes(frame)
             (folder / f"{dtype}-{name}-header").write_bytes(frame[: entropy._HEAD.size])
+        (folder / f"{dtype}-nobase-frame").write_bytes(nobase.encode(dense.view(np.uint8), dtype))
         (folder / f"{dtype}-sparse-frame").write_bytes(sparse.encode(sparse_t.view(np.uint8), base.view(np.uint8),
                                                                       w, dtype))
 

@@ -92,3 +92,20 @@ def test_integer_and_small_raw_chunks_stay_zstd():
     assert encode_chunk(x, None, 2, "raw", "planes", dtype="BF16")[:4] == b"\x28\xb5\x2f\xfd"
     ints = np.arange(1 << 16, dtype=np.int64).view(np.uint8)
     assert encode_chunk(ints, None, 8, "raw", "planes", dtype="I64")[:4] == b"\x28\xb5\x2f\xfd"
+
+
+def test_no_base_decoding_stays_within_apply_s_per_chunk_allowance():
+    """apply.memory_plan allows a raw chunk 4x its size beside its payload; the symbol transform
+    is done in place, a slice at a time (a whole-chunk version peaked at 9x)."""
+    import tracemalloc
+
+    x = weights(2 << 20, "BF16")
+    frame = nobase.encode(x, "BF16")
+    tracemalloc.start()
+    try:
+        out = nobase.decode(frame, 2, x.size)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.tobytes() == x.tobytes()
+    assert peak <= 4 * x.size, peak / x.size
