@@ -108,8 +108,8 @@ def test_decode_matches_xor_codec_byte_for_byte_and_checks_the_published_md5s(re
                                       str(release.repo), "--out", str(release.root / "out"), "-q"])
     assert result.exit_code == 0, result.output
     assert files_of(release.root / "out") == files_of(ref_out)
-    assert "md5 of 9 base files match" in result.output  # 3 shards, index, config, generation config, 3 tokenizer files
-    assert "md5 of 9 rebuilt files match" in result.output
+    assert "md5 of 10 base files match" in result.output  # 3 shards, index, config, generation config, 4 tokenizer files
+    assert "md5 of 10 rebuilt files match" in result.output
     assert "loads as a weights-only checkpoint" in result.output
 
 

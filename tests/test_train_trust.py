@@ -502,3 +502,48 @@ def test_tokenization_is_cached_once_per_stage_and_memory_mapped_on_the_next_sta
     assert len(list((out / tokcache.CACHE_DIRNAME).iterdir())) == 2
     ids = __import__("numpy").load(entry / "ids.npy", mmap_mode="r")
     assert type(ids).__name__ == "memmap" and ids.dtype.name == "uint16"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz: whatever bytes a config or data file holds, the answer is an OrcaDiffError or rows
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from orca_diff.errors import OrcaDiffError  # noqa: E402
+
+_FRAGMENTS = st.sampled_from([b"{", b"}", b"[", b"]", b'"question"', b'"response"', b'"conversations"', b":", b",",
+                              b'"from": "gpt"', b'"value"', b"null", b"1e999", b"-", b"\n", b"\\ud800", b'"', b"\xff",
+                              b"true", b"!!python/object:os.system", b"- ", b"\t", b"stages:", b"lr: ", b"data: x"])
+_BYTES = st.one_of(st.binary(max_size=200), st.lists(_FRAGMENTS, max_size=40).map(b"".join))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(content=_BYTES, suffix=st.sampled_from([".jsonl", ".json"]))
+def test_fuzzed_data_files_give_rows_or_one_error(content, suffix):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"d{suffix}"
+        path.write_bytes(content)
+        try:
+            rows_, report = read_rows(path)
+        except OrcaDiffError as exc:
+            assert "\n" not in str(exc)
+        else:
+            assert all(isinstance(r["question"], str) and r["response"].strip() for r in rows_)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(content=_BYTES, suffix=st.sampled_from([".yaml", ".json"]))
+def test_fuzzed_config_files_give_a_config_or_one_error(content, suffix):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"c{suffix}"
+        path.write_bytes(content)
+        try:
+            load_config(path, model="m", out=str(Path(tmp) / "o"))
+        except OrcaDiffError as exc:
+            assert "\n" not in str(exc).strip()

@@ -52,8 +52,10 @@ class Stage:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, os.PathLike):
-            self.data = [str(self.data)]
+        if isinstance(self.data, (str, os.PathLike)):
+            self.data = [self.data]  # type: ignore[list-item]
+        if isinstance(self.data, (list, tuple)):
+            self.data = [str(d) if isinstance(d, os.PathLike) else d for d in self.data]
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for key, value in check_settings({"stages": [values]}, "settings")["stages"][0].items():
             setattr(self, key, value)
@@ -111,8 +113,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
-        if isinstance(self.eval_data, os.PathLike):
-            self.eval_data = [str(self.eval_data)]
+        if isinstance(self.eval_data, (str, os.PathLike)):
+            self.eval_data = [self.eval_data]  # type: ignore[list-item]
+        self.eval_data = [str(p) if isinstance(p, os.PathLike) else p for p in self.eval_data]
+        for name in ("model", "out", "tokenizer", "make_diff_against", "diff_out"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, str(getattr(self, name)))
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("stages", "force")}
         values = {k: v for k, v in values.items() if v is not None or k not in ("model", "out")}
         for key, value in check_settings(values, "settings").items():
