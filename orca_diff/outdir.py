@@ -233,7 +233,7 @@ def marker_body(folder: Path, files: "dict[str, str | None] | Iterable[str]") ->
     """The marker's bytes for the entries ``files`` (relative names; with a dict, name -> sha256
     already known, so a model is not read twice) as they are now in ``folder``."""
     known = files if isinstance(files, dict) else dict.fromkeys(files)
-    entries = {rel: entry_proof(folder / rel, sha) for rel, sha in sorted(known.items())}
+    entries = {rel: entry_proof(folder / rel, sha if isinstance(sha, str) else None) for rel, sha in sorted(known.items())}
     return (json.dumps({"written_by": "orca-diff", "marker_version": MARKER_VERSION, "files": entries},
                        indent=0, sort_keys=True) + "\n").encode()
 
