@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import gc
 import hashlib
 import json
 import re
@@ -524,7 +525,21 @@ def _feed_canonical(obj: object, feed, depth: int) -> None:
 
 
 def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
-    """Parse and fully validate manifest bytes. Raises FormatError / CorruptDiffError."""
+    """Parse and fully validate manifest bytes. Raises FormatError / CorruptDiffError.
+
+    The cyclic garbage collector is paused meanwhile: parsing creates millions of small
+    containers and no cycle, and each of the collector's full passes walks all of them, which
+    made parsing a manifest of many tensors superlinear (a quarter to 40% of the time at 20,000)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse_manifest(data, where)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _parse_manifest(data: bytes, where: str) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError(f"{where}: manifest is {len(data)} bytes, larger than any real diff needs")
     # Before parsing (which costs ~10x the bytes): every tensor and base tensor record has one

@@ -6,20 +6,25 @@ Promises, in the order a run meets them:
    point (the staging sibling could not be renamed into it), a name that fits NAME_MAX, not a
    symbolic link, not an input nor inside one nor holding one (every symlink inside an input
    folder is resolved: the HF cache's snapshots/ are folders of links), and an existing
-   non-empty folder only with ``force`` and only when it is a previous orca-diff output (the
-   ``.<name>.orca-diff-output`` marker beside it, or a diff's manifest, accounts for every entry).
+   non-empty folder only with ``force`` and only when it is a previous orca-diff output,
+   unchanged: the ``.<name>.orca-diff-output`` marker beside it proves every entry (identity or
+   sha256, :func:`entry_proof`), or, for a diff folder without one, a fully valid manifest
+   proves its payloads (checked under the lock, after 3).
 2. ``OutputLock``: one run at a time per output. A lock file beside ``out``
    (``.<name>.orca-diff-lock``, ``flock``, non-blocking) covers the output, its staging folder
-   and its backup name; a second run refuses at once, naming the holder's pid and command.
-3. ``recover_publish``: a ``--force`` publish killed between its two renames is finished or
-   undone, and said so.
+   and its backup name; a second run refuses at once, naming the holder's pid and command. The
+   lock file is never written unless this run created it (O_EXCL), and one that is not a regular
+   file with a single name is refused.
+3. ``recover_publish``, ``recover_marker``: a ``--force`` publish killed between its two renames
+   is finished or undone, a marker left pending by a kill after them is promoted if it proves
+   the folder, and said so; a marker write's temporaries are removed.
 4. Everything is written into the hidden staging sibling (``.<name>.orca-diff-partial``) through
    :class:`StagedFile`: created with O_EXCL|O_NOFOLLOW, hashed while written through the
    descriptor this run holds, fsynced, and renamed to its final name only if the name still
    designates that very file (st_dev/st_ino of the path against fstat of the descriptor).
-5. ``publish``: the staging folder is renamed to ``out`` (an old output moved aside first with
-   ``force``), and a marker beside it lists the files, so a later ``--force`` knows what it
-   may replace.
+5. ``publish``: the marker that proves the staged files is written (pending), the staging
+   folder is renamed to ``out`` (an old output moved aside first with ``force``), and the marker
+   takes its name, so a later ``--force`` knows what it may replace.
 6. ``describe_os_error``: an OSError of any of this is one actionable line (OutputError, exit 8).
 
 ``output_session`` bundles 1-3 for a command (make should use it too; see its docstring).
@@ -233,7 +238,7 @@ def marker_body(folder: Path, files: "dict[str, str | None] | Iterable[str]") ->
     """The marker's bytes for the entries ``files`` (relative names; with a dict, name -> sha256
     already known, so a model is not read twice) as they are now in ``folder``."""
     known = files if isinstance(files, dict) else dict.fromkeys(files)
-    entries = {rel: entry_proof(folder / rel, sha) for rel, sha in sorted(known.items())}
+    entries = {rel: entry_proof(folder / rel, sha if isinstance(sha, str) else None) for rel, sha in sorted(known.items())}
     return (json.dumps({"written_by": "orca-diff", "marker_version": MARKER_VERSION, "files": entries},
                        indent=0, sort_keys=True) + "\n").encode()
 
