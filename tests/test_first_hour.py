@@ -176,6 +176,9 @@ def test_a_legacy_release_is_not_called_a_base_when_the_hub_is_down(tmp_path):
                         str(tmp_path / "o"), "-q"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr
     assert "fastchat release lmsys/tiny-delta" in r.stderr and "base lmsys" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "orca_diff.cli", "download", "tiny-vicuna", "-q"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9 and "fastchat release lmsys/tiny-delta" in r.stderr, r.stderr
 
 
 # --------------------------------------------------------------------------- 7. exit codes and words
