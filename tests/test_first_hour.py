@@ -127,7 +127,9 @@ def test_revision_option_is_the_same_as_at_rev(world, hub, orca, tmp_path):
     assert r.returncode == 0, r.stderr
     assert file_hashes(tmp_path / "m") == file_hashes(world["target"])
     r = orca("info", f"{DIFF_REPO}@main", "--revision", "v9")
-    assert r.returncode == UsageError.exit_code
+    assert r.returncode == UsageError.exit_code and "give it once" in r.stderr, r.stderr
+    r = orca("info", DIFF_REPO, "--revision", world["diff_sha"])
+    assert r.returncode == 0 and "rebuilds:" in r.stdout, r.stderr
 
 
 def test_apply_and_download_take_cache_dir_and_token_like_hf(world, hub, orca, tmp_path):

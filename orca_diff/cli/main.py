@@ -199,7 +199,9 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
 @click.option("--diff", "diff_opt", default=None, help="The diff (same as the DIFF argument).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @quiet_option
-def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool) -> None:
+@hub_options(revision="Hub revision of DIFF: a branch, a tag or a commit sha (the same as DIFF@REV).")
+def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool, revision: str | None,
+         token: str | None, cache_dir: str | None) -> None:
     """Describe a diff: its base, the model it rebuilds, sizes and compression ratio.
 
     DIFF (or --diff DIFF) is a folder, a catalog name or a Hub repo id[@rev] (of which only the
@@ -217,8 +219,12 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
         raise UsageError("give the diff once: as DIFF or as --diff")
     if not (diff_arg or diff_opt):
         raise UsageError("which diff? orca-diff info DIFF (a folder, a catalog name or a Hub repo id)")
-    m = load_manifest(resolve_diff(_diff_arg(diff_arg or diff_opt), progress=False if quiet else None,  # type: ignore[arg-type]
-                                   manifest_only=True))
+    from ..hub.options import hub_settings
+    from .hub import with_revision
+
+    spec = with_revision(_diff_arg(diff_arg or diff_opt), revision, "DIFF")  # type: ignore[arg-type]
+    with hub_settings(token=token, cache_dir=cache_dir):
+        m = load_manifest(resolve_diff(spec, progress=False if quiet else None, manifest_only=True))
     dtypes: dict[str, int] = {}
     encodings: dict[str, int] = {}
     for t in m.tensors.values():
