@@ -354,3 +354,13 @@ def test_info_does_not_present_an_invalid_recorded_repo_or_a_branch_as_a_pinned_
     assert r.exit_code == 0, r.output
     assert "NOT a valid Hub repo id" in r.output and "not a commit" in r.output
     assert "Hub repo not a repo id!" not in r.output
+
+
+def test_token_option_opens_a_gated_repo_as_hf_token_would(world, hub, orca):
+    from test_hub import GATED_REPO
+
+    refused = orca("download", GATED_REPO, "-q", HF_TOKEN=None)
+    assert refused.returncode == 9
+    r = orca("download", GATED_REPO, "--token", "hf_granted", "-q", HF_TOKEN=None)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).is_dir()
