@@ -20,6 +20,7 @@ Endpoints (model repos only):
   POST /{repo}.git/info/lfs/objects/batch           LFS batch API, basic transfer
   PUT  /lfs-upload/{oid}     POST /lfs-verify       LFS upload + verify (sha256 checked)
   POST /api/models/{repo}/commit/{rev}              NDJSON commit (file, lfsFile, deletedFile)
+  POST /api/models/{repo}/branch/{branch}           create_branch (409 when it exists)
 Anything else answers 404 without an error code (e.g. the client's best-effort
 ``GET /api/agent-harnesses``).
 """
@@ -205,6 +206,7 @@ _INFO = re.compile(rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?$")
 _TREE = re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
 _PREUPLOAD = re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$")
 _COMMIT = re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$")
+_BRANCH = re.compile(rf"^/api/models/{_REPO}/branch/(?P<branch>[^/]+)$")
 _LFS_BATCH = re.compile(r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch$")
 _LFS_UPLOAD = re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$")
 
@@ -303,7 +305,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._validate_yaml(body)
         if path == "/lfs-verify":
             return self._lfs_verify(body)
-        for regex, handler in ((_PREUPLOAD, self._preupload), (_COMMIT, self._commit), (_LFS_BATCH, self._lfs_batch)):
+        for regex, handler in ((_PREUPLOAD, self._preupload), (_COMMIT, self._commit), (_LFS_BATCH, self._lfs_batch),
+                               (_BRANCH, self._branch)):
             if m := regex.match(path):
                 return handler(m, body)
         self._error(404, None, "Not found")
@@ -446,6 +449,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.state.repos[repo_id] = repo
             self.state._commit(repo, "main", {".gitattributes": GITATTRIBUTES}, [], "initial commit")
         self._json(200, {"url": f"{self.state.url}/{repo_id}", "name": repo_id})
+
+    def _branch(self, m: re.Match, body: bytes) -> None:
+        """create_branch (push --revision): a new ref at ``startingPoint`` (default: main); 409
+        when it exists, which the client's ``exist_ok=True`` accepts."""
+        if not self._require_writer():
+            return
+        if (repo := self._repo(unquote(m["repo"]))) is None:
+            return
+        branch = unquote(m["branch"])
+        start = (json.loads(body or b"{}") or {}).get("startingPoint") or "main"
+        with self.state.lock:
+            if branch in repo.refs:
+                return self._error(409, None, "Reference already exists")
+            commit = repo.resolve(start)
+            if commit is None:
+                return self._error(404, "RevisionNotFound", f"Invalid rev id: {start}")
+            repo.refs[branch] = commit.sha
+        self._json(200, {})
 
     def _validate_yaml(self, body: bytes) -> None:
         import yaml  # a dependency of huggingface_hub itself

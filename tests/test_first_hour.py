@@ -127,7 +127,9 @@ def test_revision_option_is_the_same_as_at_rev(world, hub, orca, tmp_path):
     assert r.returncode == 0, r.stderr
     assert file_hashes(tmp_path / "m") == file_hashes(world["target"])
     r = orca("info", f"{DIFF_REPO}@main", "--revision", "v9")
-    assert r.returncode == UsageError.exit_code
+    assert r.returncode == UsageError.exit_code and "give it once" in r.stderr, r.stderr
+    r = orca("info", DIFF_REPO, "--revision", world["diff_sha"])
+    assert r.returncode == 0 and "rebuilds:" in r.stdout, r.stderr
 
 
 def test_apply_and_download_take_cache_dir_and_token_like_hf(world, hub, orca, tmp_path):
@@ -176,6 +178,9 @@ def test_a_legacy_release_is_not_called_a_base_when_the_hub_is_down(tmp_path):
                         str(tmp_path / "o"), "-q"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr
     assert "fastchat release lmsys/tiny-delta" in r.stderr and "base lmsys" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "orca_diff.cli", "download", "tiny-vicuna", "-q"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9 and "fastchat release lmsys/tiny-delta" in r.stderr, r.stderr
 
 
 # --------------------------------------------------------------------------- 7. exit codes and words
@@ -349,3 +354,13 @@ def test_info_does_not_present_an_invalid_recorded_repo_or_a_branch_as_a_pinned_
     assert r.exit_code == 0, r.output
     assert "NOT a valid Hub repo id" in r.output and "not a commit" in r.output
     assert "Hub repo not a repo id!" not in r.output
+
+
+def test_token_option_opens_a_gated_repo_as_hf_token_would(world, hub, orca):
+    from test_hub import GATED_REPO
+
+    refused = orca("download", GATED_REPO, "-q", HF_TOKEN=None)
+    assert refused.returncode == 9
+    r = orca("download", GATED_REPO, "--token", "hf_granted", "-q", HF_TOKEN=None)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).is_dir()

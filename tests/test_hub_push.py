@@ -86,3 +86,14 @@ def test_push_takes_the_token_as_an_option_like_hf_upload(world, hub, orca):
     r = orca("push", str(world["diff"]), "--repo", "pusher/by-option", "--token", "hf_writer", "-q", HF_TOKEN=None)
     assert r.returncode == 0, r.stderr
     assert "orca-diff.json" in hub.files_at("pusher/by-option")
+
+
+def test_push_revision_commits_to_a_new_branch_and_leaves_main_alone(world, hub, orca, tmp_path):
+    repo = "pusher/orca-branches"
+    assert orca("push", str(world["diff"]), "--repo", repo, "-q", HF_TOKEN="hf_writer").returncode == 0
+    main_before = hub.files_at(repo)
+    _target2, diff2 = _second_version(world, tmp_path)
+    r = orca("push", str(diff2), "--repo", repo, "--revision", "v2", "-q", HF_TOKEN="hf_writer")
+    assert r.returncode == 0, r.stderr
+    assert hub.files_at(repo) == main_before
+    assert hub.files_at(repo, "v2")["orca-diff.json"] == (diff2 / "orca-diff.json").read_bytes()

@@ -131,7 +131,12 @@ def download_cmd(name: str, kind: str, revision: str | None, token: str | None, 
                              " org/name[@revision]")
         check_repo_id(ref.repo_id, "NAME")
     with hub_settings(token=token, cache_dir=cache_dir), _quiet_client(quiet):
-        got, folder = download(ref, kind, progress=progress)
+        if entry is not None and entry.format != "orca-diff":  # a legacy release: called what it is in errors
+            from ..hub.transfer import download_base
+
+            got, folder = f"{entry.format} release", download_base(ref, progress=progress, what=f"{entry.format} release")
+        else:
+            got, folder = download(ref, kind, progress=progress)
     if local_dir is not None:
         folder = _copy_to_local_dir(folder, Path(local_dir))
     if not quiet:

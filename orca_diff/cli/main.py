@@ -235,7 +235,9 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
 @click.option("--diff", "diff_opt", default=None, help="The diff (same as the DIFF argument).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @quiet_option
-def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool) -> None:
+@hub_options(revision="Hub revision of DIFF: a branch, a tag or a commit sha (the same as DIFF@REV).")
+def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool, revision: str | None,
+         token: str | None, cache_dir: str | None) -> None:
     """Describe a diff: its base, the model it rebuilds, sizes and compression ratio.
 
     DIFF (or --diff DIFF) is a folder, a catalog name or a Hub repo id[@rev] (of which only the
@@ -253,11 +255,14 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
         raise UsageError("give the diff once: as DIFF or as --diff")
     if not (diff_arg or diff_opt):
         raise UsageError("which diff? orca-diff info DIFF (a folder, a catalog name or a Hub repo id)")
+    from ..hub.options import hub_settings
     from ..identity import model_digest
     from ..signing import diff_signatures
+    from .hub import with_revision
 
-    diff_dir = resolve_diff(_diff_arg(diff_arg or diff_opt), progress=False if quiet else None,  # type: ignore[arg-type]
-                            manifest_only=True)
+    spec = with_revision(_diff_arg(diff_arg or diff_opt), revision, "DIFF")  # type: ignore[arg-type]
+    with hub_settings(token=token, cache_dir=cache_dir):
+        diff_dir = resolve_diff(spec, progress=False if quiet else None, manifest_only=True)
     m = load_manifest(diff_dir)
     digest = model_digest({f.path: f.sha256 for f in m.files})
     signatures = diff_signatures(diff_dir)
@@ -310,7 +315,7 @@ def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool)
     click.echo(f"          {_describe(digest)}, recorded; tensor fingerprint {shown(m.target_fingerprint)} (recorded)")
     from ..hub.resolve import _local
 
-    if _local(_diff_arg(diff_arg or diff_opt)) is None:  # type: ignore[arg-type]
+    if _local(spec) is None:
         click.echo("signed:   not fetched by info (apply/verify --verify-key PUB fetch and check the signatures first)")
     else:
         click.echo("signed:   " + (", ".join(signatures) + " (check with apply/verify --verify-key PUB)" if signatures
