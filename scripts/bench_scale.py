@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import struct
 import subprocess
@@ -46,11 +47,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from orca_diff.synth import LLAMA_7B, FineTune, LlamaShape, _write_common_files, finetune_weights  # noqa: E402
-from orca_diff.bits import cast_bits, float_to_bits  # noqa: E402
+if sys.argv[1:2] != ["_child"]:  # a timed child imports orca_diff from its PYTHONPATH only (this checkout or --main)
+    sys.path.insert(0, str(ROOT))
 
 BLOCK = 16 << 20
 POOL_ELEMS = 16 << 20
@@ -62,6 +60,9 @@ CGROUP = Path("/sys/fs/cgroup/memory/orca-bench-scale")
 
 def _pools() -> tuple[np.ndarray, np.ndarray]:
     """(base, target) F16 bit patterns of one realistic pair of POOL_ELEMS elements."""
+    from orca_diff.bits import cast_bits, float_to_bits
+    from orca_diff.synth import FineTune, finetune_weights
+
     rng = np.random.default_rng(0)
     w = 0.02 * rng.standard_normal(POOL_ELEMS, dtype=np.float32)
     t = finetune_weights("pool", w, FineTune())
@@ -81,8 +82,10 @@ def _header(tensors: list[tuple[str, tuple[int, ...]]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_pair(base: Path, target: Path, shape: LlamaShape, shard_bytes: int) -> None:
+def write_pair(base: Path, target: Path, shape, shard_bytes: int) -> None:
     """Write base and target (F16 safetensors shards + index + config/tokenizer files), streaming."""
+    from orca_diff.synth import _write_common_files
+
     pool_b, pool_t = _pools()
     rng = np.random.default_rng(1)
     shapes = list(shape.tensor_shapes().items())
@@ -120,8 +123,10 @@ def write_pair(base: Path, target: Path, shape: LlamaShape, shard_bytes: int) ->
         _write_common_files(folder, shape, "F16", shape.vocab_size, None)
 
 
-def shape_of_size(gb: float) -> LlamaShape:
+def shape_of_size(gb: float):
     """LLaMA-7B's widths with as many layers as make about ``gb`` GB in F16 (32 layers: 13.5 GB)."""
+    from orca_diff.synth import LLAMA_7B, LlamaShape
+
     per_layer = (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) * 2
     fixed = 2 * 32000 * 4096 * 2 + 4096 * 2
     layers = max(1, round((gb * 1e9 - fixed) / per_layer))
@@ -164,9 +169,15 @@ def _child(argv: list[str]) -> None:
     else:
         raise SystemExit(f"unknown op {op}")
     seconds = time.perf_counter() - t0
+    io = dict(ln.split(": ") for ln in Path("/proc/self/io").read_text().splitlines())
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     rss = next(int(ln.split()[1]) * 1024 for ln in Path("/proc/self/status").read_text().splitlines()
                if ln.startswith("VmHWM:"))
-    print(json.dumps({"seconds": seconds, "rss": rss}))
+    import orca_diff
+
+    print(json.dumps({"code": str(Path(orca_diff.__file__).resolve().parent.parent), "seconds": seconds, "rss": rss,
+                      "cpu": ru.ru_utime + ru.ru_stime,
+                      "disk_read": int(io["read_bytes"]), "disk_written": int(io["write_bytes"])}))
 
 
 def drop_caches() -> None:
@@ -193,7 +204,10 @@ def run_child(args: list[str], code: Path, cgroup: Path | None = None) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"child {args[0]} ({code}) failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    if Path(r.pop("code")) != code.resolve():
+        raise SystemExit(f"child {args[0]} ran the wrong code (asked for {code})")
+    return r
 
 
 def make_cgroup(limit: int) -> Path:
@@ -211,7 +225,7 @@ def uptime() -> str:
 
 
 def bench_states(base: Path, diff: Path, out: Path, states: list[str], limit: int, main: Path | None,
-                 repeats: int) -> dict:
+                 repeats: int, stop_at: float | None = None) -> dict:
     """{state: {floor, apply, apply@main: {"seconds": best, "rss": max}}}."""
     from orca_diff.format import load_manifest
 
@@ -223,6 +237,9 @@ def bench_states(base: Path, diff: Path, out: Path, states: list[str], limit: in
         row: dict = {}
         for _ in range(repeats):
             for label, code in [("floor", ROOT), *codes]:
+                if stop_at is not None and time.time() > stop_at:
+                    print(f"  {state:8s} {label:11s} skipped: past --stop-at", flush=True)
+                    continue
                 shutil.rmtree(out, ignore_errors=True)
                 if state == "warm":
                     read_all(base, diff)
@@ -235,23 +252,27 @@ def bench_states(base: Path, diff: Path, out: Path, states: list[str], limit: in
                     r["disk_out"] = folder_bytes(out)
                 prev = row.get(label)
                 row[label] = r if prev is None or r["seconds"] < prev["seconds"] else {**prev, "rss": max(prev["rss"], r["rss"])}
-                print(f"  {state:8s} {label:11s} {r['seconds']:7.2f} s  rss {r['rss'] / 2**20:6.0f} MiB  load {uptime()}",
-                      flush=True)
+                print(f"  {state:8s} {label:11s} {r['seconds']:7.2f} s  cpu {r['cpu']:6.1f} s  read from disk "
+                      f"{r['disk_read'] / 1e9:6.2f} GB  rss {r['rss'] / 2**20:5.0f} MiB  load {uptime()}", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
-        res[state] = row
+        if "floor" in row and "apply" in row:
+            res[state] = row
     return res
 
 
 def print_table(name: str, res: dict, sizes: dict) -> None:
     print(f"\n### {name}: base {sizes['base'] / 1e9:.2f} GB, diff {sizes['diff'] / 1e9:.2f} GB, "
           f"output {sizes['out'] / 1e9:.2f} GB")
-    print("| cache | I/O floor s | apply s | × floor | apply@main s | × floor | main / apply | apply RSS MiB | main RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| cache | I/O floor s | apply s | × floor | apply@main s | × floor | main / apply | read from disk GB: "
+          "floor / apply / main | CPU s: apply / main | peak RSS MiB: apply / main |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for state, row in res.items():
-        f, a, m = row["floor"]["seconds"], row["apply"], row.get("apply@main")
+        fl, a, m = row["floor"], row["apply"], row.get("apply@main") or {}
+        f = fl["seconds"]
         mm = (f"{m['seconds']:.2f} | {m['seconds'] / f:.2f} | {m['seconds'] / a['seconds']:.2f}" if m else "- | - | -")
-        print(f"| {state} | {f:.2f} | {a['seconds']:.2f} | {a['seconds'] / f:.2f} | {mm} | "
-              f"{a['rss'] / 2**20:.0f} | {m['rss'] / 2**20 if m else 0:.0f} |")
+        gb = lambda r: f"{r['disk_read'] / 1e9:.2f}" if r else "-"  # noqa: E731
+        print(f"| {state} | {f:.2f} | {a['seconds']:.2f} | {a['seconds'] / f:.2f} | {mm} | {gb(fl)} / {gb(a)} / {gb(m)} | "
+              f"{a['cpu']:.1f} / {m.get('cpu', 0):.1f} | {a['rss'] / 2**20:.0f} / {m.get('rss', 0) / 2**20:.0f} |")
 
 
 def main() -> None:
@@ -264,10 +285,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--states", default="warm,cold,limited")
     ap.add_argument("--limit", type=float, default=0.3, help="cgroup memory limit as a fraction of the base (limited)")
-    ap.add_argument("--main", type=Path, default=Path("/work/main"), help="today's code ('' to skip)")
+    ap.add_argument("--main", default="/work/main", help="today's code (empty: skip)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--shard-gb", type=float, default=4.0)
     ap.add_argument("--keep", action="store_true", help="keep the generated base and diff")
+    ap.add_argument("--stop-at", help="UTC HH:MM after which no timed run starts (a shared machine's deadline)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     print(f"load before: {uptime()}", flush=True)
@@ -302,7 +324,14 @@ def main() -> None:
         print(f"limited: skipped (a {limit / 2**30:.1f} GiB cgroup would hold this base whole)", flush=True)
         states.remove("limited")
     print(f"states {states}; limited = cgroup v1 memory limit {limit / 2**30:.2f} GiB", flush=True)
-    res = bench_states(base, diff, out, states, limit, a.main if str(a.main) else None, a.repeats)
+    stop_at = None
+    if a.stop_at:
+        import datetime as dt
+
+        now = dt.datetime.now(dt.timezone.utc)
+        hh, mm = map(int, a.stop_at.split(":"))
+        stop_at = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
+    res = bench_states(base, diff, out, states, limit, Path(a.main) if a.main else None, a.repeats, stop_at)
     print(f"load after: {uptime()}")
     print_table(name, res, sizes)
     print(json.dumps({"pair": name, "sizes": sizes, "results": res}))
