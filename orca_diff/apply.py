@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -349,7 +349,7 @@ def _finished(staging: Path, state: _State, f: FileEntry, manifest: Manifest) ->
     return digests
 
 
-def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
+def memory_plan(manifest: Manifest, threads: int, budget: int = MEMORY_BUDGET) -> tuple[int, int]:
     """(threads, window) for rebuilding ``manifest`` within MEMORY_BUDGET.
 
     A chunk in flight holds its compressed bytes, the base bytes it predicts from (up to 8x the
@@ -374,23 +374,34 @@ def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
                                   f"accepts chunks of at most {_human(MAX_APPLY_CHUNK_BYTES)} (its memory bound)")
             worst = max(worst, c.length + 3 * c.size)
     worst = max(worst, 2 * BASE_COPY_BLOCK)
-    window = max(1, min(threads + 2, MEMORY_BUDGET // worst))
+    window = max(1, min(threads + 2, budget // worst))
     return max(1, min(threads, window)), window
 
 
+#: Where apply's payload chunks come from when not from files beside the manifest: called with
+#: the manifest and the chunks apply will read, in order (those of files an interrupted run
+#: finished are left out); returns an object with ``read(chunk, owner)`` (checked bytes) and
+#: ``close()``, and says in ``held_bytes`` how much memory it may hold (e.g. hub.stream).
+PayloadSource = Callable[[Manifest, list[Chunk]], "_Payloads"]
+
+
 def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
-               threads: int | None = None, progress: bool | None = None) -> ApplyReport:
-    """Rebuild the target model of ``diff`` from ``base`` into the folder ``out``."""
+               threads: int | None = None, progress: bool | None = None,
+               payloads: PayloadSource | None = None, payload_memory: int = 0) -> ApplyReport:
+    """Rebuild the target model of ``diff`` from ``base`` into the folder ``out``. ``payloads``:
+    read the chunks from there (a Hub stream) instead of from the payload files beside the
+    manifest, which then need not exist; ``payload_memory``: what that source holds at most."""
     t0 = time.perf_counter()
     diff_dir, out = diff_folder(diff), Path(out)
     manifest = load_manifest(diff_dir)
-    threads, window = memory_plan(manifest, threads or default_threads())
+    threads, window = memory_plan(manifest, threads or default_threads(), MEMORY_BUDGET - payload_memory)
     with output_session(out, force, (base, diff_dir)) as session:
-        check_payload_presence(diff_dir, manifest)
+        if payloads is None:
+            check_payload_presence(diff_dir, manifest)
         base_model = open_model(base)
         try:
             measured_base = check_base(base_model, manifest, threads, progress)
-            report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0)
+            report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0, payloads)
         finally:
             base_model.close()
     report.base_tensors_checked = len(measured_base)
@@ -400,7 +411,7 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
 
 
 def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: OutputSession, threads: int,
-             window: int, progress: bool | None, t0: float) -> ApplyReport:
+             window: int, progress: bool | None, t0: float, source: PayloadSource | None = None) -> ApplyReport:
     out, staging = session.out, session.staging
     state = _State(staging, manifest.identity())
     if staging.is_symlink():
@@ -434,7 +445,10 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
         state.open(resumed_state)
     except OSError as exc:
         raise describe_os_error(exc, state.path, resume_hint) from None
-    payloads = _Payloads(diff_dir, manifest.digest_algo)
+    if source is None:
+        payloads = _Payloads(diff_dir, manifest.digest_algo)
+    else:
+        payloads = source(manifest, [j.chunk for j in _jobs(manifest, todo) if j.chunk is not None])
     hashes = _TensorHashes(manifest.digest_algo)
     # files' sha256 on a thread of their own: the consumer then only writes (and BLAKE3 has its own)
     file_hasher = SerialWorker("orca-diff-sha256") if threads > 1 else None

@@ -11,6 +11,21 @@ from ..errors import UsageError
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
 
+def _set_stall(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    if value is not None:
+        import os
+
+        from ..hub.stream import STALL_ENV
+
+        os.environ[STALL_ENV] = repr(value)  # read by every Hub request of this process
+
+
+stall_option = click.option(
+    "--stall-timeout", type=click.FloatRange(min=0.1), default=None, expose_value=False, callback=_set_stall,
+    is_eager=True, metavar="SECONDS", help="Hub transfers: seconds without a byte before a read is retried (then an "
+    "error, exit 9). Default: $ORCA_DIFF_STALL_TIMEOUT, else $HF_HUB_DOWNLOAD_TIMEOUT, else 10.")
+
+
 @click.command("catalog")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def catalog_cmd(as_json: bool) -> None:
@@ -46,6 +61,7 @@ def catalog_cmd(as_json: bool) -> None:
 @click.argument("name")
 @click.option("--kind", type=click.Choice(["auto", "base", "diff"]), default="auto", show_default=True,
               help="What NAME is; auto: catalog section, else a repo with orca-diff.json is a diff.")
+@stall_option
 @quiet_option
 def download_cmd(name: str, kind: str, quiet: bool) -> None:
     """Fetch a base or a diff into the Hugging Face cache, without rebuilding anything.
@@ -88,6 +104,7 @@ def download_cmd(name: str, kind: str, quiet: bool) -> None:
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--license", "license_", default=None,
               help="License for the model card (Hub license id; default: the base's, else 'other').")
+@stall_option
 @quiet_option
 def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, quiet: bool) -> None:
     """Publish a diff: verify it, create the Hub repo, upload it with a model card.

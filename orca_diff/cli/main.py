@@ -47,6 +47,7 @@ def cli() -> None:
 
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+from .hub import stall_option  # noqa: E402 - Hub transfers' stall timeout, shared by the Hub-aware commands
 threads_option = click.option("--threads", type=click.IntRange(1, 512), default=None,
                               help="Worker threads (default: all cores, or $ORCA_DIFF_THREADS).")
 
@@ -65,6 +66,7 @@ threads_option = click.option("--threads", type=click.IntRange(1, 512), default=
 @click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level of the chunks stored as zstd frames (small tensors, raw rows, other files; float deltas use the `ans` coder). Default 1: tuned fast parameters; 4 and above use zstd's own, slow to encode.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
+@stall_option
 @quiet_option
 def make(base: str, target: str, out: str, base_name: str | None, base_repo: str | None, base_revision: str | None,
          level: int | None, force: bool, threads: int | None, quiet: bool) -> None:
@@ -118,7 +120,7 @@ def _already_rebuilt(out: Path, diff: str, quiet: bool):
     except OSError:
         return None
     progress = False if quiet else None
-    manifest = load_manifest(resolve_diff(diff, progress=progress))
+    manifest = load_manifest(resolve_diff(diff, progress=progress, manifest_only=True))
     for f in manifest.files:
         p = out / f.path
         if p.is_symlink() or not p.is_file() or p.stat().st_size != f.size:
@@ -142,15 +144,16 @@ def _catalog_base_name(spec: str) -> str | None:
     return entry.name if entry is not None else None
 
 
-def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
-    """Resolve --diff then --base (local path, catalog name or Hub repo id)."""
+def _resolve(diff: str, base: str | None, quiet: bool, keep_diff: bool = False):
+    """Resolve --diff then --base (local path, catalog name or Hub repo id): (diff folder, base
+    folder, payload source: None, or a Hub stream when the diff's payloads are not cached)."""
     from ..format import load_manifest
-    from ..hub.resolve import resolve_base, resolve_diff
+    from ..hub.resolve import resolve_base, resolve_diff_streamed
 
     progress = False if quiet else None
-    diff_dir = resolve_diff(diff, progress=progress)
+    diff_dir, source = resolve_diff_streamed(diff, progress=progress, keep_diff=keep_diff)
     manifest = load_manifest(diff_dir)
-    return diff_dir, resolve_base(base, manifest, progress=progress)
+    return diff_dir, resolve_base(base, manifest, progress=progress), source
 
 
 @cli.command()
@@ -162,9 +165,13 @@ def _resolve(diff: str, base: str | None, quiet: bool) -> tuple[Path, Path]:
               show_default=True, help="Diff format: orca-diff, or a legacy release (FastChat/Vicuna delta, "
               "Alpaca/WizardLM weight diff, OpenAssistant XOR). auto: orca-diff when the diff has a manifest.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--keep-diff", is_flag=True, help="A Hub diff: download it into the HF cache, then apply (default: "
+              "stream its payloads into the rebuild, keeping no copy, unless the cache already holds them).")
+@stall_option
 @threads_option
 @quiet_option
-def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads: int | None, quiet: bool) -> None:
+def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, keep_diff: bool, threads: int | None,
+          quiet: bool) -> None:
     """Rebuild the fine-tuned model from a base and a diff, byte-identical to the publisher's files.
 
     The base is checked tensor by tensor BEFORE anything is written; an interrupted run resumes
@@ -192,8 +199,11 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
         for extra in done.extra:
             click.echo(f"note: {shown(extra)} is not part of the diff's model (left alone)", err=True)
         return
-    diff_dir, base_dir = _resolve(_diff_arg(diff), base, quiet)
-    r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None)
+    diff_dir, base_dir, source = _resolve(_diff_arg(diff), base, quiet, keep_diff)
+    from ..hub.stream import PREFETCH_BUDGET
+
+    r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=False if quiet else None,
+                   payloads=source, payload_memory=PREFETCH_BUDGET if source is not None else 0)
     for note in r.notes:
         click.echo(f"note: {note}", err=True)
     resumed = f" ({r.resumed_files} already done)" if r.resumed_files else ""
@@ -210,6 +220,7 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
 @click.option("--model", default=None, help="Also check this model: a rebuilt folder, or a Hub repo id[@rev] "
               "(byte-identical files).")
 @threads_option
+@stall_option
 @quiet_option
 def verify(diff: str, base: str | None, model: str | None, threads: int | None, quiet: bool) -> None:
     """Check a diff's integrity, and optionally a base or a rebuilt model against it.
@@ -252,6 +263,7 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
 @click.argument("diff_arg", metavar="DIFF", required=False)
 @click.option("--diff", "diff_opt", default=None, help="The diff (same as the DIFF argument).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@stall_option
 @quiet_option
 def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool) -> None:
     """Describe a diff: its base, the model it rebuilds, sizes and compression ratio.
