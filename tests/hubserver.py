@@ -243,7 +243,7 @@ class _Link:
         self._next = 0.0  # the time at which the link is free again
 
     def send(self, wfile, data: bytes, rate: float | None, stopping: threading.Event) -> None:
-        step = 64 * 1024
+        step = 64 * 1024 if not rate else int(max(512, min(64 * 1024, rate / 50)))  # ~20 ms a piece
         for i in range(0, len(data), step):
             piece = data[i:i + step]
             if rate:

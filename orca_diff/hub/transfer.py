@@ -220,8 +220,17 @@ def fetch_manifest(ref: RepoRef, *, progress: bool | None = None) -> Path:
     hf = _hf()
     with _progress(progress), hub_errors(ref, "diff"):
         # snapshot_download rather than hf_hub_download for the manifest: when the Hub is down it
-        # falls back to the cache at once, where hf_hub_download retries for ~20 s first.
-        folder = Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=[MANIFEST_NAME]))
+        # falls back to the cache at once, where hf_hub_download retries for ~20 s first. Its
+        # warning for a repo without a manifest is ours to word (NotADiffError below).
+        import logging
+
+        log = logging.getLogger("huggingface_hub._snapshot_download")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            folder = Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=[MANIFEST_NAME]))
+        finally:
+            log.setLevel(level)
     if not (folder / MANIFEST_NAME).is_file():
         raise NotADiffError(f"{ref} on {endpoint()} has no {MANIFEST_NAME}: it is not an orca-diff diff"
                             " (a model repo? pass it as --base; a legacy delta such as FastChat/Vicuna or an"
