@@ -379,10 +379,19 @@ def memory_plan(manifest: Manifest, threads: int, budget: int = MEMORY_BUDGET) -
 
 
 #: Where apply's payload chunks come from when not from files beside the manifest: called with
-#: the manifest and the chunks apply will read, in order (those of files an interrupted run
-#: finished are left out); returns an object with ``read(chunk, owner)`` (checked bytes) and
-#: ``close()``, and says in ``held_bytes`` how much memory it may hold (e.g. hub.stream).
+#: the manifest and the chunks apply will probably read, in order (those of files an interrupted
+#: run recorded as finished are left out); returns an object with ``read(chunk, owner)`` (checked
+#: bytes, any chunk) and ``close()``. It is called before the base check, so that a Hub stream's
+#: first bytes arrive while the base is being read (hub.stream.payload_source).
 PayloadSource = Callable[[Manifest, list[Chunk]], "_Payloads"]
+
+
+def _planned_chunks(manifest: Manifest, staging: Path) -> list[Chunk]:
+    """The chunks a rebuild into ``staging`` will read, in order: every file's but those the
+    staging log records as finished (they are re-hashed later, and re-read if that fails)."""
+    state = _State(staging, manifest.identity())
+    done = state.done if not staging.is_symlink() and staging.is_dir() and state.load() else {}
+    return [j.chunk for j in _jobs(manifest, [f for f in manifest.files if f.path not in done]) if j.chunk is not None]
 
 
 def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
@@ -398,12 +407,22 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
     with output_session(out, force, (base, diff_dir)) as session:
         if payloads is None:
             check_payload_presence(diff_dir, manifest)
-        base_model = open_model(base)
+            stream = None
+        else:  # fetching starts now: the first chunks arrive while the base is checked
+            stream = payloads(manifest, _planned_chunks(manifest, session.staging))
+        try:
+            base_model = open_model(base)
+        except BaseException:
+            if stream is not None:
+                stream.close()
+            raise
         try:
             measured_base = check_base(base_model, manifest, threads, progress)
-            report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0, payloads)
+            report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0, stream)
         finally:
             base_model.close()
+            if stream is not None:
+                stream.close()
     report.base_tensors_checked = len(measured_base)
     report.base_fingerprint = measured_base_fingerprint(manifest, measured_base)
     report.notes = session.notes
@@ -411,7 +430,7 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
 
 
 def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: OutputSession, threads: int,
-             window: int, progress: bool | None, t0: float, source: PayloadSource | None = None) -> ApplyReport:
+             window: int, progress: bool | None, t0: float, stream: _Payloads | None = None) -> ApplyReport:
     out, staging = session.out, session.staging
     state = _State(staging, manifest.identity())
     if staging.is_symlink():
@@ -445,10 +464,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
         state.open(resumed_state)
     except OSError as exc:
         raise describe_os_error(exc, state.path, resume_hint) from None
-    if source is None:
-        payloads = _Payloads(diff_dir, manifest.digest_algo)
-    else:
-        payloads = source(manifest, [j.chunk for j in _jobs(manifest, todo) if j.chunk is not None])
+    payloads = _Payloads(diff_dir, manifest.digest_algo) if stream is None else stream
     hashes = _TensorHashes(manifest.digest_algo)
     # files' sha256 on a thread of their own: the consumer then only writes (and BLAKE3 has its own)
     file_hasher = SerialWorker("orca-diff-sha256") if threads > 1 else None

@@ -271,6 +271,7 @@ class StreamedPayloads:
         self.repo_id, self.commit, self.algo = repo_id, commit, manifest.digest_algo
         self._sizes = {p.path: p.size for p in manifest.payloads}
         self._ranges = deque(plan_ranges(chunks, max(1, min(range_bytes, budget // max(1, in_flight)))))
+        self._planned = {(c.payload, c.offset) for c in chunks}
         self._budget = budget
         self._held = 0          # bytes of scheduled ranges whose chunks are not yet read
         self._ready: dict[tuple[str, int], np.ndarray] = {}
@@ -378,16 +379,28 @@ class StreamedPayloads:
     def read(self, c: Chunk, owner: str) -> np.ndarray:
         key = (c.payload, c.offset)
         with self._cond:
+            unplanned = key not in self._planned
+            if unplanned:  # not in the plan (a finished file that failed its re-check): fetched now
+                self._planned.add(key)
+                self._held += c.length
+        if unplanned:
+            try:
+                self._fetch(_Range(c.payload, [c]))
+            except OrcaDiffError:
+                raise
+            except Cancelled:
+                raise
+            except Exception as exc:
+                raise _describe(exc, self._file(c.payload)) from None
+        with self._cond:
             while key not in self._ready:
                 if self._error is not None:
                     raise self._error
                 if self._stop.is_set():
                     raise Cancelled()
-                if not self._ranges and not any(t.is_alive() for t in self._threads):
-                    raise CorruptDiffError(f"{self._file(c.payload)}: chunk at offset {c.offset} ({owner}) was not "
-                                           "planned for streaming (an internal error); rerun with --keep-diff")
                 self._cond.wait(0.5)
             buf = self._ready.pop(key)
+            self._planned.discard(key)  # read once; a second read fetches it again
             self._held -= c.length
             self._cond.notify_all()
         return buf

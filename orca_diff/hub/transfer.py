@@ -211,7 +211,8 @@ def download_diff(ref: RepoRef, *, progress: bool | None = None, manifest_only: 
     if missing:
         with _progress(progress), hub_errors(pinned, "diff"):
             _fetch_files(pinned, [(p.path, p.size, p.sha256) for p in missing], progress, "downloading diff")
-    _verify_payloads(folder, manifest, pinned, progress)
+    # files fetched now were checked as they landed; the ones found in the cache are checked here
+    _verify_payloads(folder, manifest, pinned, progress, skip={p.path for p in missing})
     return folder
 
 
@@ -277,14 +278,17 @@ def _exact_patterns(paths: Iterable[str]) -> list[str]:
     return ["".join(f"[{c}]" if c in "*?[" else c for c in p) for p in paths]
 
 
-def _verify_payloads(folder: Path, manifest: Manifest, ref: RepoRef, progress: bool | None) -> None:
-    """Size + sha256 of every payload against the manifest; a bad file is fetched again once."""
+def _verify_payloads(folder: Path, manifest: Manifest, ref: RepoRef, progress: bool | None,
+                     skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Size + sha256 of every payload (but ``skip``) against the manifest; a bad file is fetched
+    again once."""
     from ..containers import file_sha256
 
     def bad_files() -> list[str]:
         bad = []
-        with byte_bar(manifest.payload_bytes, "verifying diff", progress) as bar:
-            for p in manifest.payloads:
+        todo = [p for p in manifest.payloads if p.path not in skip]
+        with byte_bar(sum(p.size for p in todo), "verifying diff", progress) as bar:
+            for p in todo:
                 path = folder / p.path
                 if not path.is_file() or path.stat().st_size != p.size or file_sha256(path) != p.sha256:
                     bad.append(p.path)
@@ -296,7 +300,7 @@ def _verify_payloads(folder: Path, manifest: Manifest, ref: RepoRef, progress: b
         return
     sizes = {p.path: (p.size, p.sha256) for p in manifest.payloads}
     with _progress(progress), hub_errors(ref, "diff"):
-        _fetch_files(ref, [(path, *sizes[path]) for path in bad], progress, "downloading diff", force=True)
+        _fetch_files(ref, [(path, *sizes[path]) for path in bad], progress, "downloading diff", force=True, fetches=1)
     still = bad_files()
     if still:
         raise CorruptDiffError(f"{ref}: payload {still[0]} does not match the manifest's sha256 even after a fresh"
