@@ -100,15 +100,18 @@ class Failure:
     * ``"hang"``: accept the request and never answer it;
     * ``"short"``: answer with a Content-Length smaller than asked (a complete, short answer);
     * ``"corrupt"``: the right length but other bytes (the listing's LFS sha256 stays right);
+    * ``"norange"``: ignore a ``Range`` header (answer 200 with the whole file, as some proxies do);
     * an int: answer that HTTP status.
 
-    ``then``: the mode of later requests for the same file (``None``: keep ``mode``; ``"ok"``:
-    serve normally), ``after``: requests served normally before the failure starts."""
+    ``after``: requests served normally before the failure starts; ``times``: requests that then
+    fail with ``mode``; ``then``: the mode of the requests after those (``None``: keep ``mode``;
+    ``"ok"``: serve normally)."""
 
     mode: str | int
     then: str | int | None = None
     count: int = 0
     after: int = 0
+    times: int = 1
 
 
 class FakeHub:
@@ -179,8 +182,8 @@ class FakeHub:
         return self.add_repo(repo_id, files, **kwargs)
 
     def fail_downloads(self, repo_id: str, path: str, mode: str | int = "drop", then: str | int | None = None,
-                       after: int = 0) -> Failure:
-        failure = Failure(mode, then, after=after)
+                       after: int = 0, times: int = 1) -> Failure:
+        failure = Failure(mode, then, after=after, times=times)
         self.failures[(repo_id, path)] = failure
         return failure
 
@@ -243,7 +246,7 @@ class _Link:
         self._next = 0.0  # the time at which the link is free again
 
     def send(self, wfile, data: bytes, rate: float | None, stopping: threading.Event) -> None:
-        step = 64 * 1024 if not rate else int(max(512, min(64 * 1024, rate / 50)))  # ~20 ms a piece
+        step = 64 * 1024 if not rate else int(max(512, min(1 << 20, rate / 50)))  # ~20 ms a piece
         for i in range(0, len(data), step):
             piece = data[i:i + step]
             if rate:
@@ -451,7 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
                 n = failure.count
                 failure.count += 1
             if n >= failure.after:
-                mode = failure.mode if n == failure.after or failure.then is None else failure.then
+                mode = failure.mode if n < failure.after + failure.times or failure.then is None else failure.then
         if isinstance(mode, int):
             return self._error(mode, None, "Injected failure")
         if mode == "hang":
@@ -460,6 +463,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         status, start, end = 200, 0, len(data)
         range_header = self.headers.get("Range")
+        if mode == "norange":
+            range_header = None
         if self.command == "GET" and range_header and (r := re.fullmatch(r"bytes=(\d+)-(\d*)", range_header.strip())):
             start = int(r[1])
             end = min(len(data), int(r[2]) + 1) if r[2] else len(data)

@@ -96,6 +96,7 @@ def test_streamed_apply_rebuilds_the_model_and_keeps_no_copy_of_the_diff(world, 
     assert r.returncode == 0, r.stderr
     assert_same_files(tmp_path / "out", world["target"])
     assert payload_blobs(tmp_path, world["manifest"]) == []  # only the manifest was written to the cache
+    assert "no copy of the diff kept" in r.stderr and "streamed" in r.stderr
     m = world["manifest"]
     for p in m.payloads:  # ranged reads, each byte once
         assert all(rng is not None for path, rng in hub.ranges if path == p.path)
@@ -126,6 +127,14 @@ def test_a_payload_fault_once_is_retried_and_the_output_is_exact(world, hub, orc
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t < 60
     assert failure.count >= 2  # it failed, then a retry got it
+    assert_same_files(tmp_path / "out", world["target"])
+
+
+def test_a_server_that_ignores_range_requests_still_gives_an_exact_output(world, hub, orca, tmp_path):
+    for p in world["manifest"].payloads:
+        hub.fail_downloads(DIFF_REPO, p.path, "norange")
+    r = orca(*apply_cmd(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
     assert_same_files(tmp_path / "out", world["target"])
 
 

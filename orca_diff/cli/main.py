@@ -206,6 +206,8 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, keep_dif
                    payloads=source, payload_memory=PREFETCH_BUDGET if source is not None else 0)
     for note in r.notes:
         click.echo(f"note: {note}", err=True)
+    if source is not None and (said := source.summary()):
+        click.echo(f"note: {said}", err=True)
     resumed = f" ({r.resumed_files} already done)" if r.resumed_files else ""
     base_said = (f"base fingerprint {r.base_fingerprint} (measured)" if r.base_fingerprint else
                  f"base: {r.base_tensors_checked} tensors checked")

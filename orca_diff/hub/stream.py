@@ -280,6 +280,8 @@ class StreamedPayloads:
         self._stop = threading.Event()
         self.bytes_fetched = 0
         self.retries = 0
+        self.started = time.monotonic()
+        self.last_byte = self.started
         self._threads = [threading.Thread(target=self._work, name=f"orca-diff-fetch-{i}", daemon=True)
                          for i in range(max(1, in_flight))]
         for t in self._threads:
@@ -336,6 +338,7 @@ class StreamedPayloads:
                         filled += n
                         view = view[n:]
                         self.bytes_fetched += n
+                        self.last_byte = time.monotonic()
                         if filled == c.length:
                             if digest_bytes(buf, self.algo) != c.digest:
                                 k = refetched.get(c.offset, 0)
@@ -418,14 +421,31 @@ def _describe(exc: BaseException, f: RemoteFile) -> OrcaDiffError:
     return describe_hub_error(exc, RepoRef(f.repo_id, f.commit), f"diff file {f.path} of")
 
 
-def payload_source(repo_id: str, commit: str, **kw) -> Callable[[Manifest, list[Chunk]], StreamedPayloads]:
+class payload_source:
     """What ``apply_diff(payloads=...)`` takes: builds the streamed reader once apply knows which
-    chunks it needs (files finished by an interrupted run are not fetched again)."""
+    chunks it needs (files finished by an interrupted run are not fetched again); ``stream`` is
+    the reader it built (for its measured figures)."""
 
-    def open_(manifest: Manifest, chunks: list[Chunk]) -> StreamedPayloads:
-        return StreamedPayloads(repo_id, commit, manifest, chunks, **kw)
+    def __init__(self, repo_id: str, commit: str, **kw):
+        self.repo_id, self.commit, self.kw = repo_id, commit, kw
+        self.stream: StreamedPayloads | None = None
 
-    return open_
+    def __call__(self, manifest: Manifest, chunks: list[Chunk]) -> StreamedPayloads:
+        self.stream = StreamedPayloads(self.repo_id, self.commit, manifest, chunks, **self.kw)
+        return self.stream
+
+    def summary(self) -> str | None:
+        """One line of what was measured: bytes streamed, how long, from which host, retries."""
+        s = self.stream
+        if s is None or not s.bytes_fetched:
+            return None
+        from ..progress import human_bytes
+
+        took = max(1e-9, s.last_byte - s.started)
+        host = RemoteFile(self.repo_id, self.commit, "x", 0).host
+        return (f"streamed {human_bytes(s.bytes_fetched)} of payload from {host} in {took:.1f}s "
+                f"({s.bytes_fetched / took / 1e6:.1f} MB/s), {s.retries} retr{'y' if s.retries == 1 else 'ies'}; "
+                "no copy of the diff kept")
 
 
 # --------------------------------------------------------------------------- whole files into the HF cache
@@ -474,7 +494,7 @@ def _sha256_of(path: Path):
 
 def fetch_to_cache(f: RemoteFile, blob_name: str, sha256: str | None, *, revision: str | None = None,
                    force: bool = False, on_bytes: Callable[[int], None] | None = None, fetches: int = REFETCHES + 1,
-                   error: type[OrcaDiffError] = CorruptDiffError) -> Path:
+                   error: type[OrcaDiffError] = CorruptDiffError, stop: threading.Event | None = None) -> Path:
     """Download ``f`` into the HF cache as the client would (``blobs/<blob_name>``, a
     ``snapshots/<commit>/<path>`` link, ``refs/<revision>``); return the snapshot path.
 
@@ -512,7 +532,7 @@ def fetch_to_cache(f: RemoteFile, blob_name: str, sha256: str | None, *, revisio
                         return True
                     got = 0
                     try:
-                        for piece in _stream_range(f, done, f.size, None):
+                        for piece in _stream_range(f, done, f.size, stop):
                             room = f.size - out.tell()
                             if len(piece) > room:
                                 raise _Retry("the server sent more bytes than the listing's size")
@@ -533,7 +553,7 @@ def fetch_to_cache(f: RemoteFile, blob_name: str, sha256: str | None, *, revisio
                         raise _Retry(f"the answer ended {f.size - out.tell()} bytes short")
                     return True
 
-                with_retries(f, attempt)
+                with_retries(f, attempt, stop)
                 out.flush()
                 os.fsync(out.fileno())
             if sha256 is None or h.hexdigest() == sha256:
@@ -547,5 +567,48 @@ def fetch_to_cache(f: RemoteFile, blob_name: str, sha256: str | None, *, revisio
                     f"copy; tell its owner ({f.url.split('/resolve/')[0]})")
 
 
-__all__ = ["stall_timeout", "install_timeouts", "RemoteFile", "StreamedPayloads", "payload_source", "plan_ranges",
+def run_parallel(items: list, fn: Callable, workers: int = IN_FLIGHT) -> None:
+    """``fn(item, stop)`` for every item on up to ``workers`` daemon threads (several files in
+    flight, as the client's snapshot_download does); the first exception is raised here after
+    the others were told to stop. Daemon threads and a polling join keep Ctrl-C immediate."""
+    if len(items) <= 1 or workers <= 1:
+        for it in items:
+            fn(it, None)
+        return
+    stop = threading.Event()
+    queue = deque(items)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while not stop.is_set():
+            with lock:
+                if not queue:
+                    return
+                it = queue.popleft()
+            try:
+                fn(it, stop)
+            except Cancelled:
+                return
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+                stop.set()
+                return
+
+    threads = [threading.Thread(target=work, name=f"orca-diff-download-{i}", daemon=True)
+               for i in range(min(workers, len(items)))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    finally:
+        stop.set()
+    if errors:
+        raise errors[0]
+
+
+__all__ = ["stall_timeout", "run_parallel", "install_timeouts", "RemoteFile", "StreamedPayloads", "payload_source", "plan_ranges",
            "fetch_to_cache", "write_ref", "cache_paths", "with_retries"]

@@ -255,22 +255,27 @@ def _fetch_files(ref: RepoRef, files: list[tuple[str, int, str | None]], progres
                  revision: str | None = None, force: bool = False, meta: dict | None = None, **kw) -> None:
     """Fetch (path, size, sha256) files of ``ref`` (at a commit) into the cache, resumably, each
     under the blob name the Hub gives it (its LFS sha256, else its git oid)."""
-    from .stream import RemoteFile, fetch_to_cache
+    from .stream import RemoteFile, fetch_to_cache, run_parallel
 
     assert ref.revision is not None
     if meta is None:
         _sha, meta = repo_files_meta(ref)
+    for path, size, _sha256 in files:
+        m = meta.get(path)
+        if m is None:
+            raise HubError(f"{path} is missing from {ref} on {endpoint()} (the manifest lists it): the upload is"
+                           f" incomplete; tell the publisher ({repo_url(ref.repo_id)})")
+        if m.size != size:
+            raise CorruptDiffError(f"{path} of {ref} on {endpoint()} is {m.size} bytes, the manifest says {size}:"
+                                   f" the repo does not hold this diff's files; tell the publisher ({repo_url(ref.repo_id)})")
     with byte_bar(sum(size for _p, size, _s in files), label, progress) as bar:
-        for path, size, sha256 in files:
-            m = meta.get(path)
-            if m is None:
-                raise HubError(f"{path} is missing from {ref} on {endpoint()} (the manifest lists it): the upload is"
-                               f" incomplete; tell the publisher ({repo_url(ref.repo_id)})")
-            if m.size != size:
-                raise CorruptDiffError(f"{path} of {ref} on {endpoint()} is {m.size} bytes, the manifest says {size}:"
-                                       f" the repo does not hold this diff's files; tell the publisher ({repo_url(ref.repo_id)})")
+        def one(item: tuple[str, int, str | None], stop) -> None:
+            path, size, sha256 = item
+            m = meta[path]
             fetch_to_cache(RemoteFile(ref.repo_id, ref.revision, path, size), m.sha256 or m.blob_id or "",
-                           sha256 or m.sha256, revision=revision, force=force, on_bytes=bar.update, **kw)
+                           sha256 or m.sha256, revision=revision, force=force, on_bytes=bar.update, stop=stop, **kw)
+
+        run_parallel(files, one)
 
 
 def _exact_patterns(paths: Iterable[str]) -> list[str]:
