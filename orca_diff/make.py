@@ -27,7 +27,7 @@ from . import __version__
 from .codec import DEFAULT_LEVEL, base_prediction, choose_encoding, encode_chunk
 from .digests import TENSOR_DIGEST_OF_VERSION, Hasher, digest_bytes, new_hasher
 from .bits import UINT_FOR_SIZE, ulp_delta
-from .errors import InterruptedError_, UsageError
+from .errors import BaseMismatchError, InterruptedError_, UsageError
 from .fingerprint import base_fingerprint
 from .format import (
     FORMAT_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
@@ -254,8 +254,8 @@ def base_weight_files(base: ModelReader) -> list[Path]:
 
 
 def _hf_blob_sha256(path: Path) -> str | None:
-    """The sha256 of an HF cache snapshot file, from the name of the blob it links to (the Hub's
-    LFS oid, which names blobs), without reading it."""
+    """The sha256 an HF cache snapshot file claims, from the name of the blob it links to (the
+    Hub's LFS oid, which names blobs), without reading it. A claim, not a measurement."""
     if not path.is_symlink():
         return None
     target = path.resolve()
@@ -264,10 +264,27 @@ def _hf_blob_sha256(path: Path) -> str | None:
     return None
 
 
+def _weight_file_sha256(p: Path, stop: threading.Event | None) -> str:
+    """The sha256 of a base weight file, measured, or taken from its HF cache blob's name only when
+    orca-diff has hashed that very blob before (``hub.transfer.blob_verified``'s record). A blob
+    that does not hash to its name is refused: the cached copy is damaged."""
+    from .hub.transfer import blob_checked_before
+
+    claimed = _hf_blob_sha256(p)
+    if claimed is not None and blob_checked_before(p.resolve()):
+        return claimed
+    sha = file_sha256(p, stop=stop)
+    if claimed is not None and sha != claimed:
+        raise BaseMismatchError(f"{p}: links to the HF cache blob {claimed[:12]}…, whose bytes hash to {sha[:12]}…: the "
+                                "cached copy is damaged; fetch it again (`orca-diff download ORG/NAME` re-downloads a "
+                                "damaged blob) and rerun")
+    return sha
+
+
 def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | None, threads: int,
                              stop: threading.Event | None = None) -> dict[str, BaseFile]:
     """{path relative to the base folder: size, sha256} of the base's weight files: from ``known``
-    (the Hub's listing), from the HF cache's blob names, else hashed."""
+    (the Hub's listing), else measured (:func:`_weight_file_sha256`)."""
     files = base_weight_files(base)
     root = base.path if base.path.is_dir() else base.path.parent
 
@@ -276,7 +293,7 @@ def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | Non
         size = p.stat().st_size
         if known and rel in known and known[rel].size == size:
             return rel, known[rel]
-        return rel, BaseFile(size, _hf_blob_sha256(p) or file_sha256(p, stop=stop))
+        return rel, BaseFile(size, _weight_file_sha256(p, stop))
 
     return dict(ordered_map(one, files, threads))
 

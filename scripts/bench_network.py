@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--stalls", type=int, default=2, help="requests for the first payload file that stall mid-body")
     ap.add_argument("--stall-timeout", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--runs", default="hf,download,streamed,sequential",
+                    help="which of hf,download,streamed,sequential to run (ratios need hf or download)")
     ap.add_argument("--base-from-hub", action="store_true", help="also apply with --base ORG/NAME, not cached")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -152,6 +154,8 @@ def main() -> None:
             "sequential apply": (["apply", "--keep-diff", "--diff", DIFF_REPO, "--base", str(base), "--out", "{OUT}",
                                   "-q"], "cli"),
         }
+        wanted = set(a.runs.split(","))
+        plans = {k: v for k, v in plans.items() if k.split()[0] in wanted}  # "hf", "download", ...
         results: dict[str, dict] = {}
         for stalls in ([0, a.stalls] if a.stalls else [0]):
             for name, (args, mode) in plans.items():
@@ -191,9 +195,14 @@ def main() -> None:
               " faults):")
         for stalls in ([0, a.stalls] if a.stalls else [0]):
             sfx = " +stalls" if stalls else ""
-            dl = min(results[f"download{sfx}"]["seconds"], results[f"hf snapshot_download{sfx}"]["seconds"])
+            dls = [results[k]["seconds"] for k in (f"download{sfx}", f"hf snapshot_download{sfx}") if k in results]
+            if not dls:
+                continue
+            dl = min(dls)
             link = (m.payload_bytes + (work / "diff" / "orca-diff.json").stat().st_size) / rate
             for name in ("hf snapshot_download", "download", "streamed apply", "sequential apply"):
+                if name + sfx not in results:
+                    continue
                 print(f"  {name + sfx:28s} {results[name + sfx]['seconds'] / dl:5.2f}x   "
                       f"(link floor {link:.2f} s: {results[name + sfx]['seconds'] / link:4.2f}x)")
         if a.base_from_hub:

@@ -404,3 +404,25 @@ def test_ranges_group_neighbouring_chunks_in_need_order(world):
         assert len({c.payload for c in r.chunks}) == 1
         assert all(a.offset + a.length == b.offset for a, b in zip(r.chunks, r.chunks[1:]))
         assert r.nbytes <= 10_000 or len(r.chunks) == 1
+
+
+def test_make_never_takes_a_weight_files_sha256_from_the_name_of_a_damaged_cache_blob(world, hub, orca, tmp_path):
+    """issue 19 item 5: ``base.weight_files`` comes from bytes read, or from a blob orca-diff
+    checked; a cache folder whose blob does not hash to its name is refused, not recorded."""
+    r = orca("download", BASE_REPO, "-q")
+    assert r.returncode == 0, r.stderr
+    folder = Path(r.stdout.strip())
+    ok = orca("make", "--base", str(folder), "--target", str(world["target"]), "--out", str(tmp_path / "d1"), "-q")
+    assert ok.returncode == 0, ok.stderr
+    recorded = load_manifest(tmp_path / "d1").base.weight_files
+    for rel, bf in recorded.items():
+        assert bf.sha256 == hashlib.sha256((world["base"] / rel).read_bytes()).hexdigest()
+    shard = sorted(recorded)[0]
+    blob = (folder / shard).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 1  # a tensor byte: the file still parses
+    blob.write_bytes(bytes(data))
+    bad = orca("make", "--base", str(folder), "--target", str(world["target"]), "--out", str(tmp_path / "d2"), "-q")
+    assert bad.returncode == 6, bad.stderr
+    line = one_error_line(bad)
+    assert shard in line and "damaged" in line

@@ -483,17 +483,21 @@ def _mark_verified(blob: Path) -> None:
         pass  # only a cache of work done: next time the blob is hashed again
 
 
+def blob_checked_before(blob: Path) -> bool:
+    """Whether orca-diff hashed this very blob (same size, mtime, inode) and found its name right."""
+    try:
+        return (_verified_dir() / blob.name).read_text() == _stamp(blob)
+    except OSError:
+        return False
+
+
 def blob_verified(blob: Path, sha256: str, progress: bool | None = None) -> bool:
     """Whether an HF cache blob hashes to the sha256 that names it: from orca-diff's record of an
     earlier check of this very file, else measured (and recorded)."""
     from ..containers import file_sha256
 
-    try:
-        marker = (_verified_dir() / blob.name).read_text()
-        if marker == _stamp(blob):
-            return True
-    except OSError:
-        pass
+    if blob_checked_before(blob):
+        return True
     with byte_bar(blob.stat().st_size, f"checking cached {blob.name[:12]}", progress) as bar:
         ok = file_sha256(blob) == sha256
         bar.update(blob.stat().st_size)
