@@ -130,12 +130,24 @@ def test_a_payload_fault_once_is_retried_and_the_output_is_exact(world, hub, orc
     assert_same_files(tmp_path / "out", world["target"])
 
 
-def test_a_server_that_ignores_range_requests_still_gives_an_exact_output(world, hub, orca, tmp_path):
+@pytest.mark.parametrize("range_bytes", ["5000", "100000"])  # GETs of part of a file, and of whole files
+def test_a_server_that_ignores_range_requests_still_gives_an_exact_output(world, hub, orca, tmp_path, range_bytes):
     for p in world["manifest"].payloads:
         hub.fail_downloads(DIFF_REPO, p.path, "norange")
-    r = orca(*apply_cmd(tmp_path / "out"))
+    r = orca(*apply_cmd(tmp_path / "out"), ORCA_DIFF_RANGE_BYTES=range_bytes)
     assert r.returncode == 0, r.stderr
     assert_same_files(tmp_path / "out", world["target"])
+    if range_bytes == "5000":
+        assert len(hub.ranges) > len(world["manifest"].payloads)
+
+
+def test_offline_mode_with_only_the_manifest_cached_is_one_line(world, hub, orca, tmp_path):
+    assert orca("info", DIFF_REPO).returncode == 0  # caches the manifest
+    assert orca("download", BASE_REPO, "-q").returncode == 0
+    r = orca(*apply_cmd(tmp_path / "out"), HF_HUB_OFFLINE="1")
+    assert r.returncode == 9, r.stderr
+    assert "HF_HUB_OFFLINE=1" in one_error_line(r)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("mode,code,says", [

@@ -171,6 +171,7 @@ def _stream_range(f: RemoteFile, start: int, end: int, stop: threading.Event | N
                     raise _Retry(f"the server answered range {r.headers.get('Content-Range')!r} for bytes {start}-")
             elif start:  # the server ignored Range: read past what is not wanted
                 skip = start
+            left = end - start  # and never past what is wanted (a 200 answer sends it all)
             for piece in r.iter_bytes():  # as received (a chunk_size would hold bytes back)
                 if stop is not None and stop.is_set():
                     raise Cancelled()
@@ -179,6 +180,10 @@ def _stream_range(f: RemoteFile, start: int, end: int, stop: threading.Event | N
                     piece, skip = piece[cut:], skip - cut
                     if not piece:
                         continue
+                if len(piece) >= left:
+                    yield piece[:left]
+                    return
+                left -= len(piece)
                 yield piece
     except (OrcaDiffError, Cancelled, _Retry):
         raise
@@ -267,7 +272,8 @@ class StreamedPayloads:
     the order of ``chunks``; at most ``budget`` bytes are held fetched but not yet read."""
 
     def __init__(self, repo_id: str, commit: str, manifest: Manifest, chunks: list[Chunk], *,
-                 in_flight: int = IN_FLIGHT, budget: int = PREFETCH_BUDGET, range_bytes: int = RANGE_BYTES):
+                 in_flight: int = IN_FLIGHT, budget: int = PREFETCH_BUDGET, range_bytes: int | None = None):
+        range_bytes = range_bytes or int(os.environ.get("ORCA_DIFF_RANGE_BYTES") or RANGE_BYTES)
         self.repo_id, self.commit, self.algo = repo_id, commit, manifest.digest_algo
         self._sizes = {p.path: p.size for p in manifest.payloads}
         self._ranges = deque(plan_ranges(chunks, max(1, min(range_bytes, budget // max(1, in_flight)))))
@@ -324,6 +330,8 @@ class StreamedPayloads:
         refetched: dict[int, int] = {}
 
         def attempt() -> bool:
+            if not todo:
+                return True
             first = todo[0]
             buf = np.empty(first.length, dtype=np.uint8)
             filled = 0
@@ -353,8 +361,6 @@ class StreamedPayloads:
                             progressed = True
                             todo.pop(0)
                             if not todo:
-                                if len(view):
-                                    raise _Retry("the server sent more bytes than asked for")
                                 return True
                             buf = np.empty(todo[0].length, dtype=np.uint8)
                             filled = 0
@@ -533,10 +539,7 @@ def fetch_to_cache(f: RemoteFile, blob_name: str, sha256: str | None, *, revisio
                     got = 0
                     try:
                         for piece in _stream_range(f, done, f.size, stop):
-                            room = f.size - out.tell()
-                            if len(piece) > room:
-                                raise _Retry("the server sent more bytes than the listing's size")
-                            out.write(piece)
+                            out.write(piece)  # _stream_range stops at the size asked for
                             h.update(piece)
                             got += len(piece)
                             if on_bytes is not None:
