@@ -329,6 +329,17 @@ def test_a_base_download_cut_midway_resumes_from_its_partial_blob_and_the_cache_
     assert off.returncode == 0 and off.stdout.strip() == str(folder), off.stderr
 
 
+def test_transformers_loads_the_base_orca_diff_put_in_the_cache_offline(world, hub, orca, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    assert orca("download", BASE_REPO, "-q").returncode == 0
+    script = (f"from transformers import AutoModelForCausalLM; m = AutoModelForCausalLM.from_pretrained({BASE_REPO!r});"
+              " print(sum(p.numel() for p in m.parameters()))")
+    r = orca.run_python("-c", script, HF_HUB_OFFLINE="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) > 0
+
+
 def test_a_cached_base_blob_that_does_not_hash_to_its_name_is_fetched_again_once(world, hub, orca, tmp_path):
     assert orca("download", BASE_REPO, "-q").returncode == 0
     shard = sorted(p.name for p in world["base"].glob("*.safetensors"))[0]
