@@ -238,7 +238,7 @@ def _already_rebuilt(out: Path, manifest: Manifest, progress: bool | None, verif
 def apply(diff: PathLike, out: PathLike, *, base: PathLike | None = None, revision: str | None = None,
           format: str = "auto", force: bool = False, threads: int | None = None, progress: bool | None = False,
           token: str | None = None, cache_dir: PathLike | None = None, check_base: bool = True,
-          verify: "VerifyWith | None" = None) -> ApplyReport:
+          verify: "VerifyWith | None" = None, keep_diff: bool = False) -> ApplyReport:
     """Rebuild the fine-tuned model of ``diff`` into the folder ``out``, byte-identical.
 
     ``diff``: a folder, a catalog name or a Hub repo id (``revision``: its branch, tag or commit,
@@ -249,11 +249,12 @@ def apply(diff: PathLike, out: PathLike, *, base: PathLike | None = None, revisi
     overrides a refusal based on the evidence of the bytes. Rerunning a finished apply checks
     ``out`` and returns ``already_done=True``. ``verify`` (orca_diff.signing.VerifyWith): the
     publisher's signatures are checked before any payload is fetched, and every rebuilt file is
-    held to the signed sha256s before it is published.
+    held to the signed sha256s before it is published. A Hub diff whose payloads are not in the
+    cache is streamed into the rebuild (no copy kept) unless ``keep_diff``.
     """
     from .apply import apply_diff
     from .format import load_manifest
-    from .hub.resolve import resolve_base, resolve_diff
+    from .hub.resolve import resolve_base, resolve_diff, resolve_diff_streamed
     from .legacy import detect_format
 
     t0 = time.perf_counter()
@@ -288,11 +289,16 @@ def apply(diff: PathLike, out: PathLike, *, base: PathLike | None = None, revisi
                                already_done=True, notes=notes, model_digest=done.model_digest)
         # the base first: a wrong Hub repo is refused by its listing before the payloads are fetched
         base_dir = resolve_base(None if base is None else os.fspath(base), manifest, progress=progress)
-        diff_dir = resolve_diff(_pinned(manifest_dir, spec), progress=progress)
+        diff_dir, source = resolve_diff_streamed(_pinned(manifest_dir, spec), progress=progress, keep_diff=keep_diff)
+    from .hub.stream import PREFETCH_BUDGET
+
     try:
-        r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=progress, verify=verify)
+        r = apply_diff(base_dir, diff_dir, out, force=force, threads=threads, progress=progress, verify=verify,
+                       payloads=source, payload_memory=PREFETCH_BUDGET if source is not None else 0)
     except OrcaDiffError as exc:
         raise _with_staging_said(exc, out) from None
+    if source is not None and (said := source.summary()):
+        r.notes.append(said)
     checks = [f"every file matches its sha256 and every tensor its {r.digest_algo}",
               f"base fingerprint {r.base_fingerprint} (measured)" if r.base_fingerprint else
               f"base: {r.base_tensors_checked} tensors checked"]

@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -209,13 +209,14 @@ def _base_locations(base: ModelReader) -> dict[str, tuple[Path, int]]:
     return where
 
 
-def _job_ranges(job: _Job, manifest: Manifest, diff_dir: Path, located: dict[str, tuple[Path, int]]) -> list[Range]:
-    """The file ranges ``_decode`` will read for ``job`` (for readahead): its payload chunk and,
-    for a delta chunk, the base bytes it predicts from."""
+def _job_ranges(job: _Job, manifest: Manifest, diff_dir: Path | None,
+                located: dict[str, tuple[Path, int]]) -> list[Range]:
+    """The file ranges ``_decode`` will read for ``job`` (for readahead): its payload chunk (when
+    the payloads are files in ``diff_dir``) and, for a delta chunk, the base bytes it predicts from."""
     c = job.chunk
     if c is None:
         return []
-    ranges = [(diff_dir / c.payload, c.offset, c.length)]
+    ranges: list[Range] = [] if diff_dir is None else [(diff_dir / c.payload, c.offset, c.length)]
     if c.mode == "delta" and job.tensor is not None:
         t = manifest.tensors[job.tensor]
         loc = located.get(t.encoding.base_tensor or "")
@@ -400,7 +401,7 @@ def _finished(staging: Path, state: _State, f: FileEntry, manifest: Manifest) ->
     return digests
 
 
-def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
+def memory_plan(manifest: Manifest, threads: int, budget: int = MEMORY_BUDGET) -> tuple[int, int]:
     """(threads, window) for rebuilding ``manifest`` within MEMORY_BUDGET.
 
     A chunk in flight holds its compressed bytes, the base bytes it predicts from (up to 8x the
@@ -432,22 +433,40 @@ def memory_plan(manifest: Manifest, threads: int) -> tuple[int, int]:
                                   f"accepts chunks of at most {_human(MAX_APPLY_CHUNK_BYTES)} (its memory bound)")
             worst = max(worst, c.length + 3 * c.size)
     worst = max(worst, 2 * BASE_COPY_BLOCK)
-    budget = MEMORY_BUDGET
     if not entropy.c_in_use():
         if any(t.encoding.codec == "ans" for t in manifest.tensors.values()):
-            threads = max(1, min(threads, MEMORY_BUDGET // 4 // entropy.NUMPY_DECODE_SCRATCH))
+            threads = max(1, min(threads, budget // 4 // entropy.NUMPY_DECODE_SCRATCH))
             budget -= threads * entropy.NUMPY_DECODE_SCRATCH
     window = max(1, min(threads + 2, budget // worst))
     return max(1, min(threads, window)), window
 
 
+#: Where apply's payload chunks come from when not from files beside the manifest: called with
+#: the manifest and the chunks apply will probably read, in order (those of files an interrupted
+#: run recorded as finished are left out); returns an object with ``read(chunk, owner)`` (checked
+#: bytes, any chunk) and ``close()``. It is called before the base check, so that a Hub stream's
+#: first bytes arrive while the base is being read (hub.stream.payload_source).
+PayloadSource = Callable[[Manifest, list[Chunk]], "_Payloads"]
+
+
+def _planned_chunks(manifest: Manifest, staging: Path) -> list[Chunk]:
+    """The chunks a rebuild into ``staging`` will read, in order: every file's but those the
+    staging log records as finished (they are re-hashed later, and re-read if that fails)."""
+    state = _State(staging, manifest.identity())
+    done = state.done if not staging.is_symlink() and staging.is_dir() and state.load() else {}
+    return [j.chunk for j in _jobs(manifest, [f for f in manifest.files if f.path not in done]) if j.chunk is not None]
+
+
 def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
-               threads: int | None = None, progress: bool | None = None, verify: "VerifyWith | None" = None
-               ) -> ApplyReport:
+               threads: int | None = None, progress: bool | None = None, verify: "VerifyWith | None" = None,
+               payloads: PayloadSource | None = None, payload_memory: int = 0) -> ApplyReport:
     """Rebuild the target model of ``diff`` from ``base`` into the folder ``out``. With ``verify``
     the publisher's signature is checked first (orca_diff.signing.check_release: the diff's own
     signature before its manifest is used, the target's before any payload or base byte is read)
-    and every rebuilt file's sha256 is held to the signed statement before it is published."""
+    and every rebuilt file's sha256 is held to the signed statement before it is published.
+    ``payloads``: read the chunks from there (a Hub stream) instead of from the payload files
+    beside the manifest, which then need not exist; ``payload_memory``: what that source holds at
+    most."""
     from .signing import check_diff_signature, check_release, unsigned_note
 
     t0 = time.perf_counter()
@@ -455,10 +474,19 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
     diff_signed = check_diff_signature(diff_dir, verify) if verify is not None else None
     manifest = load_manifest(diff_dir)
     release = check_release(diff_dir, manifest, verify, diff_signed) if verify is not None else None
-    threads, window = memory_plan(manifest, threads or default_threads())
+    threads, window = memory_plan(manifest, threads or default_threads(), MEMORY_BUDGET - payload_memory)
     with output_session(out, force, (base, diff_dir)) as session:
-        check_payload_presence(diff_dir, manifest)
-        base_model = open_model(base)
+        if payloads is None:
+            check_payload_presence(diff_dir, manifest)
+            stream = None
+        else:  # fetching starts now: the first chunks arrive while the base is checked
+            stream = payloads(manifest, _planned_chunks(manifest, session.staging))
+        try:
+            base_model = open_model(base)
+        except BaseException:
+            if stream is not None:
+                stream.close()
+            raise
         try:
             once = samples_usable(manifest, base_model)
             if once:  # the base is read once: sampled check now, full digests while rebuilding
@@ -469,9 +497,12 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
             else:  # a manifest without sampled digests (older diffs), or a pickled base: as before
                 measured_base = check_base(base_model, manifest, threads, progress)
             report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0,
-                              measured_base if once else None, release.model if release is not None else None)
+                              measured_base if once else None, release.model if release is not None else None,
+                              stream)
         finally:
             base_model.close()
+            if stream is not None:
+                stream.close()
     report.base_tensors_checked = len(measured_base)
     report.base_fingerprint = measured_base_fingerprint(manifest, measured_base)
     report.notes = session.notes
@@ -484,14 +515,14 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
 
 def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: OutputSession, threads: int,
              window: int, progress: bool | None, t0: float, measured_base: dict[str, str] | None = None,
-             signed: "SignedModel | None" = None) -> ApplyReport:
+             signed: "SignedModel | None" = None, stream: _Payloads | None = None) -> ApplyReport:
     """Rebuild into the staging folder and publish it. With ``measured_base`` (a dict to fill),
     every needed base tensor's full digest is measured on the way and checked before publishing;
     a base tensor that differs removes the staging folder and raises BaseMismatchError. With
     ``signed``, every file's sha256 is held to the publisher's statement before it is named."""
     try:
         return _rebuild_checked(base, manifest, diff_dir, session, threads, window, progress, t0, measured_base,
-                                signed)
+                                signed, stream)
     except BaseMismatchError:
         try:
             remove_path(session.staging)  # built from a base that is not the diff's: nothing is kept
@@ -502,7 +533,7 @@ def _rebuild(base: ModelReader, manifest: Manifest, diff_dir: Path, session: Out
 
 def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, session: OutputSession, threads: int,
                      window: int, progress: bool | None, t0: float, measured_base: dict[str, str] | None,
-                     signed: "SignedModel | None") -> ApplyReport:
+                     signed: "SignedModel | None", stream: _Payloads | None) -> ApplyReport:
     out, staging = session.out, session.staging
     file_sha256s: dict[str, str] = {}  # measured: what the model digest is made of
     state = _State(staging, manifest.identity())
@@ -540,12 +571,13 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
         state.open(resumed_state)
     except OSError as exc:
         raise describe_os_error(exc, state.path, resume_hint) from None
-    payloads = _Payloads(diff_dir, manifest.digest_algo)
+    payloads = _Payloads(diff_dir, manifest.digest_algo) if stream is None else stream
     base_digests = StreamedBaseDigests(base, manifest, stream_users(manifest, todo)) if measured_base is not None else None
     hashes = _TensorHashes(manifest.digest_algo)
     ahead = ReadAhead()  # the disk reads the next chunks' base and payload bytes while these decode
     located = _base_locations(base)
-    jobs = announced(_jobs(manifest, todo), lambda j: _job_ranges(j, manifest, diff_dir, located), ahead)
+    local_payloads = diff_dir if stream is None else None  # streamed chunks are not on this disk
+    jobs = announced(_jobs(manifest, todo), lambda j: _job_ranges(j, manifest, local_payloads, located), ahead)
     writeback = EarlyWriteback()  # so that each file's fsync finds little left to write
     # files' sha256 on a thread of their own: the consumer then only writes (and BLAKE3 has its own)
     file_hasher = SerialWorker("orca-diff-sha256") if threads > 1 else None

@@ -29,7 +29,8 @@ from .basecheck import SampledHasher
 from .codec import DEFAULT_LEVEL, base_prediction, choose_encoding, encode_chunk
 from .digests import TENSOR_DIGEST_OF_VERSION, Hasher, digest_bytes, new_hasher
 from .bits import UINT_FOR_SIZE, ulp_delta
-from .errors import FormatError, InputChangedError, InputNotFoundError, InterruptedError_, OrcaDiffError, UsageError
+from .errors import (BaseMismatchError, FormatError, InputChangedError, InputNotFoundError, InterruptedError_,
+                     OrcaDiffError, UsageError)
 from .fingerprint import base_fingerprint
 from .format import (
     FORMAT_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
@@ -300,12 +301,40 @@ def base_weight_files(base: ModelReader) -> list[Path]:
     return []
 
 
+def _hf_blob_sha256(path: Path) -> str | None:
+    """The sha256 an HF cache snapshot file claims, from the name of the blob it links to (the
+    Hub's LFS oid, which names blobs), without reading it. A claim, not a measurement."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if target.parent.name == "blobs" and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+        return target.name
+    return None
+
+
+def _weight_file_sha256(p: Path, stop: threading.Event | None) -> str:
+    """The sha256 of a base weight file, measured, or taken from its HF cache blob's name only when
+    orca-diff has hashed that very blob before (``hub.transfer.blob_verified``'s record). A blob
+    that does not hash to its name is refused: the cached copy is damaged."""
+    from .hub.transfer import blob_checked_before
+
+    claimed = _hf_blob_sha256(p)
+    if claimed is not None and blob_checked_before(p.resolve()):
+        return claimed
+    sha = file_sha256(p, stop=stop)
+    if claimed is not None and sha != claimed:
+        raise BaseMismatchError(f"{p}: links to the HF cache blob {claimed[:12]}…, whose bytes hash to {sha[:12]}…: the "
+                                "cached copy is damaged; fetch it again (`orca-diff download ORG/NAME` re-downloads a "
+                                "damaged blob) and rerun")
+    return sha
+
+
 def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | None, threads: int,
                              stop: threading.Event | None = None) -> dict[str, BaseFile]:
     """{path relative to the base folder: size, sha256} of the base's weight files: from ``known``
-    (the Hub's listing), else hashed from their bytes. Never from an HF cache blob's name: the
-    cache names a blob after the sha256 the server claimed, and what is recorded here is what a
-    signed derivation attests."""
+    (the Hub's listing), else measured (:func:`_weight_file_sha256`). Never from an HF cache blob's
+    name alone: the cache names a blob after the sha256 the server claimed, and what is recorded
+    here is what a signed derivation attests."""
     files = base_weight_files(base)
     root = base.path if base.path.is_dir() else base.path.parent
 
@@ -314,7 +343,7 @@ def record_base_weight_files(base: ModelReader, known: dict[str, BaseFile] | Non
         size = p.stat().st_size
         if known and rel in known and known[rel].size == size:
             return rel, known[rel]
-        return rel, BaseFile(size, file_sha256(p, stop=stop))
+        return rel, BaseFile(size, _weight_file_sha256(p, stop))
 
     return dict(ordered_map(one, files, threads))
 

@@ -7,8 +7,11 @@ client relies on (``X-Repo-Commit``, ``ETag``, ``Content-Length``, ``X-Error-Cod
 server is ours: the tests drive the real client, its cache and its error classes.
 
 Repos are created by tests (``add_repo``/``add_folder``) or through the upload endpoints. Every
-request is logged (``requests``) so tests can count what was downloaded, and failures can be
-injected per file (``fail_downloads``) to test interrupted downloads.
+request is logged (``requests``) so tests can count what was downloaded, and network faults can
+be injected: per file (``fail_downloads``: drop the connection, stall mid-body, send fewer bytes,
+send other bytes than the listing claims, never answer, or an HTTP status), for the whole server
+(``silent``: accept connections and never answer), and a bandwidth limit shared by every
+connection (``bandwidth``, bytes/s: a link of that speed).
 
 Endpoints (model repos only):
   GET  /api/models/{repo}[/revision/{rev}]          model_info (id, sha, siblings, gated)
@@ -33,6 +36,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -90,13 +94,25 @@ class Repo:
 
 @dataclass
 class Failure:
-    """An injected download failure: ``"drop"`` sends half the body then closes the
-    connection (what a network cut looks like); an int answers that HTTP status. ``then``: the
-    mode of later requests for the same file (e.g. the client's ``Range`` retries)."""
+    """An injected download failure, for GETs of one file's bytes:
+
+    * ``"drop"``: send half the body, then close the connection (a network cut);
+    * ``"stall"``: send half the body, then nothing until the server stops (a stalled transfer);
+    * ``"hang"``: accept the request and never answer it;
+    * ``"short"``: answer with a Content-Length smaller than asked (a complete, short answer);
+    * ``"corrupt"``: the right length but other bytes (the listing's LFS sha256 stays right);
+    * ``"norange"``: ignore a ``Range`` header (answer 200 with the whole file, as some proxies do);
+    * an int: answer that HTTP status.
+
+    ``after``: requests served normally before the failure starts; ``times``: requests that then
+    fail with ``mode``; ``then``: the mode of the requests after those (``None``: keep ``mode``;
+    ``"ok"``: serve normally)."""
 
     mode: str | int
     then: str | int | None = None
     count: int = 0
+    after: int = 0
+    times: int = 1
 
 
 class FakeHub:
@@ -107,8 +123,15 @@ class FakeHub:
         self.lfs_store: dict[str, bytes] = {}
         self.write_tokens = set(write_tokens)
         self.requests: list[tuple[str, str]] = []
+        self.ranges: list[tuple[str, str | None]] = []  # (path, Range header) of every GET /resolve
         self.failures: dict[tuple[str, str], Failure] = {}
         self.lock = threading.RLock()
+        #: Accept connections and never answer any request (a Hub that stopped answering).
+        self.silent = False
+        #: Bytes/s shared by every file body sent (None: unlimited): a link of that speed.
+        self.bandwidth: float | None = None
+        self._link = _Link()
+        self.stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -126,6 +149,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()  # releases stalled and silent handlers
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -158,17 +182,21 @@ class FakeHub:
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         return self.add_repo(repo_id, files, **kwargs)
 
-    def fail_downloads(self, repo_id: str, path: str, mode: str | int = "drop", then: str | int | None = None) -> Failure:
-        failure = Failure(mode, then)
+    def fail_downloads(self, repo_id: str, path: str, mode: str | int = "drop", then: str | int | None = None,
+                       after: int = 0, times: int = 1) -> Failure:
+        failure = Failure(mode, then, after=after, times=times)
         self.failures[(repo_id, path)] = failure
         return failure
 
     def clear_failures(self) -> None:
         self.failures.clear()
+        self.silent = False
+        self.bandwidth = None
 
     def clear_log(self) -> None:
         with self.lock:
             self.requests.clear()
+            self.ranges.clear()
 
     def file_gets(self, repo_id: str | None = None) -> list[str]:
         """Paths of files whose bytes were requested (GET /resolve), in order."""
@@ -209,6 +237,29 @@ _COMMIT = re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$")
 _BRANCH = re.compile(rf"^/api/models/{_REPO}/branch/(?P<branch>[^/]+)$")
 _LFS_BATCH = re.compile(r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch$")
 _LFS_UPLOAD = re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$")
+
+
+class _Link:
+    """A shared link: ``send`` paces every connection's bytes so that together they go no faster
+    than the given rate (a token bucket with a 50 ms burst)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 0.0  # the time at which the link is free again
+
+    def send(self, wfile, data: bytes, rate: float | None, stopping: threading.Event) -> None:
+        step = 64 * 1024 if not rate else int(max(512, min(1 << 20, rate / 50)))  # ~20 ms a piece
+        for i in range(0, len(data), step):
+            piece = data[i:i + step]
+            if rate:
+                with self._lock:
+                    now = time.monotonic()
+                    start = max(now - 0.05, self._next)
+                    self._next = start + len(piece) / rate
+                    wait = self._next - now
+                if wait > 0 and stopping.wait(wait):
+                    return
+            wfile.write(piece)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -275,6 +326,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _log(self) -> None:
         with self.state.lock:
             self.state.requests.append((self.command, self._path()[0]))
+            if self.command == "GET" and (m := _RESOLVE.match(self._path()[0])):
+                self.state.ranges.append((unquote(m["path"]), self.headers.get("Range")))
+        if self.state.silent:  # accept, read the request, never answer
+            self.state.stopping.wait()
+            self.close_connection = True
+            raise _Silenced
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except _Silenced:
+            self.close_connection = True
+        except (ConnectionError, BrokenPipeError):  # the client gave up on a stalled or throttled body
+            self.close_connection = True
 
     # -- dispatch ----------------------------------------------------------------------------
     def do_HEAD(self) -> None:
@@ -386,34 +451,30 @@ class _Handler(BaseHTTPRequestHandler):
         etag = hashlib.sha256(data).hexdigest() if is_lfs(path, data) else git_blob_sha1(data)
         headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         failure = self.state.failures.get((repo_id, path))
+        mode: str | int = "ok"
         if self.command == "GET" and failure is not None:
-            mode = failure.mode if failure.count == 0 or failure.then is None else failure.then
-            failure.count += 1
-            if isinstance(mode, int):
-                return self._error(mode, None, "Injected failure")
-            # A network cut: promise the whole file, send half, close.
-            self.send_response(200)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
+            with self.state.lock:
+                n = failure.count
+                failure.count += 1
+            if n >= failure.after:
+                mode = failure.mode if n < failure.after + failure.times or failure.then is None else failure.then
+        if isinstance(mode, int):
+            return self._error(mode, None, "Injected failure")
+        if mode == "hang":
+            self.state.stopping.wait()
             self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             return
-        status, start = 200, 0
+        status, start, end = 200, 0, len(data)
         range_header = self.headers.get("Range")
-        if self.command == "GET" and range_header and (r := re.fullmatch(r"bytes=(\d+)-", range_header.strip())):
+        if mode == "norange":
+            range_header = None
+        if self.command == "GET" and range_header and (r := re.fullmatch(r"bytes=(\d+)-(\d*)", range_header.strip())):
             start = int(r[1])
-            if start >= len(data):
+            end = min(len(data), int(r[2]) + 1) if r[2] else len(data)
+            if start >= len(data) or start >= end:
                 return self._error(416, None, "Range not satisfiable")
             status = 206
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         if self.command == "HEAD":
             self.send_response(200)
             for k, v in headers.items():
@@ -421,7 +482,32 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             return
-        self._send(status, data[start:], headers, content_type="application/octet-stream")
+        body = data[start:end]
+        if mode == "corrupt":  # same length, other bytes: what the listing's sha256 does not describe
+            body = bytes(b ^ 0x5A for b in body[:64]) + body[64:]
+        elif mode == "short":  # a complete answer, but fewer bytes than asked for
+            body = body[: max(0, len(body) - max(1, len(body) // 4))]
+            if status == 206:
+                headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(data)}"
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/octet-stream")
+        full = end - start if mode in ("drop", "stall") else len(body)
+        self.send_header("Content-Length", str(full))
+        self.end_headers()
+        cut = mode in ("drop", "stall")
+        self.state._link.send(self.wfile, body[: len(body) // 2] if cut else body, self.state.bandwidth,
+                              self.state.stopping)
+        self.wfile.flush()
+        if mode == "stall":  # half the body, then silence until the server stops
+            self.state.stopping.wait()
+        if cut:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     # -- uploads -----------------------------------------------------------------------------
     def _require_writer(self) -> bool:
@@ -574,6 +660,10 @@ class _Handler(BaseHTTPRequestHandler):
             sha = self.state._commit(repo, rev, added, deleted, message)
         self._json(200, {"success": True, "commitOid": sha, "commitUrl": f"{self.state.url}/{repo.repo_id}/commit/{sha}",
                          "pullRequestUrl": None})
+
+
+class _Silenced(Exception):
+    """Raised in a handler of a silent server once it is stopped: end the request unanswered."""
 
 
 def free_port() -> int:

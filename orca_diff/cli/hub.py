@@ -13,6 +13,21 @@ from .provenance import sign_options
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 
 
+def _set_stall(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    if value is not None:
+        import os
+
+        from ..hub.stream import STALL_ENV
+
+        os.environ[STALL_ENV] = repr(value)  # read by every Hub request of this process
+
+
+stall_option = click.option(
+    "--stall-timeout", type=click.FloatRange(min=0.1), default=None, expose_value=False, callback=_set_stall,
+    is_eager=True, metavar="SECONDS", help="Hub transfers: seconds without a byte before a read is retried (then an "
+    "error, exit 9). Default: $ORCA_DIFF_STALL_TIMEOUT, else $HF_HUB_DOWNLOAD_TIMEOUT, else 10.")
+
+
 @click.command("catalog")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def catalog_cmd(as_json: bool) -> None:
@@ -92,6 +107,7 @@ def with_revision(spec: str, revision: str | None, what: str) -> str:
 @click.option("--kind", type=click.Choice(["auto", "base", "diff"]), default="auto", show_default=True,
               help="What NAME is; auto: catalog section, else a repo with orca-diff.json is a diff.")
 @hub_options(local_dir=True)
+@stall_option
 @quiet_option
 def download_cmd(name: str, kind: str, revision: str | None, token: str | None, cache_dir: str | None,
                  local_dir: str | None, quiet: bool) -> None:
@@ -213,6 +229,7 @@ class _quiet_client:
               help="License for the model card (Hub license id; default: the base's, else 'other').")
 @hub_options(revision="Branch to commit to (default: the repo's main branch), as for `hf upload --revision`.",
              cache_dir=False)
+@stall_option
 @quiet_option
 @sign_options
 def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, revision: str | None, token: str | None,

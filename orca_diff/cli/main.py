@@ -53,6 +53,7 @@ def cli() -> None:
 
 
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+from .hub import stall_option  # noqa: E402 - Hub transfers' stall timeout, shared by the Hub-aware commands
 threads_option = click.option("--threads", type=click.IntRange(1, 512), default=None,
                               help="Worker threads (default: all cores, or $ORCA_DIFF_THREADS).")
 
@@ -71,6 +72,7 @@ threads_option = click.option("--threads", type=click.IntRange(1, 512), default=
 @click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level of the chunks stored as zstd frames (small tensors, raw rows, other files; float deltas use the `ans` coder). Default 1: tuned fast parameters; 4 and above use zstd's own, slow to encode.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
+@stall_option
 @quiet_option
 @hub_options(revision=None)
 @sign_options
@@ -132,14 +134,17 @@ def _diff_arg(diff: str) -> str:
               show_default=True, help="Diff format: orca-diff, or a legacy release (FastChat/Vicuna delta, "
               "Alpaca/WizardLM weight diff, OpenAssistant XOR). auto: orca-diff when the diff has a manifest.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--keep-diff", is_flag=True, help="A Hub diff: download it into the HF cache, then apply (default: "
+              "stream its payloads into the rebuild, keeping no copy, unless the cache already holds them).")
+@stall_option
 @threads_option
 @quiet_option
 @hub_options(revision="Hub revision of --diff: a branch, a tag or a commit sha (the same as --diff NAME@REV).")
 @click.option("--skip-base-check", is_flag=True, help="Legacy releases only: rebuild even when the evidence of the "
               "bytes (statistics, integrity sums, md5 lists) says the base is not the release's.")
 @verify_options
-def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads: int | None, quiet: bool,
-          revision: str | None, token: str | None, cache_dir: str | None, skip_base_check: bool,
+def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, keep_diff: bool, threads: int | None,
+          quiet: bool, revision: str | None, token: str | None, cache_dir: str | None, skip_base_check: bool,
           verify=None) -> None:
     """Rebuild the fine-tuned model from a base and a diff, byte-identical to the publisher's files.
 
@@ -156,7 +161,7 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
 
     r = api.apply(diff, out, base=base, revision=revision, format=fmt, force=force, threads=threads,
                   progress=False if quiet else None, token=token, cache_dir=cache_dir,
-                  check_base=not skip_base_check, verify=verify)
+                  check_base=not skip_base_check, verify=verify, keep_diff=keep_diff)
     digest = f"{_describe(r.model_digest)}, measured" if r.model_digest else "no file measured"
     if r.already_done and r.format != "orca-diff":
         click.echo(f"{out} already holds this {r.format} release's model: {r.files} file{'s' if r.files != 1 else ''} "
@@ -189,6 +194,7 @@ def apply(base: str | None, diff: str, out: str, fmt: str, force: bool, threads:
 @click.option("--model", default=None, help="Also check this model: a rebuilt folder, or a Hub repo id[@rev] "
               "(byte-identical files).")
 @threads_option
+@stall_option
 @quiet_option
 @hub_options(revision="Hub revision of --diff: a branch, a tag or a commit sha (the same as --diff NAME@REV).")
 @verify_options
@@ -234,6 +240,7 @@ def verify(diff: str, base: str | None, model: str | None, threads: int | None, 
 @click.argument("diff_arg", metavar="DIFF", required=False)
 @click.option("--diff", "diff_opt", default=None, help="The diff (same as the DIFF argument).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@stall_option
 @quiet_option
 @hub_options(revision="Hub revision of DIFF: a branch, a tag or a commit sha (the same as DIFF@REV).")
 def info(diff_arg: str | None, diff_opt: str | None, as_json: bool, quiet: bool, revision: str | None,

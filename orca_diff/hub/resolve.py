@@ -77,11 +77,8 @@ def _unknown(spec: str, kind: str) -> InputNotFoundError:
                               f" or a Hub repo id org/name[@revision]")
 
 
-def resolve_diff(spec: str, *, progress: bool | None = None, manifest_only: bool = False) -> Path:
-    """The local folder of the diff ``spec`` names, downloading (and verifying) it if needed
-    (``manifest_only``: only its manifest, for ``info``)."""
-    if (path := _local(spec)) is not None:
-        return path
+def _diff_ref(spec: str) -> RepoRef:
+    """The Hub repo a --diff that is not a local path names (catalog name or repo id)."""
     entry = lookup(spec, "diff")
     if entry is not None:
         _refuse_placeholder(entry)
@@ -90,10 +87,35 @@ def resolve_diff(spec: str, *, progress: bool | None = None, manifest_only: bool
                 f"{entry.name!r} is a legacy {entry.format} release, not an orca-diff diff: rebuild it with "
                 f"`orca-diff apply --diff {entry.name} --out DIR` (the format comes from the catalog) or "
                 f"re-publish it with `orca-diff convert` (docs/legacy.md)")
-        return download_diff(RepoRef(entry.repo, entry.revision), progress=progress, manifest_only=manifest_only)
+        return RepoRef(entry.repo, entry.revision)
     if (ref := _hub_ref(spec)) is not None:
-        return download_diff(ref, progress=progress, manifest_only=manifest_only)
+        return ref
     raise _unknown(spec, "diff")
+
+
+def resolve_diff(spec: str, *, progress: bool | None = None, manifest_only: bool = False) -> Path:
+    """The local folder of the diff ``spec`` names, downloading (and verifying) it if needed
+    (``manifest_only``: only its manifest, for ``info``)."""
+    if (path := _local(spec)) is not None:
+        return path
+    return download_diff(_diff_ref(spec), progress=progress, manifest_only=manifest_only)
+
+
+def resolve_diff_streamed(spec: str, *, progress: bool | None = None, keep_diff: bool = False):
+    """(folder holding the manifest, payload source for ``apply_diff`` or None) for ``apply``: a
+    Hub diff whose payloads are not all in the cache is streamed (nothing of it is written but
+    the manifest), unless ``keep_diff``, which downloads it into the cache first."""
+    if (path := _local(spec)) is not None:
+        return path, None
+    from .stream import payload_source
+    from .transfer import fetch_manifest, payloads_cached
+    from ..format import load_manifest
+
+    ref = _diff_ref(spec)
+    folder = fetch_manifest(ref, progress=progress)
+    if keep_diff or payloads_cached(folder, load_manifest(folder)):
+        return download_diff(ref, progress=progress), None  # the cached copy is checked and used
+    return folder, payload_source(ref.repo_id, folder.name)
 
 
 def _check_catalog_fingerprint(entry: CatalogEntry, manifest: Manifest) -> None:
@@ -165,4 +187,4 @@ def resolve_base_spec(spec: str, *, progress: bool | None = None) -> Path:
     raise _unknown(spec, "base")
 
 
-__all__ = ["resolve_diff", "resolve_base", "resolve_base_spec", "resolve_model_spec", "identify_cached_repo"]
+__all__ = ["resolve_diff", "resolve_diff_streamed", "resolve_base", "resolve_base_spec", "resolve_model_spec", "identify_cached_repo"]

@@ -11,11 +11,13 @@ what is needed:
   ``consolidated.*.pth``), its index, config and tokenizer files, and the files the diff copies
   from the base.
 
-Resume: a download is many files (a diff is a manifest plus payload files, a base several
-shards). Each finished file stays in the cache, so running the command again fetches only what is
-missing: resume is per file. Within one run the client retries a dropped transfer from where it
-stopped; a file interrupted across runs (Ctrl-C, crash) starts again from its first byte, because
-huggingface_hub (2.4.0, as tested) deletes partial files (see docs/hub.md).
+Resume: payload files and base weight files (the big ones) are fetched by
+:func:`orca_diff.hub.stream.fetch_to_cache` into the same cache layout, through the client's
+session: a dropped, short or stalled transfer is retried from where it stopped, and a file
+interrupted across runs (Ctrl-C, crash) is continued from its partial blob, where
+huggingface_hub (2.4.0, as tested) would delete it and start again. Small files (manifest,
+config, tokenizer) go through the client. Every request has a stall timeout
+(:func:`orca_diff.hub.stream.install_timeouts`, docs/hub.md).
 
 Every client exception is turned into one :class:`~orca_diff.errors.HubError` line that says
 what to do. Environment variables are read by huggingface_hub when it is first imported: set them
@@ -68,6 +70,9 @@ def parse_repo_spec(spec: str) -> RepoRef:
 def _hf():
     import huggingface_hub  # noqa: PLC0415 - imported late so env vars set by callers apply
 
+    from .stream import install_timeouts
+
+    install_timeouts()  # the client's own requests get a stall timeout (it sends them with none)
     return huggingface_hub
 
 
@@ -210,25 +215,82 @@ class NotADiffError(HubError):
 def download_diff(ref: RepoRef, *, progress: bool | None = None, manifest_only: bool = False) -> Path:
     """Fetch a diff (manifest + payload files, nothing else) into the HF cache, verify every
     payload against the manifest, and return the snapshot folder. ``manifest_only``: just the
-    manifest (what ``info`` needs)."""
+    manifest (what ``info`` and a streamed ``apply`` need)."""
+    folder = fetch_manifest(ref, progress=progress)
+    manifest = load_manifest(folder)
+    if manifest_only:
+        return folder
+    commit = folder.name  # the snapshot folder is named after the commit the manifest came from
+    pinned = RepoRef(ref.repo_id, commit)
+    missing = [p for p in manifest.payloads if not _cached(folder / p.path, p.size)]
+    if missing:
+        with _progress(progress), hub_errors(pinned, "diff"):
+            _fetch_files(pinned, [(p.path, p.size, p.sha256) for p in missing], progress, "downloading diff")
+    # files fetched now were checked as they landed; the ones found in the cache are checked here
+    _verify_payloads(folder, manifest, pinned, progress, skip={p.path for p in missing})
+    return folder
+
+
+def fetch_manifest(ref: RepoRef, *, progress: bool | None = None) -> Path:
+    """The snapshot folder holding the diff's manifest (fetched, or from the cache)."""
     hf = _hf()
     with _progress(progress), hub_errors(ref, "diff"):
         # snapshot_download rather than hf_hub_download for the manifest: when the Hub is down it
-        # falls back to the cache at once, where hf_hub_download retries for ~20 s first.
-        folder = Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=[MANIFEST_NAME]))
-        if not (folder / MANIFEST_NAME).is_file():
-            raise NotADiffError(f"{ref} on {endpoint()} has no {MANIFEST_NAME}: it is not an orca-diff diff"
-                                " (a model repo? pass it as --base; a legacy delta such as FastChat/Vicuna or an"
-                                " Alpaca/WizardLM weight diff? add --format fastchat|alpaca|oa-xor, docs/legacy.md)")
-        commit = folder.name  # the snapshot folder is named after the commit the manifest came from
-        manifest = load_manifest(folder)
-        if manifest_only:
-            return folder
-        files = sorted(p.path for p in manifest.payloads)
-        if files:
-            hf.snapshot_download(ref.repo_id, revision=commit, allow_patterns=_exact_patterns(files))
-    _verify_payloads(folder, manifest, RepoRef(ref.repo_id, commit), progress)
+        # falls back to the cache at once, where hf_hub_download retries for ~20 s first. Its
+        # warning for a repo without a manifest is ours to word (NotADiffError below).
+        import logging
+
+        log = logging.getLogger("huggingface_hub._snapshot_download")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            folder = Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=[MANIFEST_NAME]))
+        finally:
+            log.setLevel(level)
+    if not (folder / MANIFEST_NAME).is_file():
+        raise NotADiffError(f"{ref} on {endpoint()} has no {MANIFEST_NAME}: it is not an orca-diff diff"
+                            " (a model repo? pass it as --base; a legacy delta such as FastChat/Vicuna or an"
+                            " Alpaca/WizardLM weight diff? add --format fastchat|alpaca|oa-xor, docs/legacy.md)")
     return folder
+
+
+def payloads_cached(folder: Path, manifest: Manifest) -> bool:
+    """Whether every payload file of ``manifest`` is in the snapshot ``folder`` with its size."""
+    return all(_cached(folder / p.path, p.size) for p in manifest.payloads)
+
+
+def _cached(path: Path, size: int) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == size
+    except OSError:
+        return False
+
+
+def _fetch_files(ref: RepoRef, files: list[tuple[str, int, str | None]], progress: bool | None, label: str,
+                 revision: str | None = None, force: bool = False, meta: dict | None = None, **kw) -> None:
+    """Fetch (path, size, sha256) files of ``ref`` (at a commit) into the cache, resumably, each
+    under the blob name the Hub gives it (its LFS sha256, else its git oid)."""
+    from .stream import RemoteFile, fetch_to_cache, run_parallel
+
+    assert ref.revision is not None
+    if meta is None:
+        _sha, meta = repo_files_meta(ref)
+    for path, size, _sha256 in files:
+        m = meta.get(path)
+        if m is None:
+            raise HubError(f"{path} is missing from {ref} on {endpoint()} (the manifest lists it): the upload is"
+                           f" incomplete; tell the publisher ({repo_url(ref.repo_id)})")
+        if m.size != size:
+            raise CorruptDiffError(f"{path} of {ref} on {endpoint()} is {m.size} bytes, the manifest says {size}:"
+                                   f" the repo does not hold this diff's files; tell the publisher ({repo_url(ref.repo_id)})")
+    with byte_bar(sum(size for _p, size, _s in files), label, progress) as bar:
+        def one(item: tuple[str, int, str | None], stop) -> None:
+            path, size, sha256 = item
+            m = meta[path]
+            fetch_to_cache(RemoteFile(ref.repo_id, ref.revision, path, size), m.sha256 or m.blob_id or "",
+                           sha256 or m.sha256, revision=revision, force=force, on_bytes=bar.update, stop=stop, **kw)
+
+        run_parallel(files, one)
 
 
 def _exact_patterns(paths: Iterable[str]) -> list[str]:
@@ -236,14 +298,17 @@ def _exact_patterns(paths: Iterable[str]) -> list[str]:
     return ["".join(f"[{c}]" if c in "*?[" else c for c in p) for p in paths]
 
 
-def _verify_payloads(folder: Path, manifest: Manifest, ref: RepoRef, progress: bool | None) -> None:
-    """Size + sha256 of every payload against the manifest; a bad file is fetched again once."""
+def _verify_payloads(folder: Path, manifest: Manifest, ref: RepoRef, progress: bool | None,
+                     skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Size + sha256 of every payload (but ``skip``) against the manifest; a bad file is fetched
+    again once."""
     from ..containers import file_sha256
 
     def bad_files() -> list[str]:
         bad = []
-        with byte_bar(manifest.payload_bytes, "verifying diff", progress) as bar:
-            for p in manifest.payloads:
+        todo = [p for p in manifest.payloads if p.path not in skip]
+        with byte_bar(sum(p.size for p in todo), "verifying diff", progress) as bar:
+            for p in todo:
                 path = folder / p.path
                 if not path.is_file() or path.stat().st_size != p.size or file_sha256(path) != p.sha256:
                     bad.append(p.path)
@@ -253,10 +318,9 @@ def _verify_payloads(folder: Path, manifest: Manifest, ref: RepoRef, progress: b
     bad = bad_files()
     if not bad:
         return
-    hf = _hf()
+    sizes = {p.path: (p.size, p.sha256) for p in manifest.payloads}
     with _progress(progress), hub_errors(ref, "diff"):
-        for path in bad:
-            hf.hf_hub_download(ref.repo_id, path, revision=ref.revision, force_download=True)
+        _fetch_files(ref, [(path, *sizes[path]) for path in bad], progress, "downloading diff", force=True, fetches=1)
     still = bad_files()
     if still:
         raise CorruptDiffError(f"{ref}: payload {still[0]} does not match the manifest's sha256 even after a fresh"
@@ -293,6 +357,7 @@ class RepoFileMeta:
     path: str
     size: int
     sha256: str | None
+    blob_id: str | None = None  # the git oid: the name of a non-LFS file's blob in the HF cache
 
 
 def repo_files_meta(ref: RepoRef) -> tuple[str, dict[str, RepoFileMeta]]:
@@ -305,7 +370,8 @@ def repo_files_meta(ref: RepoRef) -> tuple[str, dict[str, RepoFileMeta]]:
     files = {}
     for f in api.list_repo_tree(ref.repo_id, revision=sha, recursive=True):
         if isinstance(f, RepoFile):
-            files[f.path] = RepoFileMeta(f.path, int(f.size), f.lfs.sha256 if f.lfs is not None else None)
+            files[f.path] = RepoFileMeta(f.path, int(f.size), f.lfs.sha256 if f.lfs is not None else None,
+                                         getattr(f, "blob_id", None))
     return sha, files  # type: ignore[return-value]
 
 
@@ -375,9 +441,85 @@ def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | 
                     _label, files = select_base_files(list(meta), needed)
             except HubError as exc:
                 raise HubError(f"{what} {ref}: {exc}") from None
+            # the weights (LFS, big) resumably and checked as they land; the rest through the client,
             # at the revision as given (a branch gets its ref in the cache, so offline runs find it)
+            big = [(f, meta[f].size, meta[f].sha256) for f in files if meta[f].sha256]
+            pinned = RepoRef(ref.repo_id, _commit)
+            _fetch_base_weights(pinned, big, progress, ref.revision, meta)
             return Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=_exact_patterns(files)))
         return _cached_base(ref, needed, listing_error, what)
+
+
+def _fetch_base_weights(ref: RepoRef, files: list[tuple[str, int, str]], progress: bool | None,
+                        revision: str | None, meta: dict) -> None:
+    """Fetch the base's LFS files into the cache (resumable, sha256 checked as they land); a
+    cached blob is checked once against the sha256 that names it (a damaged one is fetched again,
+    once, then refused naming the server)."""
+    from .stream import cache_paths
+
+    todo, fetched = [], set()
+    for path, size, sha in files:
+        _storage, blob, _pointer = cache_paths(ref.repo_id, ref.revision or "", path, sha)
+        if not _cached(blob, size):
+            todo.append((path, size, sha))
+    if todo:
+        _fetch_files(ref, todo, progress, "downloading base", revision=revision, meta=meta, error=HubError)
+        fetched = {p for p, _s, _h in todo}
+    damaged = []
+    for path, size, sha in files:
+        _storage, blob, _pointer = cache_paths(ref.repo_id, ref.revision or "", path, sha)
+        if path not in fetched and not blob_verified(blob, sha, progress):
+            damaged.append((path, size, sha))
+    if damaged:
+        # a cached blob that does not hash to its name: fetched again once, then refused
+        _fetch_files(ref, damaged, progress, "downloading base", revision=revision, force=True, meta=meta,
+                     fetches=1, error=HubError)
+    for path, _size, sha in files:
+        _storage, blob, _pointer = cache_paths(ref.repo_id, ref.revision or "", path, sha)
+        _mark_verified(blob)
+
+
+def _verified_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "orca-diff" / "verified-blobs"
+
+
+def _stamp(blob: Path) -> str:
+    st = blob.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino} {st.st_dev}"
+
+
+def _mark_verified(blob: Path) -> None:
+    """Remember that ``blob`` (as it is now: size, mtime, inode) hashes to its name."""
+    try:
+        d = _verified_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        (d / blob.name).write_text(_stamp(blob))
+    except OSError:
+        pass  # only a cache of work done: next time the blob is hashed again
+
+
+def blob_checked_before(blob: Path) -> bool:
+    """Whether orca-diff hashed this very blob (same size, mtime, inode) and found its name right."""
+    try:
+        return (_verified_dir() / blob.name).read_text() == _stamp(blob)
+    except OSError:
+        return False
+
+
+def blob_verified(blob: Path, sha256: str, progress: bool | None = None) -> bool:
+    """Whether an HF cache blob hashes to the sha256 that names it: from orca-diff's record of an
+    earlier check of this very file, else measured (and recorded)."""
+    from ..containers import file_sha256
+
+    if blob_checked_before(blob):
+        return True
+    with byte_bar(blob.stat().st_size, f"checking cached {blob.name[:12]}", progress) as bar:
+        ok = file_sha256(blob) == sha256
+        bar.update(blob.stat().st_size)
+    if ok:
+        _mark_verified(blob)
+    return ok
 
 
 def _with_side_files(weights: list[str], repo_files: list[str], needed: tuple[str, ...]) -> list[str]:
