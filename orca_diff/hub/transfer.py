@@ -150,8 +150,10 @@ def describe_hub_error(exc: BaseException, ref: RepoRef, what: str) -> HubError:
             return HubError(f"cannot reach the Hub at {endpoint()} to fetch {what} {ref} ({name}: {cause}); check"
                             " your connection or HF_ENDPOINT (files already in the cache are used when they"
                             " are complete; HF_HUB_OFFLINE=1 uses the cache only)")
-        if pushing and name in ("RemoteProtocolError", "ReadError", "WriteError", "NetworkError", "ReadTimeout",
-                                "TimeoutException", "PoolTimeout", "WriteTimeout"):
+        if pushing and name in ("ReadTimeout", "TimeoutException", "PoolTimeout", "WriteTimeout"):
+            return HubError(f"the Hub at {endpoint()} timed out while pushing to {ref.repo_id} ({name}); run the"
+                            " command again: nothing is published until its one commit is made")
+        if pushing and name in ("RemoteProtocolError", "ReadError", "WriteError", "NetworkError"):
             return HubError(f"the connection to {endpoint()} broke while pushing to {ref.repo_id} ({name}); run the"
                             " command again: nothing is published until its one commit is made")
         if name in ("RemoteProtocolError", "ReadError", "WriteError", "NetworkError"):
