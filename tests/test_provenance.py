@@ -27,7 +27,7 @@ from faultkit import rewrite_manifest  # noqa: E402
 from signkit import certificate_chain, ec_keypair  # noqa: E402
 from orca_diff.apply import apply_diff  # noqa: E402
 from orca_diff.cli import cli  # noqa: E402
-from orca_diff.errors import SignatureError, UsageError  # noqa: E402
+from orca_diff.errors import BaseMismatchError, SignatureError, UsageError  # noqa: E402
 from orca_diff.format import MANIFEST_NAME, load_manifest  # noqa: E402
 from orca_diff.identity import SIGNATURE_NAME, model_digest  # noqa: E402
 from orca_diff.make import make_diff  # noqa: E402
@@ -547,7 +547,8 @@ def test_verify_diff_catches_payloads_that_do_not_rebuild_the_tensor_records(mak
 
 def test_make_records_base_weight_files_from_their_bytes_not_a_cache_blob_name(make_pair, tmp_path: Path) -> None:
     """An HF cache snapshot links each file to a blob named after the sha256 the server claimed;
-    a blob whose bytes do not hash to its name must not be recorded under that name."""
+    a blob whose bytes do not hash to its name must not be recorded under that name: it is a
+    damaged copy, refused naming the file (and a good blob is recorded from its bytes)."""
     base, target = make_pair("BF16")
     cache = tmp_path / "hub" / "models--org--base"
     snap = cache / "snapshots" / ("c" * 40)
@@ -557,6 +558,15 @@ def test_make_records_base_weight_files_from_their_bytes_not_a_cache_blob_name(m
         blob = cache / "blobs" / ("f" * 64 if p.suffix == ".safetensors" else hashlib.sha256(p.read_bytes()).hexdigest())
         shutil.copyfile(p, blob)
         (snap / p.name).symlink_to(blob)
+    with pytest.raises(BaseMismatchError, match=r"model\.safetensors.*damaged"):
+        make_diff(snap, target, tmp_path / "diff", progress=False)
+    assert not (tmp_path / "diff").exists()
+    for p in base.iterdir():  # the blobs named after their true sha256: recorded, from the bytes
+        if p.suffix == ".safetensors":
+            good = cache / "blobs" / hashlib.sha256(p.read_bytes()).hexdigest()
+            (cache / "blobs" / ("f" * 64)).rename(good)
+            (snap / p.name).unlink()
+            (snap / p.name).symlink_to(good)
     m = make_diff(snap, target, tmp_path / "diff", progress=False)
     for rel, bf in m.base.weight_files.items():
         assert bf.sha256 == hashlib.sha256((snap / rel).read_bytes()).hexdigest() != "f" * 64
