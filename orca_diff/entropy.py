@@ -430,17 +430,6 @@ def _pack_bits(nb: np.ndarray, extra: np.ndarray) -> bytes:
     return out.view(np.uint8)[: (total + 7) // 8].tobytes()
 
 
-def _unpack_bits(raw: bytes, nb: np.ndarray, where: str) -> np.ndarray:
-    """The raw bits of elements with bit counts ``nb`` (all of them; tests and small inputs)."""
-    total = int(nb.astype(np.int64).sum())
-    if (total + 7) // 8 != len(raw):
-        raise CorruptDiffError(f"{where}: ANS frame holds {len(raw)} bytes of raw bits, its tokens need "
-                               f"{(total + 7) // 8}; the diff is corrupt, download it again")
-    words = np.zeros((len(raw) + 7) // 8 + 2, dtype=np.uint64)
-    words.view(np.uint8)[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-    return _unpack_slice(words, nb, 0)
-
-
 def _unpack_slice(words: np.ndarray, nb: np.ndarray, bit0: int) -> np.ndarray:
     """The raw bits of consecutive elements whose first bit is at ``bit0`` of ``words`` (the raw-bit
     stream as uint64 words, two zero words of padding after it)."""

@@ -68,7 +68,6 @@ def near_identical(base: Path, out: Path, fraction: float, seed: int = 0) -> Non
     else bit-identical; non-float tensors and the other files copied. What a re-save after a
     small RL step or a tokenizer fix looks like: 98-99.9 % of bf16 elements unchanged."""
     import numpy as np
-    from safetensors.numpy import load_file, save_file
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
