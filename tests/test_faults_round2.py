@@ -338,16 +338,18 @@ def test_make_refuses_a_target_path_over_the_bound_naming_it(kit: Kit, ledger, t
 
 @pytest.mark.parametrize("name", ["straße.txt", ".gİt/config", "console.txt", "nullable.json", "com10.txt",
                                   "a\u200cb.txt", "CONFIG", "lpt.txt"])
-def test_the_path_rule_accepts_names_every_platform_stores(name: str) -> None:
+def test_the_path_rule_accepts_names_every_platform_stores(ledger, name: str) -> None:
     assert path_problem(name) is None
+    ledger.record(SUITE, f"path rule accepts {name!r}", "recovered")
 
 
 @pytest.mark.parametrize("name", ["CON", "nul.txt", "Aux.tar.gz", "sub/COM1", "lpt9.json", "COM\u00b9", "conin$",
                                   "trailing space ", "trailing.dot.", "dir./x", "dir /x", ".GIT/config",
                                   "git~1/config", ".gıt/config", ".g\u200cit/config", "a\ufeffb", "a\u200eb",
                                   "/".join(["abcdefgh"] * 60)])
-def test_the_path_rule_refuses_names_some_platform_cannot_store(name: str) -> None:
+def test_the_path_rule_refuses_names_some_platform_cannot_store(ledger, name: str) -> None:
     assert path_problem(name) is not None
+    ledger.record(SUITE, f"path rule refuses {name[:40]!r}", "detected")
 
 
 def test_collision_keys_use_simple_case_folding() -> None:
