@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import Kit, expect_refusal, expect_safe, kit, ledger, run_cli, tree_snapshot  # noqa: F401
+import orca_diff.format as format_mod
+from faultkit import Kit, expect_refusal, expect_safe, kit, ledger, rewrite_manifest, run_cli, tree_snapshot  # noqa: F401
 from orca_diff.apply import apply_diff
-from orca_diff.errors import OutputError
+from orca_diff.errors import FormatError, OutputError
+from orca_diff.format import canonical_sha256, load_manifest, parse_manifest, path_key, path_problem
 from orca_diff.make import make_diff
 from orca_diff.outdir import (OutputLock, lock_path, marker_path, output_session, pending_marker_path, publish,
                               write_marker)
@@ -269,10 +271,6 @@ def test_a_leftover_of_a_refused_force_publish_does_not_linger(kit: Kit, ledger,
 
 # --------------------------------------------------------------------------- 6. many small tensors
 
-from faultkit import rewrite_manifest, write_manifest_doc  # noqa: E402
-import orca_diff.format as format_mod  # noqa: E402
-from orca_diff.errors import FormatError  # noqa: E402
-from orca_diff.format import canonical_sha256, load_manifest, parse_manifest, path_key, path_problem  # noqa: E402
 
 
 def test_a_manifest_of_more_tensors_than_any_model_is_refused_in_one_line(kit: Kit, ledger, monkeypatch) -> None:
