@@ -131,6 +131,8 @@ def test_make_leaves_a_marker_and_force_replaces_its_own_diff(kit: Kit, ledger, 
     d = tmp_path / "diff"
     make_diff(kit.base, kit.target, d, chunk_bytes=4096, threads=1, progress=False)
     assert marker_path(d).is_file()
+    expect_safe(ledger, SUITE, "make --force over its own diff", _make(kit, d, force=True), d,
+                lambda p: load_manifest(p) is not None and marker_path(p).is_file())
     (d / "README.md").write_text("my own card\n")
     expect_refusal(ledger, SUITE, "make --force over its diff with an edited card", _make(kit, d, force=True),
                    must_name=("README.md",))
