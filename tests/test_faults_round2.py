@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import Kit, expect_refusal, expect_safe, kit, ledger, run_cli, tree_snapshot  # noqa: F401
+import orca_diff.format as format_mod
+from faultkit import Kit, expect_refusal, expect_safe, kit, ledger, rewrite_manifest, run_cli, tree_snapshot  # noqa: F401
 from orca_diff.apply import apply_diff
-from orca_diff.errors import OutputError
+from orca_diff.errors import FormatError, OutputError
+from orca_diff.format import canonical_sha256, load_manifest, parse_manifest, path_key, path_problem
 from orca_diff.make import make_diff
 from orca_diff.outdir import (OutputLock, lock_path, marker_path, output_session, pending_marker_path, publish,
                               write_marker)
@@ -129,6 +131,8 @@ def test_make_leaves_a_marker_and_force_replaces_its_own_diff(kit: Kit, ledger, 
     d = tmp_path / "diff"
     make_diff(kit.base, kit.target, d, chunk_bytes=4096, threads=1, progress=False)
     assert marker_path(d).is_file()
+    expect_safe(ledger, SUITE, "make --force over its own diff", _make(kit, d, force=True), d,
+                lambda p: load_manifest(p) is not None and marker_path(p).is_file())
     (d / "README.md").write_text("my own card\n")
     expect_refusal(ledger, SUITE, "make --force over its diff with an edited card", _make(kit, d, force=True),
                    must_name=("README.md",))
@@ -269,10 +273,6 @@ def test_a_leftover_of_a_refused_force_publish_does_not_linger(kit: Kit, ledger,
 
 # --------------------------------------------------------------------------- 6. many small tensors
 
-from faultkit import rewrite_manifest, write_manifest_doc  # noqa: E402
-import orca_diff.format as format_mod  # noqa: E402
-from orca_diff.errors import FormatError  # noqa: E402
-from orca_diff.format import canonical_sha256, load_manifest, parse_manifest, path_key, path_problem  # noqa: E402
 
 
 def test_a_manifest_of_more_tensors_than_any_model_is_refused_in_one_line(kit: Kit, ledger, monkeypatch) -> None:
@@ -338,16 +338,18 @@ def test_make_refuses_a_target_path_over_the_bound_naming_it(kit: Kit, ledger, t
 
 @pytest.mark.parametrize("name", ["straße.txt", ".gİt/config", "console.txt", "nullable.json", "com10.txt",
                                   "a\u200cb.txt", "CONFIG", "lpt.txt"])
-def test_the_path_rule_accepts_names_every_platform_stores(name: str) -> None:
+def test_the_path_rule_accepts_names_every_platform_stores(ledger, name: str) -> None:
     assert path_problem(name) is None
+    ledger.record(SUITE, f"path rule accepts {name!r}", "recovered")
 
 
 @pytest.mark.parametrize("name", ["CON", "nul.txt", "Aux.tar.gz", "sub/COM1", "lpt9.json", "COM\u00b9", "conin$",
                                   "trailing space ", "trailing.dot.", "dir./x", "dir /x", ".GIT/config",
                                   "git~1/config", ".gıt/config", ".g\u200cit/config", "a\ufeffb", "a\u200eb",
                                   "/".join(["abcdefgh"] * 60)])
-def test_the_path_rule_refuses_names_some_platform_cannot_store(name: str) -> None:
+def test_the_path_rule_refuses_names_some_platform_cannot_store(ledger, name: str) -> None:
     assert path_problem(name) is not None
+    ledger.record(SUITE, f"path rule refuses {name[:40]!r}", "detected")
 
 
 def test_collision_keys_use_simple_case_folding() -> None:
