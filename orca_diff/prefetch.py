@@ -19,13 +19,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import queue
 import sys
 import threading
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from .pipeline import SerialWorker
 
 T = TypeVar("T")
 Range = tuple[Path, int, int]  # (file, offset, length)
@@ -36,18 +36,32 @@ AHEAD_BYTES = 96 << 20
 _WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
 
 
+#: Announcements waiting for the helper thread beyond which new ones are dropped (advice only).
+MAX_PENDING = 64
+
+
 class ReadAhead:
-    """``posix_fadvise(WILLNEED)`` for ranges, on one helper thread; descriptors opened read-only
-    once per file and closed by :meth:`close`. Errors are ignored: readahead is advice."""
+    """``posix_fadvise(WILLNEED)`` for ranges, on one helper thread that the caller never waits
+    for (``fadvise`` can block while the disk's queue is full: the caller is apply's writer);
+    descriptors opened read-only once per file and closed by :meth:`close`. Errors are ignored:
+    readahead is advice."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
-        self._worker = SerialWorker("orca-diff-readahead") if _WILLNEED is not None else None
         self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[list[Range] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if _WILLNEED is not None:
+            self._thread = threading.Thread(target=self._run, name="orca-diff-readahead", daemon=True)
+            self._thread.start()
 
     def want(self, ranges: list[Range]) -> None:
-        if self._worker is not None and ranges:
-            self._worker.submit(self._advise, ranges)
+        if self._thread is not None and ranges and self._queue.qsize() < MAX_PENDING:
+            self._queue.put(ranges)
+
+    def _run(self) -> None:
+        while (ranges := self._queue.get()) is not None:
+            self._advise(ranges)
 
     def _advise(self, ranges: list[Range]) -> None:
         for path, offset, length in ranges:
@@ -64,8 +78,15 @@ class ReadAhead:
                 pass
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
+        if self._thread is not None:
+            while True:  # drop what is still queued, then stop the thread
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)

@@ -157,14 +157,13 @@ def test_a_payload_removed_during_apply_is_a_corrupt_diff(kit: Kit, ledger, tmp_
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     diff = kit.copy_diff(tmp_path / "diff")
     payloads = sorted(diff.glob("payload-*.odz"))
-    real = apply_mod.check_base
+    real = apply_mod._rebuild
 
-    def then_remove(*a, **kw):
-        measured = real(*a, **kw)
-        payloads[-1].unlink()  # after the presence check, before the rebuild reads it
-        return measured
+    def remove_then_rebuild(*a, **kw):
+        payloads[-1].unlink()  # after the presence check and the base check, before the rebuild reads it
+        return real(*a, **kw)
 
-    monkeypatch.setattr(apply_mod, "check_base", then_remove)
+    monkeypatch.setattr(apply_mod, "_rebuild", remove_then_rebuild)
     out = tmp_path / "out"
     exc = expect_refusal(ledger, SUITE, "payload removed during apply",
                          lambda: apply_diff(kit.base, diff, out, threads=2, progress=False),
