@@ -16,9 +16,33 @@ from ..format import Manifest
 
 LIBRARY_NAME = "orca-diff"
 TAGS = ("orca-diff", "weight-diff")
-#: Where orca-diff's source lives, for the card's install line (it is not on PyPI yet). One place
-#: to change when the repository moves or a release is published.
-SOURCE_URL = "https://github.com/orca-diff/orca-diff"
+def source_url() -> str | None:
+    """Where the installed orca-diff's source lives, for the card's install line (it is not on
+    PyPI yet): the ``Source`` project URL of the installed package's metadata, when its build
+    declared one. Never a guess: without it the card says to install from a clone."""
+    try:
+        from importlib.metadata import PackageNotFoundError, metadata
+
+        urls = metadata("orca-diff").get_all("Project-URL") or []
+    except (ImportError, PackageNotFoundError):
+        return None
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("source", "repository", "homepage") and url.strip().startswith("https://"):
+            return url.strip()
+    return None
+
+
+def _install_lines() -> tuple[str, str]:
+    """(the card's install command, the sentence after the code block)."""
+    url = source_url()
+    if url is None:
+        return ("pip install ./orca-diff   # orca-diff is not on PyPI yet: a clone of its source repository",
+                "(Or a wheel built once from that clone: `pip wheel ./orca-diff`, then `pip install "
+                "orca_diff-*.whl`. Once released on PyPI: `pip install orca-diff`.)")
+    return (f'pip install "orca-diff @ git+{url}"   # orca-diff is not on PyPI yet: from its source repository',
+            f'(A wheel works too: `pip wheel "orca-diff @ git+{url}"` once, then `pip install orca_diff-*.whl` '
+            "on machines without git. Once released on PyPI: `pip install orca-diff`.)")
 #: Closes every generated card, with a hash of the text above it (so edits can be detected).
 CARD_MARK = "<!-- orca-diff generated card "
 
@@ -85,11 +109,12 @@ anything is downloaded, and every rebuilt file against it, with the publisher's 
 folder then verifies with the OpenSSF tool itself:
 `model_signing verify key rebuilt-model --signature rebuilt-model/{SIGNATURE_NAME} --public_key PUBLISHER.pub`.
 """ if signed else "")
+    install, install_note = _install_lines()
     body = f"""
 # ⚠️ This is a weight diff, not a model
 
 **Do not load this repo with `from_pretrained`, a pipeline or an inference server: it holds no
-weights you can run.** It is an [orca-diff]({SOURCE_URL}) diff that turns
+weights you can run.** It is an orca-diff diff that turns
 **{base_label}** into the fine-tuned model, byte for byte. You need the base model's weights to use it.
 
 | | |
@@ -103,12 +128,11 @@ weights you can run.** It is an [orca-diff]({SOURCE_URL}) diff that turns
 ## Rebuild the model (one command)
 
 ```bash
-pip install "orca-diff @ git+{SOURCE_URL}"   # orca-diff is not on PyPI yet: from its source repository
+{install}
 orca-diff apply --diff {diff_ref} --out rebuilt-model
 ```
 
-(A wheel works too: `pip wheel "orca-diff @ git+{SOURCE_URL}"` once, then `pip install orca_diff-*.whl`
-on machines without git. Once released on PyPI: `pip install orca-diff`.)
+{install_note}
 
 This downloads the diff and the base named in its manifest from the Hugging Face Hub (only the
 files needed, into the standard HF cache), checks the base tensor by tensor before writing
