@@ -27,9 +27,11 @@ from .containers import DTYPE_SIZES, MAX_HEADER_BYTES, FLOAT_DTYPES, DuplicateKe
 
 MANIFEST_NAME = "orca-diff.json"
 FORMAT_NAME = "orca-diff"
-FORMAT_VERSION = 2
-#: Versions this reader understands (version 1 diffs keep applying).
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this reader understands (version 1 and 2 diffs keep applying). Version 3 added the
+#: sparse and no-base frames, the sampled base digests and inline signature files: a 0.2 reader
+#: would call such a diff corrupt, so it is told to upgrade instead.
+READABLE_VERSIONS = (1, 2, 3)
 #: Manifests larger than this are refused before parsing (a 405B model's is a few MB).
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_INT = 2**62

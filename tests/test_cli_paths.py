@@ -96,7 +96,7 @@ def test_info_prints_words_not_python_dicts_and_both_option_shapes_work(pair_and
     assert a.exit_code == 0 and b.exit_code == 0 and a.output == b.output
     assert "{" not in a.output and "': " not in a.output  # no dict reprs
     assert "delta-coded against the base" in a.output and "% of the model" in a.output
-    assert json.loads(run("info", str(diff), "--json").output)["format_version"] == 2
+    assert json.loads(run("info", str(diff), "--json").output)["format_version"] == 3
     r = run("info")
     assert r.exit_code == 2 and "which diff" in r.output
 

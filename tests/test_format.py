@@ -34,7 +34,7 @@ def test_manifest_round_trips_exactly(diff):
 
 def test_newer_format_version_asks_to_upgrade(diff):
     with pytest.raises(FormatError, match="upgrade orca-diff"):
-        parse_manifest(rewrite(diff, lambda d: d.update(format_version=3)))
+        parse_manifest(rewrite(diff, lambda d: d.update(format_version=4)))
 
 
 def test_a_flipped_byte_is_reported_as_a_damaged_manifest(diff):
