@@ -617,24 +617,6 @@ def fetch_signed_release(spec: str, how: VerifyWith, progress: bool | None = Non
     return f"{ref.repo_id}@{folder.name}" if ref is not None else spec
 
 
-def upload_signatures(diff_dir: str | os.PathLike, repo_id: str, progress: bool | None = None,
-                      revision: str | None = None) -> str | None:
-    """Commit the diff folder's signature files to ``repo_id`` (after ``push_diff`` committed the
-    manifest, payloads and card; a second commit, so the transfer code stays as it is). Returns
-    the new commit, or None when the folder holds no signature."""
-    from .hub.transfer import RepoRef, _hf, _progress, hub_errors
-
-    names = diff_signatures(Path(diff_dir))
-    if not names:
-        return None
-    hf = _hf()
-    ops = [hf.CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(Path(diff_dir) / n)) for n in names]
-    with _progress(progress), hub_errors(RepoRef(repo_id, revision), "push to"):
-        info = hf.HfApi().create_commit(repo_id, ops, revision=revision, commit_message="orca-diff: publisher signatures",
-                                        commit_description="OpenSSF model signatures, uploaded with `orca-diff push`.")
-    return info.oid
-
-
 def check_before_push(diff_dir: str | os.PathLike, manifest: Any) -> None:
     """Refuse to publish signature files that no longer match the diff (a diff remade or edited
     after signing): every user with the key would then be refused. No key is needed for this:
@@ -667,4 +649,4 @@ def write_signature(path: Path, data: bytes) -> None:
 __all__ = ["SignWith", "VerifyWith", "SignedModel", "ReleaseCheck", "read_signed_model", "model_signature",
            "derivation_statement", "sign_statement", "read_derivation", "check_release", "check_diff_signature",
            "sign_diff_folder", "unsigned_note", "diff_signatures", "TARGET_SIG", "DERIVATION_SIG", "DIFF_SIG",
-           "DIFF_SIGNATURE_FILES", "model_digest", "upload_signatures", "fetch_signed_release", "MakeProvenance", "statement_unverified", "inline_file"]
+           "DIFF_SIGNATURE_FILES", "model_digest", "fetch_signed_release", "MakeProvenance", "statement_unverified", "inline_file"]

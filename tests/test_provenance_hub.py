@@ -78,3 +78,22 @@ def test_a_mirror_that_dropped_the_signature_is_refused_when_one_is_required(wor
              "--verify-key", str(release["pub"]))
     assert r.returncode == 7 and "carries no publisher signature" in one_error_line(r)
     assert _payload_requests(hub, load_manifest(release["diff"])) == []
+
+
+def test_a_push_carries_its_signatures_in_its_one_commit_and_never_leaves_a_stale_one(world, release, tmp_path):  # noqa: F811
+    """The signatures are published with the diff (the printed commit holds both); a later push
+    of an unsigned diff to the same repo deletes the old release's signature files instead of
+    leaving them beside a diff they do not sign."""
+    hub = world["hub"]
+    orca = Runner(world, tmp_path)
+    r = orca("push", str(release["diff"]), "--repo", "pusher/resigned", "--sign-key", str(release["priv"]), "-q",
+             HF_TOKEN="hf_writer")
+    assert r.returncode == 0, r.stderr
+    assert {TARGET_SIG, DERIVATION_SIG, DIFF_SIG} <= set(hub.files_at("pusher/resigned"))
+    unsigned = tmp_path / "unsigned"
+    make_diff(world["base"], world["target"], unsigned, base_name="llama-13b", chunk_bytes=8192,
+              payload_file_bytes=12_000)
+    r = orca("push", str(unsigned), "--repo", "pusher/resigned", "-q", HF_TOKEN="hf_writer")
+    assert r.returncode == 0, r.stderr
+    assert "--verify-key" not in r.stdout and "signature" not in r.stdout
+    assert not {TARGET_SIG, DERIVATION_SIG, DIFF_SIG} & set(hub.files_at("pusher/resigned"))

@@ -259,8 +259,7 @@ def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, revis
         raise InputNotFoundError(f"{diff}: no such diff folder (push publishes a diff made by `orca-diff make`)")
     progress = False if quiet else None
     from ..format import load_manifest
-    from ..signing import DIFF_SIG, check_before_push, diff_signatures, sign_diff_folder, upload_signatures, \
-        write_signature
+    from ..signing import DIFF_SIG, check_before_push, diff_signatures, sign_diff_folder, write_signature
 
     if sign is not None:
         from ..verify import verify_diff
@@ -269,11 +268,11 @@ def push_cmd(diff: str, repo_id: str, private: bool, license_: str | None, revis
     check_before_push(diff, load_manifest(diff))  # never publish a signature that no longer matches
     with hub_settings(token=token), _quiet_client(quiet):
         r = push_diff(diff, repo_id, private=private, license=license_, progress=progress, revision=revision)
-        commit = upload_signatures(diff, repo_id, progress=progress, revision=revision) or r.commit
-    signed = f", signed ({', '.join(diff_signatures(Path(diff)))})" if commit != r.commit else ""
+    commit = r.commit
+    signed = f", signed ({', '.join(names)})" if (names := diff_signatures(Path(diff))) else ""
     click.echo(f"pushed {r.files} file{'s' if r.files != 1 else ''} to {r.url} (commit {commit}){signed}")
     if r.removed:
-        click.echo(f"removed {len(r.removed)} payload file{'s' if len(r.removed) != 1 else ''} of the previous diff "
+        click.echo(f"removed {len(r.removed)} file{'s' if len(r.removed) != 1 else ''} of the previous diff "
                    f"({', '.join(r.removed[:3])}{', ...' if len(r.removed) > 3 else ''})")
     if r.card_kept:
         click.echo("kept the repo's README.md (edited on the Hub); pass --license to replace it by a generated card")

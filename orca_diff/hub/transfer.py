@@ -653,10 +653,17 @@ def push_diff(diff_dir: str | os.PathLike, repo_id: str, *, private: bool = Fals
                      and not is_generated_card(remote_card))
         if card_kept:
             card = None  # edited on the Hub by the publisher: theirs stays
-        removed = sorted(p for p in old_payloads if p not in new_paths and p in remote_files)
+        # the publisher's signature files travel in the same commit; one the new diff lacks goes, so
+        # that a stale signature of the previous release is never left beside this diff
+        from ..signing import DIFF_SIGNATURE_FILES
+
+        signatures = [n for n in DIFF_SIGNATURE_FILES if (diff_dir / n).is_file()]
+        removed = sorted({*(p for p in old_payloads if p not in new_paths and p in remote_files),
+                          *(n for n in DIFF_SIGNATURE_FILES if n not in signatures and n in remote_files)})
         ops: list = [hf.CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=str(diff_dir / MANIFEST_NAME))]
         ops += [hf.CommitOperationAdd(path_in_repo=p.path, path_or_fileobj=str(diff_dir / p.path))
                 for p in manifest.payloads]
+        ops += [hf.CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(diff_dir / n)) for n in signatures]
         if card is not None:
             ops.append(hf.CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
         ops += [hf.CommitOperationDelete(path_in_repo=p) for p in removed]
