@@ -14,6 +14,7 @@ import functools
 import gc
 import hashlib
 import json
+import os
 import re
 import struct
 import unicodedata
@@ -825,5 +826,7 @@ def load_manifest(diff_dir: str | Path) -> Manifest:
     if size > MAX_MANIFEST_BYTES:  # refused before reading: a hostile file costs no memory
         raise FormatError(f"{path}: manifest is {size} bytes, larger than any real diff needs")
     with open(path, "rb") as f:
-        data = f.read(MAX_MANIFEST_BYTES + 1)
+        # the size as opened (read() reserves what it is asked for: never the 256 MiB bound itself);
+        # one byte more shows a file grown past it, which parse_manifest refuses
+        data = f.read(min(os.fstat(f.fileno()).st_size, MAX_MANIFEST_BYTES) + 1)
     return parse_manifest(data, str(path))

@@ -47,3 +47,16 @@ def test_fingerprint_with_sha256_digests_matches_a_version_1_diffs_base():
     assert r.output.strip() == m.base.fingerprint
     r = CliRunner().invoke(cli, ["fingerprint", str(DATA / "base"), "-q"])
     assert r.output.strip() != m.base.fingerprint  # blake3 digests: the version-2 fingerprint
+
+
+def test_loading_a_manifest_reserves_its_size_not_the_256_mib_bound():
+    """read(n) reserves n bytes: a 30 KB manifest must not cost the bound's 256 MiB each load."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        load_manifest(DATA / "diff")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
