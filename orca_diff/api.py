@@ -107,9 +107,12 @@ def _spec(spec: PathLike, revision: str | None, what: str) -> str:
 
 
 def _diff_arg(diff: str) -> str:
-    """``DIR/orca-diff.json`` means the diff folder DIR."""
+    """``DIR/orca-diff.json`` means the diff folder DIR, and so does a link to that manifest under
+    any name (verify.diff_folder: the payloads lie beside the manifest)."""
+    from .verify import diff_folder
+
     p = Path(diff)
-    return str(p.parent) if p.name == MANIFEST_NAME and p.is_file() else diff
+    return str(diff_folder(p)) if p.is_file() else diff
 
 
 def _hub_settings(token: str | None, cache_dir: PathLike | None):

@@ -118,11 +118,10 @@ def _model_digest_of(m, how: str) -> str:
 
 
 def _diff_arg(diff: str) -> str:
-    """``--diff DIR/orca-diff.json`` means the diff folder DIR."""
-    from ..format import MANIFEST_NAME
+    """``--diff DIR/orca-diff.json`` (or a link to it) means the diff folder DIR."""
+    from ..api import _diff_arg as diff_arg
 
-    p = Path(diff)
-    return str(p.parent) if p.name == MANIFEST_NAME and p.is_file() else diff
+    return diff_arg(diff)
 
 
 @cli.command()

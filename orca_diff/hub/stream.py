@@ -485,7 +485,8 @@ def write_ref(repo_id: str, revision: str | None, commit: str) -> None:
     ref = storage / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
     if not ref.is_file() or ref.read_text().strip() != commit:
-        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+        # a name of this thread's own: several files of one repo land in parallel, each writing the ref
+        tmp = ref.with_name(f".{ref.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(commit)
         os.replace(tmp, ref)
 
