@@ -6,7 +6,7 @@ another checkout, alternating, each run in a fresh process after ``drop_caches``
 
 Variants: ``both`` (this tree as is), ``nora`` (no ``posix_fadvise`` readahead), ``nowb`` (no
 early writeback), ``nora+nowb``, ``main`` (the code at --main). Prints one JSON line per run:
-wall s, CPU s, GB read from disk, the code that ran. Used for docs/performance.md §5.
+wall s, CPU s, GB read from disk, the code that ran. Used for docs/performance.md §6.
 """
 import json, os, subprocess, sys, time, shutil
 from pathlib import Path
