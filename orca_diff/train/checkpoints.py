@@ -200,7 +200,6 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any | None, rank: int = 0
                     trust_pickled: bool = False) -> None:
     """Load model (and optimizer, when given) state saved by :func:`save_checkpoint`, in place."""
     from safetensors import safe_open
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     if check_checkpoint_format(path, trust_pickled) == "pickled":
         _load_pickled_checkpoint(path, model, optimizer)
@@ -221,24 +220,26 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any | None, rank: int = 0
         raise
     except Exception as exc:  # a damaged safetensors file: its parser refuses, no code runs
         raise FormatError(f"{shard}: not a readable safetensors file ({exc}); choose a new --out") from None
-    options = StateDictOptions(strict=not shared_parameter_names(model))
-    if optimizer is None:
-        set_model_state_dict(model, state["model"], options=options)
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=options)
+    _set_state(model, optimizer, state)
 
 
 def _load_pickled_checkpoint(path: Path, model: Any, optimizer: Any | None) -> None:
     """The old torch.distributed.checkpoint format; only on the user's explicit word that they trust it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     state = _model_and_optim_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
         dcp.load(state, checkpoint_id=str(path))
-    # A tied weight's second name is left out of the checkpoint; loading its first name fills both.
+    _set_state(model, optimizer, state)
+
+
+def _set_state(model: Any, optimizer: Any | None, state: dict) -> None:
+    """Hand a loaded ``{"model", "optim"}`` state to the model (and optimizer), whatever format it
+    came from. A tied weight's second name is left out of a checkpoint; loading its first name
+    fills both, so the load is not strict then."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
     options = StateDictOptions(strict=not shared_parameter_names(model))
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=options)
