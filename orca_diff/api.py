@@ -166,7 +166,7 @@ def make(base: PathLike, target: PathLike, out: PathLike, *, base_name: str | No
          base_repo: str | None = None, base_revision: str | None = None, target_revision: str | None = None,
          level: int | None = None, threads: int | None = None, force: bool = False, progress: bool | None = False,
          token: str | None = None, cache_dir: PathLike | None = None, sign: "SignWith | None" = None,
-         verify_target: "VerifyWith | None" = None) -> MakeReport:
+         verify_target: "VerifyWith | None" = None, share_identical_files: bool = False) -> MakeReport:
     """Make the diff that rebuilds ``target`` from ``base`` in the folder ``out``.
 
     ``base``/``target``: folders, catalog names or Hub repo ids (``org/name[@rev]``; the files
@@ -176,6 +176,8 @@ def make(base: PathLike, target: PathLike, out: PathLike, *, base_name: str | No
     default they come from ``base`` itself when it is a Hub id, a catalog name or an HF cache
     snapshot. ``sign`` (orca_diff.signing.SignWith) signs the target and attests the derivation;
     a target carrying model.sig has it checked (with ``verify_target``, verified) first.
+    ``share_identical_files``: non-weight files byte-identical in the base are taken from it
+    (orca_diff.make.make_diff).
     """
     from .codec import DEFAULT_LEVEL
     from .hub.options import check_repo_id, check_revision, is_commit_sha, resolve_commit
@@ -201,7 +203,7 @@ def make(base: PathLike, target: PathLike, out: PathLike, *, base_name: str | No
     manifest = make_diff(base_dir, target_dir, out, base_name=base_name or default_base_name(base, base_repo),
                          base_repo=base_repo, base_revision=base_revision, level=level or DEFAULT_LEVEL,
                          threads=threads, progress=progress, force=force, notes=notes, sign=sign,
-                         verify_target=verify_target)
+                         verify_target=verify_target, share_identical_files=share_identical_files)
     return MakeReport(Path(out), manifest, time.perf_counter() - t0, notes)
 
 

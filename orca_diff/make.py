@@ -54,6 +54,8 @@ CHUNK_BYTES = 16 << 20
 #: Meta's original) carries it. Everything else (config and tokenizer JSON, a few KB) travels
 #: in the diff, so a base in any form can rebuild it.
 BASE_COPIED_FILES = frozenset({"tokenizer.model"})
+#: ``make`` suggests --share-identical-files when at least this much could be left out.
+SHAREABLE_NOTE_BYTES = 64 << 10
 #: Payload files are cut at about this size so uploads/downloads retry per file, not per model.
 PAYLOAD_FILE_BYTES = 1 << 30
 
@@ -421,7 +423,7 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
               progress: bool | None = None, force: bool = False,
               payload_file_bytes: int = PAYLOAD_FILE_BYTES, notes: list[str] | None = None,
               base_files_known: dict[str, BaseFile] | None = None, sign: "SignWith | None" = None,
-              verify_target: "VerifyWith | None" = None) -> Manifest:
+              verify_target: "VerifyWith | None" = None, share_identical_files: bool = False) -> Manifest:
     """Write the diff that turns ``base`` into ``target`` to the folder ``out`` and return its manifest.
 
     ``target`` is an HF folder of safetensors or ``.bin`` shards (every file of it is rebuilt byte
@@ -431,7 +433,10 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
     commit are recorded unless given. Warnings (files excluded, a pair that looks swapped or
     unrelated) are appended to ``notes``. A target carrying ``model.sig`` (an OpenSSF signature)
     has it checked against the files read (and verified with ``verify_target``); ``sign`` signs the
-    target and attests the derivation (orca_diff.signing.MakeProvenance).
+    target and attests the derivation (orca_diff.signing.MakeProvenance). ``share_identical_files``
+    takes every non-weight file that the base holds byte-identical (tokenizer.json, config.json...)
+    from the base instead of the diff (``BASE_COPIED_FILES`` only, by default): the smallest diff,
+    for users whose base has the same files (a fine-tune's successive checkpoints).
     """
     out = Path(out)
     notes = notes if notes is not None else []
@@ -440,14 +445,15 @@ def make_diff(base: str | os.PathLike, target: str | os.PathLike, out: str | os.
     with output_session(out, force, (base, target)) as session:  # checked and locked before any input is read
         notes.extend(session.notes)
         return _make_locked(session, base, target, out, notes, base_name, base_repo, base_revision, level, chunk_bytes,
-                            threads, progress, payload_file_bytes, base_files_known, sign, verify_target)
+                            threads, progress, payload_file_bytes, base_files_known, sign, verify_target,
+                            share_identical_files)
 
 
 def _make_locked(session: OutputSession, base: str | os.PathLike, target: str | os.PathLike, out: Path,
                  notes: list[str], base_name: str | None, base_repo: str | None, base_revision: str | None,
                  level: int, chunk_bytes: int, threads: int | None, progress: bool | None, payload_file_bytes: int,
                  base_files_known: dict[str, BaseFile] | None, sign: "SignWith | None" = None,
-                 verify_target: "VerifyWith | None" = None) -> Manifest:
+                 verify_target: "VerifyWith | None" = None, share_identical_files: bool = False) -> Manifest:
     from .hub.resolve import identify_cached_repo
     from .signing import MakeProvenance
 
@@ -474,7 +480,7 @@ def _make_locked(session: OutputSession, base: str | os.PathLike, target: str | 
             raise describe_os_error(exc, staging, "choose another --out") from None
         manifest = _make_into(base_model, target_model, staging, base_name or Path(base).name, base_repo,
                               base_revision, level, chunk_bytes, threads, progress, payload_file_bytes, notes,
-                              base_files_known)
+                              base_files_known, share_identical_files)
         from .hub.card import render_card
 
         provenance.files(manifest, staging, Path(target).name)
@@ -505,13 +511,15 @@ def _make_locked(session: OutputSession, base: str | os.PathLike, target: str | 
 
 def _make_into(base: ModelReader, target: ModelReader, folder: Path, base_name: str, base_repo: str | None,
                base_revision: str | None, level: int, chunk_bytes: int, threads: int, progress: bool | None,
-               payload_file_bytes: int, notes: list[str], base_files_known: dict[str, BaseFile] | None) -> Manifest:
+               payload_file_bytes: int, notes: list[str], base_files_known: dict[str, BaseFile] | None,
+               share_identical_files: bool = False) -> Manifest:
     algo = TENSOR_DIGEST_OF_VERSION[FORMAT_VERSION]  # tensor, chunk and base digests
     base_files_job = _BaseFilesInBackground(base, base_files_known) if threads > 1 else None
     before = base_identities(base)
     try:
         manifest = _make_body(base, target, folder, base_name, base_repo, base_revision, level, chunk_bytes, threads,
-                              progress, payload_file_bytes, notes, base_files_known, algo, base_files_job)
+                              progress, payload_file_bytes, notes, base_files_known, algo, base_files_job,
+                              share_identical_files)
         refuse_changed_base(before, base_identities(base))
         return manifest
     finally:
@@ -522,7 +530,7 @@ def _make_into(base: ModelReader, target: ModelReader, folder: Path, base_name: 
 def _make_body(base: ModelReader, target: ModelReader, folder: Path, base_name: str, base_repo: str | None,
                base_revision: str | None, level: int, chunk_bytes: int, threads: int, progress: bool | None,
                payload_file_bytes: int, notes: list[str], base_files_known: dict[str, BaseFile] | None, algo: str,
-               base_files_job: _BaseFilesInBackground | None) -> Manifest:
+               base_files_job: _BaseFilesInBackground | None, share_identical_files: bool = False) -> Manifest:
     plans = plan_all(target, base, level, threads)
     notes.extend(relatedness_notes(target, base, plans))
     plans = dict(zip(plans, ordered_map(lambda n: _with_layout(n, plans[n], target, base, level), list(plans), threads)))
@@ -564,17 +572,26 @@ def _make_body(base: ModelReader, target: ModelReader, folder: Path, base_name: 
                     bytes_jobs(f"{rel}#{i}", rel, src, piece.offset, piece.size)
             layouts.append((rel, "segments", target.pieces[rel]))
     base_files: dict[str, BaseFile] = {}
+    shareable: list[tuple[str, int]] = []  # shipped although the base holds them byte-identical
     for rel, path in target.extra_files.items():
         size = path.stat().st_size
         bpath = base.extra_files.get(rel)
-        if rel in BASE_COPIED_FILES and bpath is not None and bpath.stat().st_size == size:
+        if bpath is not None and bpath.stat().st_size == size:
             sha = file_sha256(path)
             if file_sha256(bpath) == sha:
-                base_files[rel] = BaseFile(size, sha)
-                layouts.append((rel, "base", BaseFile(size, sha)))
-                continue
+                if rel in BASE_COPIED_FILES or share_identical_files:
+                    base_files[rel] = BaseFile(size, sha)
+                    layouts.append((rel, "base", BaseFile(size, sha)))
+                    continue
+                shareable.append((rel, size))
         bytes_jobs(f"{rel}#0", rel, path, 0, size)
         layouts.append((rel, "blob", size))
+    if shareable and (n := sum(size for _, size in shareable)) >= SHAREABLE_NOTE_BYTES:
+        shareable.sort(key=lambda f: -f[1])  # the largest named first
+        notes.append(f"{len(shareable)} file(s) of {n:,} bytes ({', '.join(r for r, _ in shareable[:3])}"
+                     f"{', ...' if len(shareable) > 3 else ''}) are byte-identical in the base and travel in the diff;"
+                     " --share-identical-files takes them from the base instead (users' base folders must then hold"
+                     " them)")
 
     def encode(job: _Job) -> tuple[_Job, bytes | None, str, np.ndarray | bytes, np.ndarray | None]:
         """One chunk -> (job, payload or None, payload digest, target bytes, base bytes used or None)."""

@@ -39,7 +39,7 @@ def test_newer_format_version_asks_to_upgrade(diff):
 
 def test_a_flipped_byte_is_reported_as_a_damaged_manifest(diff):
     data = bytearray((diff / MANIFEST_NAME).read_bytes())
-    i = data.index(b'"sha256": "') + 15
+    i = data.index(b'"sha256":"') + 14  # a digest's first hex digit
     data[i] = ord("0") if data[i] != ord("0") else ord("1")
     with pytest.raises(CorruptDiffError, match="checksum mismatch"):
         parse_manifest(bytes(data))

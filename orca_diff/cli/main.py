@@ -70,6 +70,10 @@ threads_option = click.option("--threads", type=click.IntRange(1, 512), default=
 @click.option("--base-revision", default=None, help="Hub revision (commit sha) of the base (default: the resolved "
               "commit of --base).")
 @click.option("--level", type=click.IntRange(1, 22), default=None, help="zstd level of the chunks stored as zstd frames (small tensors, raw rows, other files; float deltas use the `ans` coder). Default 1: tuned fast parameters; 4 and above use zstd's own, slow to encode.")
+@click.option("--share-identical-files", is_flag=True, help="Take every non-weight file that the base holds "
+              "byte-identical (tokenizer.json, config.json...) from the base instead of shipping it (default: only "
+              "tokenizer.model). The smallest diff, e.g. between a fine-tune's checkpoints; users' bases must then "
+              "hold those files (apply checks their sha256).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @threads_option
 @stall_option
@@ -78,8 +82,8 @@ threads_option = click.option("--threads", type=click.IntRange(1, 512), default=
 @sign_options
 @verify_options
 def make(base: str, target: str, out: str, base_name: str | None, base_repo: str | None, base_revision: str | None,
-         level: int | None, force: bool, threads: int | None, quiet: bool, token: str | None,
-         cache_dir: str | None, sign=None, verify=None) -> None:
+         level: int | None, share_identical_files: bool, force: bool, threads: int | None, quiet: bool,
+         token: str | None, cache_dir: str | None, sign=None, verify=None) -> None:
     """Make a diff that rebuilds TARGET from BASE. The diff never contains base weights.
 
     \b
@@ -95,7 +99,7 @@ def make(base: str, target: str, out: str, base_name: str | None, base_repo: str
 
     r = api.make(base, target, out, base_name=base_name, base_repo=base_repo, base_revision=base_revision,
                  level=level, threads=threads, force=force, progress=False if quiet else None, token=token,
-                 cache_dir=cache_dir, sign=sign, verify_target=verify)
+                 cache_dir=cache_dir, sign=sign, verify_target=verify, share_identical_files=share_identical_files)
     for note in r.notes:
         click.echo(f"orca-diff: note: {shown(note)}", err=True)
     m = r.manifest
