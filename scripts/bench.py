@@ -88,7 +88,8 @@ def _child(argv: list[str]) -> None:
     if op == "make":
         from orca_diff.make import make_diff
 
-        make_diff(argv[1], argv[2], argv[3], force=True, progress=False)
+        make_diff(argv[1], argv[2], argv[3], force=True, progress=False,
+                  share_identical_files=os.environ.get("ORCA_BENCH_SHARE_FILES") == "1")
     elif op == "apply":
         from orca_diff.apply import apply_diff
 
@@ -730,6 +731,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per size (best is reported)")
     ap.add_argument("--shard-bytes", type=int, default=1 << 30, help="max shard size of the synthetic pair")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--share-identical-files", action="store_true", help="make with --share-identical-files (side "
+                    "files the base holds byte-identical are taken from it: near-identical checkpoints)")
     ap.add_argument("--codecs-only", action="store_true", help="skip make/apply timing: only the floors, the "
                     "per-codec table and zstd --patch-from (not with --compare-sizes ''), on the first pair")
     ap.add_argument("--no-base", action="store_true", help="only code the target's float tensors with no base: "
@@ -739,6 +742,8 @@ def main() -> None:
     ap.add_argument("--no-patch-from-19", action="store_true", help="skip the zstd -19 --patch-from size (about "
                     "1 MB/s: 5 minutes on a 270 MB model); the -3 pipeline timing still runs")
     args = ap.parse_args()
+    if args.share_identical_files:
+        os.environ["ORCA_BENCH_SHARE_FILES"] = "1"  # read by the make child
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     if args.base or args.target:
