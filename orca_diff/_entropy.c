@@ -105,7 +105,19 @@ static inline size_t lane_start(size_t n, size_t L, size_t k) {
 /* per-lane decoder state */
 typedef struct {
     uint32_t *x, *off, *pz;  /* per lane: state, previous token was 0; per group of 8 lanes: next word */
+    void *stage;             /* the vector decoder's staging buffers (DEC_STAGE_BYTES) */
 } lanestate;
+
+/* The vector decoder works on DEC_S steps of its lanes at a time: their contexts' row offsets
+ * are first computed into a staging buffer (16 bits each) and their tokens written to another,
+ * then copied to the lanes' places. Lanes are runs of n / L elements, usually a multiple of 4 KiB
+ * apart: read and written in place, the 32 lanes' streams all fall into the same L1 sets. The
+ * staging rows are padded so that they do not. */
+#define DEC_S 128
+#define DEC_CSTR (DEC_S + 32)  /* 16-bit entries per lane row (320 bytes: 5 cache lines) */
+#define DEC_TSTR (DEC_S + 64)  /* token bytes per lane row (3 cache lines) */
+#define DEC_LANES 64
+#define DEC_STAGE_BYTES ((size_t)DEC_LANES * (DEC_CSTR * 2 + DEC_TSTR) + 64)
 
 /* ------------------------------------------------------------------ per-width kernels */
 
@@ -399,6 +411,57 @@ static inline __attribute__((target("avx2"), always_inline)) void load_ctx(const
     }
 }
 
+/* the row offsets (bucket << 12) of cnt (a multiple of 8) elements of pred from element i into dst */
+static inline __attribute__((target("avx2"), always_inline)) void stage_ctx(const void *pred, int w, size_t i, size_t cnt,
+                                                                              const ctxparams *cp, uint16_t *dst) {
+    const __m128i sh = _mm_cvtsi32_si128((int)cp->shift), msh = _mm_cvtsi32_si128((int)cp->mshift);
+    size_t t = 0;
+    if (w == 2) {
+        const uint16_t *p16 = (const uint16_t *)pred + i;
+        const __m256i em = _mm256_set1_epi16((short)cp->emask), lo = _mm256_set1_epi16((short)cp->lo);
+        const __m256i top = _mm256_set1_epi16(NBUCKETS - 1);
+        for (; t + 16 <= cnt; t += 16) {
+            __m256i e = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(p16 + t)), sh), em);
+            e = _mm256_min_epu16(_mm256_subs_epu16(e, lo), top);
+            _mm256_storeu_si256((__m256i *)(dst + t), _mm256_slli_epi16(_mm256_srl_epi16(e, msh), PROB_BITS));
+        }
+        if (t < cnt) {
+            __m128i e = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(p16 + t)), sh), _mm256_castsi256_si128(em));
+            e = _mm_min_epu16(_mm_subs_epu16(e, _mm256_castsi256_si128(lo)), _mm256_castsi256_si128(top));
+            _mm_storeu_si128((__m128i *)(dst + t), _mm_slli_epi16(_mm_srl_epi16(e, msh), PROB_BITS));
+        }
+    } else {
+        const uint32_t *p32 = (const uint32_t *)pred + i;
+        const __m256i em = _mm256_set1_epi32((int)cp->emask), lo = _mm256_set1_epi32((int)cp->lo);
+        const __m256i top = _mm256_set1_epi32(NBUCKETS - 1), zero = _mm256_setzero_si256();
+        for (; t < cnt; t += 8) {
+            __m256i e = _mm256_and_si256(_mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(p32 + t)), sh), em);
+            e = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(e, lo), zero), top);
+            e = _mm256_slli_epi32(_mm256_srl_epi32(e, msh), PROB_BITS);
+            __m256i v = _mm256_permute4x64_epi64(_mm256_packus_epi32(e, e), 0x08);
+            _mm_storeu_si128((__m128i *)(dst + t), _mm256_castsi256_si128(v));
+        }
+    }
+}
+
+/* the staged row offsets of 8 steps (from jj) of 8 lane rows (c + k DEC_CSTR) as 8 vectors of 8
+ * lanes (32-bit) */
+static inline __attribute__((target("avx2"), always_inline)) void load_staged(const uint16_t *c, size_t jj, __m256i *cv) {
+    __m256i R[4];
+    for (int i = 0; i < 4; i++)  /* R[i] = [row i | row i + 4] */
+        R[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(c + i * DEC_CSTR + jj))),
+                                       _mm_loadu_si128((const __m128i *)(c + (i + 4) * DEC_CSTR + jj)), 1);
+    const __m256i z = _mm256_setzero_si256();
+    __m256i t0 = _mm256_unpacklo_epi16(R[0], R[1]), t1 = _mm256_unpackhi_epi16(R[0], R[1]);
+    __m256i t2 = _mm256_unpacklo_epi16(R[2], R[3]), t3 = _mm256_unpackhi_epi16(R[2], R[3]);
+    __m256i u0 = _mm256_unpacklo_epi32(t0, t2), u1 = _mm256_unpackhi_epi32(t0, t2);
+    __m256i u2 = _mm256_unpacklo_epi32(t1, t3), u3 = _mm256_unpackhi_epi32(t1, t3);
+    cv[0] = _mm256_unpacklo_epi16(u0, z); cv[1] = _mm256_unpackhi_epi16(u0, z);
+    cv[2] = _mm256_unpacklo_epi16(u1, z); cv[3] = _mm256_unpackhi_epi16(u1, z);
+    cv[4] = _mm256_unpacklo_epi16(u2, z); cv[5] = _mm256_unpackhi_epi16(u2, z);
+    cv[6] = _mm256_unpacklo_epi16(u3, z); cv[7] = _mm256_unpackhi_epi16(u3, z);
+}
+
 /* the tokens (bits 24-31) of 8 steps' entries E[step] (8 lanes each) stored as 8 bytes per lane */
 static inline __attribute__((target("avx2"), always_inline)) void store_tokens(uint8_t *tok, const size_t *a, size_t j,
                                                                                  const __m256i *E) {
@@ -431,11 +494,24 @@ static inline __attribute__((target("avx2"), always_inline)) void store_tokens(u
  * 12) + (slot - start); the lanes whose state fell below 2^16 take the group's next words in lane
  * order (8 words loaded and spread by a permutation: lane i gets word "lanes before i that need
  * one"). Tokens are stored in element order; *bad gets bit 31 of every entry. */
-#define NG_MAX 4
+#define NG_MAX 8
 /* the 8 entries tab[ti]: 8 scalar loads (what AMD Zen 2/3 do faster than vpgatherdd) or the gather */
 static inline __attribute__((target("avx2"), always_inline)) __m256i gather8(const uint32_t *tab, __m256i ti) {
 #ifdef DEC_VGATHER
     return _mm256_i32gather_epi32((const int *)tab, ti, 4);
+#elif defined(DEC_GATHER_F)
+    uint32_t t[8] __attribute__((aligned(32)));
+    _mm256_store_si256((__m256i *)t, ti);
+    uint64_t r0 = tab[t[0]] | (uint64_t)tab[t[1]] << 32, r1 = tab[t[2]] | (uint64_t)tab[t[3]] << 32;
+    uint64_t r2 = tab[t[4]] | (uint64_t)tab[t[5]] << 32, r3 = tab[t[6]] | (uint64_t)tab[t[7]] << 32;
+    return _mm256_set_epi64x((long long)r3, (long long)r2, (long long)r1, (long long)r0);
+#elif defined(DEC_GATHER_E)
+    __m128i lo = _mm256_castsi256_si128(ti), hi = _mm256_extracti128_si256(ti, 1);
+    uint64_t q0 = (uint64_t)_mm_cvtsi128_si64(lo), q1 = (uint64_t)_mm_extract_epi64(lo, 1);
+    uint64_t q2 = (uint64_t)_mm_cvtsi128_si64(hi), q3 = (uint64_t)_mm_extract_epi64(hi, 1);
+    uint64_t r0 = tab[(uint32_t)q0] | (uint64_t)tab[q0 >> 32] << 32, r1 = tab[(uint32_t)q1] | (uint64_t)tab[q1 >> 32] << 32;
+    uint64_t r2 = tab[(uint32_t)q2] | (uint64_t)tab[q2 >> 32] << 32, r3 = tab[(uint32_t)q3] | (uint64_t)tab[q3 >> 32] << 32;
+    return _mm256_set_epi64x((long long)r3, (long long)r2, (long long)r1, (long long)r0);
 #else
     __m128i lo = _mm256_castsi256_si128(ti), hi = _mm256_extracti128_si256(ti, 1);
     uint64_t q0 = (uint64_t)_mm_cvtsi128_si64(lo), q1 = (uint64_t)_mm_extract_epi64(lo, 1);
@@ -467,9 +543,21 @@ static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng
         zo[g] = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(st.pz + k + 8 * g)), zero), zrow);
     }
     __m256i cv[NG_MAX][8], E[NG_MAX][8];
-    for (size_t j = 0; j + 8 <= j1; j += 8) {
-        for (int g = 0; g < NG; g++) load_ctx(pred, w, a[g], j, cp, cv[g]);
+    uint16_t *cst = (uint16_t *)(((uintptr_t)st.stage + 63) & ~(uintptr_t)63);
+    uint8_t *tst = (uint8_t *)(cst + (size_t)DEC_LANES * DEC_CSTR);
+    size_t at[8];
+    for (int kk = 0; kk < 8; kk++) at[kk] = (size_t)kk * DEC_TSTR;
+    for (size_t j0 = 0; j0 < j1; j0 += DEC_S) {
+    const size_t sb = j1 - j0 < DEC_S ? j1 - j0 : DEC_S;
+    for (int g = 0; g < NG; g++)
+        for (int kk = 0; kk < 8; kk++) stage_ctx(pred, w, a[g][kk] + j0, sb, cp, cst + (size_t)(8 * g + kk) * DEC_CSTR);
+    for (size_t j = j0; j < j0 + sb; j += 8) {
+        for (int g = 0; g < NG; g++) load_staged(cst + (size_t)8 * g * DEC_CSTR, j - j0, cv[g]);
+#ifdef DEC_UNROLL_S
+#pragma GCC unroll 8
+#endif
         for (int s = 0; s < 8; s++)
+#pragma GCC unroll 8
             for (int g = 0; g < NG; g++) {
                 __m256i xs = x[g];
                 __m256i ti = _mm256_or_si256(_mm256_and_si256(xs, m12), cv[g][s]);
@@ -484,6 +572,9 @@ static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng
                 __m256i xh = _mm256_srli_epi32(xs, PROB_BITS);
                 __m256i bias = _mm256_and_si256(_mm256_srli_epi32(ent, 12), m12);
                 xs = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(ent, m12), xh), _mm256_add_epi32(xh, bias));
+#ifdef ABL_NOWORDS
+                x[g] = _mm256_or_si256(xs, _mm256_set1_epi32(1 << 20)); E[g][s] = ent; continue;
+#endif
                 __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xs, 16), zero);
                 unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(need));
                 __m256i wv = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(words + off[g])));
@@ -492,7 +583,12 @@ static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng
                 x[g] = _mm256_blendv_epi8(xs, _mm256_or_si256(_mm256_slli_epi32(xs, 16), nw), need);
                 E[g][s] = ent;
             }
-        for (int g = 0; g < NG; g++) store_tokens(tok, a[g], j, E[g]);
+#ifndef ABL_NOTOK
+        for (int g = 0; g < NG; g++) store_tokens(tst + (size_t)8 * g * DEC_TSTR, at, j - j0, E[g]);
+#endif
+    }
+    for (int g = 0; g < NG; g++)
+        for (int kk = 0; kk < 8; kk++) memcpy(tok + a[g][kk] + j0, tst + (size_t)(8 * g + kk) * DEC_TSTR, sb);
     }
     const __m256i one = _mm256_set1_epi32(1);
     for (int g = 0; g < NG; g++) {
@@ -512,6 +608,9 @@ static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_p(
     size_t k = 0;
     for (; k + 8 * AVX2_GROUPS <= k1; k += 8 * AVX2_GROUPS)
         decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, bad, AVX2_GROUPS, PREV);
+#if AVX2_GROUPS > 4
+    for (; k + 32 <= k1; k += 32) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, bad, 4, PREV);
+#endif
     for (; k + 16 <= k1; k += 16) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, bad, 2, PREV);
     for (; k < k1; k += 8) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, bad, 1, PREV);
 }
@@ -1264,6 +1363,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     uint32_t *tab = NULL, *x = NULL, *off = NULL, *end = NULL, *pzv = NULL;
     uint16_t *wpad = NULL;
     uint8_t *tok = NULL, *raw = NULL;
+    void *stage = NULL;
     const char *err = NULL;
     if (check_common(&o, &p, w, shift, ebits, lo, mshift, lanes, &n, &cp) != 0) goto done;
     cp.prev = prev ? 1 : 0;
@@ -1283,8 +1383,9 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     wpad = (uint16_t *)scratch_get((nwords + 8 * steps + 16) * sizeof(uint16_t));
     tab = (uint32_t *)scratch_get((size_t)contexts * PROB_SCALE * sizeof(uint32_t));  /* valid rows filled below */
     tok = (uint8_t *)scratch_get(n + 16);
+    stage = scratch_get(DEC_STAGE_BYTES);
     raw = (uint8_t *)scratch_get((size_t)rb.len + RAW_PAD);
-    if (!x || !off || !end || !pzv || !wpad || !tab || !tok || !raw) { PyErr_NoMemory(); goto done; }
+    if (!x || !off || !end || !pzv || !wpad || !tab || !tok || !raw || !stage) { PyErr_NoMemory(); goto done; }
     {
         const uint32_t *cnt = (const uint32_t *)lc.buf;
         uint64_t total = 0;
@@ -1322,7 +1423,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         off[k >> 3] += 2;
         pzv[k] = 1;
     }
-    lanestate st = {x, off, pzv};
+    lanestate st = {x, off, pzv, stage};
     const size_t q = n / L;
     int simd = 0, avx2 = 0;
 #ifdef HAVE_AVX2_KERNEL
@@ -1383,7 +1484,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     res = Py_None;
 done:
     free(x); free(off); free(end); free(pzv);
-    scratch_put(wpad); scratch_put(tab); scratch_put(tok); scratch_put(raw);
+    scratch_put(wpad); scratch_put(tab); scratch_put(tok); scratch_put(raw); scratch_put(stage);
     PyBuffer_Release(&o); PyBuffer_Release(&p); PyBuffer_Release(&fb);
     PyBuffer_Release(&lc); PyBuffer_Release(&wb); PyBuffer_Release(&rb);
     return res;
