@@ -12,13 +12,15 @@
  *
  * Lanes are contiguous runs of elements (the context needs the previous element's token); each
  * group of 8 lanes shares one word stream. With AVX2 (chosen at run time, GCC/Clang on x86-64)
- * a vector holds a group's 8 lanes: 8 steps of base elements (decode) or table indices (encode)
- * are loaded per lane and transposed, the table entries are gathered, and the words a step needs
- * (decode: one 16-byte load spread by a permutation) or emits (encode: compressed by a byte
- * shuffle) move through the group's stream; 4 (decode) or 2 (encode) groups are interleaved to
- * hide the latencies. The encoder's analysis pass (tokens, raw bits, counts) and the decoder's
- * raw-bit pass (with the ulp inverse) also have AVX2 versions for 2-byte elements. Elsewhere
- * (other compilers, no AVX2, 8-byte elements, the last steps) scalar loops give the same bytes.
+ * a vector holds a group's 8 lanes: 8 steps of table indices (encode) or of the contexts' row
+ * offsets (decode: computed from the base elements 128 steps at a time into padded staging rows,
+ * see DEC_S) are loaded per lane and transposed, the table entries are gathered (decode: by
+ * scalar loads), and the words a step needs (decode: one 16-byte load spread by a permutation)
+ * or emits (encode: compressed by a byte shuffle) move through the group's stream; 4 (decode) or
+ * 2 (encode) groups are interleaved to hide the latencies. The encoder's analysis pass (tokens,
+ * raw bits, counts) has an AVX2 version for 2-byte elements, and so has the decoder's raw-bit
+ * pass with the ulp inverse (BMI2 pdep where it is fast, else AVX2 shuffles). Elsewhere (other
+ * compilers, no AVX2, 8-byte elements, the last steps) scalar loops give the same bytes.
  *
  * Everything decode reads is untrusted: every table, count and size is checked, stream reads stay
  * inside buffers padded by more than any group can over-read, and a stream that does not end
@@ -46,7 +48,7 @@
 #define STATE_LOW (1u << 16)
 #define NCTX 32
 #define NBUCKETS 16
-#define DTAB_BAD 0x80000000u /* decode-table entries of a context without table (see load_ctx) */
+#define DTAB_BAD 0x80000000u /* flags the decode-table rows of a context without table (see "The decode table") */
 #define RAW_PAD 256 /* zero bytes after the raw bits: > 64 elements x 29 bits / 8 + 8 */
 
 /* bit length of v > 0 */
@@ -369,48 +371,6 @@ static inline AVX2 void load_steps(const void *pred, int w, const size_t *a, siz
  * the bucket part of a row index fits 16 bits and z adds a constant. The vector path refuses a
  * frame that uses a context without table by bit 31 of its rows' entries (tokens < 128 there). */
 
-/* the 8 contexts' row offsets (row << 12, bucket part) of 8 steps x 8 lanes of a group (lanes
- * a[0..7], steps j..j+7), as 8 vectors of 8 lanes (32-bit). 2-byte elements: the bucket is
- * computed in 16 bits on the rows of 8 steps (4 ymm), then transposed; 4-byte: transposed, then
- * computed per step. */
-static inline __attribute__((target("avx2"), always_inline)) void load_ctx(const void *pred, int w, const size_t *a,
-                                                                             size_t j, const ctxparams *cp, __m256i *cv) {
-    if (w == 2) {
-        const uint16_t *p16 = (const uint16_t *)pred;
-        const __m128i sh = _mm_cvtsi32_si128((int)cp->shift), msh = _mm_cvtsi32_si128((int)cp->mshift);
-        const __m256i em = _mm256_set1_epi16((short)cp->emask), lo = _mm256_set1_epi16((short)cp->lo);
-        const __m256i top = _mm256_set1_epi16(NBUCKETS - 1);
-        __m256i R[4];
-        for (int i = 0; i < 4; i++) {  /* R[i] = [row i | row i + 4] */
-            __m256i r = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p16 + a[i] + j))),
-                                                _mm_loadu_si128((const __m128i *)(p16 + a[i + 4] + j)), 1);
-            __m256i e = _mm256_and_si256(_mm256_srl_epi16(r, sh), em);
-            e = _mm256_min_epu16(_mm256_subs_epu16(e, lo), top);
-            R[i] = _mm256_slli_epi16(_mm256_srl_epi16(e, msh), PROB_BITS);
-        }
-        const __m256i z = _mm256_setzero_si256();
-        __m256i t0 = _mm256_unpacklo_epi16(R[0], R[1]), t1 = _mm256_unpackhi_epi16(R[0], R[1]);
-        __m256i t2 = _mm256_unpacklo_epi16(R[2], R[3]), t3 = _mm256_unpackhi_epi16(R[2], R[3]);
-        /* u: [steps s, s + 1 of lanes 0-3 | the same of lanes 4-7] */
-        __m256i u0 = _mm256_unpacklo_epi32(t0, t2), u1 = _mm256_unpackhi_epi32(t0, t2);
-        __m256i u2 = _mm256_unpacklo_epi32(t1, t3), u3 = _mm256_unpackhi_epi32(t1, t3);
-        cv[0] = _mm256_unpacklo_epi16(u0, z); cv[1] = _mm256_unpackhi_epi16(u0, z);
-        cv[2] = _mm256_unpacklo_epi16(u1, z); cv[3] = _mm256_unpackhi_epi16(u1, z);
-        cv[4] = _mm256_unpacklo_epi16(u2, z); cv[5] = _mm256_unpackhi_epi16(u2, z);
-        cv[6] = _mm256_unpacklo_epi16(u3, z); cv[7] = _mm256_unpackhi_epi16(u3, z);
-    } else {
-        const __m128i sh = _mm_cvtsi32_si128((int)cp->shift), msh = _mm_cvtsi32_si128((int)cp->mshift);
-        const __m256i em = _mm256_set1_epi32((int)cp->emask), lo = _mm256_set1_epi32((int)cp->lo);
-        const __m256i top = _mm256_set1_epi32(NBUCKETS - 1), zero = _mm256_setzero_si256();
-        load_steps(pred, 4, a, j, cv);
-        for (int s = 0; s < 8; s++) {
-            __m256i e = _mm256_and_si256(_mm256_srl_epi32(cv[s], sh), em);
-            e = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(e, lo), zero), top);
-            cv[s] = _mm256_slli_epi32(_mm256_srl_epi32(e, msh), PROB_BITS);
-        }
-    }
-}
-
 /* the row offsets (bucket << 12) of cnt (a multiple of 8) elements of pred from element i into dst */
 static inline __attribute__((target("avx2"), always_inline)) void stage_ctx(const void *pred, int w, size_t i, size_t cnt,
                                                                               const ctxparams *cp, uint16_t *dst) {
@@ -495,23 +455,11 @@ static inline __attribute__((target("avx2"), always_inline)) void store_tokens(u
  * order (8 words loaded and spread by a permutation: lane i gets word "lanes before i that need
  * one"). Tokens are stored in element order; *bad gets bit 31 of every entry. */
 #define NG_MAX 8
-/* the 8 entries tab[ti]: 8 scalar loads (what AMD Zen 2/3 do faster than vpgatherdd) or the gather */
+/* the 8 entries tab[ti]: 8 scalar loads inserted into a vector (on AMD Zen 3, 0-8 % faster in the
+ * decoder than vpgatherdd, whose throughput is low there) or, built with -DDEC_VGATHER, the gather */
 static inline __attribute__((target("avx2"), always_inline)) __m256i gather8(const uint32_t *tab, __m256i ti) {
 #ifdef DEC_VGATHER
     return _mm256_i32gather_epi32((const int *)tab, ti, 4);
-#elif defined(DEC_GATHER_F)
-    uint32_t t[8] __attribute__((aligned(32)));
-    _mm256_store_si256((__m256i *)t, ti);
-    uint64_t r0 = tab[t[0]] | (uint64_t)tab[t[1]] << 32, r1 = tab[t[2]] | (uint64_t)tab[t[3]] << 32;
-    uint64_t r2 = tab[t[4]] | (uint64_t)tab[t[5]] << 32, r3 = tab[t[6]] | (uint64_t)tab[t[7]] << 32;
-    return _mm256_set_epi64x((long long)r3, (long long)r2, (long long)r1, (long long)r0);
-#elif defined(DEC_GATHER_E)
-    __m128i lo = _mm256_castsi256_si128(ti), hi = _mm256_extracti128_si256(ti, 1);
-    uint64_t q0 = (uint64_t)_mm_cvtsi128_si64(lo), q1 = (uint64_t)_mm_extract_epi64(lo, 1);
-    uint64_t q2 = (uint64_t)_mm_cvtsi128_si64(hi), q3 = (uint64_t)_mm_extract_epi64(hi, 1);
-    uint64_t r0 = tab[(uint32_t)q0] | (uint64_t)tab[q0 >> 32] << 32, r1 = tab[(uint32_t)q1] | (uint64_t)tab[q1 >> 32] << 32;
-    uint64_t r2 = tab[(uint32_t)q2] | (uint64_t)tab[q2 >> 32] << 32, r3 = tab[(uint32_t)q3] | (uint64_t)tab[q3 >> 32] << 32;
-    return _mm256_set_epi64x((long long)r3, (long long)r2, (long long)r1, (long long)r0);
 #else
     __m128i lo = _mm256_castsi256_si128(ti), hi = _mm256_extracti128_si256(ti, 1);
     uint64_t q0 = (uint64_t)_mm_cvtsi128_si64(lo), q1 = (uint64_t)_mm_extract_epi64(lo, 1);
@@ -550,31 +498,32 @@ static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng
     for (size_t j0 = 0; j0 < j1; j0 += DEC_S) {
     const size_t sb = j1 - j0 < DEC_S ? j1 - j0 : DEC_S;
     for (int g = 0; g < NG; g++)
-        for (int kk = 0; kk < 8; kk++) stage_ctx(pred, w, a[g][kk] + j0, sb, cp, cst + (size_t)(8 * g + kk) * DEC_CSTR);
+        for (int kk = 0; kk < 8; kk++) {
+            stage_ctx(pred, w, a[g][kk] + j0, sb, cp, cst + (size_t)(8 * g + kk) * DEC_CSTR);
+#ifndef DEC_NO_PREFETCH
+            /* the next block of the lane's base elements (streamed from memory: 32 streams are more
+             * than the hardware prefetchers follow); a hint, never a fault */
+            if (j0 + DEC_S < j1) {
+                const char *nx = (const char *)pred + (a[g][kk] + j0 + DEC_S) * (size_t)w;
+                const size_t nb = (j1 - j0 - DEC_S < DEC_S ? j1 - j0 - DEC_S : DEC_S) * (size_t)w;
+                for (size_t c = 0; c < nb; c += 64) _mm_prefetch(nx + c, _MM_HINT_T0);
+            }
+#endif
+        }
     for (size_t j = j0; j < j0 + sb; j += 8) {
         for (int g = 0; g < NG; g++) load_staged(cst + (size_t)8 * g * DEC_CSTR, j - j0, cv[g]);
-#ifdef DEC_UNROLL_S
-#pragma GCC unroll 8
-#endif
         for (int s = 0; s < 8; s++)
 #pragma GCC unroll 8
             for (int g = 0; g < NG; g++) {
                 __m256i xs = x[g];
                 __m256i ti = _mm256_or_si256(_mm256_and_si256(xs, m12), cv[g][s]);
                 if (PREV) ti = _mm256_add_epi32(ti, zo[g]);
-#ifdef ABL_NOGATHER
-                __m256i ent = _mm256_and_si256(_mm256_xor_si256(ti, _mm256_srli_epi32(ti, 5)), _mm256_set1_epi32(0x003FF0FF));
-#else
                 __m256i ent = gather8(tab, ti);
-#endif
                 u = _mm256_or_si256(u, ent);
                 if (PREV) zo[g] = _mm256_and_si256(_mm256_cmpgt_epi32(t24, ent), zrow);
                 __m256i xh = _mm256_srli_epi32(xs, PROB_BITS);
                 __m256i bias = _mm256_and_si256(_mm256_srli_epi32(ent, 12), m12);
                 xs = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(ent, m12), xh), _mm256_add_epi32(xh, bias));
-#ifdef ABL_NOWORDS
-                x[g] = _mm256_or_si256(xs, _mm256_set1_epi32(1 << 20)); E[g][s] = ent; continue;
-#endif
                 __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xs, 16), zero);
                 unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(need));
                 __m256i wv = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(words + off[g])));
@@ -583,12 +532,16 @@ static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng
                 x[g] = _mm256_blendv_epi8(xs, _mm256_or_si256(_mm256_slli_epi32(xs, 16), nw), need);
                 E[g][s] = ent;
             }
-#ifndef ABL_NOTOK
         for (int g = 0; g < NG; g++) store_tokens(tst + (size_t)8 * g * DEC_TSTR, at, j - j0, E[g]);
-#endif
     }
-    for (int g = 0; g < NG; g++)
-        for (int kk = 0; kk < 8; kk++) memcpy(tok + a[g][kk] + j0, tst + (size_t)(8 * g + kk) * DEC_TSTR, sb);
+    for (int g = 0; g < NG; g++)  /* (memcpy: rep movs, slow at this size) */
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t *d = tok + a[g][kk] + j0;
+            const uint8_t *s = tst + (size_t)(8 * g + kk) * DEC_TSTR;
+            size_t t = 0;
+            for (; t + 32 <= sb; t += 32) _mm256_storeu_si256((__m256i *)(d + t), _mm256_load_si256((const __m256i *)(s + t)));
+            for (; t < sb; t += 8) _mm_storel_epi64((__m128i *)(d + t), _mm_loadl_epi64((const __m128i *)(s + t)));
+        }
     }
     const __m256i one = _mm256_set1_epi32(1);
     for (int g = 0; g < NG; g++) {
@@ -754,7 +707,7 @@ static int have_fast_pdep(void) {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx2") && !getenv("ORCA_DIFF_NO_PDEP");
+        cached = __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx2");
         if (cached && __builtin_cpu_is("amd")) {
             unsigned a, b, c, d;
             __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
@@ -762,7 +715,7 @@ static int have_fast_pdep(void) {
             if (family < 0x19) cached = 0;
         }
     }
-    return cached;
+    return cached && !getenv("ORCA_DIFF_NO_PDEP");  /* (the variable: to test the other path) */
 }
 #endif
 
@@ -1456,14 +1409,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     if (used & ~validmask) err = "the token stream uses a context that has no table";
     for (size_t k = 0; k < L && !err; k++)
         if (x[k] != STATE_LOW || off[k >> 3] != end[k >> 3]) err = "an ANS lane group does not end with its words";
-#ifdef ABL_IGNORE_ERR
-    err = NULL;
-#endif
-#ifdef ABL_NOFINISH
-    if (0) {
-#else
     if (!err) {
-#endif
         int r;
 #ifdef HAVE_AVX2_KERNEL
         if (w == 2 && avx2 && have_fast_pdep()) r = finish16_pdep(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
@@ -1474,9 +1420,6 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         else if (w == 4) r = finish32(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
         else r = finish64(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
         if (r) err = "the raw-bit stream does not match the tokens";
-#ifdef ABL_IGNORE_ERR
-        err = NULL;
-#endif
     }
     Py_END_ALLOW_THREADS
     if (err) { PyErr_SetString(PyExc_ValueError, err); goto done; }
