@@ -115,7 +115,9 @@ typedef struct {
  * then copied to the lanes' places. Lanes are runs of n / L elements, usually a multiple of 4 KiB
  * apart: read and written in place, the 32 lanes' streams all fall into the same L1 sets. The
  * staging rows are padded so that they do not. */
+#ifndef DEC_S
 #define DEC_S 128
+#endif
 #define DEC_CSTR (DEC_S + 32)  /* 16-bit entries per lane row (320 bytes: 5 cache lines) */
 #define DEC_TSTR (DEC_S + 64)  /* token bytes per lane row (3 cache lines) */
 #define DEC_LANES 64
