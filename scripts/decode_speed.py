@@ -4,7 +4,8 @@ Why: the decoder's speed goal (issue 23: >= 1.6 GB/s per core) is about the code
 times `entropy.decode` on frames already in memory, by process CPU time (time.process_time) over
 repeated decodes, and prints GB/s of decoded output. The pair is synthetic (orca_diff.synth's
 fine-tune model: Adam-like drift + walk on N(0, 0.02) weights, cast to bf16), which is what the
-CPU allows in minutes; pass --base/--target safetensors files to time a real pair's tensors.
+CPU allows in minutes; pass --base/--target safetensors files to time a real pair's tensors
+(--chunks whole chunks spread evenly over their same-name 2-D bf16/fp16 tensors).
 
     python scripts/decode_speed.py                      # synthetic, 4 chunks of 4 MiB
     python scripts/decode_speed.py --base B.safetensors --target T.safetensors
