@@ -12,13 +12,15 @@
  *
  * Lanes are contiguous runs of elements (the context needs the previous element's token); each
  * group of 8 lanes shares one word stream. With AVX2 (chosen at run time, GCC/Clang on x86-64)
- * a vector holds a group's 8 lanes: 8 steps of base elements (decode) or table indices (encode)
- * are loaded per lane and transposed, the table entries are gathered, and the words a step needs
- * (decode: one 16-byte load spread by a permutation) or emits (encode: compressed by a byte
- * shuffle) move through the group's stream; 4 (decode) or 2 (encode) groups are interleaved to
- * hide the latencies. The encoder's analysis pass (tokens, raw bits, counts) and the decoder's
- * raw-bit pass (with the ulp inverse) also have AVX2 versions for 2-byte elements. Elsewhere
- * (other compilers, no AVX2, 8-byte elements, the last steps) scalar loops give the same bytes.
+ * a vector holds a group's 8 lanes: 8 steps of table indices (encode) or of the contexts' row
+ * offsets (decode: computed from the base elements 128 steps at a time into padded staging rows,
+ * see DEC_S) are loaded per lane and transposed, the table entries are gathered (decode: by
+ * scalar loads), and the words a step needs (decode: one 16-byte load spread by a permutation)
+ * or emits (encode: compressed by a byte shuffle) move through the group's stream; 4 (decode) or
+ * 2 (encode) groups are interleaved to hide the latencies. The encoder's analysis pass (tokens,
+ * raw bits, counts) has an AVX2 version for 2-byte elements, and so has the decoder's raw-bit
+ * pass with the ulp inverse (BMI2 pdep where it is fast, else AVX2 shuffles). Elsewhere (other
+ * compilers, no AVX2, 8-byte elements, the last steps) scalar loops give the same bytes.
  *
  * Everything decode reads is untrusted: every table, count and size is checked, stream reads stay
  * inside buffers padded by more than any group can over-read, and a stream that does not end
@@ -46,6 +48,7 @@
 #define STATE_LOW (1u << 16)
 #define NCTX 32
 #define NBUCKETS 16
+#define DTAB_BAD 0x80000000u /* flags the decode-table rows of a context without table (see "The decode table") */
 #define RAW_PAD 256 /* zero bytes after the raw bits: > 64 elements x 29 bits / 8 + 8 */
 
 /* bit length of v > 0 */
@@ -104,7 +107,21 @@ static inline size_t lane_start(size_t n, size_t L, size_t k) {
 /* per-lane decoder state */
 typedef struct {
     uint32_t *x, *off, *pz;  /* per lane: state, previous token was 0; per group of 8 lanes: next word */
+    void *stage;             /* the vector decoder's staging buffers (DEC_STAGE_BYTES) */
 } lanestate;
+
+/* The vector decoder works on DEC_S steps of its lanes at a time: their contexts' row offsets
+ * are first computed into a staging buffer (16 bits each) and their tokens written to another,
+ * then copied to the lanes' places. Lanes are runs of n / L elements, usually a multiple of 4 KiB
+ * apart: read and written in place, the 32 lanes' streams all fall into the same L1 sets. The
+ * staging rows are padded so that they do not. */
+#ifndef DEC_S
+#define DEC_S 128
+#endif
+#define DEC_CSTR (DEC_S + 32)  /* 16-bit entries per lane row (320 bytes: 5 cache lines) */
+#define DEC_TSTR (DEC_S + 64)  /* token bytes per lane row (3 cache lines) */
+#define DEC_LANES 64
+#define DEC_STAGE_BYTES ((size_t)DEC_LANES * (DEC_CSTR * 2 + DEC_TSTR) + 64)
 
 /* ------------------------------------------------------------------ per-width kernels */
 
@@ -266,18 +283,18 @@ static void decode_scalar##B(const uint32_t *tab, const T *p, size_t n, size_t L
         for (size_t k = k0; k < k1; k++) {                                                        \
             if (j >= q + (k < r)) continue;                                                       \
             size_t i = k * q + (k < r ? k : r) + j;                                               \
-            unsigned c = bucket_of(p[i], cp);                                                     \
-            if (cp->prev) c = 2u * c + st.pz[k];                                                  \
+            unsigned b = bucket_of(p[i], cp), c = b, row = b;                                     \
+            if (cp->prev) { c = 2u * b + st.pz[k]; row = b + st.pz[k] * (NBUCKETS >> cp->mshift); } \
             u |= 1u << c;                                                                         \
             uint32_t xs = st.x[k];                                                                \
-            uint32_t e = tab[(size_t)c * PROB_SCALE + (xs & (PROB_SCALE - 1))];                   \
-            xs = (((e >> 8) & (PROB_SCALE - 1)) + 1) * (xs >> PROB_BITS) + (e >> 20);             \
+            uint32_t e = tab[(size_t)row * PROB_SCALE + (xs & (PROB_SCALE - 1))];                 \
+            xs = ((e & (PROB_SCALE - 1)) + 1) * (xs >> PROB_BITS) + ((e >> 12) & (PROB_SCALE - 1)); \
             uint32_t need = xs < STATE_LOW;                                                       \
             uint32_t nw = words[st.off[k >> 3]];  /* the next word of the lane's group */        \
             st.x[k] = need ? ((xs << 16) | nw) : xs;                                              \
             st.off[k >> 3] += need;                                                               \
-            tok[i] = (uint8_t)(e & 0xFF);                                                         \
-            st.pz[k] = (e & 0xFF) == 0;                                                           \
+            tok[i] = (uint8_t)(e >> 24);                                                          \
+            st.pz[k] = (e >> 24) == 0;                                                            \
         }                                                                                         \
     }                                                                                             \
     *used |= u;                                                                                   \
@@ -290,12 +307,6 @@ DEFINE_KERNELS(uint64_t, 64)
 #ifdef HAVE_AVX2_KERNEL
 #define AVX2 __attribute__((target("avx2")))
 
-typedef struct {
-    __m256i zero, one, m12, m8, m16, emask, lo, top;
-    __m128i sh, msh;
-    int prev;
-} avx2consts;
-
 /* expand_lut[m][i]: the number of set bits of m below bit i */
 static int32_t expand_lut[256][8] __attribute__((aligned(32)));
 static void init_expand(void) {
@@ -304,33 +315,6 @@ static void init_expand(void) {
             expand_lut[m][i] = (int32_t)c;
             c += (m >> i) & 1;
         }
-}
-
-/* one decoding step of 8 lanes (a group): pv = their base elements, off = the group's next word;
- * returns their 8 tokens (low 8 bytes) */
-static inline AVX2 __m128i step8(const avx2consts *K, const uint32_t *tab, const uint16_t *words, __m256i pv,
-                                 __m256i *x, uint32_t *off, __m256i *pz, __m256i *u) {
-    __m256i e = _mm256_and_si256(_mm256_srl_epi32(pv, K->sh), K->emask);
-    e = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(e, K->lo), K->zero), K->top);
-    __m256i c = _mm256_srl_epi32(e, K->msh);
-    if (K->prev) c = _mm256_add_epi32(_mm256_add_epi32(c, c), *pz);
-    *u = _mm256_or_si256(*u, _mm256_sllv_epi32(K->one, c));
-    __m256i ti = _mm256_or_si256(_mm256_slli_epi32(c, PROB_BITS), _mm256_and_si256(*x, K->m12));
-    __m256i ent = _mm256_i32gather_epi32((const int *)tab, ti, 4);
-    __m256i f = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(ent, 8), K->m12), K->one);
-    __m256i xs = _mm256_add_epi32(_mm256_mullo_epi32(f, _mm256_srli_epi32(*x, PROB_BITS)), _mm256_srli_epi32(ent, 20));
-    __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xs, 16), K->zero);
-    /* the lanes that need a word take the group's next ones in lane order: 8 words loaded and
-     * spread by a permutation (lane i gets word "lanes before i that need one") */
-    unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(need));
-    __m256i wv = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(words + *off)));
-    __m256i nw = _mm256_permutevar8x32_epi32(wv, _mm256_load_si256((const __m256i *)expand_lut[m]));
-    *off += (uint32_t)__builtin_popcount(m);
-    *x = _mm256_blendv_epi8(xs, _mm256_or_si256(_mm256_slli_epi32(xs, 16), nw), need);
-    __m256i s = _mm256_and_si256(ent, K->m8);
-    *pz = _mm256_and_si256(_mm256_cmpeq_epi32(s, K->zero), K->one);
-    __m256i s16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(s, s), 0x08);
-    return _mm_packus_epi16(_mm256_castsi256_si128(s16), _mm256_castsi256_si128(s16));
 }
 
 /* 8 base elements of each lane of a group (lanes a[0..7], steps j..j+7) transposed into 8 step
@@ -383,84 +367,213 @@ static inline AVX2 void load_steps(const void *pred, int w, const size_t *a, siz
     }
 }
 
-/* the 8 steps x 8 lanes of tokens T[step] (8 bytes each) transposed and stored as 8 bytes per lane */
-static inline AVX2 void store_tokens(uint8_t *tok, const size_t *a, size_t j, const __m128i *T) {
-    __m128i x0 = _mm_unpacklo_epi8(T[0], T[1]), x1 = _mm_unpacklo_epi8(T[2], T[3]);
-    __m128i x2 = _mm_unpacklo_epi8(T[4], T[5]), x3 = _mm_unpacklo_epi8(T[6], T[7]);
-    __m128i y0 = _mm_unpacklo_epi16(x0, x1), y1 = _mm_unpackhi_epi16(x0, x1);
-    __m128i y2 = _mm_unpacklo_epi16(x2, x3), y3 = _mm_unpackhi_epi16(x2, x3);
-    __m128i z0 = _mm_unpacklo_epi32(y0, y2), z1 = _mm_unpackhi_epi32(y0, y2);
-    __m128i z2 = _mm_unpacklo_epi32(y1, y3), z3 = _mm_unpackhi_epi32(y1, y3);
-    _mm_storel_epi64((__m128i *)(tok + a[0] + j), z0);
-    _mm_storel_epi64((__m128i *)(tok + a[1] + j), _mm_srli_si128(z0, 8));
-    _mm_storel_epi64((__m128i *)(tok + a[2] + j), z1);
-    _mm_storel_epi64((__m128i *)(tok + a[3] + j), _mm_srli_si128(z1, 8));
-    _mm_storel_epi64((__m128i *)(tok + a[4] + j), z2);
-    _mm_storel_epi64((__m128i *)(tok + a[5] + j), _mm_srli_si128(z2, 8));
-    _mm_storel_epi64((__m128i *)(tok + a[6] + j), z3);
-    _mm_storel_epi64((__m128i *)(tok + a[7] + j), _mm_srli_si128(z3, 8));
+/* The decode table (all paths): per row (context) and slot, entry = (f - 1) | (slot - start) << 12
+ * | token << 24, f and start the token's frequency and first slot. With the previous-token
+ * context, context c = 2 b + z lives in row z H + b (H = 16 >> mshift rows of buckets), so that
+ * the bucket part of a row index fits 16 bits and z adds a constant. The vector path refuses a
+ * frame that uses a context without table by bit 31 of its rows' entries (tokens < 128 there). */
+
+/* the row offsets (bucket << 12) of cnt (a multiple of 8) elements of pred from element i into dst */
+static inline __attribute__((target("avx2"), always_inline)) void stage_ctx(const void *pred, int w, size_t i, size_t cnt,
+                                                                              const ctxparams *cp, uint16_t *dst) {
+    const __m128i sh = _mm_cvtsi32_si128((int)cp->shift), msh = _mm_cvtsi32_si128((int)cp->mshift);
+    size_t t = 0;
+    if (w == 2) {
+        const uint16_t *p16 = (const uint16_t *)pred + i;
+        const __m256i em = _mm256_set1_epi16((short)cp->emask), lo = _mm256_set1_epi16((short)cp->lo);
+        const __m256i top = _mm256_set1_epi16(NBUCKETS - 1);
+        for (; t + 16 <= cnt; t += 16) {
+            __m256i e = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(p16 + t)), sh), em);
+            e = _mm256_min_epu16(_mm256_subs_epu16(e, lo), top);
+            _mm256_storeu_si256((__m256i *)(dst + t), _mm256_slli_epi16(_mm256_srl_epi16(e, msh), PROB_BITS));
+        }
+        if (t < cnt) {
+            __m128i e = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(p16 + t)), sh), _mm256_castsi256_si128(em));
+            e = _mm_min_epu16(_mm_subs_epu16(e, _mm256_castsi256_si128(lo)), _mm256_castsi256_si128(top));
+            _mm_storeu_si128((__m128i *)(dst + t), _mm_slli_epi16(_mm_srl_epi16(e, msh), PROB_BITS));
+        }
+    } else {
+        const uint32_t *p32 = (const uint32_t *)pred + i;
+        const __m256i em = _mm256_set1_epi32((int)cp->emask), lo = _mm256_set1_epi32((int)cp->lo);
+        const __m256i top = _mm256_set1_epi32(NBUCKETS - 1), zero = _mm256_setzero_si256();
+        for (; t < cnt; t += 8) {
+            __m256i e = _mm256_and_si256(_mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(p32 + t)), sh), em);
+            e = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(e, lo), zero), top);
+            e = _mm256_slli_epi32(_mm256_srl_epi32(e, msh), PROB_BITS);
+            __m256i v = _mm256_permute4x64_epi64(_mm256_packus_epi32(e, e), 0x08);
+            _mm_storeu_si128((__m128i *)(dst + t), _mm256_castsi256_si128(v));
+        }
+    }
+}
+
+/* the staged row offsets of 8 steps (from jj) of 8 lane rows (c + k DEC_CSTR) as 8 vectors of 8
+ * lanes (32-bit) */
+static inline __attribute__((target("avx2"), always_inline)) void load_staged(const uint16_t *c, size_t jj, __m256i *cv) {
+    __m256i R[4];
+    for (int i = 0; i < 4; i++)  /* R[i] = [row i | row i + 4] */
+        R[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(c + i * DEC_CSTR + jj))),
+                                       _mm_loadu_si128((const __m128i *)(c + (i + 4) * DEC_CSTR + jj)), 1);
+    const __m256i z = _mm256_setzero_si256();
+    __m256i t0 = _mm256_unpacklo_epi16(R[0], R[1]), t1 = _mm256_unpackhi_epi16(R[0], R[1]);
+    __m256i t2 = _mm256_unpacklo_epi16(R[2], R[3]), t3 = _mm256_unpackhi_epi16(R[2], R[3]);
+    __m256i u0 = _mm256_unpacklo_epi32(t0, t2), u1 = _mm256_unpackhi_epi32(t0, t2);
+    __m256i u2 = _mm256_unpacklo_epi32(t1, t3), u3 = _mm256_unpackhi_epi32(t1, t3);
+    cv[0] = _mm256_unpacklo_epi16(u0, z); cv[1] = _mm256_unpackhi_epi16(u0, z);
+    cv[2] = _mm256_unpacklo_epi16(u1, z); cv[3] = _mm256_unpackhi_epi16(u1, z);
+    cv[4] = _mm256_unpacklo_epi16(u2, z); cv[5] = _mm256_unpackhi_epi16(u2, z);
+    cv[6] = _mm256_unpacklo_epi16(u3, z); cv[7] = _mm256_unpackhi_epi16(u3, z);
+}
+
+/* the tokens (bits 24-31) of 8 steps' entries E[step] (8 lanes each) stored as 8 bytes per lane */
+static inline __attribute__((target("avx2"), always_inline)) void store_tokens(uint8_t *tok, const size_t *a, size_t j,
+                                                                                 const __m256i *E) {
+    __m256i p01 = _mm256_packus_epi32(_mm256_srli_epi32(E[0], 24), _mm256_srli_epi32(E[1], 24));
+    __m256i p23 = _mm256_packus_epi32(_mm256_srli_epi32(E[2], 24), _mm256_srli_epi32(E[3], 24));
+    __m256i p45 = _mm256_packus_epi32(_mm256_srli_epi32(E[4], 24), _mm256_srli_epi32(E[5], 24));
+    __m256i p67 = _mm256_packus_epi32(_mm256_srli_epi32(E[6], 24), _mm256_srli_epi32(E[7], 24));
+    /* per 128-bit half (lanes 0-3, 4-7): byte 4 s + k = step s, lane k; transposed to 4 k + s */
+    const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m256i q0 = _mm256_shuffle_epi8(_mm256_packus_epi16(p01, p23), tr);  /* steps 0-3 */
+    __m256i q1 = _mm256_shuffle_epi8(_mm256_packus_epi16(p45, p67), tr);  /* steps 4-7 */
+    __m256i r0 = _mm256_unpacklo_epi32(q0, q1), r1 = _mm256_unpackhi_epi32(q0, q1);  /* lanes 0, 1, 4, 5 / 2, 3, 6, 7 */
+    __m128i r0l = _mm256_castsi256_si128(r0), r0h = _mm256_extracti128_si256(r0, 1);
+    __m128i r1l = _mm256_castsi256_si128(r1), r1h = _mm256_extracti128_si256(r1, 1);
+    _mm_storel_epi64((__m128i *)(tok + a[0] + j), r0l);
+    _mm_storeh_pd((double *)(tok + a[1] + j), _mm_castsi128_pd(r0l));
+    _mm_storel_epi64((__m128i *)(tok + a[2] + j), r1l);
+    _mm_storeh_pd((double *)(tok + a[3] + j), _mm_castsi128_pd(r1l));
+    _mm_storel_epi64((__m128i *)(tok + a[4] + j), r0h);
+    _mm_storeh_pd((double *)(tok + a[5] + j), _mm_castsi128_pd(r0h));
+    _mm_storel_epi64((__m128i *)(tok + a[6] + j), r1h);
+    _mm_storeh_pd((double *)(tok + a[7] + j), _mm_castsi128_pd(r1h));
 }
 
 /* AVX2 decode of NG lane groups [k, k + 8 NG), steps [0, j1) (j1 a multiple of 8 that every
- * lane has), for 2- or 4-byte elements. The NG groups' steps are interleaved so that one group's
- * gather latency overlaps the others' work. Tokens are stored in element order. */
-#define NG_MAX 4
+ * lane has), for 2- or 4-byte elements; PREV: the previous-token context. A vector holds a
+ * group's 8 lanes; the NG groups' steps are interleaved so that one group's gather latency
+ * overlaps the others' work. Per step: the entries gathered at row << 12 | (x & 4095); x = f (x >>
+ * 12) + (slot - start); the lanes whose state fell below 2^16 take the group's next words in lane
+ * order (8 words loaded and spread by a permutation: lane i gets word "lanes before i that need
+ * one"). Tokens are stored in element order; *bad gets bit 31 of every entry. */
+#define NG_MAX 8
+/* the 8 entries tab[ti]: 8 scalar loads inserted into a vector (on AMD Zen 3, 0-8 % faster in the
+ * decoder than vpgatherdd, whose throughput is low there) or, built with -DDEC_VGATHER, the gather */
+static inline __attribute__((target("avx2"), always_inline)) __m256i gather8(const uint32_t *tab, __m256i ti) {
+#ifdef DEC_VGATHER
+    return _mm256_i32gather_epi32((const int *)tab, ti, 4);
+#else
+    __m128i lo = _mm256_castsi256_si128(ti), hi = _mm256_extracti128_si256(ti, 1);
+    uint64_t q0 = (uint64_t)_mm_cvtsi128_si64(lo), q1 = (uint64_t)_mm_extract_epi64(lo, 1);
+    uint64_t q2 = (uint64_t)_mm_cvtsi128_si64(hi), q3 = (uint64_t)_mm_extract_epi64(hi, 1);
+    __m128i a = _mm_cvtsi32_si128((int)tab[(uint32_t)q0]);
+    a = _mm_insert_epi32(a, (int)tab[q0 >> 32], 1);
+    a = _mm_insert_epi32(a, (int)tab[(uint32_t)q1], 2);
+    a = _mm_insert_epi32(a, (int)tab[q1 >> 32], 3);
+    __m128i b = _mm_cvtsi32_si128((int)tab[(uint32_t)q2]);
+    b = _mm_insert_epi32(b, (int)tab[q2 >> 32], 1);
+    b = _mm_insert_epi32(b, (int)tab[(uint32_t)q3], 2);
+    b = _mm_insert_epi32(b, (int)tab[q3 >> 32], 3);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
+#endif
+}
 static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_ng(
         const uint32_t *tab, const void *pred, int w, size_t n, size_t L, size_t k, size_t j1, const ctxparams *cp,
-        lanestate st, const uint16_t *words, uint8_t *tok, uint32_t *used, const int NG) {
-    avx2consts K;
-    K.zero = _mm256_setzero_si256();
-    K.one = _mm256_set1_epi32(1);
-    K.m12 = _mm256_set1_epi32(PROB_SCALE - 1);
-    K.m8 = _mm256_set1_epi32(0xFF);
-    K.m16 = _mm256_set1_epi32(0xFFFF);
-    K.emask = _mm256_set1_epi32((int)cp->emask);
-    K.lo = _mm256_set1_epi32((int)cp->lo);
-    K.top = _mm256_set1_epi32(NBUCKETS - 1);
-    K.sh = _mm_cvtsi32_si128((int)cp->shift);
-    K.msh = _mm_cvtsi32_si128((int)cp->mshift);
-    K.prev = (int)cp->prev;
+        lanestate st, const uint16_t *words, uint8_t *tok, uint32_t *bad, const int NG, const int PREV) {
+    const __m256i zero = _mm256_setzero_si256(), m12 = _mm256_set1_epi32(PROB_SCALE - 1);
+    const __m256i t24 = _mm256_set1_epi32(1 << 24);  /* entry < 2^24: token 0 */
+    const __m256i zrow = _mm256_set1_epi32((int)((NBUCKETS >> cp->mshift) << PROB_BITS));
     size_t a[NG_MAX][8];
-    __m256i x[NG_MAX], pz[NG_MAX], u = K.zero;
+    __m256i x[NG_MAX], zo[NG_MAX], u = zero;
     uint32_t off[NG_MAX];
     for (int g = 0; g < NG; g++) {
         for (int kk = 0; kk < 8; kk++) a[g][kk] = lane_start(n, L, k + 8 * (size_t)g + (size_t)kk);
         x[g] = _mm256_loadu_si256((const __m256i *)(st.x + k + 8 * g));
         off[g] = st.off[k / 8 + (size_t)g];
-        pz[g] = _mm256_loadu_si256((const __m256i *)(st.pz + k + 8 * g));
+        zo[g] = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(st.pz + k + 8 * g)), zero), zrow);
     }
-    __m256i pv[NG_MAX][8];
-    __m128i T[NG_MAX][8];
-    for (size_t j = 0; j + 8 <= j1; j += 8) {
-        for (int g = 0; g < NG; g++) load_steps(pred, w, a[g], j, pv[g]);
+    __m256i cv[NG_MAX][8], E[NG_MAX][8];
+    uint16_t *cst = (uint16_t *)(((uintptr_t)st.stage + 63) & ~(uintptr_t)63);
+    uint8_t *tst = (uint8_t *)(cst + (size_t)DEC_LANES * DEC_CSTR);
+    size_t at[8];
+    for (int kk = 0; kk < 8; kk++) at[kk] = (size_t)kk * DEC_TSTR;
+    for (size_t j0 = 0; j0 < j1; j0 += DEC_S) {
+    const size_t sb = j1 - j0 < DEC_S ? j1 - j0 : DEC_S;
+    for (int g = 0; g < NG; g++)
+        for (int kk = 0; kk < 8; kk++) {
+            stage_ctx(pred, w, a[g][kk] + j0, sb, cp, cst + (size_t)(8 * g + kk) * DEC_CSTR);
+#ifndef DEC_NO_PREFETCH
+            /* the next block of the lane's base elements (streamed from memory: 32 streams are more
+             * than the hardware prefetchers follow); a hint, never a fault */
+            if (j0 + DEC_S < j1) {
+                const char *nx = (const char *)pred + (a[g][kk] + j0 + DEC_S) * (size_t)w;
+                const size_t nb = (j1 - j0 - DEC_S < DEC_S ? j1 - j0 - DEC_S : DEC_S) * (size_t)w;
+                for (size_t c = 0; c < nb; c += 64) _mm_prefetch(nx + c, _MM_HINT_T0);
+            }
+#endif
+        }
+    for (size_t j = j0; j < j0 + sb; j += 8) {
+        for (int g = 0; g < NG; g++) load_staged(cst + (size_t)8 * g * DEC_CSTR, j - j0, cv[g]);
         for (int s = 0; s < 8; s++)
-            for (int g = 0; g < NG; g++) T[g][s] = step8(&K, tab, words, pv[g][s], &x[g], &off[g], &pz[g], &u);
-        for (int g = 0; g < NG; g++) store_tokens(tok, a[g], j, T[g]);
+#pragma GCC unroll 8
+            for (int g = 0; g < NG; g++) {
+                __m256i xs = x[g];
+                __m256i ti = _mm256_or_si256(_mm256_and_si256(xs, m12), cv[g][s]);
+                if (PREV) ti = _mm256_add_epi32(ti, zo[g]);
+                __m256i ent = gather8(tab, ti);
+                u = _mm256_or_si256(u, ent);
+                if (PREV) zo[g] = _mm256_and_si256(_mm256_cmpgt_epi32(t24, ent), zrow);
+                __m256i xh = _mm256_srli_epi32(xs, PROB_BITS);
+                __m256i bias = _mm256_and_si256(_mm256_srli_epi32(ent, 12), m12);
+                xs = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_and_si256(ent, m12), xh), _mm256_add_epi32(xh, bias));
+                __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xs, 16), zero);
+                unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(need));
+                __m256i wv = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(words + off[g])));
+                __m256i nw = _mm256_permutevar8x32_epi32(wv, _mm256_load_si256((const __m256i *)expand_lut[m]));
+                off[g] += (uint32_t)__builtin_popcount(m);
+                x[g] = _mm256_blendv_epi8(xs, _mm256_or_si256(_mm256_slli_epi32(xs, 16), nw), need);
+                E[g][s] = ent;
+            }
+        for (int g = 0; g < NG; g++) store_tokens(tst + (size_t)8 * g * DEC_TSTR, at, j - j0, E[g]);
     }
+    for (int g = 0; g < NG; g++)  /* (memcpy: rep movs, slow at this size) */
+        for (int kk = 0; kk < 8; kk++) {
+            uint8_t *d = tok + a[g][kk] + j0;
+            const uint8_t *s = tst + (size_t)(8 * g + kk) * DEC_TSTR;
+            size_t t = 0;
+            for (; t + 32 <= sb; t += 32) _mm256_storeu_si256((__m256i *)(d + t), _mm256_load_si256((const __m256i *)(s + t)));
+            for (; t < sb; t += 8) _mm_storel_epi64((__m128i *)(d + t), _mm_loadl_epi64((const __m128i *)(s + t)));
+        }
+    }
+    const __m256i one = _mm256_set1_epi32(1);
     for (int g = 0; g < NG; g++) {
         _mm256_storeu_si256((__m256i *)(st.x + k + 8 * g), x[g]);
         st.off[k / 8 + (size_t)g] = off[g];
-        _mm256_storeu_si256((__m256i *)(st.pz + k + 8 * g), pz[g]);
+        _mm256_storeu_si256((__m256i *)(st.pz + k + 8 * g), _mm256_min_epu32(zo[g], one));
     }
-    uint32_t ul[8];
-    _mm256_storeu_si256((__m256i *)ul, u);
-    for (int kk = 0; kk < 8; kk++) *used |= ul[kk];
+    *bad |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(u));
 }
 
 #ifndef AVX2_GROUPS
-#define AVX2_GROUPS 4 /* then 2, then 1. Measured with one word stream per lane (gathered): 1 group 0.73,
-                       * 2 groups 1.0, 4 groups 0.97 GB/s (bf16); with one stream per group (a
-                       * load + permute on the state's critical path) 4 groups decode 3-8 % faster
-                       * than 2 did with the gather */
+#define AVX2_GROUPS 4 /* then 2, then 1 */
 #endif
-/* lanes [0, k1) (k1 a multiple of 8), steps [0, j1) */
-static AVX2 void decode_avx2(const uint32_t *tab, const void *pred, int w, size_t n, size_t L, size_t k1, size_t j1,
-                             const ctxparams *cp, lanestate st, const uint16_t *words, uint8_t *tok, uint32_t *used) {
+static inline __attribute__((target("avx2"), always_inline)) void decode_avx2_p(
+        const uint32_t *tab, const void *pred, int w, size_t n, size_t L, size_t k1, size_t j1, const ctxparams *cp,
+        lanestate st, const uint16_t *words, uint8_t *tok, uint32_t *bad, const int PREV) {
     size_t k = 0;
     for (; k + 8 * AVX2_GROUPS <= k1; k += 8 * AVX2_GROUPS)
-        decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, used, AVX2_GROUPS);
-    for (; k + 16 <= k1; k += 16) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, used, 2);
-    for (; k < k1; k += 8) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, used, 1);
+        decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, bad, AVX2_GROUPS, PREV);
+#if AVX2_GROUPS > 4
+    for (; k + 32 <= k1; k += 32) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, bad, 4, PREV);
+#endif
+    for (; k + 16 <= k1; k += 16) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, bad, 2, PREV);
+    for (; k < k1; k += 8) decode_avx2_ng(tab, pred, w, n, L, k, j1, cp, st, words, tok, bad, 1, PREV);
+}
+/* lanes [0, k1) (k1 a multiple of 8), steps [0, j1); *bad != 0: a context without table was used */
+static AVX2 void decode_avx2(const uint32_t *tab, const void *pred, int w, size_t n, size_t L, size_t k1, size_t j1,
+                             const ctxparams *cp, lanestate st, const uint16_t *words, uint8_t *tok, uint32_t *bad) {
+    if (cp->prev) decode_avx2_p(tab, pred, w, n, L, k1, j1, cp, st, words, tok, bad, 1);
+    else decode_avx2_p(tab, pred, w, n, L, k1, j1, cp, st, words, tok, bad, 0);
 }
 
 static int have_avx2(void) {
@@ -523,6 +636,88 @@ static AVX2 int finish16_avx2(const uint8_t *tok, const uint16_t *p, size_t n, c
     }
     if (pos > limit || (pos + 7) / 8 != rawlen) return -1;
     return 0;
+}
+#endif
+
+#ifdef HAVE_AVX2_KERNEL
+/* finish16 with BMI2 (same results), 16 elements at a time: per element P = 2^(raw-bit count) and
+ * the lead bits of its symbol come from 16-entry tables indexed by token >> 2 (byte shuffles);
+ * the raw bits of 4 elements (at most 52) are spread into 4 16-bit lanes by one pdep with the
+ * masks P - 1 from one 8-byte load of the stream; the symbols are lead * P | bits, then the ulp
+ * inverse in 16 bits. Only where pdep is fast (not AMD before Zen 3: microcoded there). Every
+ * load starts at or before 26 bytes past the stream's end (pos is checked every 16 elements) and
+ * RAW_PAD zero bytes follow it. */
+static __attribute__((target("avx2,bmi2,popcnt"))) int finish16_pdep(const uint8_t *tok, const uint16_t *p, size_t n,
+                                                                   const uint8_t *raw, size_t rawlen, uint16_t *out) {
+    const uint64_t limit = (uint64_t)rawlen * 8;
+    uint64_t pos = 0;
+    /* by h = token >> 2 (tokens < 64): raw-bit count nb = h < 4 ? 0 : h - 2 */
+    const __m128i plo = _mm_setr_epi8(1, 1, 1, 1, 4, 8, 16, 32, 64, (char)128, 0, 0, 0, 0, 0, 0);
+    const __m128i phi = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 32);
+    const __m128i lmask = _mm_setr_epi8(15, 15, 15, 15, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m128i lor = _mm_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4);
+    const __m128i c15 = _mm_set1_epi8(15);
+    const __m256i one16 = _mm256_set1_epi16(1), m7f = _mm256_set1_epi16(0x7FFF), zero = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        if (pos > limit) return -1;
+        __m128i T = _mm_loadu_si128((const __m128i *)(tok + i));
+        __m128i h = _mm_and_si128(_mm_srli_epi16(T, 2), c15);
+        __m128i pl = _mm_shuffle_epi8(plo, h), ph = _mm_shuffle_epi8(phi, h);
+        __m256i P = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(pl, ph)), _mm_unpackhi_epi8(pl, ph), 1);
+        __m256i M = _mm256_sub_epi16(P, one16);
+        __m128i lead = _mm_or_si128(_mm_and_si128(T, _mm_shuffle_epi8(lmask, h)), _mm_shuffle_epi8(lor, h));
+        __m256i base = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(lead), P);
+        __m128i Ml = _mm256_castsi256_si128(M), Mh = _mm256_extracti128_si256(M, 1);
+        uint64_t m0 = (uint64_t)_mm_cvtsi128_si64(Ml), m1 = (uint64_t)_mm_extract_epi64(Ml, 1);
+        uint64_t m2 = (uint64_t)_mm_cvtsi128_si64(Mh), m3 = (uint64_t)_mm_extract_epi64(Mh, 1);
+        uint64_t r, d0, d1, d2, d3;
+        memcpy(&r, raw + (pos >> 3), 8);
+        d0 = _pdep_u64(r >> (pos & 7), m0);
+        pos += (uint64_t)__builtin_popcountll(m0);
+        memcpy(&r, raw + (pos >> 3), 8);
+        d1 = _pdep_u64(r >> (pos & 7), m1);
+        pos += (uint64_t)__builtin_popcountll(m1);
+        memcpy(&r, raw + (pos >> 3), 8);
+        d2 = _pdep_u64(r >> (pos & 7), m2);
+        pos += (uint64_t)__builtin_popcountll(m2);
+        memcpy(&r, raw + (pos >> 3), 8);
+        d3 = _pdep_u64(r >> (pos & 7), m3);
+        pos += (uint64_t)__builtin_popcountll(m3);
+        __m256i z = _mm256_or_si256(_mm256_set_epi64x((long long)d3, (long long)d2, (long long)d1, (long long)d0), base);
+        __m256i d = _mm256_xor_si256(_mm256_srli_epi16(z, 1), _mm256_sub_epi16(zero, _mm256_and_si256(z, one16)));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(p + i));
+        __m256i o = _mm256_add_epi16(_mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi16(b, 15), m7f)), d);
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_xor_si256(o, _mm256_and_si256(_mm256_srai_epi16(o, 15), m7f)));
+    }
+    for (; i < n; i++) {  /* the last < 16 elements */
+        if (pos > limit) return -1;
+        unsigned k = tok[i], nb = tok_nbits[k];
+        uint64_t peek;
+        memcpy(&peek, raw + (pos >> 3), 8);
+        unsigned bs = k < 16 ? k : (4u | (k & 3u)) << nb;
+        uint16_t s = (uint16_t)(bs | ((peek >> (pos & 7)) & ((1ull << nb) - 1)));
+        pos += nb;
+        out[i] = undelta16(s, p[i]);
+    }
+    if (pos > limit || (pos + 7) / 8 != rawlen) return -1;
+    return 0;
+}
+
+/* pdep is one fast instruction on Intel (Haswell on) and AMD Zen 3 on, microcode before */
+static int have_fast_pdep(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx2");
+        if (cached && __builtin_cpu_is("amd")) {
+            unsigned a, b, c, d;
+            __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+            unsigned family = ((a >> 8) & 15) + (((a >> 8) & 15) == 15 ? (a >> 20) & 255 : 0);
+            if (family < 0x19) cached = 0;
+        }
+    }
+    return cached && !getenv("ORCA_DIFF_NO_PDEP");  /* (the variable: to test the other path) */
 }
 #endif
 
@@ -1123,6 +1318,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     uint32_t *tab = NULL, *x = NULL, *off = NULL, *end = NULL, *pzv = NULL;
     uint16_t *wpad = NULL;
     uint8_t *tok = NULL, *raw = NULL;
+    void *stage = NULL;
     const char *err = NULL;
     if (check_common(&o, &p, w, shift, ebits, lo, mshift, lanes, &n, &cp) != 0) goto done;
     cp.prev = prev ? 1 : 0;
@@ -1142,8 +1338,9 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     wpad = (uint16_t *)scratch_get((nwords + 8 * steps + 16) * sizeof(uint16_t));
     tab = (uint32_t *)scratch_get((size_t)contexts * PROB_SCALE * sizeof(uint32_t));  /* valid rows filled below */
     tok = (uint8_t *)scratch_get(n + 16);
+    stage = scratch_get(DEC_STAGE_BYTES);
     raw = (uint8_t *)scratch_get((size_t)rb.len + RAW_PAD);
-    if (!x || !off || !end || !pzv || !wpad || !tab || !tok || !raw) { PyErr_NoMemory(); goto done; }
+    if (!x || !off || !end || !pzv || !wpad || !tab || !tok || !raw || !stage) { PyErr_NoMemory(); goto done; }
     {
         const uint32_t *cnt = (const uint32_t *)lc.buf;
         uint64_t total = 0;
@@ -1162,15 +1359,16 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     memset(raw + rb.len, 0, RAW_PAD);
     {
         const uint16_t *f = (const uint16_t *)fb.buf;
+        const unsigned H = NBUCKETS >> cp.mshift;
         for (unsigned c = 0; c < contexts; c++) {
+            uint32_t *t = tab + (size_t)(cp.prev ? (c & 1) * H + (c >> 1) : c) * PROB_SCALE;  /* its row */
             if (!(validmask >> c & 1)) {  /* never used by a valid frame: refused after decoding */
-                memset(tab + (size_t)c * PROB_SCALE, 0, PROB_SCALE * sizeof(uint32_t));
+                for (uint32_t j = 0; j < PROB_SCALE; j++) t[j] = DTAB_BAD | (PROB_SCALE - 1) | j << 12;
                 continue;
             }
-            uint32_t *t = tab + (size_t)c * PROB_SCALE;
             for (unsigned k = 0; k < 256; k++) {  /* a run of f slots per token (vectorises) */
-                const uint32_t fk = f[c * 256 + k], base = k | (fk - 1) << 8;
-                for (uint32_t j = 0; j < fk; j++) t[j] = base + (j << 20);
+                const uint32_t fk = f[c * 256 + k], base = (fk - 1) | k << 24;
+                for (uint32_t j = 0; j < fk; j++) t[j] = base + (j << 12);
                 t += fk;
             }
         }
@@ -1180,7 +1378,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         off[k >> 3] += 2;
         pzv[k] = 1;
     }
-    lanestate st = {x, off, pzv};
+    lanestate st = {x, off, pzv, stage};
     const size_t q = n / L;
     int simd = 0, avx2 = 0;
 #ifdef HAVE_AVX2_KERNEL
@@ -1195,7 +1393,9 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         /* 8 lanes at a time, 8 steps at a time, for the steps every lane has */
         k1 = L & ~(size_t)7;
         j1 = q & ~(size_t)7;
-        decode_avx2(tab, p.buf, w, n, L, k1, j1, &cp, st, wpad, tok, &used);
+        uint32_t bad = 0;
+        decode_avx2(tab, p.buf, w, n, L, k1, j1, &cp, st, wpad, tok, &bad);
+        if (bad) used |= ~validmask;  /* some context without table */
     }
 #endif
     /* the rest in scalar code: lanes [0, k1) from step j1, lanes [k1, L) from step 0 */
@@ -1214,7 +1414,8 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     if (!err) {
         int r;
 #ifdef HAVE_AVX2_KERNEL
-        if (w == 2 && avx2) r = finish16_avx2(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
+        if (w == 2 && avx2 && have_fast_pdep()) r = finish16_pdep(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
+        else if (w == 2 && avx2) r = finish16_avx2(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
         else
 #endif
         if (w == 2) r = finish16(tok, p.buf, n, raw, (size_t)rb.len, o.buf);
@@ -1228,7 +1429,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     res = Py_None;
 done:
     free(x); free(off); free(end); free(pzv);
-    scratch_put(wpad); scratch_put(tab); scratch_put(tok); scratch_put(raw);
+    scratch_put(wpad); scratch_put(tab); scratch_put(tok); scratch_put(raw); scratch_put(stage);
     PyBuffer_Release(&o); PyBuffer_Release(&p); PyBuffer_Release(&fb);
     PyBuffer_Release(&lc); PyBuffer_Release(&wb); PyBuffer_Release(&rb);
     return res;

@@ -4,7 +4,8 @@ Why: the decoder's speed goal (issue 23: >= 1.6 GB/s per core) is about the code
 times `entropy.decode` on frames already in memory, by process CPU time (time.process_time) over
 repeated decodes, and prints GB/s of decoded output. The pair is synthetic (orca_diff.synth's
 fine-tune model: Adam-like drift + walk on N(0, 0.02) weights, cast to bf16), which is what the
-CPU allows in minutes; pass --base/--target safetensors files to time a real pair's tensors.
+CPU allows in minutes; pass --base/--target safetensors files to time a real pair's tensors
+(--chunks whole chunks spread evenly over their same-name 2-D bf16/fp16 tensors).
 
     python scripts/decode_speed.py                      # synthetic, 4 chunks of 4 MiB
     python scripts/decode_speed.py --base B.safetensors --target T.safetensors
@@ -40,22 +41,36 @@ def synthetic_chunks(chunks: int, chunk_bytes: int, seed: int = 0) -> list[tuple
     return out
 
 
-def real_chunks(base: str, target: str, chunk_bytes: int, limit_bytes: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(target, base) uint8 chunks of the same-name bf16 2-D tensors of two safetensors files."""
-    from safetensors.numpy import load_file
+def _safetensors_2d(path: str) -> dict[str, np.ndarray]:
+    """The 2-byte-float 2-D tensors of a safetensors file as uint8 views of a memory map (read here:
+    safetensors.numpy cannot hold bf16)."""
+    import json
+    import struct
 
-    bt, tt = load_file(base), load_file(target)
-    out, total = [], 0
-    for name in sorted(tt):
-        if name not in bt or tt[name].ndim != 2 or bt[name].shape != tt[name].shape:
+    with open(path, "rb") as fh:
+        (hlen,) = struct.unpack("<Q", fh.read(8))
+        head = json.loads(fh.read(hlen))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + hlen)
+    out = {}
+    for name, meta in head.items():
+        if name == "__metadata__" or meta["dtype"] not in ("BF16", "F16") or len(meta["shape"]) != 2:
             continue
-        t, b = tt[name].view(np.uint8).ravel(), bt[name].view(np.uint8).ravel()
-        for o in range(0, t.size, chunk_bytes):
-            out.append((t[o:o + chunk_bytes], b[o:o + chunk_bytes]))
-            total += out[-1][0].size
-            if total >= limit_bytes:
-                return out
+        a, b = meta["data_offsets"]
+        out[name] = data[a:b]
     return out
+
+
+def real_chunks(base: str, target: str, chunk_bytes: int, chunks: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(target, base) uint8 chunks of the same-name bf16/fp16 2-D tensors of two safetensors files:
+    ``chunks`` whole chunks spread evenly over all of them (in name order), so that embeddings,
+    attention and MLP weights all count."""
+    bt, tt = _safetensors_2d(base), _safetensors_2d(target)
+    cand = [(name, o) for name in sorted(tt) if name in bt and bt[name].size == tt[name].size
+            for o in range(0, tt[name].size - chunk_bytes + 1, chunk_bytes)]
+    if not cand:
+        raise SystemExit("no same-name 2-D bf16/fp16 tensor of a whole chunk in both files")
+    pick = [cand[(2 * i + 1) * len(cand) // (2 * chunks)] for i in range(min(chunks, len(cand)))]
+    return [(np.array(tt[name][o:o + chunk_bytes]), np.array(bt[name][o:o + chunk_bytes])) for name, o in pick]
 
 
 def main() -> None:
@@ -68,7 +83,7 @@ def main() -> None:
     ap.add_argument("--target")
     a = ap.parse_args()
     cb = int(a.chunk_mib * (1 << 20)) & ~1
-    pairs = (real_chunks(a.base, a.target, cb, a.chunks * cb) if a.base else synthetic_chunks(a.chunks, cb))
+    pairs = (real_chunks(a.base, a.target, cb, a.chunks) if a.base else synthetic_chunks(a.chunks, cb))
     frames = [(entropy.encode(t, b, 2, "BF16"), b, t) for t, b in pairs]
     for f, b, t in frames:  # the decoder is exact or the figure is meaningless
         assert np.array_equal(entropy.decode(f, b, 2, t.size), t)
