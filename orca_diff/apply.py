@@ -475,30 +475,43 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
     manifest = load_manifest(diff_dir)
     release = check_release(diff_dir, manifest, verify, diff_signed) if verify is not None else None
     threads, window = memory_plan(manifest, threads or default_threads(), MEMORY_BUDGET - payload_memory)
-    with output_session(out, force, (base, diff_dir)) as session:
+    streamed_base = hasattr(base, "open") and hasattr(base, "wait_complete")  # hub.basestream.StreamedBase
+    with output_session(out, force, (Path(os.fspath(base)), diff_dir)) as session:
         if payloads is None:
             check_payload_presence(diff_dir, manifest)
             stream = None
         else:  # fetching starts now: the first chunks arrive while the base is checked
             stream = payloads(manifest, _planned_chunks(manifest, session.staging))
         try:
-            base_model = open_model(base)
+            base_model = base.open() if streamed_base else open_model(base)  # type: ignore[union-attr]
         except BaseException:
             if stream is not None:
                 stream.close()
             raise
         try:
-            once = samples_usable(manifest, base_model)
-            if once:  # the base is read once: sampled check now, full digests while rebuilding
-                check_base_layout(base_model, manifest)
-                check_base_samples(base_model, manifest, threads)
-                check_base_files(base_model, manifest)
-                measured_base: dict[str, str] = {}
-            else:  # a manifest without sampled digests (older diffs), or a pickled base: as before
-                measured_base = check_base(base_model, manifest, threads, progress)
-            report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0,
-                              measured_base if once else None, release.model if release is not None else None,
-                              stream)
+            try:
+                if streamed_base:  # downloading now, proven by its listing: full digests while rebuilding
+                    once = True
+                    check_base_layout(base_model, manifest)  # the headers have landed
+                    check_base_files(base_model, manifest)
+                    measured_base: dict[str, str] = {}
+                else:
+                    once = samples_usable(manifest, base_model)
+                if once and not streamed_base:  # the base is read once: sampled check now, full digests while rebuilding
+                    check_base_layout(base_model, manifest)
+                    check_base_samples(base_model, manifest, threads)
+                    check_base_files(base_model, manifest)
+                    measured_base = {}
+                elif not once:  # a manifest without sampled digests (older diffs), or a pickled base: as before
+                    measured_base = check_base(base_model, manifest, threads, progress)
+                report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0,
+                                  measured_base if once else None, release.model if release is not None else None,
+                                  stream)
+            except BaseMismatchError as exc:
+                if not streamed_base:
+                    raise
+                # bytes of a file downloading now that are not its listing's: discard that partial file
+                raise base.refused(exc, base_model.file_of(getattr(exc, "tensor", None) or "")) from None  # type: ignore[union-attr]
         finally:
             base_model.close()
             if stream is not None:
@@ -627,6 +640,9 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
                     sf = None
         if base_digests is not None:  # what no chunk of this run read (resumed files' bases): read once, checked
             measured_base.update(base_digests.complete_all(threads))  # type: ignore[union-attr]
+        source = getattr(base, "source", None)
+        if source is not None:  # a base downloading into the HF cache: every file there, its sha256 checked
+            source.wait_complete()
     except KeyboardInterrupt:
         raise InterruptedError_(f"interrupted; {resume_hint}") from None
     except OSError as exc:
