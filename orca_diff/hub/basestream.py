@@ -216,11 +216,13 @@ class StreamedBase:
         if found != f.sha256:
             with contextlib.suppress(FileNotFoundError):
                 f.partial.unlink()
-            raise BaseMismatchError(
+            err = BaseMismatchError(  # as a wrong base inside apply (its staging goes), then said as the server's
                 f"base file {f.rel} of {f.remote.repo_id}@{f.remote.commit[:12]} from {f.remote.host}: its bytes hash "
                 f"to sha256 {found[:12]}…, not the {f.sha256[:12]}… the repo's listing (and the diff) record: the "
                 "server sent other bytes than it lists; nothing was published and the download was discarded "
-                "(rerun to fetch it again, or tell the repo's owner)")
+                f"(rerun to fetch it again; if it persists, tell the repo's owner: {f.remote.url.split('/resolve/')[0]})")
+            err.from_server = True  # type: ignore[attr-defined]
+            raise err
         os.replace(f.partial, f.blob)
         _link(f.blob, f.pointer)
         write_ref(f.remote.repo_id, f.revision, f.remote.commit)
@@ -264,21 +266,36 @@ class StreamedBase:
         if left:
             raise Cancelled()
 
-    def refused(self, exc: BaseMismatchError, tensor_file: str | None) -> BaseMismatchError:
-        """A base tensor read from a downloading file failed its digest: its bytes are not those the
-        listing claims. The partial file is discarded (a rerun fetches it again); the message names it."""
+    def refused(self, exc: BaseMismatchError, tensor_file: str | None) -> OrcaDiffError:
+        """What apply raises when the base it read while downloading is refused (the staging folder
+        is gone already). The listing proved the base, so bytes that contradict it came wrong from
+        the server: a HubError (exit 9, as for a download that fails its sha256) naming the file and
+        the host, and the partial file is discarded so that a rerun fetches it again. A tensor of a
+        file that was in the cache (checked) stays a BaseMismatchError."""
+        from ..errors import HubError
+
         f = self.files.get(tensor_file or "")
-        if f is None or f.done:
+        if getattr(exc, "from_server", False):
+            return HubError(str(exc))
+        if f is None and tensor_file is not None and tensor_file in self.cached:
+            return exc
+        if f is None or f.done:  # which file is unknown (a layout refusal): no partial may keep those bytes
+            if f is None:
+                with self._cond:
+                    for g in self.files.values():
+                        g.discard = True
+                self.close(wait=2.0)
+                self._drop_discarded()
             return exc
         with self._cond:
             f.discard = True
-        self.close()
+        self.close(wait=2.0)
         if not self._thread.is_alive():
             self._drop_discarded()
-        return BaseMismatchError(f"{exc} The bytes came from {f.remote.host} as {f.rel} of {f.remote.repo_id}"
-                                 f"@{f.remote.commit[:12]}, whose listing records the sha256 the diff's base has: the "
-                                 "server sent other bytes than it lists; that partial download was discarded, rerun "
-                                 "to fetch it again")
+        return HubError(f"{exc} Those bytes came from {f.remote.host} as {f.rel} of {f.remote.repo_id}"
+                        f"@{f.remote.commit[:12]}, whose listing records the sha256 of the diff's base: the server "
+                        "sent other bytes than it lists; the partial download was discarded (rerun to fetch it "
+                        f"again; if it persists, tell the repo's owner: {f.remote.url.split('/resolve/')[0]})")
 
     def close(self, wait: float = 0.0) -> None:
         self._stop.set()
@@ -352,12 +369,12 @@ class StreamedSafetensorsModel(SafetensorsModel):
             raw = os.pread(f.fd, n, 8)
             return parse_safetensors_header(raw, rel, size)
         except FormatError as exc:
-            err = src.refused(BaseMismatchError(f"base file {rel}: {exc}"), rel)
-            raise err from None
+            raise src.refused(BaseMismatchError(f"base file {rel}: {exc}"), rel) from None
 
     def file_of(self, tensor: str) -> str | None:
+        """The base file (relative path) holding ``tensor``, None for an unknown name."""
         where = self._where.get(tensor)
-        return self._streamed.get(where[0]) if where else None
+        return where[0].relative_to(self.path).as_posix() if where else None
 
     def read(self, name: str, start: int = 0, length: int | None = None) -> np.ndarray:
         file, begin, end = self._where[name]

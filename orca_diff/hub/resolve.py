@@ -9,6 +9,7 @@ catalog name). Hub downloads go through :mod:`orca_diff.hub`, so they are cached
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .catalog import CatalogEntry, is_repo_id, lookup, names
@@ -138,7 +139,7 @@ def resolve_base(spec: str | None, manifest: Manifest, *, progress: bool | None 
     recorded = (f"{b.repo}@{b.revision}" if b.repo and b.revision else b.repo) or (repr(b.name) if b.name else
                                                                                 "the one it was made from")
     kw = {"needed": needed, "progress": progress, "expected": b.weight_files, "recorded": recorded,
-          "stream_for": manifest if stream else None}
+          "stream_for": manifest if stream and os.environ.get("ORCA_DIFF_BASE_STREAM", "1").strip() != "0" else None}
     if spec is None:
         if b.repo:
             return download_base(RepoRef(b.repo, b.revision), **kw)
