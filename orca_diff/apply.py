@@ -6,7 +6,9 @@ Order of events, each a promise:
    once), and the payload files are checked for presence and size;
 2. the base is checked before any output exists: names, dtypes, shapes and (when the manifest
    records them) the sampled digests of every needed tensor (``basecheck``), else every needed
-   tensor's full digest (``check_base``, older manifests); base files are hashed;
+   tensor's full digest (``check_base``, older manifests); base files are hashed; a base that is
+   still downloading from the Hub (``hub.basestream.StreamedBase``, proven by its listing) gets
+   names, dtypes, shapes and base files here, and its full digests and file sha256s while rebuilding;
 3. files are rebuilt into a hidden staging folder beside ``out`` (decode in worker threads,
    write and sha256 in order, each tensor's digest measured on a helper thread as its bytes go
    by and checked when it completes), each file fsynced, checked against its sha256 and only then
@@ -466,7 +468,8 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
     and every rebuilt file's sha256 is held to the signed statement before it is published.
     ``payloads``: read the chunks from there (a Hub stream) instead of from the payload files
     beside the manifest, which then need not exist; ``payload_memory``: what that source holds at
-    most."""
+    most. ``base`` may be a ``hub.basestream.StreamedBase`` (a Hub base downloading into the HF
+    cache): read as it lands, and waited for (every file's sha256 checked) before publishing."""
     from .signing import check_diff_signature, check_release, unsigned_note
 
     t0 = time.perf_counter()

@@ -124,6 +124,12 @@ class StreamedBase:
                     self._error = exc if isinstance(exc, OrcaDiffError) else _describe(exc, self._current())
                 self._cond.notify_all()
         finally:
+            for f in self.files.values():
+                wfd = getattr(f, "_wfd", -1)
+                if wfd >= 0 and not f.done:
+                    with contextlib.suppress(OSError):
+                        os.close(wfd)
+                    f._wfd = -1  # type: ignore[attr-defined]
             self._drop_discarded()
             with self._cond:
                 self._cond.notify_all()
@@ -212,6 +218,7 @@ class StreamedBase:
         wfd = f._wfd  # type: ignore[attr-defined]
         os.fsync(wfd)
         os.close(wfd)
+        f._wfd = -1  # type: ignore[attr-defined]
         found = f.hasher.hexdigest()  # type: ignore[attr-defined]
         if found != f.sha256:
             with contextlib.suppress(FileNotFoundError):
@@ -298,11 +305,19 @@ class StreamedBase:
                         f"again; if it persists, tell the repo's owner: {f.remote.url.split('/resolve/')[0]})")
 
     def close(self, wait: float = 0.0) -> None:
+        """Stop downloading (what was written stays, for the next run to continue); the read
+        descriptors are closed once the thread has stopped (apply has finished reading by then)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         if wait:
             self._thread.join(wait)
+        if not self._thread.is_alive():
+            for f in self.files.values():
+                if f.fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(f.fd)
+                    f.fd = -1
 
     def summary(self) -> str | None:
         if not self.bytes_fetched:
