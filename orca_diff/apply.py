@@ -603,7 +603,7 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
     try:
         with byte_bar(remaining, "rebuilding", progress) as bar:
             for job, data, base_read in ordered_map(lambda j: _decode_job(j, manifest, base, payloads, diff_dir),
-                                                    jobs, threads, window):
+                                                    jobs, threads, window, on_abort=_releaser(base, stream)):
                 f = job.file
                 if job.first:
                     path = _partial_path(staging, f.path)
@@ -672,6 +672,22 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
     session.publish({f.path: f.sha256 for f in manifest.files})  # each measured equal to its sha256
     return ApplyReport(out, len(manifest.files), written, resumed, time.perf_counter() - t0,
                        None, target_fp, digest_algo=manifest.digest_algo, model_digest=model_digest(file_sha256s))
+
+
+def _releaser(base: ModelReader, stream: object | None) -> Callable[[], None] | None:
+    """What frees decode workers waiting on the network when the rebuild stops early (Ctrl-C, a
+    refusal): the Hub stream and the base still downloading stop, and their waiting readers raise."""
+    source = getattr(base, "source", None)
+    if source is None and stream is None:
+        return None
+
+    def release() -> None:
+        if stream is not None:
+            stream.close()  # type: ignore[attr-defined]
+        if source is not None:
+            source.close()
+
+    return release
 
 
 def _write_all(sf: StagedFile, data: bytes | np.ndarray) -> None:

@@ -211,7 +211,8 @@ def test_a_base_that_keeps_stalling_is_one_line_exit_9_and_the_rerun_resumes_the
     assert_valid_cache_entry(world, tmp_path)
 
 
-def test_a_run_killed_mid_base_resumes_the_partial_blob(world, hub, orca, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_a_run_killed_mid_base_resumes_the_partial_blob(world, hub, orca, tmp_path, sig):
     victim = world["weights"][0]
     size = (world["base"] / victim).stat().st_size
     hub.bandwidth = 4000  # bytes/s: the first shard takes seconds
@@ -227,8 +228,12 @@ def test_a_run_killed_mid_base_resumes_the_partial_blob(world, hub, orca, tmp_pa
             time.sleep(0.05)
         else:
             pytest.fail("the base download never started")
-        p.send_signal(signal.SIGKILL)
+        t = time.monotonic()
+        p.send_signal(sig)
         p.wait(30)
+        if sig == signal.SIGINT:  # Ctrl-C: a prompt exit 130 saying to rerun, whatever was downloading
+            assert p.returncode == 130, p.stderr.read()
+            assert time.monotonic() - t < 10
     finally:
         if p.poll() is None:
             p.kill()

@@ -53,6 +53,10 @@ from .stream import (PARTIAL_SUFFIX, Cancelled, RemoteFile, _Retry, _link, _stre
                      write_ref)
 
 
+#: Base weight files whose data download at once (besides the diff's ranged GETs).
+FILES_IN_FLIGHT = 2
+
+
 @dataclass
 class _File:
     """One weight file being downloaded: what is written so far (``have``), its read descriptor."""
@@ -112,10 +116,36 @@ class StreamedBase:
                     self._open(f)
                 for f in self.files.values():  # every header first: apply opens the model with them
                     self._header(f)
-                for rel in self._order:
-                    f = self.files[rel]
-                    self._append(f, f.remote.size)
-                    self._finish(f)
+                # then the data, FILES_IN_FLIGHT files at a time in read order: a stalled file does
+                # not leave the link idle, and a finished one is fsynced and named while others download
+                queue = list(self._order)
+                lock = threading.Lock()
+
+                def worker() -> None:
+                    try:
+                        while not self._stop.is_set():
+                            with lock:
+                                if not queue:
+                                    return
+                                f = self.files[queue.pop(0)]
+                            self._append(f, f.remote.size)
+                            self._finish_or_stop(f)
+                    except Cancelled:
+                        pass
+                    except BaseException as exc:
+                        with self._cond:
+                            if self._error is None:
+                                self._error = exc if isinstance(exc, OrcaDiffError) else _describe(exc, self._current())
+                            self._cond.notify_all()
+                        self._stop.set()
+
+                helpers = [threading.Thread(target=worker, name=f"orca-diff-base-download-{i}", daemon=True)
+                           for i in range(1, min(FILES_IN_FLIGHT, len(queue)))]
+                for t in helpers:
+                    t.start()
+                worker()
+                for t in helpers:
+                    t.join()
         except Cancelled:
             pass
         except BaseException as exc:
@@ -198,18 +228,32 @@ class StreamedBase:
                         self._cond.notify_all()
                     writeback.wrote(wfd, f.have)
             except _Retry:
-                self.retries += 1
+                with self._cond:
+                    self.retries += 1
                 if got:
                     return False
                 raise
             if f.have < upto:
-                self.retries += 1
+                with self._cond:
+                    self.retries += 1
                 if got:
                     return False
                 raise _Retry(f"the answer ended {upto - f.have} bytes short")
             return True
 
         with_retries(f.remote, attempt, self._stop)
+
+    def _finish_or_stop(self, f: _File) -> None:
+        """``_finish``; its failure is the download's error at once (readers raise it) and stops it."""
+        try:
+            self._finish(f)
+        except BaseException as exc:
+            with self._cond:
+                if self._error is None:
+                    self._error = exc if isinstance(exc, OrcaDiffError) else _describe(exc, f.remote)
+                self._cond.notify_all()
+            self._stop.set()
+            raise
 
     def _finish(self, f: _File) -> None:
         """The whole file is there: fsync, check its sha256, give it its blob name and links."""
