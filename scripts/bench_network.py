@@ -82,6 +82,10 @@ else:
 """
 
 
+#: CPUs each measured command is pinned to (``--taskset``; empty: all): a machine whose CPU is busy.
+TASKSET = ""
+
+
 def du(path: Path) -> int:
     if not path.exists():
         return 0
@@ -108,7 +112,8 @@ def run(label: str, work: Path, hub: FakeHub, args: list[str], *, mode: str = "c
     rss_file = work / f"rss-{label}"
     t = time.perf_counter()
     # cwd: `python -c` puts the working directory first on sys.path, so it picks the checkout that runs
-    p = subprocess.run([sys.executable, "-c", CHILD, str(rss_file), mode, *args], env=env, capture_output=True,
+    pin = ["taskset", "-c", TASKSET] if TASKSET else []  # --taskset: the command gets only these CPUs
+    p = subprocess.run([*pin, sys.executable, "-c", CHILD, str(rss_file), mode, *args], env=env, capture_output=True,
                        text=True, cwd=str(root))
     wall = time.perf_counter() - t
     if p.returncode != 0:
@@ -142,9 +147,13 @@ def main() -> None:
     ap.add_argument("--base-only", action="store_true", help="with --base-from-hub: skip the base-local runs")
     ap.add_argument("--main", type=Path, default=None, help="another checkout to time as the old code "
                     "(--base-from-hub runs), e.g. /work/main")
+    ap.add_argument("--taskset", default="", help="pin each measured command to these CPUs (taskset -c LIST, "
+                    "e.g. 0): apply slower than the link, as on a busy machine; the test Hub is not pinned")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    global TASKSET
+    TASKSET = a.taskset
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="orca-bench-net-"))
     work.mkdir(parents=True, exist_ok=True)

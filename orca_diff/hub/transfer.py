@@ -483,18 +483,30 @@ def _stream_base(pinned: RepoRef, revision: str | None, weights: list[str], file
         _storage, blob, _pointer = cache_paths(pinned.repo_id, commit, w, meta[w].sha256)
         if not blob_verified(blob, meta[w].sha256, progress):
             return None
+    from .stream import write_ref
+
     weight_set = set(weights)
     side = [f for f in files if f not in weight_set]
-    _fetch_base_weights(pinned, [b for b in big if b[0] not in weight_set], progress, revision, meta)
     hf = _hf()
-    folder = Path(hf.snapshot_download(pinned.repo_id, revision=revision, allow_patterns=_exact_patterns(side)))
-    if folder.name != commit:  # the branch moved between the listing and now: fetch it the plain way
-        return None
+    _storage, _blob, first = cache_paths(pinned.repo_id, commit, weights[0], meta[weights[0]].sha256)
+    folder = first.parent  # snapshots/<commit>: everything below is fetched at that commit
+    index = "model.safetensors.index.json"
+    if index in side:  # the read order comes from its weight map: fetched first (small)
+        hf.hf_hub_download(pinned.repo_id, index, revision=commit)
     for w in cached:
         _storage, blob, pointer = cache_paths(pinned.repo_id, commit, w, meta[w].sha256)
         _link(blob, pointer)
-    return start_streamed_base(pinned.repo_id, commit, revision, folder,
-                               [(w, meta[w].size, meta[w].sha256) for w in missing], cached, manifest)
+    # the weights start now; the other side files (config, tokenizer) come meanwhile
+    streamed = start_streamed_base(pinned.repo_id, commit, revision, folder,
+                                   [(w, meta[w].size, meta[w].sha256) for w in missing], cached, manifest)
+    try:
+        _fetch_base_weights(pinned, [b for b in big if b[0] not in weight_set], progress, revision, meta)
+        hf.snapshot_download(pinned.repo_id, revision=commit, allow_patterns=_exact_patterns(side))
+        write_ref(pinned.repo_id, revision, commit)
+    except BaseException:
+        streamed.close()
+        raise
+    return streamed
 
 
 def _fetch_base_weights(ref: RepoRef, files: list[tuple[str, int, str]], progress: bool | None,
