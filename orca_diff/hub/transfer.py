@@ -488,6 +488,7 @@ def _stream_base(pinned: RepoRef, revision: str | None, weights: list[str], file
     weight_set = set(weights)
     side = [f for f in files if f not in weight_set]
     hf = _hf()
+    revision = revision or hf.constants.DEFAULT_REVISION  # the branch whose ref the cache records ("main")
     _storage, _blob, first = cache_paths(pinned.repo_id, commit, weights[0], meta[weights[0]].sha256)
     folder = first.parent  # snapshots/<commit>: everything below is fetched at that commit
     index = "model.safetensors.index.json"
