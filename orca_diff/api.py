@@ -293,8 +293,16 @@ def apply(diff: PathLike, out: PathLike, *, base: PathLike | None = None, revisi
             return ApplyReport(out, "orca-diff", len(done.ok), 0, time.perf_counter() - t0, done.fingerprint,
                                already_done=True, notes=notes, model_digest=done.model_digest)
         # the base first: a wrong Hub repo is refused by its listing before the payloads are fetched
-        base_dir = resolve_base(None if base is None else os.fspath(base), manifest, progress=progress)
-        diff_dir, source = resolve_diff_streamed(_pinned(manifest_dir, spec), progress=progress, keep_diff=keep_diff)
+        # a Hub base proven by its listing and not cached starts downloading into the HF cache now,
+        # and the rebuild reads it as it lands (hub.basestream)
+        base_dir = resolve_base(None if base is None else os.fspath(base), manifest, progress=progress, stream=True)
+        try:
+            diff_dir, source = resolve_diff_streamed(_pinned(manifest_dir, spec), progress=progress,
+                                                     keep_diff=keep_diff)
+        except BaseException:
+            if hasattr(base_dir, "close"):
+                base_dir.close()
+            raise
     from .hub.stream import PREFETCH_BUDGET
 
     try:
@@ -302,6 +310,11 @@ def apply(diff: PathLike, out: PathLike, *, base: PathLike | None = None, revisi
                        payloads=source, payload_memory=PREFETCH_BUDGET if source is not None else 0)
     except OrcaDiffError as exc:
         raise _with_staging_said(exc, out) from None
+    finally:
+        if hasattr(base_dir, "close"):
+            base_dir.close()
+    if hasattr(base_dir, "summary") and (said := base_dir.summary()):
+        r.notes.append(said)
     if source is not None and (said := source.summary()):
         r.notes.append(said)
     checks = [f"every file matches its sha256 and every tensor its {r.digest_algo}",

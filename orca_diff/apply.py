@@ -6,7 +6,9 @@ Order of events, each a promise:
    once), and the payload files are checked for presence and size;
 2. the base is checked before any output exists: names, dtypes, shapes and (when the manifest
    records them) the sampled digests of every needed tensor (``basecheck``), else every needed
-   tensor's full digest (``check_base``, older manifests); base files are hashed;
+   tensor's full digest (``check_base``, older manifests); base files are hashed; a base that is
+   still downloading from the Hub (``hub.basestream.StreamedBase``, proven by its listing) gets
+   names, dtypes, shapes and base files here, and its full digests and file sha256s while rebuilding;
 3. files are rebuilt into a hidden staging folder beside ``out`` (decode in worker threads,
    write and sha256 in order, each tensor's digest measured on a helper thread as its bytes go
    by and checked when it completes), each file fsynced, checked against its sha256 and only then
@@ -466,7 +468,8 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
     and every rebuilt file's sha256 is held to the signed statement before it is published.
     ``payloads``: read the chunks from there (a Hub stream) instead of from the payload files
     beside the manifest, which then need not exist; ``payload_memory``: what that source holds at
-    most."""
+    most. ``base`` may be a ``hub.basestream.StreamedBase`` (a Hub base downloading into the HF
+    cache): read as it lands, and waited for (every file's sha256 checked) before publishing."""
     from .signing import check_diff_signature, check_release, unsigned_note
 
     t0 = time.perf_counter()
@@ -475,30 +478,43 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
     manifest = load_manifest(diff_dir)
     release = check_release(diff_dir, manifest, verify, diff_signed) if verify is not None else None
     threads, window = memory_plan(manifest, threads or default_threads(), MEMORY_BUDGET - payload_memory)
-    with output_session(out, force, (base, diff_dir)) as session:
+    streamed_base = hasattr(base, "open") and hasattr(base, "wait_complete")  # hub.basestream.StreamedBase
+    with output_session(out, force, (Path(os.fspath(base)), diff_dir)) as session:
         if payloads is None:
             check_payload_presence(diff_dir, manifest)
             stream = None
         else:  # fetching starts now: the first chunks arrive while the base is checked
             stream = payloads(manifest, _planned_chunks(manifest, session.staging))
         try:
-            base_model = open_model(base)
+            base_model = base.open() if streamed_base else open_model(base)  # type: ignore[union-attr]
         except BaseException:
             if stream is not None:
                 stream.close()
             raise
         try:
-            once = samples_usable(manifest, base_model)
-            if once:  # the base is read once: sampled check now, full digests while rebuilding
-                check_base_layout(base_model, manifest)
-                check_base_samples(base_model, manifest, threads)
-                check_base_files(base_model, manifest)
-                measured_base: dict[str, str] = {}
-            else:  # a manifest without sampled digests (older diffs), or a pickled base: as before
-                measured_base = check_base(base_model, manifest, threads, progress)
-            report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0,
-                              measured_base if once else None, release.model if release is not None else None,
-                              stream)
+            try:
+                if streamed_base:  # downloading now, proven by its listing: full digests while rebuilding
+                    once = True
+                    check_base_layout(base_model, manifest)  # the headers have landed
+                    check_base_files(base_model, manifest)
+                    measured_base: dict[str, str] = {}
+                else:
+                    once = samples_usable(manifest, base_model)
+                if once and not streamed_base:  # the base is read once: sampled check now, full digests while rebuilding
+                    check_base_layout(base_model, manifest)
+                    check_base_samples(base_model, manifest, threads)
+                    check_base_files(base_model, manifest)
+                    measured_base = {}
+                elif not once:  # a manifest without sampled digests (older diffs), or a pickled base: as before
+                    measured_base = check_base(base_model, manifest, threads, progress)
+                report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0,
+                                  measured_base if once else None, release.model if release is not None else None,
+                                  stream)
+            except BaseMismatchError as exc:
+                if not streamed_base:
+                    raise
+                # bytes of a file downloading now that are not its listing's: discard that partial file
+                raise base.refused(exc, base_model.file_of(getattr(exc, "tensor", None) or "")) from None  # type: ignore[union-attr]
         finally:
             base_model.close()
             if stream is not None:
@@ -587,7 +603,7 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
     try:
         with byte_bar(remaining, "rebuilding", progress) as bar:
             for job, data, base_read in ordered_map(lambda j: _decode_job(j, manifest, base, payloads, diff_dir),
-                                                    jobs, threads, window):
+                                                    jobs, threads, window, on_abort=_releaser(base, stream)):
                 f = job.file
                 if job.first:
                     path = _partial_path(staging, f.path)
@@ -627,6 +643,9 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
                     sf = None
         if base_digests is not None:  # what no chunk of this run read (resumed files' bases): read once, checked
             measured_base.update(base_digests.complete_all(threads))  # type: ignore[union-attr]
+        source = getattr(base, "source", None)
+        if source is not None:  # a base downloading into the HF cache: every file there, its sha256 checked
+            source.wait_complete()
     except KeyboardInterrupt:
         raise InterruptedError_(f"interrupted; {resume_hint}") from None
     except OSError as exc:
@@ -653,6 +672,22 @@ def _rebuild_checked(base: ModelReader, manifest: Manifest, diff_dir: Path, sess
     session.publish({f.path: f.sha256 for f in manifest.files})  # each measured equal to its sha256
     return ApplyReport(out, len(manifest.files), written, resumed, time.perf_counter() - t0,
                        None, target_fp, digest_algo=manifest.digest_algo, model_digest=model_digest(file_sha256s))
+
+
+def _releaser(base: ModelReader, stream: object | None) -> Callable[[], None] | None:
+    """What frees decode workers waiting on the network when the rebuild stops early (Ctrl-C, a
+    refusal): the Hub stream and the base still downloading stop, and their waiting readers raise."""
+    source = getattr(base, "source", None)
+    if source is None and stream is None:
+        return None
+
+    def release() -> None:
+        if stream is not None:
+            stream.close()  # type: ignore[attr-defined]
+        if source is not None:
+            source.close()
+
+    return release
 
 
 def _write_all(sf: StagedFile, data: bytes | np.ndarray) -> None:

@@ -162,10 +162,13 @@ class StreamedBaseDigests:
             from .diagnose import explain_damaged_tensor
             from .verify import _short
 
-            raise BaseMismatchError(
+            streamed = getattr(self.base, "streamed", False)  # a base downloading now: its listing matched, not samples
+            err = BaseMismatchError(
                 f"base {self.base.path}: tensor {b!r} differs from the diff's base (expected {self.algo} "
-                f"{_short(self.needed[b].digest)}…, found {_short(found)}…); nothing was published. "
-                f"{explain_damaged_tensor(self.base, b)}")
+                f"{_short(self.needed[b].digest)}…, found {_short(found)}…); nothing was published."
+                + ("" if streamed else f" {explain_damaged_tensor(self.base, b)}"))
+            err.tensor = b  # type: ignore[attr-defined]
+            raise err
         self.measured[b] = found
         return found
 

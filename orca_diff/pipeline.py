@@ -23,11 +23,13 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None,
+                on_abort: Callable[[], None] | None = None) -> Iterator[R]:
     """Like ``map(fn, items)`` but computed by ``threads`` workers, at most ``window`` ahead.
 
     On an exception (or when the consumer stops early) pending jobs are cancelled and the pool
-    is shut down, so Ctrl-C does not leave workers running.
+    is shut down, so Ctrl-C does not leave workers running; ``on_abort`` is called first, to
+    release workers that wait on something else (bytes still downloading).
     """
     window = window or threads + 2
     if threads <= 1:
@@ -46,6 +48,8 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, window: 
     finally:
         for f in pending:
             f.cancel()
+        if pending and on_abort is not None:
+            on_abort()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -12,8 +12,15 @@ connection: one link), with the real huggingface_hub client in each command:
 * ``sequential``: ``orca-diff apply --keep-diff ...`` (download into the cache, then apply);
 * the same three with stalls injected: ``--stalls`` payload files stall mid-body once (the
   server then sends nothing until the stall timeout, ``--stall-timeout`` s, makes the client retry);
-* ``--base-from-hub``: also ``apply --diff DIFF --base ORG/BASE`` with the base not cached,
-  against downloading both.
+* ``--base-from-hub``: also ``apply --diff DIFF --base ORG/BASE`` with the base not cached (the
+  base downloads into the HF cache while the rebuild reads it, hub/basestream.py), against the
+  download of both (``orca-diff download`` of each, and the client's ``snapshot_download`` of the
+  same files in one process), against the link floor (bytes ÷ bandwidth), and against
+  download-then-apply: this tree with ``ORCA_DIFF_BASE_STREAM=0`` (the base fetched whole first,
+  then the diff streamed, as before) and, with ``--main DIR``, that checkout's code (run with
+  ``PYTHONDONTWRITEBYTECODE=1``, nothing written there). With ``--stalls N`` the base's first
+  weight file also stalls mid-body N times (only GETs of ≥ 1 MiB count, so the header reads of
+  the streamed path do not absorb the stalls).
 
 Each command runs in a fresh subprocess with its own HF cache; it reports its wall time, its
 peak RSS (VmHWM, read by the child itself at exit) and the bytes left on disk (HF cache and
@@ -64,10 +71,19 @@ sys.argv = ["orca-diff", *args]
 if mode == "hf":
     import huggingface_hub as h
     h.snapshot_download(args[0], allow_patterns=args[1:])
+elif mode == "hfmulti":  # several repos, one after the other, in one process: [[repo, [patterns]], ...]
+    import json
+    import huggingface_hub as h
+    for repo, patterns in json.loads(args[0]):
+        h.snapshot_download(repo, allow_patterns=patterns)
 else:
     from orca_diff.cli import cli
     cli.main(args=args, prog_name="orca-diff")
 """
+
+
+#: CPUs each measured command is pinned to (``--taskset``; empty: all): a machine whose CPU is busy.
+TASKSET = ""
 
 
 def du(path: Path) -> int:
@@ -79,7 +95,7 @@ def du(path: Path) -> int:
 
 
 def run(label: str, work: Path, hub: FakeHub, args: list[str], *, mode: str = "cli", stall: float,
-        check: Path | None = None) -> dict:
+        check: Path | None = None, extra_env: dict | None = None, root: Path = ROOT) -> dict:
     home = work / f"hf-{label}"
     shutil.rmtree(home, ignore_errors=True)
     out = work / f"out-{label}"
@@ -89,15 +105,22 @@ def run(label: str, work: Path, hub: FakeHub, args: list[str], *, mode: str = "c
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1", ORCA_DIFF_STALL_TIMEOUT=str(stall), PYTHONPATH=str(ROOT),
                HF_HUB_DOWNLOAD_TIMEOUT=str(max(1, int(stall))), HF_HUB_ETAG_TIMEOUT=str(max(1, int(stall))))
+    env["PYTHONPATH"] = str(root)
+    if root != ROOT:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # another checkout: run it, write nothing into it
+    env.update(extra_env or {})
     rss_file = work / f"rss-{label}"
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, str(rss_file), mode, *args], env=env, capture_output=True,
-                       text=True)
+    # cwd: `python -c` puts the working directory first on sys.path, so it picks the checkout that runs
+    pin = ["taskset", "-c", TASKSET] if TASKSET else []  # --taskset: the command gets only these CPUs
+    p = subprocess.run([*pin, sys.executable, "-c", CHILD, str(rss_file), mode, *args], env=env, capture_output=True,
+                       text=True, cwd=str(root))
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise SystemExit(f"{label}: exit {p.returncode}\n{p.stderr[-2000:]}")
     res = {"label": label, "seconds": wall, "peak_rss": int(rss_file.read_text()), "cache_bytes": du(home),
-           "out_bytes": du(out)}
+           "out_bytes": du(out), "notes": [ln.strip() for ln in p.stderr.splitlines() + p.stdout.splitlines()
+                                           if "note:" in ln or "retr" in ln][:6]}
     if check is not None:  # never a wrong output: byte-compare with the publisher's files
         for f in sorted(check.iterdir()):
             if f.is_file() and (out / f.name).read_bytes() != f.read_bytes():
@@ -121,9 +144,16 @@ def main() -> None:
     ap.add_argument("--runs", default="hf,download,streamed,sequential",
                     help="which of hf,download,streamed,sequential to run (ratios need hf or download)")
     ap.add_argument("--base-from-hub", action="store_true", help="also apply with --base ORG/NAME, not cached")
+    ap.add_argument("--base-only", action="store_true", help="with --base-from-hub: skip the base-local runs")
+    ap.add_argument("--main", type=Path, default=None, help="another checkout to time as the old code "
+                    "(--base-from-hub runs), e.g. /work/main")
+    ap.add_argument("--taskset", default="", help="pin each measured command to these CPUs (taskset -c LIST, "
+                    "e.g. 0): apply slower than the link, as on a busy machine; the test Hub is not pinned")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    global TASKSET
+    TASKSET = a.taskset
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="orca-bench-net-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +184,7 @@ def main() -> None:
             "sequential apply": (["apply", "--keep-diff", "--diff", DIFF_REPO, "--base", str(base), "--out", "{OUT}",
                                   "-q"], "cli"),
         }
-        wanted = set(a.runs.split(","))
+        wanted = set(a.runs.split(",")) if not a.base_only else set()
         plans = {k: v for k, v in plans.items() if k.split()[0] in wanted}  # "hf", "download", ...
         results: dict[str, dict] = {}
         for stalls in ([0, a.stalls] if a.stalls else [0]):
@@ -173,23 +203,51 @@ def main() -> None:
                 print(f"  {label:28s} {best['seconds']:7.2f} s  peak RSS {best['peak_rss'] / 2**20:6.0f} MiB  "
                       f"cache {best['cache_bytes'] / 1e6:7.1f} MB  out {best['out_bytes'] / 1e6:7.1f} MB", flush=True)
         if a.base_from_hub:
-            hub.clear_failures()
-            hub.bandwidth = rate
+            base_weights = sorted(p.name for p in base.glob("*.safetensors"))
             base_bytes = du(base)
-            for label, args in (("download base+diff", None),
-                                ("streamed apply, base on Hub", ["apply", "--diff", DIFF_REPO, "--base", BASE_REPO,
-                                                                 "--out", "{OUT}", "-q"])):
-                if args is None:  # the two downloads, one after the other, as a user would
-                    r1 = run("dl_base", work, hub, ["download", BASE_REPO, "-q"], stall=a.stall_timeout)
-                    r2 = run("dl_diff", work, hub, ["download", DIFF_REPO, "-q"], stall=a.stall_timeout)
-                    r = {"label": label, "seconds": r1["seconds"] + r2["seconds"],
-                         "peak_rss": max(r1["peak_rss"], r2["peak_rss"]), "cache_bytes": r1["cache_bytes"] + r2["cache_bytes"],
-                         "out_bytes": 0}
-                else:
-                    r = run("apply_hub_base", work, hub, args, stall=a.stall_timeout, check=target)
-                results[label] = r
-                print(f"  {label:28s} {r['seconds']:7.2f} s  peak RSS {r['peak_rss'] / 2**20:6.0f} MiB  "
-                      f"cache {r['cache_bytes'] / 1e6:7.1f} MB (base {base_bytes / 1e6:.0f} MB)", flush=True)
+            manifest_bytes = (diff / "orca-diff.json").stat().st_size
+            need_bytes = base_bytes + m.payload_bytes + manifest_bytes
+            print(f"base on the Hub: {base_bytes / 1e6:.0f} MB in {len(base_weights)} weight files + side files; "
+                  f"with the diff {need_bytes / 1e6:.0f} MB to fetch (link floor {need_bytes / rate:.1f} s)", flush=True)
+            hub_apply = ["apply", "--diff", DIFF_REPO, "--base", BASE_REPO, "--out", "{OUT}", "-q"]
+            base_plans = [
+                ("download base+diff (orca-diff)", None, {}, ROOT),
+                ("download base+diff (client)", "hf", {}, ROOT),
+                ("streamed apply, base on Hub", hub_apply, {}, ROOT),
+                ("download base, then apply", hub_apply, {"ORCA_DIFF_BASE_STREAM": "0"}, ROOT),
+            ]
+            if a.main is not None:
+                base_plans.append(("main: apply, base on Hub", hub_apply, {}, a.main.resolve()))
+            for stalls in ([0, a.stalls] if a.stalls else [0]):
+                for name, args, extra, root in base_plans:
+                    best = None
+                    label = f"{name}{' +stalls' if stalls else ''}"
+                    for _ in range(a.repeats):
+                        hub.clear_failures()
+                        hub.bandwidth = rate
+                        if stalls:  # the first payload file and the first base weight file stall mid-body
+                            hub.fail_downloads(DIFF_REPO, payloads[0], "stall", then="ok", times=stalls)
+                            hub.fail_downloads(BASE_REPO, base_weights[0], "stall", then="ok", times=stalls,
+                                               min_bytes=1 << 20)
+                        tag = "".join(c if c.isalnum() else "_" for c in label)
+                        if args is None:  # the two downloads, one after the other, as a user would
+                            r1 = run(tag + "_b", work, hub, ["download", BASE_REPO, "-q"], stall=a.stall_timeout)
+                            r2 = run(tag + "_d", work, hub, ["download", DIFF_REPO, "-q"], stall=a.stall_timeout)
+                            r = {"label": label, "seconds": r1["seconds"] + r2["seconds"],
+                                 "peak_rss": max(r1["peak_rss"], r2["peak_rss"]),
+                                 "cache_bytes": r1["cache_bytes"] + r2["cache_bytes"], "out_bytes": 0}
+                        elif args == "hf":
+                            spec = json.dumps([[BASE_REPO, ["*"]], [DIFF_REPO, ["orca-diff.json", *payloads]]])
+                            r = run(tag, work, hub, [spec], mode="hfmulti", stall=a.stall_timeout)
+                        else:
+                            r = run(tag, work, hub, args, stall=a.stall_timeout, check=target, extra_env=extra,
+                                    root=root)
+                        best = r if best is None or r["seconds"] < best["seconds"] else best
+                    results[label] = best
+                    print(f"  {label:36s} {best['seconds']:7.2f} s  peak RSS {best['peak_rss'] / 2**20:6.0f} MiB  "
+                          f"cache {best['cache_bytes'] / 1e6:7.1f} MB  out {best['out_bytes'] / 1e6:7.1f} MB", flush=True)
+                    for note in best.get("notes", []):
+                        print(f"      {note[:150]}")
         hub.stop()
         print("\nratios (wall time / the faster download of the diff, the client's or orca-diff's, under the same"
               " faults):")
@@ -206,8 +264,17 @@ def main() -> None:
                 print(f"  {name + sfx:28s} {results[name + sfx]['seconds'] / dl:5.2f}x   "
                       f"(link floor {link:.2f} s: {results[name + sfx]['seconds'] / link:4.2f}x)")
         if a.base_from_hub:
-            print(f"  base on Hub: streamed apply / download both = "
-                  f"{results['streamed apply, base on Hub']['seconds'] / results['download base+diff']['seconds']:.2f}x")
+            print(f"\nbase on the Hub (link floor {need_bytes / rate:.2f} s for {need_bytes / 1e6:.0f} MB):")
+            for stalls in ([0, a.stalls] if a.stalls else [0]):
+                sfx = " +stalls" if stalls else ""
+                dls = [results[k]["seconds"] for k in (f"download base+diff (orca-diff){sfx}",
+                                                       f"download base+diff (client){sfx}") if k in results]
+                dl = min(dls)
+                for name, *_ in base_plans:
+                    k = name + sfx
+                    if k in results:
+                        print(f"  {k:36s} {results[k]['seconds']:7.2f} s  {results[k]['seconds'] / dl:5.2f}x the "
+                              f"faster download  {results[k]['seconds'] * rate / need_bytes:5.2f}x the link floor")
         if a.json:
             a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
                                           "target_bytes": target_bytes, "payload_bytes": m.payload_bytes,

@@ -106,13 +106,15 @@ class Failure:
 
     ``after``: requests served normally before the failure starts; ``times``: requests that then
     fail with ``mode``; ``then``: the mode of the requests after those (``None``: keep ``mode``;
-    ``"ok"``: serve normally)."""
+    ``"ok"``: serve normally); ``min_bytes``: only GETs asking for at least that many bytes are
+    counted (so a fault can target a file's body whatever small header reads come first)."""
 
     mode: str | int
     then: str | int | None = None
     count: int = 0
     after: int = 0
     times: int = 1
+    min_bytes: int = 0  # only GETs asking for at least this many bytes count (and fail)
 
 
 class FakeHub:
@@ -183,8 +185,8 @@ class FakeHub:
         return self.add_repo(repo_id, files, **kwargs)
 
     def fail_downloads(self, repo_id: str, path: str, mode: str | int = "drop", then: str | int | None = None,
-                       after: int = 0, times: int = 1) -> Failure:
-        failure = Failure(mode, then, after=after, times=times)
+                       after: int = 0, times: int = 1, min_bytes: int = 0) -> Failure:
+        failure = Failure(mode, then, after=after, times=times, min_bytes=min_bytes)
         self.failures[(repo_id, path)] = failure
         return failure
 
@@ -452,6 +454,11 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         failure = self.state.failures.get((repo_id, path))
         mode: str | int = "ok"
+        if self.command == "GET" and failure is not None and failure.min_bytes:
+            asked = re.fullmatch(r"bytes=(\d+)-(\d*)", (self.headers.get("Range") or "").strip())
+            first, last = (int(asked[1]), int(asked[2]) if asked[2] else len(data) - 1) if asked else (0, len(data) - 1)
+            if last + 1 - first < failure.min_bytes:
+                failure = None  # a small request (a header): served, and not counted
         if self.command == "GET" and failure is not None:
             with self.state.lock:
                 n = failure.count

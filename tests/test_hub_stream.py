@@ -364,7 +364,12 @@ def test_a_cached_base_blob_that_does_not_hash_to_its_name_is_fetched_again_once
 def test_a_base_whose_server_bytes_contradict_the_listing_never_rebuilds(world, hub, orca, tmp_path):
     shard = sorted(p.name for p in world["base"].glob("*.safetensors"))[0]
     failure = hub.fail_downloads(BASE_REPO, shard, "corrupt")
-    r = orca(*apply_cmd(tmp_path / "out"))
+    r = orca(*apply_cmd(tmp_path / "out"))  # streamed into the rebuild (tests/test_hub_basestream.py)
+    assert r.returncode == 9
+    assert "other bytes than it lists" in one_error_line(r) and shard in one_error_line(r)
+    assert not (tmp_path / "out").exists()
+    failure.count = 0
+    r = orca(*apply_cmd(tmp_path / "out"), ORCA_DIFF_BASE_STREAM="0")  # downloaded first, as before
     assert r.returncode == 9
     assert "damaged copy" in one_error_line(r)
     assert failure.count == 2  # fetched once more, then refused

@@ -9,6 +9,7 @@ catalog name). Hub downloads go through :mod:`orca_diff.hub`, so they are cached
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .catalog import CatalogEntry, is_repo_id, lookup, names
@@ -128,14 +129,17 @@ def _check_catalog_fingerprint(entry: CatalogEntry, manifest: Manifest) -> None:
             " use the base the diff names, or pass the right one")
 
 
-def resolve_base(spec: str | None, manifest: Manifest, *, progress: bool | None = None) -> Path:
+def resolve_base(spec: str | None, manifest: Manifest, *, progress: bool | None = None, stream: bool = False):
     """The local folder of the base for ``manifest``: ``spec`` if given, else the base the
-    manifest names. Downloads only the files ``apply`` needs."""
+    manifest names. Downloads only the files ``apply`` needs. ``stream`` (apply): a Hub base
+    proven by its listing and not cached is returned as a StreamedBase still downloading
+    (``hub.basestream``)."""
     needed = tuple(manifest.base.files)
     b = manifest.base
     recorded = (f"{b.repo}@{b.revision}" if b.repo and b.revision else b.repo) or (repr(b.name) if b.name else
                                                                                 "the one it was made from")
-    kw = {"needed": needed, "progress": progress, "expected": b.weight_files, "recorded": recorded}
+    kw = {"needed": needed, "progress": progress, "expected": b.weight_files, "recorded": recorded,
+          "stream_for": manifest if stream and os.environ.get("ORCA_DIFF_BASE_STREAM", "1").strip() != "0" else None}
     if spec is None:
         if b.repo:
             return download_base(RepoRef(b.repo, b.revision), **kw)

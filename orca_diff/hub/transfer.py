@@ -416,12 +416,18 @@ def match_base_files(ref: RepoRef, expected: dict, files: dict[str, RepoFileMeta
 
 def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | None = None,
                   expected: dict | None = None, recorded: str = "the one `orca-diff info` names",
-                  what: str = "base") -> Path:
+                  what: str = "base", stream_for: Manifest | None = None):
     """Fetch the files of a base model that ``apply`` needs into the HF cache; return the folder.
 
     With ``expected`` (a diff's ``base.weight_files``), the repo's file listing is first compared
     with it (:func:`match_base_files`): a repo that is not the base is refused before any weight
-    is fetched, and of a repo that is, exactly the recorded weight files are fetched."""
+    is fetched, and of a repo that is, exactly the recorded weight files are fetched.
+
+    ``stream_for`` (apply's manifest): when the listing proves the base (every recorded weight
+    file found by sha256 and size), the weights are safetensors and some are not cached, the
+    side files are fetched now and the weights start downloading into the cache in the
+    background; a :class:`~orca_diff.hub.basestream.StreamedBase` is returned, which apply reads
+    while it downloads (docs/hub.md)."""
     hf = _hf()
     needed = tuple(needed)
     with _progress(progress), hub_errors(ref, what):
@@ -447,9 +453,61 @@ def download_base(ref: RepoRef, *, needed: Iterable[str] = (), progress: bool | 
             # at the revision as given (a branch gets its ref in the cache, so offline runs find it)
             big = [(f, meta[f].size, meta[f].sha256) for f in files if meta[f].sha256]
             pinned = RepoRef(ref.repo_id, _commit)
+            if stream_for is not None and matched:
+                streamed = _stream_base(pinned, ref.revision, matched, files, big, meta, stream_for, progress)
+                if streamed is not None:
+                    return streamed
             _fetch_base_weights(pinned, big, progress, ref.revision, meta)
             return Path(hf.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=_exact_patterns(files)))
         return _cached_base(ref, needed, listing_error, what)
+
+
+def _stream_base(pinned: RepoRef, revision: str | None, weights: list[str], files: list[str],
+                 big: list[tuple[str, int, str]], meta: dict, manifest: Manifest, progress: bool | None):
+    """Start the streamed download of a base proven by its listing (see :func:`download_base`);
+    None when there is nothing to stream (every weight cached) or it cannot be streamed."""
+    from .basestream import start_streamed_base
+    from .stream import _link, cache_paths
+
+    if not all(w.endswith(".safetensors") and "/" not in w for w in weights):
+        return None  # a pickled base is read whole: downloaded first, as before
+    commit = pinned.revision or ""
+    missing, cached = [], []
+    for w in weights:
+        m = meta[w]
+        _storage, blob, _pointer = cache_paths(pinned.repo_id, commit, w, m.sha256)
+        (cached if _cached(blob, m.size) else missing).append(w)
+    if not missing:
+        return None
+    for w in cached:  # checked once, as on the download-first path; a damaged blob: that path refetches it
+        _storage, blob, _pointer = cache_paths(pinned.repo_id, commit, w, meta[w].sha256)
+        if not blob_verified(blob, meta[w].sha256, progress):
+            return None
+    from .stream import write_ref
+
+    weight_set = set(weights)
+    side = [f for f in files if f not in weight_set]
+    hf = _hf()
+    revision = revision or hf.constants.DEFAULT_REVISION  # the branch whose ref the cache records ("main")
+    _storage, _blob, first = cache_paths(pinned.repo_id, commit, weights[0], meta[weights[0]].sha256)
+    folder = first.parent  # snapshots/<commit>: everything below is fetched at that commit
+    index = "model.safetensors.index.json"
+    if index in side:  # the read order comes from its weight map: fetched first (small)
+        hf.hf_hub_download(pinned.repo_id, index, revision=commit)
+    for w in cached:
+        _storage, blob, pointer = cache_paths(pinned.repo_id, commit, w, meta[w].sha256)
+        _link(blob, pointer)
+    # the weights start now; the other side files (config, tokenizer) come meanwhile
+    streamed = start_streamed_base(pinned.repo_id, commit, revision, folder,
+                                   [(w, meta[w].size, meta[w].sha256) for w in missing], cached, manifest)
+    try:
+        _fetch_base_weights(pinned, [b for b in big if b[0] not in weight_set], progress, revision, meta)
+        hf.snapshot_download(pinned.repo_id, revision=commit, allow_patterns=_exact_patterns(side))
+        write_ref(pinned.repo_id, revision, commit)
+    except BaseException:
+        streamed.close()
+        raise
+    return streamed
 
 
 def _fetch_base_weights(ref: RepoRef, files: list[tuple[str, int, str]], progress: bool | None,
