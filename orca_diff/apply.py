@@ -493,19 +493,18 @@ def apply_diff(base: str | os.PathLike, diff: str | os.PathLike, out: str | os.P
             raise
         try:
             try:
-                if streamed_base:  # downloading now, proven by its listing: full digests while rebuilding
-                    once = True
-                    check_base_layout(base_model, manifest)  # the headers have landed
-                    check_base_files(base_model, manifest)
-                    measured_base: dict[str, str] = {}
-                else:
-                    once = samples_usable(manifest, base_model)
-                if once and not streamed_base:  # the base is read once: sampled check now, full digests while rebuilding
+                # The base is read once (full digests measured while rebuilding) when it is still
+                # downloading (proven by its listing; its headers have landed) or the manifest
+                # records sampled digests (checked now); otherwise (older diffs, a pickled base)
+                # every needed tensor's full digest is checked first.
+                once = streamed_base or samples_usable(manifest, base_model)
+                measured_base: dict[str, str] = {}
+                if once:
                     check_base_layout(base_model, manifest)
-                    check_base_samples(base_model, manifest, threads)
+                    if not streamed_base:
+                        check_base_samples(base_model, manifest, threads)
                     check_base_files(base_model, manifest)
-                    measured_base = {}
-                elif not once:  # a manifest without sampled digests (older diffs), or a pickled base: as before
+                else:
                     measured_base = check_base(base_model, manifest, threads, progress)
                 report = _rebuild(base_model, manifest, diff_dir, session, threads, window, progress, t0,
                                   measured_base if once else None, release.model if release is not None else None,
