@@ -134,13 +134,16 @@ class SafetensorsModel:
         self._fds: dict[Path, int] = {}
         for file in files:
             header = read_safetensors_header(file)
-            rel = file.name if path.is_file() else file.relative_to(path).as_posix()
-            self.headers[rel] = header
-            for e in header.entries:
-                if e.info.name in self.tensors:
-                    raise FormatError(f"{file}: tensor {e.info.name!r} also appears in another shard")
-                self.tensors[e.info.name] = e.info
-                self._where[e.info.name] = (file, header.data_start + e.begin, header.data_start + e.end)
+            self._index(file, file.name if path.is_file() else file.relative_to(path).as_posix(), header)
+
+    def _index(self, file: Path, rel: str, header: SafetensorsHeader) -> None:
+        """Record one shard's header and where each of its tensors lies (a name in two shards is refused)."""
+        self.headers[rel] = header
+        for e in header.entries:
+            if e.info.name in self.tensors:
+                raise FormatError(f"{file}: tensor {e.info.name!r} also appears in another shard")
+            self.tensors[e.info.name] = e.info
+            self._where[e.info.name] = (file, header.data_start + e.begin, header.data_start + e.end)
 
     def read(self, name: str, start: int = 0, length: int | None = None) -> np.ndarray:
         """Bytes ``[start, start+length)`` of tensor ``name``, read with pread into a fresh

@@ -133,10 +133,7 @@ class StreamedBase:
                     except Cancelled:
                         pass
                     except BaseException as exc:
-                        with self._cond:
-                            if self._error is None:
-                                self._error = exc if isinstance(exc, OrcaDiffError) else _describe(exc, self._current())
-                            self._cond.notify_all()
+                        self._fail(exc)
                         self._stop.set()
 
                 helpers = [threading.Thread(target=worker, name=f"orca-diff-base-download-{i}", daemon=True)
@@ -149,10 +146,7 @@ class StreamedBase:
         except Cancelled:
             pass
         except BaseException as exc:
-            with self._cond:
-                if self._error is None:
-                    self._error = exc if isinstance(exc, OrcaDiffError) else _describe(exc, self._current())
-                self._cond.notify_all()
+            self._fail(exc)
         finally:
             for f in self.files.values():
                 wfd = getattr(f, "_wfd", -1)
@@ -163,6 +157,13 @@ class StreamedBase:
             self._drop_discarded()
             with self._cond:
                 self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Record the download's first error (as one line naming the file) and wake the readers."""
+        with self._cond:
+            if self._error is None:
+                self._error = exc if isinstance(exc, OrcaDiffError) else _describe(exc, self._current())
+            self._cond.notify_all()
 
     def _current(self) -> RemoteFile:
         for rel in self._order:
@@ -407,12 +408,7 @@ class StreamedSafetensorsModel(SafetensorsModel):
                 from ..containers.safetensors import read_safetensors_header
 
                 header = read_safetensors_header(file)
-            self.headers[rel] = header
-            for e in header.entries:
-                if e.info.name in self.tensors:
-                    raise FormatError(f"{file}: tensor {e.info.name!r} also appears in another shard")
-                self.tensors[e.info.name] = e.info
-                self._where[e.info.name] = (file, header.data_start + e.begin, header.data_start + e.end)
+            self._index(file, rel, header)
 
     def _streamed_header(self, rel: str):
         src = self.source
