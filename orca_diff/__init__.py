@@ -19,7 +19,7 @@ import types as _types
 from .errors import (BaseMismatchError, CorruptDiffError, FormatError, HubError, InputNotFoundError,
                      InterruptedError_, MissingExtraError, OrcaDiffError, OutputError, UsageError, VerificationError)
 
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 
 _API = ("make", "apply", "verify", "MakeReport", "ApplyReport", "VerifyReport")
 #: Names that are both a function of the library face and a module of the package (make.py,

@@ -31,6 +31,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1435,10 +1436,131 @@ done:
     return res;
 }
 
+/* ------------------------------------------------------------------ low-rank prediction (format §3e) */
+/* Only where float arithmetic is plain IEEE single precision (not x87's excess precision, which
+ * could round twice): elsewhere the module lacks lowrank_predict and numpy computes it. */
+#include <float.h>
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD == 0
+#define HAVE_LOWRANK_KERNEL 1
+
+/* float32 bits -> BF16 bits, round to nearest even (finite or infinite inputs; lowrank._to_bits). */
+static inline uint16_t lr_to_bf16(uint32_t u) { return (uint16_t)((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16); }
+
+/* float32 bits -> F16 bits, round to nearest even, overflow to infinity, subnormals rounded (what
+ * numpy's float32 -> float16 cast gives; NaN never reaches here). */
+static inline uint16_t lr_to_f16(uint32_t f) {
+    uint32_t sgn = (f & 0x80000000u) >> 16, fexp = f & 0x7F800000u, sig;
+    if (fexp >= 0x47800000u) return (uint16_t)(sgn + 0x7C00u);
+    if (fexp <= 0x38000000u) {
+        if (fexp < 0x33000000u) return (uint16_t)sgn;
+        sig = (0x00800000u + (f & 0x007FFFFFu)) >> (113u - (fexp >> 23));
+        if ((sig & 0x3FFFu) != 0x1000u || (f & 0x7FFu)) sig += 0x1000u;
+        return (uint16_t)(sgn + (sig >> 13));
+    }
+    sig = f & 0x007FFFFFu;
+    if ((sig & 0x3FFFu) != 0x1000u) sig += 0x1000u;
+    return (uint16_t)(sgn + ((fexp - 0x38000000u) >> 13) + (sig >> 13));
+}
+
+/* F16 bits -> float32 bits (exact). */
+static inline uint32_t lr_from_f16(uint16_t h) {
+    uint32_t sgn = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1Fu) return sgn | 0x7F800000u | (m << 13);
+    if (e) return sgn | ((e + 112u) << 23) | (m << 13);
+    if (!m) return sgn;
+    e = 113u;
+    while (!(m & 0x400u)) { m <<= 1; e--; }
+    return sgn | (e << 23) | ((m & 0x3FFu) << 13);
+}
+
+/* lowrank_predict(out, pred, a, b, r, ea, eb, col0, cols, code): out = the predicted bits of a
+ * chunk (uint16; code 0 BF16, 1 F16): element i at row y = (col0 + i) / cols, column x: m = sum_k
+ * a[y][k] b[k][x] (int16 factors; summed in double, exact: every partial sum is an integer below
+ * 2^35), v = (float)(m * 2^(ea + eb)), q = float(pred) + v, rounded to the dtype; elements whose
+ * pred is not finite keep it. The bits of lowrank.predict. */
+static PyObject *py_lowrank_predict(PyObject *self, PyObject *args) {
+    Py_buffer o, p, ab, bb;
+    int r, ea, eb, code;
+    Py_ssize_t col0, cols;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*iiinni", &o, &p, &ab, &bb, &r, &ea, &eb, &col0, &cols, &code)) return NULL;
+    PyObject *res = NULL;
+    double *acc = NULL;
+    Py_ssize_t n = p.len / 2, rows = 0;
+    if (r < 1 || r > 32 || cols < 1 || col0 < 0 || col0 >= cols || (code != 0 && code != 1) || ea < -100 || ea > 100
+        || eb < -100 || eb > 100 || o.len != p.len || p.len % 2) {
+        PyErr_SetString(PyExc_ValueError, "lowrank_predict: invalid arguments");
+        goto done;
+    }
+    rows = (col0 + n + cols - 1) / cols;
+    if (ab.len != 2 * (Py_ssize_t)r * rows || bb.len != 2 * (Py_ssize_t)r * cols) {
+        PyErr_SetString(PyExc_ValueError, "lowrank_predict: factor sizes do not match");
+        goto done;
+    }
+    acc = (double *)malloc((size_t)cols * sizeof(double));
+    if (!acc) { PyErr_NoMemory(); goto done; }
+    {
+        const int16_t *a = (const int16_t *)ab.buf, *b = (const int16_t *)bb.buf;
+        const uint16_t *pr = (const uint16_t *)p.buf;
+        uint16_t *out = (uint16_t *)o.buf;
+        const double scale = ldexp(1.0, ea + eb);
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t y = 0; y < rows; y++) {
+            Py_ssize_t x0 = y ? 0 : col0, x1 = col0 + n - y * cols;
+            if (x1 > cols) x1 = cols;
+            const int16_t *ay = a + y * r;
+            for (Py_ssize_t x = x0; x < x1; x++) acc[x] = 0.0;
+            for (int k = 0; k < r; k++) {
+                const double ak = (double)ay[k];
+                const int16_t *bk = b + (Py_ssize_t)k * cols;
+                for (Py_ssize_t x = x0; x < x1; x++) acc[x] += ak * (double)bk[x];
+            }
+            const Py_ssize_t i0 = y * cols - col0;
+            const uint16_t *py = pr + i0;
+            uint16_t *oy = out + i0;
+            if (code == 0) {  /* branch-free, so that the compiler vectorises it */
+                for (Py_ssize_t x = x0; x < x1; x++) {
+                    const uint16_t pb = py[x];
+                    const uint32_t ub = (uint32_t)pb << 16;
+                    float base, q;
+                    uint32_t uq;
+                    memcpy(&base, &ub, 4);
+                    q = base + (float)(acc[x] * scale);
+                    memcpy(&uq, &q, 4);
+                    const uint16_t rnd = lr_to_bf16(uq);
+                    oy[x] = (pb & 0x7F80u) == 0x7F80u ? pb : rnd;
+                }
+            } else {
+                for (Py_ssize_t x = x0; x < x1; x++) {
+                    const uint16_t pb = py[x];
+                    if ((pb & 0x7C00u) == 0x7C00u) { oy[x] = pb; continue; }
+                    const uint32_t ub = lr_from_f16(pb);
+                    float base, q;
+                    uint32_t uq;
+                    memcpy(&base, &ub, 4);
+                    q = base + (float)(acc[x] * scale);
+                    memcpy(&uq, &q, 4);
+                    oy[x] = lr_to_f16(uq);
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    res = Py_None;
+    Py_INCREF(res);
+done:
+    free(acc);
+    PyBuffer_Release(&o); PyBuffer_Release(&p); PyBuffer_Release(&ab); PyBuffer_Release(&bb);
+    return res;
+}
+#endif /* HAVE_LOWRANK_KERNEL */
+
 static PyMethodDef methods[] = {
     {"analyze", py_analyze, METH_VARARGS, "tokens, raw bits and token counts per (exponent, previous-token-was-0) of one chunk"},
     {"encode", py_encode, METH_VARARGS, "rANS-encode the lanes of one chunk's tokens -> (words, lane_words)"},
     {"decode", py_decode, METH_VARARGS, "decode one chunk's lanes and raw bits into out (ulp inverse included)"},
+#ifdef HAVE_LOWRANK_KERNEL
+    {"lowrank_predict", py_lowrank_predict, METH_VARARGS, "the predicted bits of a low-rank frame's chunk (format 3e)"},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

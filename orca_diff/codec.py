@@ -14,8 +14,11 @@ Codecs (``Encoding.codec``, docs/format.md §3a/§3b):
   0.81-0.95x the size of the zstd frames, 0.85x (bf16) / 0.89x (fp16) the order-0 entropy floor
   on a real fine-tune (docs/performance.md §0). Chunks with few changed elements may be a
   sparse frame instead (:mod:`orca_diff.sparse`: gaps + changed deltas, ~their entropy at 0.1-1 %
-  changed, performance.md §5). A chunk where neither frame would be smaller (tiny chunks) is
-  stored as a zstd frame with the tensor's ``layout`` instead; the magic number tells them apart.
+  changed, performance.md §5). A chunk of a 2-D (or wider) 16-bit tensor may instead predict the
+  target from the base plus a low-rank update carried in its frame (:mod:`orca_diff.lowrank`,
+  format §3e: the embedding / LM-head rows a fine-tune moves together). A chunk where neither
+  frame would be smaller (tiny chunks) is stored as a zstd frame with the tensor's ``layout``
+  instead; the magic number tells them apart.
 
 Raw float chunks (nothing predicts them) are the no-base frame (:mod:`orca_diff.nobase`:
 exponent coding, below ZipNN) where it is smaller than byte planes + zstd.
@@ -46,7 +49,7 @@ import threading
 import numpy as np
 import zstandard
 
-from . import entropy, nobase, sparse
+from . import entropy, lowrank, nobase, sparse
 from .bits import UINT_FOR_SIZE, cast_bits, ulp_delta, ulp_undelta
 from .errors import CorruptDiffError
 
@@ -210,16 +213,18 @@ def _check_codec(codec: str, transform: str, itemsize: int) -> None:
 
 def encode_chunk(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,
                  layout: str = "planes", level: int = DEFAULT_LEVEL, codec: str = "zstd",
-                 dtype: str | None = None) -> bytes:
+                 dtype: str | None = None, grid: tuple[int, int] | None = None) -> bytes:
     """Compress one chunk. ``target`` and ``base`` are uint8 arrays of equal length (``base`` is
     the prediction already cast to the target dtype, or None for raw chunks). With ``codec="ans"``
     (ulp deltas only) ``layout`` is the zstd layout of the chunks that fall back to zstd, and
-    ``dtype`` (the target's, e.g. "BF16") tells where the exponent field is. A raw chunk of a
-    float ``dtype`` (given) in byte planes is the no-base ANS frame where that is smaller."""
+    ``dtype`` (the target's, e.g. "BF16") tells where the exponent field is; ``grid`` = (columns
+    of the tensor's last dimension, column of the chunk's first element) lets a 16-bit chunk try
+    the low-rank frame. A raw chunk of a float ``dtype`` (given) in byte planes is the no-base
+    ANS frame where that is smaller."""
     _check_layout(layout, itemsize)
     _check_codec(codec, transform, itemsize)
     if codec == "ans" and target.size:
-        return _ans_or_zstd(target, base, itemsize, layout, level, dtype)  # type: ignore[arg-type]
+        return _ans_or_zstd(target, base, itemsize, layout, level, dtype, grid)  # type: ignore[arg-type]
     if (transform == "raw" and layout == "planes" and dtype in nobase.DTYPES and target.size >= ANS_MIN_BYTES
             and os.environ.get("ORCA_DIFF_CODEC") != "zstd"):
         return _nobase_or_zstd(target, itemsize, level, dtype)  # type: ignore[arg-type]
@@ -234,7 +239,7 @@ def encode_chunk(target: np.ndarray, base: np.ndarray | None, itemsize: int, tra
 
 
 def _ans_or_zstd(target: np.ndarray, pred: np.ndarray, itemsize: int, layout: str, level: int,
-                 dtype: str | None) -> bytes:
+                 dtype: str | None, grid: tuple[int, int] | None = None) -> bytes:
     """The ANS frame, or the zstd frame when that is smaller: zstd alone under ANS_MIN_BYTES;
     both tried for chunks under ANS_TRY_ZSTD_BYTES and for ANS frames under 1/64 of the chunk
     (constant or near-constant data, where zstd's matches win); elsewhere the ANS frame is
@@ -244,7 +249,7 @@ def _ans_or_zstd(target: np.ndarray, pred: np.ndarray, itemsize: int, layout: st
     the same frames as always trying zstd there."""
     if target.size < ANS_MIN_BYTES:
         return encode_chunk(target, pred, itemsize, "ulp", layout, level)
-    frame = ans_frame(target, pred, itemsize, dtype)
+    frame = ans_frame(target, pred, itemsize, dtype, grid)
     if target.size < ANS_TRY_ZSTD_BYTES or len(frame) * ANS_TRY_ZSTD_RATIO < target.size:
         z = encode_chunk(target, pred, itemsize, "ulp", layout, level)
         if len(z) <= len(frame):
@@ -260,10 +265,21 @@ def _nobase_or_zstd(target: np.ndarray, itemsize: int, level: int, dtype: str) -
     return a if len(a) < len(z) else z
 
 
-def ans_frame(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | None) -> bytes:
-    """The smaller of the dense ANS frame and, for chunks with at most 1/sparse.MAX_FRACTION of
-    their elements changed, the sparse one (gaps + changed deltas, docs/format.md §3c): measured
-    per chunk, so near-identical chunks pay ~their entropy and the rest are unaffected."""
+def ans_frame(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | None,
+              grid: tuple[int, int] | None = None) -> bytes:
+    """The smallest of the dense ANS frame, for chunks with at most 1/sparse.MAX_FRACTION of
+    their elements changed the sparse one (gaps + changed deltas, docs/format.md §3c), and with a
+    ``grid`` (16-bit floats) the low-rank frame around either (§3e): measured per chunk, so each
+    chunk pays about its entropy under the model that suits it and the rest are unaffected."""
+    frame = _plain_ans_frame(target, pred, itemsize, dtype)
+    if grid is None or itemsize != 2 or dtype not in lowrank.DTYPE_CODES or os.environ.get("ORCA_DIFF_LOWRANK") == "0":
+        return frame
+    lr = lowrank.encode(target.view(np.uint16), pred.view(np.uint16), dtype, grid[0], grid[1],
+                        lambda t, p: _plain_ans_frame(t.view(np.uint8), p.view(np.uint8), itemsize, dtype))
+    return lr if lr is not None and len(lr) < len(frame) else frame
+
+
+def _plain_ans_frame(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | None) -> bytes:
     if sparse.changed_count(target, pred, itemsize) * sparse.MAX_FRACTION <= target.size // itemsize:
         dense = entropy.encode(target, pred, itemsize, dtype)
         s = sparse.encode(target, pred, itemsize, dtype)
@@ -281,16 +297,12 @@ def decode_chunk(payload: bytes | memoryview | np.ndarray, base: np.ndarray | No
                                "the manifest is corrupt")
     _check_codec(codec, transform, itemsize)
     if codec == "ans" and bytes(memoryview(payload)[:4]) != ZSTD_MAGIC:
-        dense = entropy.is_frame(payload)
-        if not dense and not sparse.is_frame(payload):
-            raise CorruptDiffError(f"{where}: payload is neither an ANS (dense or sparse) nor a zstd frame; the diff "
-                                   "is corrupt (download it again), or made by a newer orca-diff (pip install -U "
-                                   "orca-diff)")
         if base is None or base.size != size:
             raise ValueError("an ANS chunk needs the base prediction of its size")
-        if dense:
-            return entropy.decode(payload, base, itemsize, size, where)
-        return sparse.decode(payload, base, itemsize, size, where)
+        if lowrank.is_frame(payload):
+            return lowrank.decode(payload, base.view(np.uint16) if itemsize == 2 else base, itemsize, size, where,
+                                  lambda body, pred: _decode_plain_ans(body, pred.view(np.uint8), itemsize, size, where))
+        return _decode_plain_ans(payload, base, itemsize, size, where)
     if transform == "raw" and layout == "planes" and itemsize in (2, 4, 8) and nobase.is_frame(payload):
         return nobase.decode(payload, itemsize, size, where)
     lo, hi = layout_size_range(layout, size, itemsize)
@@ -311,6 +323,17 @@ def decode_chunk(payload: bytes | memoryview | np.ndarray, base: np.ndarray | No
     elif layout == "escape":
         sym = _escape_join(sym, itemsize, size // itemsize, where)
     return inverse(sym, base, itemsize, transform)
+
+
+def _decode_plain_ans(payload: bytes | memoryview | np.ndarray, pred: np.ndarray, itemsize: int, size: int,
+                      where: str) -> np.ndarray:
+    """A dense or sparse ANS frame (the body of a low-rank frame is one of these, never another)."""
+    if entropy.is_frame(payload):
+        return entropy.decode(payload, pred, itemsize, size, where)
+    if sparse.is_frame(payload):
+        return sparse.decode(payload, pred, itemsize, size, where)
+    raise CorruptDiffError(f"{where}: payload is neither an ANS (dense, sparse or low-rank) nor a zstd frame; the diff "
+                           "is corrupt (download it again), or made by a newer orca-diff (pip install -U orca-diff)")
 
 
 def _layout_sizes(target: np.ndarray, base: np.ndarray | None, itemsize: int, transform: str,

@@ -15,7 +15,7 @@ from typing import Protocol
 SHA256 = "sha256"
 BLAKE3 = "blake3"
 #: The algorithm of tensor digests, chunk digests and fingerprints in each format version.
-TENSOR_DIGEST_OF_VERSION: dict[int, str] = {1: SHA256, 2: BLAKE3, 3: BLAKE3}
+TENSOR_DIGEST_OF_VERSION: dict[int, str] = {1: SHA256, 2: BLAKE3, 3: BLAKE3, 4: BLAKE3}
 
 
 class Hasher(Protocol):

@@ -29,10 +29,13 @@ from .containers import DTYPE_SIZES, MAX_HEADER_BYTES, FLOAT_DTYPES, DuplicateKe
 MANIFEST_NAME = "orca-diff.json"
 FORMAT_NAME = "orca-diff"
 FORMAT_VERSION = 3
+#: The version of a diff holding low-rank frames (§3e); make writes FORMAT_VERSION otherwise, so
+#: that 0.3 readers keep applying every diff that does not need the newer reader.
+LOW_RANK_VERSION = 4
 #: Versions this reader understands (version 1 and 2 diffs keep applying). Version 3 added the
-#: sparse and no-base frames, the sampled base digests and inline signature files: a 0.2 reader
-#: would call such a diff corrupt, so it is told to upgrade instead.
-READABLE_VERSIONS = (1, 2, 3)
+#: sparse and no-base frames, the sampled base digests and inline signature files; version 4 the
+#: low-rank frames: an older reader would call such a diff corrupt, so it is told to upgrade.
+READABLE_VERSIONS = (1, 2, 3, 4)
 #: Manifests larger than this are refused before parsing (a 405B model's is a few MB).
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_INT = 2**62

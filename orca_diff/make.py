@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from . import __version__
+from . import __version__, lowrank
 from .basecheck import SampledHasher
 from .codec import DEFAULT_LEVEL, base_prediction, choose_encoding, encode_chunk
 from .digests import TENSOR_DIGEST_OF_VERSION, Hasher, digest_bytes, new_hasher
@@ -33,7 +33,7 @@ from .errors import (BaseMismatchError, FormatError, InputChangedError, InputNot
                      OrcaDiffError, UsageError)
 from .fingerprint import base_fingerprint
 from .format import (
-    FORMAT_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
+    FORMAT_VERSION, LOW_RANK_VERSION, MANIFEST_NAME, MAX_CHUNK_BYTES, MAX_INLINE_BYTES, BaseFile, BaseIdentity, BaseTensor, Chunk, Encoding, FileEntry, Manifest, PayloadFile,
     Segment, TensorEntry,
 )
 from .outdir import OutputSession, create_staging, describe_os_error, fsync_path, output_session, remove_path
@@ -609,13 +609,19 @@ def _make_body(base: ModelReader, target: ModelReader, folder: Path, base_name: 
             b_start = job.start // info.itemsize * b_info.itemsize
             b_raw = read_range(base, b_info.name, b_start, job.size // info.itemsize * b_info.itemsize)
             pred = base_prediction(b_raw, b_info.dtype, info.dtype)
-            payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.layout, level, enc.codec, info.dtype)
+            cols = info.shape[-1] if len(info.shape) >= 2 else 0
+            grid = (cols, job.start // info.itemsize % cols) if cols else None
+            payload = encode_chunk(raw, pred, info.itemsize, enc.transform, enc.layout, level, enc.codec, info.dtype,
+                                   grid)
+            if lowrank.is_frame(payload):
+                low_rank_chunks.append(job.name)  # the diff needs a version-4 reader
         else:
             # float rows nothing predicts: the no-base ANS frame where it is smaller (codec.encode_chunk)
             payload = encode_chunk(raw, None, info.itemsize, "raw", "planes", level, dtype=info.dtype)
         return job, payload, digest_bytes(payload, algo), raw, b_raw
 
     writer = _PayloadWriter(folder, payload_file_bytes)
+    low_rank_chunks: list[str] = []
     chunks: dict[str, list[Chunk]] = {}
     tensor_hash: dict[str, Hasher] = {n: new_hasher(algo) for n in target.tensors}
     file_hash: dict[str, "hashlib._Hash"] = {}
@@ -691,8 +697,11 @@ def _make_body(base: ModelReader, target: ModelReader, folder: Path, base_name: 
                            else record_base_weight_files(base, base_files_known, threads))
     target_fp = base_fingerprint({n: (t.dtype, t.shape, t.digest) for n, t in tensors.items()})
     dropped = sorted(set(base.tensors) - set(target.tensors))
+    # a diff without low-rank frames stays version 3, so that every 0.3 reader applies it
+    version = LOW_RANK_VERSION if low_rank_chunks else FORMAT_VERSION
     return Manifest(tool=f"orca-diff {__version__}", chunk_bytes=chunk_bytes, base=base_id,
-                    target_fingerprint=target_fp, files=files, tensors=tensors, dropped=dropped, payloads=payloads)
+                    target_fingerprint=target_fp, files=files, tensors=tensors, dropped=dropped, payloads=payloads,
+                    format_version=version)
 
 
 __all__ = ["make_diff", "plan_encoding", "plan_all", "CHUNK_BYTES"]

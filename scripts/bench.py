@@ -385,14 +385,14 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
     the best of 3 per chunk (numpy: 1), encodes a single run."""
     import zstandard
 
-    from orca_diff import entropy
+    from orca_diff import entropy, lowrank
     from orca_diff.codec import choose_layout, decode_chunk, encode_chunk, from_planes, to_planes
 
     base, target = open_model(base_dir), open_model(target_dir)
     l3 = zstandard.ZstdCompressor(level=3)
     dctx = zstandard.ZstdDecompressor()
     acc = {k: [0, 0.0, 0.0, 0] for k in ("ans", "ans-numpy", "zstd-v1", "bitx")}  # bytes, enc s, dec s, raw
-    ans_chunks = [0, 0, 0]  # dense ANS frames, zstd fallback frames, sparse ANS frames
+    ans_chunks = [0, 0, 0, 0]  # dense ANS frames, zstd fallback frames, sparse ANS frames, low-rank frames
 
     def timed(label: str, raw: int, enc, dec) -> None:
         t0 = time.process_time()
@@ -427,10 +427,12 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
                 if layout is None:
                     layout = choose_layout(t[: 256 << 10], b[: 256 << 10], w, "ulp")
                 ok = lambda out: b"ok" if out.tobytes() == tb else b"bad"  # noqa: E731
-                timed("ans", n, lambda: encode_chunk(t, b, w, "ulp", layout, codec="ans", dtype=ti.dtype),
+                grid = (ti.shape[-1], s // w % ti.shape[-1]) if len(ti.shape) >= 2 and ti.shape[-1] else None
+                timed("ans", n, lambda: encode_chunk(t, b, w, "ulp", layout, codec="ans", dtype=ti.dtype, grid=grid),
                       lambda z: ok(decode_chunk(z, b, w, "ulp", n, layout, codec="ans")))
-                frame = encode_chunk(t, b, w, "ulp", layout, codec="ans", dtype=ti.dtype)
-                ans_chunks[0 if entropy.is_frame(frame) else 2 if sparse.is_frame(frame) else 1] += 1
+                frame = encode_chunk(t, b, w, "ulp", layout, codec="ans", dtype=ti.dtype, grid=grid)
+                ans_chunks[0 if entropy.is_frame(frame) else 2 if sparse.is_frame(frame)
+                           else 3 if lowrank.is_frame(frame) else 1] += 1
                 if acc["ans-numpy"][3] < numpy_sample_bytes and entropy.is_frame(frame):
                     def enc_np():
                         z = entropy.encode(t, b, w, ti.dtype, pure=True)
@@ -454,7 +456,7 @@ def codec_comparison(base_dir: Path, target_dir: Path, numpy_sample_bytes: int =
         target.close()
     res = {k: {"bytes": v[0], "encode_MBps": v[3] / 1e6 / v[1] if v[1] else None,
                "decode_MBps": v[3] / 1e6 / v[2] if v[2] else None, "raw_bytes": v[3]} for k, v in acc.items()}
-    res["ans_frames"], res["ans_zstd_fallback_frames"], res["ans_sparse_frames"] = ans_chunks
+    res["ans_frames"], res["ans_zstd_fallback_frames"], res["ans_sparse_frames"], res["ans_lowrank_frames"] = ans_chunks
     res["c_extension"] = entropy.c_available()
     res["zipnn"] = zipnn_delta(base_dir, target_dir)
     return res
@@ -650,7 +652,7 @@ def print_codecs(r: dict) -> None:
     floor, cond = r["floor_delta_bytes"], r["cond_exp_delta_bytes"]
     print(f"   delta chunks, single thread ({raw / 1e6:.1f} MB of float tensors with a base; C extension "
           f"{'built' if c['c_extension'] else 'NOT built'}; ans frames {c['ans_frames']} dense, "
-          f"{c.get('ans_sparse_frames', 0)} sparse, zstd fallbacks {c['ans_zstd_fallback_frames']}):")
+          f"{c.get('ans_sparse_frames', 0)} sparse, {c.get('ans_lowrank_frames', 0)} low-rank, zstd fallbacks {c['ans_zstd_fallback_frames']}):")
     print(f"   {'codec':<44} {'% raw':>7} {'x floor':>8} {'x H(s|e)':>9} {'enc MB/s':>9} {'dec MB/s':>9}")
     rows = [("ans (C)", c["ans"]), ("ans (pure numpy; bytes = C's)", c["ans-numpy"]),
             ("zstd, escape/planes layout (format v1)", c["zstd-v1"]), ("BitX-style: xor, byte planes, zstd -3", c["bitx"])]

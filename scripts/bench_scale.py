@@ -28,6 +28,13 @@ writes against the manifest's sha256), outputs after each run::
     python scripts/bench_scale.py --size 1.7 --work /tmp/scale             # 1/8 of it (fewer layers)
     python scripts/bench_scale.py --pair /tmp/smollm2/bf16/base /tmp/smollm2/bf16/target --work /tmp/scale
 
+``--near-identical F`` makes the target the base with ``F`` of its elements (chosen uniformly)
+moved by +-1..2 ulps in value order, everything else identical (issue 23's near-identical
+checkpoint at 7B size; ``scripts/real_pair.py --near-identical`` does the same to a real model),
+diffs it with ``--share-identical-files`` and prints what the whole diff folder weighs::
+
+    python scripts/bench_scale.py --size 13.5 --near-identical 0.001 --states "" --work /tmp/near
+
 Machine load matters (a shared VM): ``uptime`` is printed before and after each pair.
 """
 
@@ -82,11 +89,25 @@ def _header(tensors: list[tuple[str, tuple[int, ...]]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_pair(base: Path, target: Path, shape, shard_bytes: int) -> None:
-    """Write base and target (F16 safetensors shards + index + config/tokenizer files), streaming."""
+def move_some(block: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A copy of F16 bit patterns with ``fraction`` of them (uniformly chosen) moved by +-1 or +-2
+    ulps in value order (a step across zero lands on the other side's values)."""
+    k = np.flatnonzero(rng.random(block.size, dtype=np.float32) < fraction)
+    step = rng.choice(np.array([-2, -1, 1, 2]), k.size)
+    signed = block[k].view(np.int16).astype(np.int64)
+    order = np.where(signed < 0, -(signed & 0x7FFF), signed) + step
+    out = block.copy()
+    out[k] = np.where(order < 0, (-order) | 0x8000, order).astype(np.uint16)
+    return out
+
+
+def write_pair(base: Path, target: Path, shape, shard_bytes: int, near_identical: float | None = None) -> None:
+    """Write base and target (F16 safetensors shards + index + config/tokenizer files), streaming;
+    with ``near_identical`` the target is the base with that fraction of elements moved."""
     from orca_diff.synth import _write_common_files
 
     pool_b, pool_t = _pools()
+    move_rng = np.random.default_rng(2)
     rng = np.random.default_rng(1)
     shapes = list(shape.tensor_shapes().items())
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -115,7 +136,10 @@ def write_pair(base: Path, target: Path, shape, shard_bytes: int) -> None:
                     n = min(left, BLOCK // 2)
                     at = int(rng.integers(0, POOL_ELEMS - n + 1))
                     fb.write(pool_b[at:at + n].tobytes())
-                    ft.write(pool_t[at:at + n].tobytes())
+                    if near_identical is None:
+                        ft.write(pool_t[at:at + n].tobytes())
+                    else:
+                        ft.write(move_some(pool_b[at:at + n], near_identical, move_rng).tobytes())
                     left -= n
     for folder in (base, target):
         (folder / "model.safetensors.index.json").write_text(json.dumps(
@@ -147,7 +171,7 @@ def _child(argv: list[str]) -> None:
     elif op == "make":
         from orca_diff.make import make_diff
 
-        make_diff(argv[1], argv[2], argv[3], progress=False)
+        make_diff(argv[1], argv[2], argv[3], progress=False, share_identical_files=argv[4:5] == ["share"])
     elif op == "floor":  # read the inputs once, write `sizes` bytes, fsync each file
         inputs, out, sizes = argv[1].split(os.pathsep), Path(argv[2]), json.loads(argv[3])
         buf = bytearray(BLOCK)
@@ -220,6 +244,20 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def print_folder_sizes(diff: Path) -> None:
+    """Every file of the diff folder as a % of the model's weight bytes (the whole-diff figure)."""
+    from orca_diff.format import load_manifest
+
+    m = load_manifest(diff)
+    weights = sum(f.size for f in m.files if f.path.endswith(".safetensors"))
+    files = sorted(p for p in diff.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    for p in files:
+        print(f"  {p.name:28s} {p.stat().st_size:>14,d} B  {100 * p.stat().st_size / weights:8.4f} %")
+    print(f"  {'whole diff folder':28s} {total:>14,d} B  {100 * total / weights:8.4f} % of {weights:,d} B of weights",
+          flush=True)
+
+
 def uptime() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
 
@@ -290,6 +328,8 @@ def main() -> None:
     ap.add_argument("--shard-gb", type=float, default=4.0)
     ap.add_argument("--keep", action="store_true", help="keep the generated base and diff")
     ap.add_argument("--stop-at", help="UTC HH:MM after which no timed run starts (a shared machine's deadline)")
+    ap.add_argument("--near-identical", type=float, metavar="F",
+                    help="target = the base with F of its elements moved 1-2 ulps (synthetic pair only)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     print(f"load before: {uptime()}", flush=True)
@@ -301,16 +341,21 @@ def main() -> None:
         shape = shape_of_size(a.size)
         base, target = a.work / "base", a.work / "target"
         name = f"7B-shaped F16, {shape.num_hidden_layers} layers"
+        if a.near_identical is not None:
+            name += f", {a.near_identical:.2%} of elements moved"
         if not (base / "config.json").exists() or not (target / "config.json").exists():
             t0 = time.perf_counter()
-            write_pair(base, target, shape, int(a.shard_gb * 1e9))
+            write_pair(base, target, shape, int(a.shard_gb * 1e9), a.near_identical)
             print(f"pair written in {time.perf_counter() - t0:.0f} s ({folder_bytes(base) / 1e9:.2f} GB a side)", flush=True)
         made_here = True
     diff, out = a.work / "diff", a.work / "out"
     if not (diff / "orca-diff.json").exists():
         shutil.rmtree(diff, ignore_errors=True)
-        r = run_child(["make", str(base), str(target), str(diff)], ROOT)
+        r = run_child(["make", str(base), str(target), str(diff), *(["share"] if a.near_identical is not None else [])],
+                      ROOT)
         print(f"make: {r['seconds']:.1f} s, rss {r['rss'] / 2**20:.0f} MiB, diff {folder_bytes(diff) / 1e9:.2f} GB", flush=True)
+    if a.near_identical is not None:
+        print_folder_sizes(diff)
     sizes = {"base": folder_bytes(base), "diff": folder_bytes(diff), "out": folder_bytes(target) if target.exists() else 0}
     if made_here and not a.keep:
         shutil.rmtree(target)  # not needed by apply: it checks every file against the manifest's sha256

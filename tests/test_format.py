@@ -7,7 +7,7 @@ import json
 import pytest
 
 from orca_diff.errors import CorruptDiffError, FormatError
-from orca_diff.format import MANIFEST_NAME, canonical_sha256, load_manifest, parse_manifest, safe_relpath
+from orca_diff.format import MANIFEST_NAME, READABLE_VERSIONS, canonical_sha256, load_manifest, parse_manifest, safe_relpath
 from orca_diff.make import make_diff
 
 
@@ -34,7 +34,7 @@ def test_manifest_round_trips_exactly(diff):
 
 def test_newer_format_version_asks_to_upgrade(diff):
     with pytest.raises(FormatError, match="upgrade orca-diff"):
-        parse_manifest(rewrite(diff, lambda d: d.update(format_version=4)))
+        parse_manifest(rewrite(diff, lambda d: d.update(format_version=max(READABLE_VERSIONS) + 1)))
 
 
 def test_a_flipped_byte_is_reported_as_a_damaged_manifest(diff):

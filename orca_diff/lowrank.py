@@ -1,0 +1,303 @@
+"""Low-rank predicted ANS frames (codec ``"ans"``, docs/format.md §3e).
+
+Why: a real fine-tune's update is not independent noise everywhere. With a large vocabulary most
+rows of the embedding / LM head never see their token in the data; their gradient is the
+probability-weighted mean hidden state, the same direction for every such row, and AdamW turns it
+into a rank-one move (the sign of a rank-one matrix is rank one). On SmolLM2's tied embedding a
+rank-4 prediction of the update codes the residual 25 % smaller than the base alone predicts it.
+Other tensors gain little or nothing, so the frame is chosen per chunk by measured size.
+
+The frame carries, for the rows of a 2-D tensor its chunk touches, two integer factors ``a``
+(rows x r) and ``b`` (r x cols), each int16 with one power-of-two scale, and then a dense or
+sparse ANS frame of the target against the *predicted* bits
+
+    P = round_to_dtype(float32(base) + float32(a @ b * 2^(ea + eb)))
+
+The product is exact in float64 whatever the summation order or FMA use (|a|, |b| < 2^15, r <= 32:
+every partial sum is an integer below 2^35), so every BLAS and every machine computes the same P;
+the remaining steps are single IEEE roundings. Elements whose base is not finite keep the base
+bits. Everything read from the frame is checked before it sizes an allocation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from typing import Callable
+
+import numpy as np
+
+from .bits import ulp_delta
+from .errors import CorruptDiffError
+
+try:  # the optional C extension (setup.py); the numpy code below is the reference
+    from . import _entropy as _c  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _c = None
+
+MAGIC = b"ODR1"
+MAX_RANK = 32
+#: Ranks make tries (the estimate picks one; 0 = the plain frame).
+RANKS = (1, 2, 4, 8, 16)
+#: magic, rank, dtype code, exponent of a, exponent of b, columns, column of the first element, rows.
+_HEAD = struct.Struct("<4sBBbbIII")
+DTYPE_CODES = {"BF16": 0, "F16": 1}
+_DTYPE_OF_CODE = {v: k for k, v in DTYPE_CODES.items()}
+#: Chunks under this many elements, or with fewer rows or columns, are not tried: the factors and
+#: the trials cost more than they can save.
+MIN_ELEMS = 1 << 18
+MIN_SIDE = 16
+#: Elements of the rank-1 gate's estimate, and of each rank's trial estimate (rows spread over
+#: the chunk).
+GATE_ELEMS = 1 << 16
+SAMPLE_ELEMS = 1 << 19
+#: Elements of predicted bits computed at a time (bounds the float64 scratch: 8 bytes each).
+BLOCK_ELEMS = 1 << 20
+#: A rank is kept only if its estimate is below this fraction of the plain frame's.
+MIN_GAIN = 0.99
+
+
+def _use_kernel(pure: bool | None) -> bool:
+    if pure is None:
+        pure = os.environ.get("ORCA_DIFF_PURE_PYTHON", "") not in ("", "0")
+    return not pure and _c is not None and hasattr(_c, "lowrank_predict")
+
+
+def is_frame(payload: bytes | memoryview | np.ndarray) -> bool:
+    return bytes(memoryview(payload)[:4]) == MAGIC
+
+
+def _as_f32(bits: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
+def _finite(bits: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (bits & np.uint16(0x7F80)) != np.uint16(0x7F80)
+    return (bits & np.uint16(0x7C00)) != np.uint16(0x7C00)
+
+
+def _to_bits(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> 16-bit patterns, round to nearest even (finite inputs: NaN never occurs here)."""
+    if dtype == "F16":
+        return x.astype(np.float16).view(np.uint16)
+    u = x.view(np.uint32)
+    return ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+
+
+def predict(pred: np.ndarray, dtype: str, a: np.ndarray, b: np.ndarray, ea: int, eb: int, col0: int,
+            cols: int, block_elems: int = BLOCK_ELEMS, pure: bool | None = None) -> np.ndarray:
+    """The predicted bits of a chunk: ``pred`` (the base's bits in the target dtype, one per
+    element, the first at column ``col0`` of a ``cols``-wide row) moved by ``a @ b * 2^(ea+eb)``,
+    computed ``block_elems`` (rounded to whole rows) at a time: the bits do not depend on it. The
+    C kernel (``orca_diff._entropy``) gives the same bits about 10x faster; ``pure`` (or
+    ORCA_DIFF_PURE_PYTHON=1) forces numpy."""
+    n = pred.size
+    if _use_kernel(pure):
+        out = np.empty(n, dtype=np.uint16)
+        _c.lowrank_predict(out, np.ascontiguousarray(pred, dtype=np.uint16), np.ascontiguousarray(a, dtype="<i2"),
+                           np.ascontiguousarray(b, dtype="<i2"), a.shape[1], ea, eb, col0, cols, DTYPE_CODES[dtype])
+        return out
+    out = pred.copy()
+    af = a.astype(np.float64)
+    bf = b.astype(np.float64)
+    scale = math.ldexp(1.0, ea + eb)
+    step = max(1, block_elems // cols)
+    for i0 in range(0, a.shape[0], step):
+        i1 = min(i0 + step, a.shape[0])
+        m = (af[i0:i1] @ bf).reshape(-1)  # exact: integers below 2^35
+        lo = i0 * cols - col0  # chunk element of the block's first matrix entry
+        s0, s1 = max(lo, 0), min(lo + m.size, n)
+        if s0 >= s1:
+            continue
+        p = pred[s0:s1]
+        with np.errstate(all="ignore"):  # signalling NaNs in the base, overflow to inf: defined bits, no warning
+            v = (m[s0 - lo:s1 - lo] * scale).astype(np.float32)
+            moved = _to_bits(_as_f32(p, dtype) + v, dtype)
+        out[s0:s1] = np.where(_finite(p, dtype), moved, p)
+    return out
+
+
+def _quantize(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """float factor -> (int16 values, exponent e) with x ~ values * 2^e and |values| < 2^15."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if not peak or not math.isfinite(peak):
+        return np.zeros(x.shape, dtype=np.int16), 0
+    e = math.frexp(peak)[1] - 15  # peak < 2^(e + 15)
+    e = min(max(e, -100), 100)
+    q = np.clip(np.rint(np.ldexp(x.astype(np.float64), -e)), -32767, 32767).astype(np.int16)
+    return q, e
+
+
+def _updates(target: np.ndarray, pred: np.ndarray, dtype: str) -> np.ndarray:
+    """target - base in float32, 0 where either side is not finite."""
+    d = _as_f32(target, dtype) - _as_f32(pred, dtype)
+    if not np.isfinite(d).all():
+        d[~np.isfinite(d)] = 0
+    return d
+
+
+def _row_elements(rows: np.ndarray, cols: int, col0: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(chunk element of every entry of ``rows`` x cols, whether it is inside the chunk)."""
+    idx = (rows[:, None] * cols + np.arange(cols)[None, :]).ravel() - col0
+    inside = (idx >= 0) & (idx < n)
+    return np.where(inside, idx, 0), inside
+
+
+def _matrix(target: np.ndarray, pred: np.ndarray, dtype: str, rows: np.ndarray, cols: int, col0: int) -> np.ndarray:
+    """The updates of the given rows as a (len(rows), cols) matrix, zero outside the chunk."""
+    idx, inside = _row_elements(rows, cols, col0, target.size)
+    d = np.zeros(idx.size, dtype=np.float32)
+    d[inside] = _updates(target[idx[inside]], pred[idx[inside]], dtype)
+    return d.reshape(rows.size, cols)
+
+
+def _right_factor(d: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """The top ``k`` right singular vectors of ``d`` (k x cols, orthonormal rows) by randomised
+    subspace iteration (two power steps, 8 extra directions): a few thin products instead of a
+    full SVD, which took 0.4 s on a 336 x 1536 sample."""
+    y = d @ rng.standard_normal((d.shape[1], min(k + 8, d.shape[1])), dtype=np.float32)
+    for _ in range(2):
+        y = d @ (d.T @ np.linalg.qr(y)[0])
+    q = np.linalg.qr(y)[0]
+    return np.linalg.svd(q.T @ d, full_matrices=False)[2][:k].astype(np.float32)
+
+
+def _left_factor(target: np.ndarray, pred: np.ndarray, dtype: str, v: np.ndarray, col0: int, cols: int) -> np.ndarray:
+    """Every row's update projected on the right factor ``v`` (r x cols, orthonormal rows):
+    (rows x r), computed BLOCK_ELEMS at a time so that make's memory does not grow with the chunk."""
+    n = target.size
+    rows = -(-(col0 + n) // cols)
+    out = np.empty((rows, v.shape[0]), dtype=np.float32)
+    step = max(1, BLOCK_ELEMS // cols)
+    for i0 in range(0, rows, step):
+        i1 = min(i0 + step, rows)
+        lo = i0 * cols - col0  # chunk element of the block's first entry
+        s0, s1 = max(lo, 0), min(lo + (i1 - i0) * cols, n)
+        d = np.zeros((i1 - i0) * cols, dtype=np.float32)
+        d[s0 - lo:s1 - lo] = _updates(target[s0:s1], pred[s0:s1], dtype)
+        out[i0:i1] = d.reshape(i1 - i0, cols) @ v.T
+    return out
+
+
+def _estimate_bits(target: np.ndarray, pred: np.ndarray, dtype: str) -> float:
+    """Plug-in code length (bits) of the tokens under the base-exponent context, plus raw bits:
+    what the dense frame spends up to tables and slack, used to rank the candidates."""
+    from .entropy import tokenize  # noqa: PLC0415 - entropy imports this module's caller
+
+    tok, nb, _ = tokenize(ulp_delta(target, pred))
+    shift = 7 if dtype == "BF16" else 10
+    e = ((pred >> np.uint16(shift)) & np.uint16(0xFF if dtype == "BF16" else 0x1F)).astype(np.int64)
+    c = np.bincount(e * 64 + tok, minlength=256 * 64).reshape(256, 64).astype(np.float64)
+    tot = c.sum(axis=1, keepdims=True)
+    p = np.where(c > 0, c / np.maximum(tot, 1.0), 1.0)
+    return float(-(c * np.log2(p)).sum()) + float(nb.sum())
+
+
+def _sample_rows(rows: int, want: int) -> np.ndarray:
+    """About ``want`` rows (at least MIN_SIDE) in 16 evenly spread runs (fine-tunes move rows
+    unevenly: the vocabulary rows of frequent tokens come first)."""
+    want = max(want, MIN_SIDE)
+    if rows <= want:
+        return np.arange(rows)
+    run = max(1, want // 16)
+    starts = np.linspace(0, rows - run, 16).astype(np.int64)
+    return np.unique((starts[:, None] + np.arange(run)[None, :]).ravel())
+
+
+def _moved(pred: np.ndarray, dtype: str, m: np.ndarray, e: int) -> np.ndarray:
+    """pred moved by the exact integer products ``m`` (float64) times 2^e (the rule of predict)."""
+    with np.errstate(all="ignore"):
+        v = (m * math.ldexp(1.0, e)).astype(np.float32)
+        return np.where(_finite(pred, dtype), _to_bits(_as_f32(pred, dtype) + v, dtype), pred)
+
+
+def _best_rank(target: np.ndarray, pred: np.ndarray, dtype: str, rows: int, cols: int, col0: int,
+               sample_elems: int, ranks: tuple[int, ...]) -> tuple[int, np.ndarray]:
+    """(the rank of ``ranks`` whose estimate on a row sample of about ``sample_elems`` elements,
+    scaled to the chunk and with the whole chunk's factors counted, is lowest and below
+    MIN_GAIN x the plain frame's, or 0; the right factor). The estimates fall, then rise, with
+    the rank: the first rise stops the search."""
+    n = target.size
+    sample = _sample_rows(rows, sample_elems // cols)
+    ds = _matrix(target, pred, dtype, sample, cols, col0)
+    k = min(max(ranks), *ds.shape)
+    if not ds.any():
+        return 0, np.zeros((0, cols), np.float32)
+    v = _right_factor(ds, k, np.random.default_rng(0))
+    a_s = ds @ v.T
+    idx, inside = _row_elements(sample, cols, col0, n)
+    t_s, p_s = target[idx[inside]], pred[idx[inside]]
+    scale = n / max(int(inside.sum()), 1)
+    best_bits, best = _estimate_bits(t_s, p_s, dtype) * scale * MIN_GAIN, 0
+    for r in ranks:
+        if r > k:
+            break
+        a, ea = _quantize(a_s[:, :r])
+        b, eb = _quantize(v[:r])
+        m = (a.astype(np.float64) @ b.astype(np.float64)).ravel()[inside]
+        bits = _estimate_bits(t_s, _moved(p_s, dtype, m, ea + eb), dtype) * scale + 16 * r * (rows + cols)
+        if bits < best_bits:
+            best_bits, best = bits, r
+        elif r >= 2:
+            break
+    return best, v
+
+
+def encode(target: np.ndarray, pred: np.ndarray, dtype: str, cols: int, col0: int,
+           inner: Callable[[np.ndarray, np.ndarray], bytes]) -> bytes | None:
+    """The low-rank frame of one chunk (16-bit elements as uint16), or None when no rank is
+    estimated to pay (the caller measures a frame it gets against the plain one all the same).
+
+    A gate first: rank 1 on a sample of GATE_ELEMS elements (a few ms; most tensors stop here).
+    Then the right factor from a sample of rows (SAMPLE_ELEMS elements), each rank scored on that
+    sample, and only the winner computed for the whole chunk (its left factor: every row's update
+    projected on the right factor)."""
+    n = target.size
+    rows = -(-(col0 + n) // cols) if cols > 0 else 0
+    if dtype not in DTYPE_CODES or n < MIN_ELEMS or cols < MIN_SIDE or rows < MIN_SIDE or cols >= 1 << 32:
+        return None
+    if not _best_rank(target, pred, dtype, rows, cols, col0, GATE_ELEMS, (1,))[0]:
+        return None
+    r, v = _best_rank(target, pred, dtype, rows, cols, col0, SAMPLE_ELEMS, RANKS)
+    if not r:
+        return None
+    b, eb = _quantize(v[:r])
+    a, ea = _quantize(_left_factor(target, pred, dtype, v[:r], col0, cols))
+    moved = predict(pred, dtype, a, b, ea, eb, col0, cols)
+    head = _HEAD.pack(MAGIC, r, DTYPE_CODES[dtype], ea, eb, cols, col0, rows)
+    return head + a.astype("<i2").tobytes() + b.astype("<i2").tobytes() + inner(target, moved)
+
+
+def decode(payload: bytes | memoryview | np.ndarray, pred: np.ndarray, itemsize: int, size: int, where: str,
+           inner: Callable[[memoryview, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Inverse of :func:`encode`: the chunk's ``size`` target bytes (uint8) from the frame and the
+    base's bits in the target dtype; ``inner`` decodes the ANS frame that follows the factors."""
+    buf = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.reshape(-1))
+    if len(buf) < _HEAD.size:
+        raise CorruptDiffError(f"{where}: low-rank frame truncated; the diff is corrupt, download it again")
+    magic, r, code, ea, eb, cols, col0, rows = _HEAD.unpack_from(buf, 0)
+    n = size // itemsize
+    if (magic != MAGIC or itemsize != 2 or size % 2 or code not in _DTYPE_OF_CODE or not 1 <= r <= MAX_RANK
+            or not 1 <= cols or col0 >= cols or rows != -(-(col0 + n) // cols)
+            or not -100 <= ea <= 100 or not -100 <= eb <= 100):
+        raise CorruptDiffError(f"{where}: low-rank frame header is invalid for a chunk of {n} 16-bit elements; "
+                               "the diff is corrupt, download it again")
+    factors = 2 * r * (rows + cols)
+    if len(buf) < _HEAD.size + factors:
+        raise CorruptDiffError(f"{where}: low-rank frame truncated (its factors need {factors} bytes); "
+                               "the diff is corrupt, download it again")
+    if pred.size != n:
+        raise ValueError("a low-rank chunk needs the base prediction of its size")
+    at = _HEAD.size
+    a = np.frombuffer(buf[at:at + 2 * r * rows], dtype="<i2").reshape(rows, r)
+    b = np.frombuffer(buf[at + 2 * r * rows:at + factors], dtype="<i2").reshape(r, cols)
+    body = buf[at + factors:]
+    moved = predict(pred.view(np.uint16), _DTYPE_OF_CODE[code], a, b, ea, eb, col0, cols)
+    return inner(body, moved)
+
+
+__all__ = ["MAGIC", "MAX_RANK", "RANKS", "is_frame", "predict", "encode", "decode"]
