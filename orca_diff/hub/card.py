@@ -71,6 +71,11 @@ def _human(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _reader_note(manifest: Manifest) -> str:
+    """What a format version needs of the reader (version 4: the low-rank frames of orca-diff 0.4)."""
+    return " (needs orca-diff 0.4 or newer)" if manifest.format_version >= 4 else ""
+
+
 def render_card(manifest: Manifest, *, repo_id: str | None = None, license: str | None = None) -> str:
     """README.md text for a diff. ``repo_id``: where it is (being) published, used in the commands;
     ``license``: the card's license (default: the catalog's license of the base, else "other")."""
@@ -123,7 +128,7 @@ weights you can run.** It is an orca-diff diff that turns
 | base fingerprint | `{manifest.base.fingerprint}` |
 | rebuilt model | {len(manifest.files)} files, {_human(manifest.target_bytes)} |
 | model digest | `{digest}` (OpenSSF model-signing root digest over every file; `orca-diff fingerprint --model DIR` recomputes it) |
-| this diff | {len(manifest.payloads)} payload file{'' if len(manifest.payloads) == 1 else 's'}, {_human(manifest.payload_bytes)} |
+| this diff | {len(manifest.payloads)} payload file{'' if len(manifest.payloads) == 1 else 's'}, {_human(manifest.payload_bytes)}, format version {manifest.format_version}{_reader_note(manifest)} |
 
 ## Rebuild the model (one command)
 
