@@ -298,3 +298,22 @@ def test_a_version_3_reader_is_told_to_upgrade(pair, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
     monkeypatch.undo()
     assert load_manifest(tmp_path / "diff").format_version == LOW_RANK_VERSION
+
+
+def test_make_stays_deterministic_with_low_rank_frames(pair, tmp_path):
+    base, target = pair
+    make_diff(base, target, tmp_path / "d1", threads=1, progress=False)
+    make_diff(base, target, tmp_path / "d2", threads=2, progress=False)
+    assert load_manifest(tmp_path / "d1").format_version == LOW_RANK_VERSION
+    assert file_hashes(tmp_path / "d1") == file_hashes(tmp_path / "d2")
+
+
+def test_the_gain_script_measures_what_make_writes(pair):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "lowrank_gain.py"
+    spec = importlib.util.spec_from_file_location("lowrank_gain", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    plain, lr, chunks, lr_chunks, raw = mod.measure(*pair)["embed_tokens"]
+    assert lr_chunks == chunks == 1 and lr < 0.8 * plain and raw == SHAPE.vocab_size * SHAPE.hidden_size * 2
