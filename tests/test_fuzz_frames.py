@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of the ANS frame parsers (issue 20.8): atheris mutates real frames
-(dense bf16 and f32 frames of dense and sparse changes, bare headers, sparse ``ODS1`` and
-no-base ``ODN1`` frames)
+(dense bf16 and f32 frames of dense and sparse changes, bare headers, sparse ``ODS1``, no-base
+``ODN1`` and low-rank ``ODR1`` frames)
 and feeds them to ``codec.decode_chunk`` (codec ans: dense, sparse or zstd fallback) on the
 numpy path and, where it is built, the C path. Any exception other than CorruptDiffError, or the two
 paths disagreeing, is a crash that fails the test.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orca_diff import entropy, nobase, sparse
+from orca_diff import entropy, lowrank, nobase, sparse
 
 REPO = Path(__file__).resolve().parent.parent
 N = 3000  # elements of every seed frame (the harness decodes every input as N elements)
@@ -35,7 +35,7 @@ HARNESS = textwrap.dedent(f"""
     import atheris
     with atheris.instrument_imports():
         import numpy as np
-        from orca_diff import entropy, nobase, sparse
+        from orca_diff import entropy, lowrank, nobase, sparse
         from orca_diff.codec import decode_chunk
         from orca_diff.errors import CorruptDiffError
 
@@ -80,6 +80,16 @@ def _seeds(folder: Path) -> None:
         (folder / f"{dtype}-nobase-frame").write_bytes(nobase.encode(dense.view(np.uint8), dtype))
         (folder / f"{dtype}-sparse-frame").write_bytes(sparse.encode(sparse_t.view(np.uint8), base.view(np.uint8),
                                                                       w, dtype))
+        if w == 2:  # a low-rank frame around a dense one: 60 rows of 50, rank 2
+            cols, r = 50, 2
+            a = rng.integers(-300, 300, (N // cols, r)).astype(np.int16)
+            b = rng.integers(-300, 300, (r, cols)).astype(np.int16)
+            moved = lowrank.predict(base, dtype, a, b, -10, -10, 0, cols)
+            near = moved.copy()
+            near[rng.integers(0, N, 30)] += 1  # a sparse inner frame keeps the seed under -max_len
+            inner = sparse.encode(near.view(np.uint8), moved.view(np.uint8), w, dtype)
+            (folder / f"{dtype}-lowrank-frame").write_bytes(
+                lowrank._HEAD.pack(lowrank.MAGIC, r, 0, -10, -10, cols, 0, N // cols) + a.tobytes() + b.tobytes() + inner)
 
 
 def _cov(stderr: str, event: str) -> int:
