@@ -408,7 +408,8 @@ def memory_plan(manifest: Manifest, threads: int, budget: int = MEMORY_BUDGET) -
 
     A chunk in flight holds its compressed bytes, the base bytes it predicts from (up to 8x the
     chunk for an F64 base of a 1-byte target), the prediction and the decoded bytes (and about
-    as much again inside the decoder). Chunks over MAX_APPLY_CHUNK_BYTES are refused.
+    as much again inside the decoder: a low-rank frame's moved prediction, the tokens). Chunks
+    over MAX_APPLY_CHUNK_BYTES are refused.
 
     The coder in use counts too (issue 20.5): the pure-numpy ``ans`` decoder needs, per decoding
     thread, ``entropy.NUMPY_DECODE_SCRATCH`` bytes beyond a token byte per element (which the 4x

@@ -767,7 +767,8 @@ def main() -> None:
              "rel_change_median": float(np.median(fl.rel_changes)) if fl.rel_changes else None}
         work = args.work / "run-codecs"
         work.mkdir(parents=True, exist_ok=True)
-        r["patch_from_bytes"] = patch_from_bytes(b, t, work) if args.compare_sizes != "" else None
+        r["patch_from_bytes"] = (patch_from_bytes(b, t, work) if args.compare_sizes != "" and not args.no_patch_from_19
+                                 else None)
         print(f"== {label}: {b} -> {t}; {100 * r['changed_fraction']:.1f} % of elements changed, median relative "
               f"L2 change {r['rel_change_median']:.2e}")
         print_codecs(r)
