@@ -541,6 +541,32 @@ def _decode_numpy(pred_u: np.ndarray, shift: int, ebits: int, lut: np.ndarray, p
 # --------------------------------------------------------------------------- frames
 
 
+def _context_counts(t_u: np.ndarray, p_u: np.ndarray, itemsize: int, shift: int, ebits: int, lanes: int,
+                    use_c: bool) -> tuple[np.ndarray, int, np.ndarray | None, bytes | None]:
+    """(token counts per finest context (bucket * 2 + flag, A) as int64, the exponent window's
+    start, and with the C coder its tokens and raw-bit stream, else None twice): the C pass and
+    the numpy histogram give the same counts."""
+    if use_c:  # one pass: tokens (kept for the coder), raw bits, window, counts per bucket
+        tok = np.empty(t_u.size, dtype=np.uint8)
+        counts_raw, lo, raw = _c.analyze(t_u, p_u, itemsize, shift, ebits, lanes, tok)
+        return np.frombuffer(counts_raw, dtype=np.uint32).reshape(2 * MAX_BUCKETS, -1).astype(np.int64), lo, tok, raw
+    hist = _histogram(t_u, p_u, shift, ebits, lanes)
+    lo = exponent_window(hist.sum(axis=(1, 2), dtype=np.int64))
+    return _bucket_counts(hist, lo), lo, None, None
+
+
+def estimated_bits(target_u: np.ndarray, pred_u: np.ndarray, dtype: str, pure: bool | None = None) -> float:
+    """The plug-in code length in bits of a dense frame's tokens under its finest context (one
+    lane), plus its raw bits: what the frame spends up to tables and slack. Both coders count
+    alike, so a choice made on it is the same in both builds (orca_diff.lowrank ranks with it)."""
+    itemsize = target_u.dtype.itemsize
+    shift, ebits = EXPONENT_FIELD.get(dtype, _DEFAULT_FIELD[itemsize])
+    counts = _context_counts(np.ascontiguousarray(target_u), np.ascontiguousarray(pred_u), itemsize, shift, ebits, 1,
+                             _use_c(pure))[0]
+    nb = token_base(itemsize)[1].astype(np.int64)
+    return float(_entropy_bits_rows(counts).sum()) + float((counts.sum(axis=0) * nb[: counts.shape[1]]).sum())
+
+
 def encode(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | None = None,
            pure: bool | None = None) -> bytes:
     """One ANS frame for the ulp delta of ``target`` given ``pred`` (uint8 arrays of equal length,
@@ -555,14 +581,7 @@ def encode(target: np.ndarray, pred: np.ndarray, itemsize: int, dtype: str | Non
         raise ValueError("an ANS frame holds 1 to 2^31 - 1 elements")
     shift, ebits = EXPONENT_FIELD.get(dtype or "", _DEFAULT_FIELD[itemsize])
     lanes = lane_count(n)
-    if use_c:  # one pass: tokens (kept for the coder), raw bits, window, counts per bucket
-        tok = np.empty(n, dtype=np.uint8)
-        counts_raw, lo, raw = _c.analyze(t_u, p_u, itemsize, shift, ebits, lanes, tok)
-        counts = np.frombuffer(counts_raw, dtype=np.uint32).reshape(2 * MAX_BUCKETS, -1).astype(np.int64)
-    else:
-        hist = _histogram(t_u, p_u, shift, ebits, lanes)
-        lo = exponent_window(hist.sum(axis=(1, 2), dtype=np.int64))
-        counts = _bucket_counts(hist, lo)
+    counts, lo, tok, raw = _context_counts(t_u, p_u, itemsize, shift, ebits, lanes, use_c)
     mshift, prev, freqs, _ = choose_model(counts)
     if use_c:
         f16 = np.zeros((2 * MAX_BUCKETS, 256), dtype=np.uint16)

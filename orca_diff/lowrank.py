@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bits import ulp_delta
+from . import entropy
 from .errors import CorruptDiffError
 
 try:  # the optional C extension (setup.py); the numpy code below is the reference
@@ -107,7 +107,6 @@ def predict(pred: np.ndarray, dtype: str, a: np.ndarray, b: np.ndarray, ea: int,
     out = pred.copy()
     af = a.astype(np.float64)
     bf = b.astype(np.float64)
-    scale = math.ldexp(1.0, ea + eb)
     step = max(1, block_elems // cols)
     for i0 in range(0, a.shape[0], step):
         i1 = min(i0 + step, a.shape[0])
@@ -116,11 +115,7 @@ def predict(pred: np.ndarray, dtype: str, a: np.ndarray, b: np.ndarray, ea: int,
         s0, s1 = max(lo, 0), min(lo + m.size, n)
         if s0 >= s1:
             continue
-        p = pred[s0:s1]
-        with np.errstate(all="ignore"):  # signalling NaNs in the base, overflow to inf: defined bits, no warning
-            v = (m[s0 - lo:s1 - lo] * scale).astype(np.float32)
-            moved = _to_bits(_as_f32(p, dtype) + v, dtype)
-        out[s0:s1] = np.where(_finite(p, dtype), moved, p)
+        out[s0:s1] = _moved(pred[s0:s1], dtype, m[s0 - lo:s1 - lo], ea + eb)
     return out
 
 
@@ -178,32 +173,8 @@ def _left_factor(target: np.ndarray, pred: np.ndarray, dtype: str, v: np.ndarray
     step = max(1, BLOCK_ELEMS // cols)
     for i0 in range(0, rows, step):
         i1 = min(i0 + step, rows)
-        lo = i0 * cols - col0  # chunk element of the block's first entry
-        s0, s1 = max(lo, 0), min(lo + (i1 - i0) * cols, n)
-        d = np.zeros((i1 - i0) * cols, dtype=np.float32)
-        d[s0 - lo:s1 - lo] = _updates(target[s0:s1], pred[s0:s1], dtype)
-        out[i0:i1] = d.reshape(i1 - i0, cols) @ v.T
+        out[i0:i1] = _matrix(target, pred, dtype, np.arange(i0, i1), cols, col0) @ v.T
     return out
-
-
-def _estimate_bits(target: np.ndarray, pred: np.ndarray, dtype: str) -> float:
-    """Plug-in code length (bits) of the tokens under the dense frame's finest context (exponent
-    bucket x previous token was 0), plus the raw bits: what the dense frame spends up to tables
-    and slack, used to rank the candidates. From the token counts of the C coder's ``analyze``
-    pass, or the numpy histogram (the same counts), so both builds choose alike."""
-    from . import entropy  # noqa: PLC0415 - entropy is imported by codec, which imports this module
-
-    t_u, p_u = np.ascontiguousarray(target, dtype=np.uint16), np.ascontiguousarray(pred, dtype=np.uint16)
-    shift, ebits = entropy.EXPONENT_FIELD[dtype]
-    if entropy._use_c(None):
-        tok = np.empty(t_u.size, dtype=np.uint8)
-        counts_raw, _, _ = entropy._c.analyze(t_u, p_u, 2, shift, ebits, 1, tok)
-        counts = np.frombuffer(counts_raw, dtype=np.uint32).reshape(2 * entropy.MAX_BUCKETS, -1).astype(np.int64)
-    else:
-        hist = entropy._histogram(t_u, p_u, shift, ebits, 1)
-        counts = entropy._bucket_counts(hist, entropy.exponent_window(hist.sum(axis=(1, 2), dtype=np.int64)))
-    nb = entropy.token_base(2)[1].astype(np.int64)
-    return float(entropy._entropy_bits_rows(counts).sum()) + float((counts.sum(axis=0) * nb).sum())
 
 
 def _sample_rows(rows: int, want: int) -> np.ndarray:
@@ -218,7 +189,8 @@ def _sample_rows(rows: int, want: int) -> np.ndarray:
 
 
 def _moved(pred: np.ndarray, dtype: str, m: np.ndarray, e: int) -> np.ndarray:
-    """pred moved by the exact integer products ``m`` (float64) times 2^e (the rule of predict)."""
+    """pred moved by the exact integer products ``m`` (float64) times 2^e: the rounding steps of
+    format §3e (signalling NaNs in the base and overflow to inf give defined bits, no warning)."""
     with np.errstate(all="ignore"):
         v = (m * math.ldexp(1.0, e)).astype(np.float32)
         return np.where(_finite(pred, dtype), _to_bits(_as_f32(pred, dtype) + v, dtype), pred)
@@ -241,14 +213,14 @@ def _best_rank(target: np.ndarray, pred: np.ndarray, dtype: str, rows: int, cols
     idx, inside = _row_elements(sample, cols, col0, n)
     t_s, p_s = target[idx[inside]], pred[idx[inside]]
     scale = n / max(int(inside.sum()), 1)
-    best_bits, best = _estimate_bits(t_s, p_s, dtype) * scale * min_gain, 0
+    best_bits, best = entropy.estimated_bits(t_s, p_s, dtype) * scale * min_gain, 0
     for r in ranks:
         if r > k:
             break
         a, ea = _quantize(a_s[:, :r])
         b, eb = _quantize(v[:r])
         m = (a.astype(np.float64) @ b.astype(np.float64)).ravel()[inside]
-        bits = _estimate_bits(t_s, _moved(p_s, dtype, m, ea + eb), dtype) * scale + 16 * r * (rows + cols)
+        bits = entropy.estimated_bits(t_s, _moved(p_s, dtype, m, ea + eb), dtype) * scale + 16 * r * (rows + cols)
         if bits < best_bits:
             best_bits, best = bits, r
         elif r >= 2:
