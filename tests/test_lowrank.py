@@ -317,3 +317,28 @@ def test_the_gain_script_measures_what_make_writes(pair):
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     plain, lr, chunks, lr_chunks, raw = mod.measure(*pair)["embed_tokens"]
     assert lr_chunks == chunks == 1 and lr < 0.8 * plain and raw == SHAPE.vocab_size * SHAPE.hidden_size * 2
+
+
+def test_a_version_4_diff_streams_from_the_hub_with_its_base(pair, tmp_path):
+    """The real client against the test Hub: base and diff fetched, the low-rank chunks decoded
+    from the ranges the stream delivers, every file identical."""
+    from hubserver import FakeHub
+    from test_hub import Runner, assert_same_files
+
+    base, target = pair
+    hub = FakeHub().start()
+    try:
+        base_sha = hub.add_folder("lr-org/base", base)
+        diff = tmp_path / "diff"
+        m = make_diff(base, target, diff, base_name="lr-base", base_repo="lr-org/base", base_revision=base_sha,
+                      progress=False)
+        assert m.format_version == LOW_RANK_VERSION
+        hub.add_folder("lr-org/diff", diff)
+        catalog = tmp_path / "catalog.json"
+        catalog.write_text('{"bases": {}, "diffs": {}}')
+        run = Runner({"hub": hub, "catalog": catalog}, tmp_path)
+        r = run("apply", "--diff", "lr-org/diff", "--out", str(tmp_path / "out"), "-q")
+        assert r.returncode == 0, r.stderr
+        assert_same_files(tmp_path / "out", target)
+    finally:
+        hub.stop()
