@@ -1475,8 +1475,8 @@ static inline uint32_t lr_from_f16(uint16_t h) {
 
 /* lowrank_predict(out, pred, a, b, r, ea, eb, col0, cols, code): out = the predicted bits of a
  * chunk (uint16; code 0 BF16, 1 F16): element i at row y = (col0 + i) / cols, column x: m = sum_k
- * a[y][k] b[k][x] (int16 factors; summed in double, exact: every partial sum is an integer below
- * 2^35), v = (float)(m * 2^(ea + eb)), q = float(pred) + v, rounded to the dtype; elements whose
+ * a[y][k] b[k][x] (int16 factors; summed in double, exact: every partial sum is an integer within
+ * +-2^35), v = (float)(m * 2^(ea + eb)), q = float(pred) + v, rounded to the dtype; elements whose
  * pred is not finite keep it. The bits of lowrank.predict. */
 static PyObject *py_lowrank_predict(PyObject *self, PyObject *args) {
     Py_buffer o, p, ab, bb;

@@ -13,8 +13,8 @@ sparse ANS frame of the target against the *predicted* bits
 
     P = round_to_dtype(float32(base) + float32(a @ b * 2^(ea + eb)))
 
-The product is exact in float64 whatever the summation order or FMA use (|a|, |b| < 2^15, r <= 32:
-every partial sum is an integer below 2^35), so every BLAS and every machine computes the same P;
+The product is exact in float64 whatever the summation order or FMA use (|a|, |b| <= 2^15, r <= 32:
+every partial sum is an integer within +-2^35), so every BLAS and every machine computes the same P;
 the remaining steps are single IEEE roundings. Elements whose base is not finite keep the base
 bits. Everything read from the frame is checked before it sizes an allocation.
 """
@@ -110,7 +110,7 @@ def predict(pred: np.ndarray, dtype: str, a: np.ndarray, b: np.ndarray, ea: int,
     step = max(1, block_elems // cols)
     for i0 in range(0, a.shape[0], step):
         i1 = min(i0 + step, a.shape[0])
-        m = (af[i0:i1] @ bf).reshape(-1)  # exact: integers below 2^35
+        m = (af[i0:i1] @ bf).reshape(-1)  # exact: integers within +-2^35
         lo = i0 * cols - col0  # chunk element of the block's first matrix entry
         s0, s1 = max(lo, 0), min(lo + m.size, n)
         if s0 >= s1:
