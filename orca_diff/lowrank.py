@@ -48,6 +48,9 @@ _DTYPE_OF_CODE = {v: k for k, v in DTYPE_CODES.items()}
 #: the trials cost more than they can save.
 MIN_ELEMS = 1 << 18
 MIN_SIDE = 16
+#: Nor are rows wider than this: a sample holds at least MIN_SIDE whole rows, so this bounds its
+#: memory whatever the chunk size (the gains are in embeddings and LM heads, at most 16 Ki wide).
+MAX_COLS = 1 << 16
 #: Elements of the rank-1 gate's estimate, and of each rank's trial estimate (rows spread over
 #: the chunk).
 GATE_ELEMS = 1 << 15
@@ -240,7 +243,7 @@ def encode(target: np.ndarray, pred: np.ndarray, dtype: str, cols: int, col0: in
     projected on the right factor)."""
     n = target.size
     rows = -(-(col0 + n) // cols) if cols > 0 else 0
-    if dtype not in DTYPE_CODES or n < MIN_ELEMS or cols < MIN_SIDE or rows < MIN_SIDE or cols >= 1 << 32:
+    if dtype not in DTYPE_CODES or n < MIN_ELEMS or not MIN_SIDE <= cols <= MAX_COLS or rows < MIN_SIDE:
         return None
     if not _best_rank(target, pred, dtype, rows, cols, col0, GATE_ELEMS, (1,), GATE_GAIN)[0]:
         return None

@@ -342,3 +342,9 @@ def test_a_version_4_diff_streams_from_the_hub_with_its_base(pair, tmp_path):
         assert_same_files(tmp_path / "out", target)
     finally:
         hub.stop()
+
+
+def test_rows_too_wide_for_a_bounded_sample_are_not_tried():
+    """16 rows of 2^17 columns would be a 2 Mi-element sample: such chunks keep the plain frame."""
+    t, b = shared_move(16, 1 << 17, "BF16")
+    assert lowrank.encode(t, b, "BF16", 1 << 17, 0, lambda *_: b"") is None
