@@ -22,19 +22,14 @@ bits. Everything read from the frame is checked before it sizes an allocation.
 from __future__ import annotations
 
 import math
-import os
 import struct
 from typing import Callable
 
 import numpy as np
 
 from . import entropy
+from .bits import cast_bits
 from .errors import CorruptDiffError
-
-try:  # the optional C extension (setup.py); the numpy code below is the reference
-    from . import _entropy as _c  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    _c = None
 
 MAGIC = b"ODR1"
 MAX_RANK = 32
@@ -65,9 +60,9 @@ GATE_GAIN = 0.98
 
 
 def _use_kernel(pure: bool | None) -> bool:
-    if pure is None:
-        pure = os.environ.get("ORCA_DIFF_PURE_PYTHON", "") not in ("", "0")
-    return not pure and _c is not None and hasattr(_c, "lowrank_predict")
+    """Whether the C kernel computes the prediction: the extension is in use (entropy's rule,
+    ORCA_DIFF_PURE_PYTHON included) and was built with it (plain IEEE float arithmetic)."""
+    return entropy._use_c(pure) and hasattr(entropy._c, "lowrank_predict")
 
 
 def is_frame(payload: bytes | memoryview | np.ndarray) -> bool:
@@ -75,9 +70,8 @@ def is_frame(payload: bytes | memoryview | np.ndarray) -> bool:
 
 
 def _as_f32(bits: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return bits.view(np.float16).astype(np.float32)
+    """16-bit patterns as float32 values (exact: format §5's cast)."""
+    return cast_bits(bits, dtype, "F32").view(np.float32)
 
 
 def _finite(bits: np.ndarray, dtype: str) -> np.ndarray:
@@ -87,11 +81,8 @@ def _finite(bits: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _to_bits(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 -> 16-bit patterns, round to nearest even (finite inputs: NaN never occurs here)."""
-    if dtype == "F16":
-        return x.astype(np.float16).view(np.uint16)
-    u = x.view(np.uint32)
-    return ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    """float32 values -> 16-bit patterns, round to nearest even (format §5's cast)."""
+    return cast_bits(x.view(np.uint32), "F32", dtype)
 
 
 def predict(pred: np.ndarray, dtype: str, a: np.ndarray, b: np.ndarray, ea: int, eb: int, col0: int,
@@ -104,7 +95,7 @@ def predict(pred: np.ndarray, dtype: str, a: np.ndarray, b: np.ndarray, ea: int,
     n = pred.size
     if _use_kernel(pure):
         out = np.empty(n, dtype=np.uint16)
-        _c.lowrank_predict(out, np.ascontiguousarray(pred, dtype=np.uint16), np.ascontiguousarray(a, dtype="<i2"),
+        entropy._c.lowrank_predict(out, np.ascontiguousarray(pred, dtype=np.uint16), np.ascontiguousarray(a, dtype="<i2"),
                            np.ascontiguousarray(b, dtype="<i2"), a.shape[1], ea, eb, col0, cols, DTYPE_CODES[dtype])
         return out
     out = pred.copy()

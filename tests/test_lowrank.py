@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 
 from conftest import file_hashes
-from orca_diff import lowrank
+from orca_diff import entropy, lowrank
 from orca_diff.apply import apply_diff
 from orca_diff.bits import cast_bits, float_to_bits
 from orca_diff.cli import cli
@@ -112,7 +112,7 @@ def test_lowrank_can_be_switched_off(monkeypatch):
     assert not lowrank.is_frame(frame)
 
 
-PURE = [True] + ([False] if hasattr(lowrank._c, "lowrank_predict") else [])
+PURE = [True] + ([False] if hasattr(entropy._c, "lowrank_predict") else [])
 
 
 @pytest.mark.parametrize("pure", PURE, ids=lambda p: "numpy" if p else "C")
