@@ -11,6 +11,11 @@ use (everything it already has: the base element's bits, and the tokens decoded 
 * the larger, or the mean, of the two previous tokens' classes;
 * the token of the element one row up (same column of a 2-D tensor) with the previous one;
 * the base element's top 1-2 mantissa bits, or its sign, on top of the shipped context.
+* the expected size of the element's change, sent as side information: per row and per column
+  of a 2-D tensor the mean |target - base| (values, not ulps), their product over the tensor's
+  mean as a rank-1 scale, in 16 classes of half a power of two, on top of the shipped context
+  (the shipped context knows the ulp, this the value; AdamW's per-row and per-column spread is
+  what it could catch; its side information, 1 byte per row and column, is not counted).
 
 Plug-in entropies of many contexts are optimistic (they ignore the cost of the tables, printed
 apart as an estimate of 1.2 bytes per used entry), so a context that does not beat the shipped
@@ -31,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orca_diff.bits import ulp_delta  # noqa: E402
+from orca_diff.bits import cast_bits, ulp_delta  # noqa: E402
 from orca_diff.containers import open_model  # noqa: E402
 from orca_diff.entropy import MAX_BUCKETS, exponent_window, tokenize  # noqa: E402
 
@@ -53,7 +58,23 @@ def shifted(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def contexts(tok: np.ndarray, base_u: np.ndarray, dtype: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def scale_class(target_u: np.ndarray, base_u: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Per element of a 2-D tensor, 0-15: log2(row mean |change| x column mean |change| / mean
+    |change|) in half powers of two around the tensor's mean (0 everywhere for other shapes)."""
+    if len(shape) != 2:
+        return np.zeros(base_u.size, dtype=np.int64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.abs(cast_bits(target_u, dtype, "F32").view(np.float32).astype(np.float64)
+                   - cast_bits(base_u, dtype, "F32").view(np.float32)).reshape(shape)
+    d[~np.isfinite(d)] = 0.0
+    tiny = 1e-30
+    r, c, m = d.mean(axis=1) + tiny, d.mean(axis=0) + tiny, d.mean() + tiny
+    rel = np.log2(r / m)[:, None] + np.log2(c / m)[None, :]
+    return np.clip(np.floor(2 * rel) + 8, 0, 15).astype(np.int64).ravel()
+
+
+def contexts(tok: np.ndarray, base_u: np.ndarray, dtype: str, shape: tuple[int, ...],
+             target_u: np.ndarray | None = None) -> dict[str, np.ndarray]:
     shift, bits = EXPONENT[dtype]
     e = ((base_u >> shift) & ((1 << bits) - 1)).astype(np.int64)
     bucket = np.clip(e - exponent_window(np.bincount(e, minlength=1 << bits)), 0, MAX_BUCKETS - 1)
@@ -80,6 +101,9 @@ def contexts(tok: np.ndarray, base_u: np.ndarray, dtype: str, shape: tuple[int, 
         "shipped x base's top mantissa bit": shipped * 2 + top1,
         "shipped x base's top 2 mantissa bits": shipped * 4 + top2,
         "shipped x base's sign": shipped * 2 + sign,
+        **({} if target_u is None else {
+            "shipped x row/col change scale (side info)":
+                shipped * 16 + scale_class(target_u, base_u, dtype, shape)}),
     }
 
 
@@ -106,7 +130,7 @@ def measure(base_dir: Path, target_dir: Path) -> dict:
             tu = target.read(name).view(np.uint16)
             bu = base.read(name).view(np.uint16)
             tok, nb, _ = tokenize(ulp_delta(tu, bu))
-            for label, ctx in contexts(tok, bu, t.dtype, t.shape).items():
+            for label, ctx in contexts(tok, bu, t.dtype, t.shape, tu).items():
                 s, used = plug_in_bits(ctx, tok.astype(np.int64))
                 bits[label] = bits.get(label, 0.0) + s
                 entries[label] = entries.get(label, 0) + used
