@@ -132,18 +132,30 @@ def _updates(target: np.ndarray, pred: np.ndarray, dtype: str) -> np.ndarray:
     return d
 
 
-def _row_elements(rows: np.ndarray, cols: int, col0: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(chunk element of every entry of ``rows`` x cols, whether it is inside the chunk)."""
-    idx = (rows[:, None] * cols + np.arange(cols)[None, :]).ravel() - col0
-    inside = (idx >= 0) & (idx < n)
-    return np.where(inside, idx, 0), inside
+def _runs(rows: np.ndarray, cols: int, col0: int, n: int) -> list[tuple[int, int, int]]:
+    """The chunk's elements of the sorted rows ``rows`` x cols as slices: (first row's place in
+    ``rows`` x cols, chunk start, chunk end) per run of consecutive rows, clipped to the chunk.
+    Slices instead of an index per element: the samples and blocks are a few runs of rows."""
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1
+    out = []
+    for lo, hi in zip(np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [rows.size])).tolist()):
+        start, end = int(rows[lo]) * cols - col0, (int(rows[hi - 1]) + 1) * cols - col0
+        a, b = max(start, 0), min(end, n)
+        if a < b:
+            out.append((lo * cols + a - start, a, b))
+    return out
+
+
+def _row_values(x: np.ndarray, runs: list[tuple[int, int, int]]) -> np.ndarray:
+    """The elements of ``x`` inside the chunk, run after run (row-major order)."""
+    return np.concatenate([x[a:b] for _, a, b in runs]) if runs else x[:0]
 
 
 def _matrix(target: np.ndarray, pred: np.ndarray, dtype: str, rows: np.ndarray, cols: int, col0: int) -> np.ndarray:
-    """The updates of the given rows as a (len(rows), cols) matrix, zero outside the chunk."""
-    idx, inside = _row_elements(rows, cols, col0, target.size)
-    d = np.zeros(idx.size, dtype=np.float32)
-    d[inside] = _updates(target[idx[inside]], pred[idx[inside]], dtype)
+    """The updates of the given rows (sorted) as a (len(rows), cols) matrix, zero outside the chunk."""
+    d = np.zeros(rows.size * cols, dtype=np.float32)
+    for at, a, b in _runs(rows, cols, col0, target.size):
+        d[at:at + b - a] = _updates(target[a:b], pred[a:b], dtype)
     return d.reshape(rows.size, cols)
 
 
@@ -211,16 +223,17 @@ def _best_rank(target: np.ndarray, pred: np.ndarray, dtype: str, rows: int, cols
         return 0, np.zeros((0, cols), np.float32)
     v = _right_factor(ds, k, np.random.default_rng(0))
     a_s = ds @ v.T
-    idx, inside = _row_elements(sample, cols, col0, n)
-    t_s, p_s = target[idx[inside]], pred[idx[inside]]
-    scale = n / max(int(inside.sum()), 1)
+    runs = _runs(sample, cols, col0, n)
+    t_s, p_s = _row_values(target, runs), _row_values(pred, runs)
+    scale = n / max(t_s.size, 1)
     best_bits, best = entropy.estimated_bits(t_s, p_s, dtype) * scale * min_gain, 0
     for r in ranks:
         if r > k:
             break
         a, ea = _quantize(a_s[:, :r])
         b, eb = _quantize(v[:r])
-        m = (a.astype(np.float64) @ b.astype(np.float64)).ravel()[inside]
+        full = (a.astype(np.float64) @ b.astype(np.float64)).ravel()
+        m = np.concatenate([full[at:at + e - s] for at, s, e in runs]) if runs else full[:0]
         bits = entropy.estimated_bits(t_s, _moved(p_s, dtype, m, ea + eb), dtype) * scale + 16 * r * (rows + cols)
         if bits < best_bits:
             best_bits, best = bits, r
