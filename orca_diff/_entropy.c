@@ -1473,17 +1473,119 @@ static inline uint32_t lr_from_f16(uint16_t h) {
     return sgn | (e << 23) | ((m & 0x3FFu) << 13);
 }
 
+/* One predicted element: v = (float)(m 2^(ea + eb)) for the exact integer sum m, q = float(pred) + v
+ * rounded to the dtype (code 0 BF16, 1 F16); a pred that is not finite is kept. */
+static inline uint16_t lr_element(uint16_t pb, double m, double scale, int code) {
+    float base, q;
+    uint32_t ub, uq;
+    if (code == 0) {
+        if ((pb & 0x7F80u) == 0x7F80u) return pb;
+        ub = (uint32_t)pb << 16;
+    } else {
+        if ((pb & 0x7C00u) == 0x7C00u) return pb;
+        ub = lr_from_f16(pb);
+    }
+    memcpy(&base, &ub, 4);
+    q = base + (float)(m * scale);
+    memcpy(&uq, &q, 4);
+    return code == 0 ? lr_to_bf16(uq) : lr_to_f16(uq);
+}
+
+/* The rows of one chunk: element i at row y = (col0 + i) / cols, column x: m = sum_k a[y][k] b[k][x]
+ * (bd: b as floats, exact for int16, k-major), summed in double, exact: every product and partial
+ * sum is an integer within +-2^35, so neither the order of the sum nor FMA can change it; then
+ * lr_element. */
+static void lowrank_rows_base(uint16_t *out, const uint16_t *pr, const int16_t *a, const float *bd, int r,
+                              double scale, Py_ssize_t col0, Py_ssize_t cols, Py_ssize_t n, int code, double *acc) {
+    const Py_ssize_t rows = (col0 + n + cols - 1) / cols;
+    for (Py_ssize_t y = 0; y < rows; y++) {
+        Py_ssize_t x0 = y ? 0 : col0, x1 = col0 + n - y * cols;
+        if (x1 > cols) x1 = cols;
+        const int16_t *ay = a + y * r;
+        for (Py_ssize_t x = x0; x < x1; x++) acc[x] = 0.0;
+        for (int k = 0; k < r; k++) {  /* row by row of b: contiguous, so that the compiler vectorises it */
+            const double ak = (double)ay[k];
+            const float *bk = bd + (Py_ssize_t)k * cols;
+            for (Py_ssize_t x = x0; x < x1; x++) acc[x] += ak * (double)bk[x];
+        }
+        const Py_ssize_t i0 = y * cols - col0;
+        for (Py_ssize_t x = x0; x < x1; x++) out[i0 + x] = lr_element(pr[i0 + x], acc[x], scale, code);
+    }
+}
+
+#ifdef HAVE_AVX2_KERNEL
+/* lowrank_rows_base with AVX2, FMA and F16C (the same bits): 32 columns of a row at a time, their
+ * sums in 8 vector accumulators over k (independent chains: one accumulator per 4 columns would
+ * wait on the add's latency), then per 8 elements the scale, the float cast, the base widened
+ * (BF16: a shift; F16: vcvtph2ps, exact), the float add, the rounding (BF16: the bit formula of
+ * lr_to_bf16; F16: vcvtps2ph round-to-nearest-even, IEEE like lr_to_f16) and the non-finite bases
+ * kept by a blend. The rest of a row in lr_element. */
+static __attribute__((target("avx2,fma,f16c"))) void lowrank_rows_avx2(
+        uint16_t *out, const uint16_t *pr, const int16_t *a, const float *bd, int r, double scale, Py_ssize_t col0,
+        Py_ssize_t cols, Py_ssize_t n, int code) {
+    const Py_ssize_t rows = (col0 + n + cols - 1) / cols;
+    const __m256d sc = _mm256_set1_pd(scale);
+    const __m256i rb = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    const __m128i emask = _mm_set1_epi16(code == 0 ? 0x7F80 : 0x7C00);
+    for (Py_ssize_t y = 0; y < rows; y++) {
+        Py_ssize_t x0 = y ? 0 : col0, x1 = col0 + n - y * cols, x = x0;
+        if (x1 > cols) x1 = cols;
+        const int16_t *ay = a + y * r;
+        const Py_ssize_t i0 = y * cols - col0;
+        for (; x + 32 <= x1; x += 32) {
+            __m256d acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_pd();
+            for (int k = 0; k < r; k++) {
+                const __m256d ak = _mm256_set1_pd((double)ay[k]);
+                const float *bk = bd + (Py_ssize_t)k * cols + x;
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_pd(ak, _mm256_cvtps_pd(_mm_loadu_ps(bk + 4 * j)), acc[j]);
+            }
+            for (int h = 0; h < 4; h++) {
+                const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(acc[2 * h], sc));
+                const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(acc[2 * h + 1], sc));
+                const __m256 v = _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+                const __m128i pb = _mm_loadu_si128((const __m128i *)(pr + i0 + x + 8 * h));
+                __m128i res;
+                if (code == 0) {
+                    const __m256 base = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(pb), 16));
+                    const __m256i uq = _mm256_castps_si256(_mm256_add_ps(base, v));
+                    const __m256i rnd = _mm256_srli_epi32(
+                        _mm256_add_epi32(uq, _mm256_add_epi32(rb, _mm256_and_si256(_mm256_srli_epi32(uq, 16), one))), 16);
+                    res = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(rnd, rnd), 0x08));
+                } else {
+                    res = _mm256_cvtps_ph(_mm256_add_ps(_mm256_cvtph_ps(pb), v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                }
+                const __m128i keep = _mm_cmpeq_epi16(_mm_and_si128(pb, emask), emask);
+                _mm_storeu_si128((__m128i *)(out + i0 + x + 8 * h), _mm_blendv_epi8(res, pb, keep));
+            }
+        }
+        for (; x < x1; x++) {
+            double m = 0;
+            for (int k = 0; k < r; k++) m += (double)ay[k] * (double)bd[(Py_ssize_t)k * cols + x];
+            out[i0 + x] = lr_element(pr[i0 + x], m, scale, code);
+        }
+    }
+}
+static int have_avx2_fma_f16c(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return cached && !getenv("ORCA_DIFF_NO_SIMD");
+}
+#endif
+
 /* lowrank_predict(out, pred, a, b, r, ea, eb, col0, cols, code): out = the predicted bits of a
- * chunk (uint16; code 0 BF16, 1 F16): element i at row y = (col0 + i) / cols, column x: m = sum_k
- * a[y][k] b[k][x] (int16 factors; summed in double, exact: every partial sum is an integer within
- * +-2^35), v = (float)(m * 2^(ea + eb)), q = float(pred) + v, rounded to the dtype; elements whose
- * pred is not finite keep it. The bits of lowrank.predict. */
+ * chunk (uint16; code 0 BF16, 1 F16) from the base's bits pred and the int16 factors a (rows x r)
+ * and b (r x cols): the bits of lowrank.predict (lowrank_rows above). */
 static PyObject *py_lowrank_predict(PyObject *self, PyObject *args) {
     Py_buffer o, p, ab, bb;
     int r, ea, eb, code;
     Py_ssize_t col0, cols;
     if (!PyArg_ParseTuple(args, "w*y*y*y*iiinni", &o, &p, &ab, &bb, &r, &ea, &eb, &col0, &cols, &code)) return NULL;
     PyObject *res = NULL;
+    float *bd = NULL;
     double *acc = NULL;
     Py_ssize_t n = p.len / 2, rows = 0;
     if (r < 1 || r > 32 || cols < 1 || col0 < 0 || col0 >= cols || (code != 0 && code != 1) || ea < -100 || ea > 100
@@ -1496,58 +1598,33 @@ static PyObject *py_lowrank_predict(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "lowrank_predict: factor sizes do not match");
         goto done;
     }
+    bd = (float *)malloc((size_t)r * (size_t)cols * sizeof(float));  /* at most 32 x 2^16 x 4 = 8 MiB */
     acc = (double *)malloc((size_t)cols * sizeof(double));
-    if (!acc) { PyErr_NoMemory(); goto done; }
+    if (!bd || !acc) { PyErr_NoMemory(); goto done; }
     {
-        const int16_t *a = (const int16_t *)ab.buf, *b = (const int16_t *)bb.buf;
-        const uint16_t *pr = (const uint16_t *)p.buf;
-        uint16_t *out = (uint16_t *)o.buf;
+        const int16_t *b = (const int16_t *)bb.buf;
+        for (Py_ssize_t i = 0; i < (Py_ssize_t)r * cols; i++) bd[i] = (float)b[i];  /* exact */
         const double scale = ldexp(1.0, ea + eb);
+        int avx2 = 0;
+#ifdef HAVE_AVX2_KERNEL
+        avx2 = have_avx2_fma_f16c();
+#endif
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t y = 0; y < rows; y++) {
-            Py_ssize_t x0 = y ? 0 : col0, x1 = col0 + n - y * cols;
-            if (x1 > cols) x1 = cols;
-            const int16_t *ay = a + y * r;
-            for (Py_ssize_t x = x0; x < x1; x++) acc[x] = 0.0;
-            for (int k = 0; k < r; k++) {
-                const double ak = (double)ay[k];
-                const int16_t *bk = b + (Py_ssize_t)k * cols;
-                for (Py_ssize_t x = x0; x < x1; x++) acc[x] += ak * (double)bk[x];
-            }
-            const Py_ssize_t i0 = y * cols - col0;
-            const uint16_t *py = pr + i0;
-            uint16_t *oy = out + i0;
-            if (code == 0) {  /* branch-free, so that the compiler vectorises it */
-                for (Py_ssize_t x = x0; x < x1; x++) {
-                    const uint16_t pb = py[x];
-                    const uint32_t ub = (uint32_t)pb << 16;
-                    float base, q;
-                    uint32_t uq;
-                    memcpy(&base, &ub, 4);
-                    q = base + (float)(acc[x] * scale);
-                    memcpy(&uq, &q, 4);
-                    const uint16_t rnd = lr_to_bf16(uq);
-                    oy[x] = (pb & 0x7F80u) == 0x7F80u ? pb : rnd;
-                }
-            } else {
-                for (Py_ssize_t x = x0; x < x1; x++) {
-                    const uint16_t pb = py[x];
-                    if ((pb & 0x7C00u) == 0x7C00u) { oy[x] = pb; continue; }
-                    const uint32_t ub = lr_from_f16(pb);
-                    float base, q;
-                    uint32_t uq;
-                    memcpy(&base, &ub, 4);
-                    q = base + (float)(acc[x] * scale);
-                    memcpy(&uq, &q, 4);
-                    oy[x] = lr_to_f16(uq);
-                }
-            }
-        }
+#ifdef HAVE_AVX2_KERNEL
+        if (avx2)
+            lowrank_rows_avx2((uint16_t *)o.buf, (const uint16_t *)p.buf, (const int16_t *)ab.buf, bd, r, scale, col0,
+                              cols, n, code);
+        else
+#endif
+            lowrank_rows_base((uint16_t *)o.buf, (const uint16_t *)p.buf, (const int16_t *)ab.buf, bd, r, scale, col0,
+                              cols, n, code, acc);
         Py_END_ALLOW_THREADS
+        (void)avx2;
     }
     res = Py_None;
     Py_INCREF(res);
 done:
+    free(bd);
     free(acc);
     PyBuffer_Release(&o); PyBuffer_Release(&p); PyBuffer_Release(&ab); PyBuffer_Release(&bb);
     return res;

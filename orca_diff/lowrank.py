@@ -90,8 +90,8 @@ def predict(pred: np.ndarray, dtype: str, a: np.ndarray, b: np.ndarray, ea: int,
     """The predicted bits of a chunk: ``pred`` (the base's bits in the target dtype, one per
     element, the first at column ``col0`` of a ``cols``-wide row) moved by ``a @ b * 2^(ea+eb)``,
     computed ``block_elems`` (rounded to whole rows) at a time: the bits do not depend on it. The
-    C kernel (``orca_diff._entropy``) gives the same bits about 10x faster; ``pure`` (or
-    ORCA_DIFF_PURE_PYTHON=1) forces numpy."""
+    C kernel (``orca_diff._entropy``) gives the same bits 2-30x faster (scripts/lowrank_speed.py);
+    ``pure`` (or ORCA_DIFF_PURE_PYTHON=1) forces numpy."""
     n = pred.size
     if _use_kernel(pure):
         out = np.empty(n, dtype=np.uint16)
