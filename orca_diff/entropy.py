@@ -317,14 +317,7 @@ def choose_model(counts: np.ndarray) -> tuple[int, bool, np.ndarray, float]:
     and on 300 KB chunks it was as slow as the coding); the first candidate, in the order
     (mshift, prev) = (0, True), (0, False), (1, True), …, that is more than 1e-9 byte below all
     before it wins."""
-    width = counts.shape[1]
-    fine = counts.reshape(MAX_BUCKETS, 2, width)
-    cands: list[tuple[int, bool, np.ndarray]] = []
-    for mshift in range(5):
-        k = MAX_BUCKETS >> mshift
-        merged = fine.reshape(k, 1 << mshift, 2, width).sum(axis=1)
-        cands.append((mshift, True, merged.reshape(2 * k, width)))
-        cands.append((mshift, False, merged.sum(axis=1)))
+    cands = [(mshift, prev, model_counts(counts, mshift, prev)) for mshift in range(5) for prev in (True, False)]
     rows = np.concatenate([c for _, _, c in cands])
     est_rows = _entropy_bits_rows(rows) / 8 + 1.2 * (_table_lengths(rows) + (rows.sum(axis=1) > 0))
     starts = np.cumsum([0] + [c.shape[0] for _, _, c in cands[:-1]])
@@ -334,9 +327,30 @@ def choose_model(counts: np.ndarray) -> tuple[int, bool, np.ndarray, float]:
         if est[i] < est[best] - 1e-9:
             best = i
     mshift, prev, c = cands[best]
-    f = np.zeros((c.shape[0], 256), dtype=np.int64)
-    f[:, : c.shape[1]] = quantize(c)
-    return mshift, prev, f, float(est[best])
+    return mshift, prev, _frequencies(c), float(est[best])
+
+
+def model_counts(counts: np.ndarray, mshift: int, prev: bool) -> np.ndarray:
+    """The finest counts (bucket * 2 + flag rows) merged into the rows of one model: 16 >> mshift
+    buckets, with or without the previous-token flag."""
+    width = counts.shape[1]
+    k = MAX_BUCKETS >> mshift
+    merged = counts.reshape(MAX_BUCKETS, 2, width).reshape(k, 1 << mshift, 2, width).sum(axis=1)
+    return merged.reshape(2 * k, width) if prev else merged.sum(axis=1)
+
+
+def _frequencies(rows: np.ndarray) -> np.ndarray:
+    f = np.zeros((rows.shape[0], 256), dtype=np.int64)
+    f[:, : rows.shape[1]] = quantize(rows)
+    return f
+
+
+def fixed_model(mshift: int, prev: bool):
+    """A stand-in for :func:`choose_model` that always picks (mshift, prev), quantised alike: for
+    tests and measurements of the other models (the frames stay valid)."""
+    def choose(counts: np.ndarray) -> tuple[int, bool, np.ndarray, float]:
+        return mshift, prev, _frequencies(model_counts(counts, mshift, prev)), 0.0
+    return choose
 
 
 def _entropy_bits_rows(counts: np.ndarray) -> np.ndarray:

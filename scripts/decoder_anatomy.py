@@ -101,19 +101,6 @@ def build_variants(workdir: Path) -> dict[str, object]:
     return mods
 
 
-def fixed_model(mshift: int, prev: bool):
-    """A stand-in for entropy.choose_model that always picks (mshift, prev)."""
-    def choose(counts: np.ndarray) -> tuple[int, bool, np.ndarray, float]:
-        width = counts.shape[1]
-        k = entropy.MAX_BUCKETS >> mshift
-        merged = counts.reshape(entropy.MAX_BUCKETS, 2, width).reshape(k, 1 << mshift, 2, width).sum(axis=1)
-        c = merged.reshape(2 * k, width) if prev else merged.sum(axis=1)
-        f = np.zeros((c.shape[0], 256), dtype=np.int64)
-        f[:, :width] = entropy.quantize(c)
-        return mshift, prev, f, 0.0
-    return choose
-
-
 def model_label(mshift: int, prev: bool) -> str:
     k = entropy.MAX_BUCKETS >> mshift
     return f"{k} bucket{'s' if k > 1 else ''}{' x previous-token flag' if prev else ''} ({k * (2 if prev else 1)} tables)"
@@ -157,7 +144,7 @@ def measure(pairs, dtype: str, repeats: int, passes: int) -> dict:
     base_frames = encode_with(None, pairs, dtype)
     model_frames = {"chosen per chunk (shipped)": base_frames}
     for ms, pv in MODELS:
-        model_frames[model_label(ms, pv)] = encode_with(fixed_model(ms, pv), pairs, dtype)
+        model_frames[model_label(ms, pv)] = encode_with(entropy.fixed_model(ms, pv), pairs, dtype)
     work = Path(tempfile.mkdtemp(prefix="orca-anatomy-"))
     try:
         mods = build_variants(work)

@@ -21,19 +21,6 @@ UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 DTYPES = {2: ["BF16", "F16"], 4: ["F32"], 8: ["F64"]}
 
 
-def forced_model(mshift: int, prev: bool):
-    """choose_model replaced by one that returns the given model (same quantisation)."""
-    def choose(counts):
-        width = counts.shape[1]
-        k = entropy.MAX_BUCKETS >> mshift
-        merged = counts.reshape(entropy.MAX_BUCKETS, 2, width).reshape(k, 1 << mshift, 2, width).sum(axis=1)
-        c = merged.reshape(2 * k, width) if prev else merged.sum(axis=1)
-        f = np.zeros((c.shape[0], 256), dtype=np.int64)
-        f[:, :width] = entropy.quantize(c)
-        return mshift, prev, f, 0.0
-    return choose
-
-
 def tensors(rng, n: int, w: int, dtype: str, mode: str):
     if mode == "tune":  # weight-like base, small steps, some elements frozen
         b = (0.02 * rng.standard_normal(n)).astype(np.float32)
@@ -84,7 +71,7 @@ def test_every_decoder_path_returns_the_target_and_c_and_numpy_frames_are_identi
     saved = entropy.choose_model
     try:
         if model is not None:
-            entropy.choose_model = forced_model(*model)
+            entropy.choose_model = entropy.fixed_model(*model)
         frame = entropy.encode(t, b, w, dtype)
         assert entropy.encode(t, b, w, dtype, pure=True) == frame
     finally:
@@ -114,7 +101,7 @@ def test_staging_block_edges_and_both_contexts_decode_exactly(n, prev):
     t, b = tensors(rng, n, 2, "BF16", "near")
     saved = entropy.choose_model
     try:
-        entropy.choose_model = forced_model(0, prev)
+        entropy.choose_model = entropy.fixed_model(0, prev)
         frame = entropy.encode(t, b, 2, "BF16")
     finally:
         entropy.choose_model = saved
