@@ -90,7 +90,7 @@ def predict(pred: np.ndarray, dtype: str, a: np.ndarray, b: np.ndarray, ea: int,
     """The predicted bits of a chunk: ``pred`` (the base's bits in the target dtype, one per
     element, the first at column ``col0`` of a ``cols``-wide row) moved by ``a @ b * 2^(ea+eb)``,
     computed ``block_elems`` (rounded to whole rows) at a time: the bits do not depend on it. The
-    C kernel (``orca_diff._entropy``) gives the same bits 2-30x faster (scripts/lowrank_speed.py);
+    C kernel (``orca_diff._entropy``) gives the same bits 2-35x faster (scripts/lowrank_speed.py);
     ``pure`` (or ORCA_DIFF_PURE_PYTHON=1) forces numpy."""
     n = pred.size
     if _use_kernel(pure):
@@ -126,7 +126,8 @@ def _quantize(x: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _updates(target: np.ndarray, pred: np.ndarray, dtype: str) -> np.ndarray:
     """target - base in float32, 0 where either side is not finite."""
-    d = _as_f32(target, dtype) - _as_f32(pred, dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, or a difference past float32's range
+        d = _as_f32(target, dtype) - _as_f32(pred, dtype)
     if not np.isfinite(d).all():
         d[~np.isfinite(d)] = 0
     return d
@@ -136,6 +137,8 @@ def _runs(rows: np.ndarray, cols: int, col0: int, n: int) -> list[tuple[int, int
     """The chunk's elements of the sorted rows ``rows`` x cols as slices: (first row's place in
     ``rows`` x cols, chunk start, chunk end) per run of consecutive rows, clipped to the chunk.
     Slices instead of an index per element: the samples and blocks are a few runs of rows."""
+    if rows.size == 0:
+        return []
     cut = np.flatnonzero(np.diff(rows) != 1) + 1
     out = []
     for lo, hi in zip(np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [rows.size])).tolist()):

@@ -152,6 +152,29 @@ def test_the_c_kernel_and_numpy_agree_on_every_base_pattern(dtype, monkeypatch):
         monkeypatch.delenv("ORCA_DIFF_NO_SIMD")
 
 
+@settings(max_examples=60, deadline=None)
+@given(cols=st.integers(1, 50), col0=st.integers(0, 49), n=st.integers(1, 800),
+       rows=st.lists(st.integers(0, 40), min_size=0, max_size=30), seed=st.integers(0, 2**32 - 1))
+def test_the_trials_rows_are_read_exactly_as_indexed_element_by_element(cols, col0, n, rows, seed):
+    """make's trials read sampled rows as slices of runs (lowrank._runs): the same matrix as one
+    index per element, zero outside the chunk, for any rows (runs, gaps, past the end)."""
+    col0 %= cols
+    rows = np.array(sorted(set(rows)), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    target = rng.integers(0, 1 << 16, n).astype(np.uint16)
+    pred = rng.integers(0, 1 << 16, n).astype(np.uint16)
+    want = np.zeros((rows.size, cols), dtype=np.float32)
+    for i, y in enumerate(rows.tolist()):
+        for x in range(cols):
+            e = y * cols + x - col0
+            if 0 <= e < n:
+                want[i, x] = lowrank._updates(target[e:e + 1], pred[e:e + 1], "BF16")[0]
+    assert np.array_equal(lowrank._matrix(target, pred, "BF16", rows, cols, col0), want)
+    inside = [y * cols + x - col0 for y in rows.tolist() for x in range(cols) if 0 <= y * cols + x - col0 < n]
+    runs = lowrank._runs(rows, cols, col0, n)
+    assert np.array_equal(lowrank._row_values(target, runs), target[inside])
+
+
 def test_non_finite_base_elements_keep_their_bits():
     pred = np.array([0x7F80, 0xFF80, 0x7FC1, 0x3F80], dtype=np.uint16)  # +inf, -inf, NaN, 1.0 (BF16)
     a = np.full((1, 1), 1000, dtype=np.int16)
