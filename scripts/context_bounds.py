@@ -36,9 +36,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orca_diff.bits import cast_bits, ulp_delta  # noqa: E402
+from orca_diff.bits import ulp_delta  # noqa: E402
 from orca_diff.containers import open_model  # noqa: E402
 from orca_diff.entropy import MAX_BUCKETS, exponent_window, tokenize  # noqa: E402
+from orca_diff.lowrank import _updates  # noqa: E402  (target - base in float32, 0 where not finite)
 
 EXPONENT = {"BF16": (7, 8), "F16": (10, 5)}  # (shift, bits)
 ALPHA = 64  # tokens of a 16-bit symbol
@@ -63,10 +64,7 @@ def scale_class(target_u: np.ndarray, base_u: np.ndarray, dtype: str, shape: tup
     |change|) in half powers of two around the tensor's mean (0 everywhere for other shapes)."""
     if len(shape) != 2:
         return np.zeros(base_u.size, dtype=np.int64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        d = np.abs(cast_bits(target_u, dtype, "F32").view(np.float32).astype(np.float64)
-                   - cast_bits(base_u, dtype, "F32").view(np.float32)).reshape(shape)
-    d[~np.isfinite(d)] = 0.0
+    d = np.abs(_updates(target_u, base_u, dtype)).astype(np.float64).reshape(shape)
     tiny = 1e-30
     r, c, m = d.mean(axis=1) + tiny, d.mean(axis=0) + tiny, d.mean() + tiny
     rel = np.log2(r / m)[:, None] + np.log2(c / m)[None, :]

@@ -48,8 +48,7 @@ def measure(elems: int, repeats: int, numpy_too: bool) -> list[dict]:
             for r in (1, 4, 16):
                 a = rng.integers(-32767, 32768, (rows, r)).astype(np.int16)
                 b = rng.integers(-32767, 32768, (r, cols)).astype(np.int16)
-                paths = {"C": (False, "")}
-                paths["C scalar"] = (False, "1")
+                paths = {"C": (False, ""), "C scalar": (False, "1")}
                 if numpy_too:
                     paths["numpy"] = (True, "")
                 row = {"dtype": dtype, "cols": cols, "rank": r}
