@@ -1598,7 +1598,7 @@ static PyObject *py_lowrank_predict(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "lowrank_predict: factor sizes do not match");
         goto done;
     }
-    bd = (float *)malloc((size_t)r * (size_t)cols * sizeof(float));  /* at most 32 x 2^16 x 4 = 8 MiB */
+    bd = (float *)malloc((size_t)r * (size_t)cols * sizeof(float));  /* twice the b the frame holds */
     acc = (double *)malloc((size_t)cols * sizeof(double));
     if (!bd || !acc) { PyErr_NoMemory(); goto done; }
     {
